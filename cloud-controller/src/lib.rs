@@ -1,0 +1,12 @@
+//! Canopy's cloud controller (CLC): the EC2 Query API, the admin API, the cloud's state
+//! and the first tier of scheduling.
+//!
+//! Layers, each calling only downward:
+//! - `ec2`, `admin`, `zones`: the edges (HTTP/XML, HTTP/JSON, gRPC to the CCs);
+//! - `scheduler`: pure zone choice;
+//! - `replication`: the command log every state change goes through;
+//! - `state`: domain types, commands, `apply`, queries over SQLite.
+
+pub mod replication;
+pub mod scheduler;
+pub mod state;

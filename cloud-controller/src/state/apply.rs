@@ -1,0 +1,393 @@
+//! The one function that changes cloud state.
+
+use std::collections::{BTreeSet, HashMap};
+
+use canopy_common::lifecycle::transition;
+use canopy_common::{InstanceId, InstanceState, LifecycleEvent, PowerState, ZoneName};
+use chrono::{DateTime, Utc};
+use sqlx::SqliteConnection;
+
+use super::command::{Command, InstanceAction, Observation, Outcome, StateChange};
+use super::query::{fmt_time, load_instances_by_id};
+use super::types::{Instance, StateReason, RESOURCE_TYPE_INSTANCE};
+use super::StateError;
+
+/// Applies `command` to the store inside the caller's transaction. Deterministic: the
+/// result depends only on the command and the rows already there.
+pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Outcome, StateError> {
+    match command {
+        Command::CreateAccount { account_id, name, is_admin, access_key_id, secret_access_key, at } => {
+            let exists: Option<(String,)> = sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ? OR name = ?")
+                .bind(account_id.as_str())
+                .bind(name)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if exists.is_some() {
+                return Err(StateError::AlreadyExists(format!("account {name}")));
+            }
+            sqlx::query("INSERT INTO accounts(account_id, name, is_admin, created_at) VALUES (?, ?, ?, ?)")
+                .bind(account_id.as_str())
+                .bind(name)
+                .bind(*is_admin)
+                .bind(fmt_time(*at))
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)")
+                .bind(access_key_id)
+                .bind(account_id.as_str())
+                .bind(secret_access_key)
+                .bind(fmt_time(*at))
+                .execute(&mut *conn)
+                .await?;
+            Ok(Outcome::Done)
+        }
+        Command::RegisterImage { image } => {
+            let done = sqlx::query(
+                "INSERT INTO images(image_id, owner_id, name, description, location, architecture, is_public, state, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO NOTHING",
+            )
+            .bind(image.image_id.as_str())
+            .bind(image.owner_id.as_str())
+            .bind(&image.name)
+            .bind(&image.description)
+            .bind(&image.location)
+            .bind(&image.architecture)
+            .bind(image.is_public)
+            .bind(&image.state)
+            .bind(fmt_time(image.created_at))
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StateError::AlreadyExists(format!("image {}", image.image_id)));
+            }
+            Ok(Outcome::Done)
+        }
+        Command::RegisterZone { zone, endpoint, at } => {
+            sqlx::query(
+                "INSERT INTO zones(zone, endpoint, generation, registered_at) VALUES (?, ?, 1, ?)
+                 ON CONFLICT(zone) DO UPDATE SET endpoint = excluded.endpoint, generation = generation + 1",
+            )
+            .bind(zone.as_str())
+            .bind(endpoint)
+            .bind(fmt_time(*at))
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Command::LaunchInstances { reservation_id, account_id, client_token, request_hash, instances, tags, at } => {
+            if let Some(token) = client_token {
+                let prior: Option<(String, String)> = sqlx::query_as(
+                    "SELECT reservation_id, request_hash FROM reservations WHERE account_id = ? AND client_token = ?",
+                )
+                .bind(account_id.as_str())
+                .bind(token)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some((prior_id, prior_hash)) = prior {
+                    if &prior_hash != request_hash {
+                        return Err(StateError::IdempotentParameterMismatch);
+                    }
+                    let reservation_id = prior_id.parse().map_err(|e| StateError::Corrupt(format!("{e}")))?;
+                    return Ok(Outcome::Launched { reservation_id, replayed: true });
+                }
+            }
+            let image_ok: Option<(String,)> = sqlx::query_as("SELECT image_id FROM images WHERE image_id = ?")
+                .bind(instances.first().map(|i| i.image_id.as_str()).unwrap_or_default())
+                .fetch_optional(&mut *conn)
+                .await?;
+            if image_ok.is_none() {
+                let id = instances.first().map(|i| i.image_id.to_string()).unwrap_or_default();
+                return Err(StateError::ImageNotFound(id));
+            }
+            sqlx::query("INSERT INTO reservations(reservation_id, account_id, client_token, request_hash, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(reservation_id.as_str())
+                .bind(account_id.as_str())
+                .bind(client_token)
+                .bind(request_hash)
+                .bind(fmt_time(*at))
+                .execute(&mut *conn)
+                .await?;
+            let mut zones = BTreeSet::new();
+            for inst in instances {
+                sqlx::query(
+                    "INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
+                        vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
+                        launch_time, state_changed_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?)",
+                )
+                .bind(inst.instance_id.as_str())
+                .bind(reservation_id.as_str())
+                .bind(account_id.as_str())
+                .bind(inst.launch_index)
+                .bind(inst.image_id.as_str())
+                .bind(&inst.instance_type)
+                .bind(inst.resources.vcpus)
+                .bind(inst.resources.memory_mib as i64)
+                .bind(inst.resources.disk_gib as i64)
+                .bind(inst.zone.as_str())
+                .bind(&inst.key_name)
+                .bind(&inst.user_data)
+                .bind(client_token)
+                .bind(fmt_time(*at))
+                .bind(fmt_time(*at))
+                .execute(&mut *conn)
+                .await?;
+                for tag in tags {
+                    insert_tag(conn, inst.instance_id.as_str(), account_id.as_str(), &tag.key, &tag.value).await?;
+                }
+                zones.insert(inst.zone.clone());
+            }
+            for zone in &zones {
+                bump_generation(conn, zone).await?;
+            }
+            Ok(Outcome::Launched { reservation_id: reservation_id.clone(), replayed: false })
+        }
+        Command::RequestInstances { account_id, instance_ids, action, at } => {
+            let found = load_instances_by_id(conn, Some(account_id), instance_ids).await?;
+            let missing: Vec<InstanceId> =
+                instance_ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+            if !missing.is_empty() {
+                return Err(StateError::InstancesNotFound(missing));
+            }
+            let event = match action {
+                InstanceAction::Stop => LifecycleEvent::StopRequested,
+                InstanceAction::Start => LifecycleEvent::StartRequested,
+                InstanceAction::Reboot => LifecycleEvent::RebootRequested,
+                InstanceAction::Terminate => LifecycleEvent::TerminateRequested,
+            };
+            // Check every instance first: the request is all or nothing.
+            let mut plan = Vec::new();
+            let mut seen = BTreeSet::new();
+            for id in instance_ids {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                let inst = &found[id];
+                let next = transition(inst.state, event)
+                    .map_err(|_| StateError::IncorrectInstanceState { id: id.clone(), state: inst.state })?;
+                plan.push((inst, next));
+            }
+            let mut changes = Vec::new();
+            let mut zones = BTreeSet::new();
+            for (inst, next) in plan {
+                let desired = action.desired().unwrap_or(inst.desired);
+                let reboot_seq = inst.reboot_seq + u64::from(*action == InstanceAction::Reboot);
+                let (reason, transition_reason) = match action {
+                    InstanceAction::Stop | InstanceAction::Terminate if next != inst.state => (
+                        Some(StateReason {
+                            code: "Client.UserInitiatedShutdown".into(),
+                            message: "Client.UserInitiatedShutdown: User initiated shutdown".into(),
+                        }),
+                        format!("User initiated ({})", at.format("%Y-%m-%d %H:%M:%S GMT")),
+                    ),
+                    InstanceAction::Start if next != inst.state => (None, String::new()),
+                    _ => (inst.state_reason.clone(), inst.transition_reason.clone()),
+                };
+                update_instance(conn, inst, next, desired, reboot_seq, reason.as_ref(), &transition_reason, *at).await?;
+                if desired != inst.desired || reboot_seq != inst.reboot_seq || next != inst.state {
+                    zones.insert(inst.zone.clone());
+                }
+                changes.push(StateChange { instance_id: inst.instance_id.clone(), previous: inst.state, current: next });
+            }
+            for zone in &zones {
+                bump_generation(conn, zone).await?;
+            }
+            Ok(Outcome::InstancesChanged(changes))
+        }
+        Command::ObserveInstances { zone, observations, at } => observe(conn, zone, observations, *at).await,
+        Command::CreateTags { account_id, resource_ids, tags } => {
+            require_instances(conn, account_id, resource_ids).await?;
+            for id in resource_ids {
+                for tag in tags {
+                    insert_tag(conn, id.as_str(), account_id.as_str(), &tag.key, &tag.value).await?;
+                }
+            }
+            Ok(Outcome::Done)
+        }
+        Command::DeleteTags { account_id, resource_ids, tags } => {
+            require_instances(conn, account_id, resource_ids).await?;
+            for id in resource_ids {
+                if tags.is_empty() {
+                    // No Tag.N: AWS deletes every tag of the resource.
+                    sqlx::query("DELETE FROM tags WHERE resource_id = ? AND account_id = ?")
+                        .bind(id.as_str())
+                        .bind(account_id.as_str())
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                for (key, value) in tags {
+                    sqlx::query(
+                        "DELETE FROM tags WHERE resource_id = ? AND account_id = ? AND key = ? AND (? IS NULL OR value = ?)",
+                    )
+                    .bind(id.as_str())
+                    .bind(account_id.as_str())
+                    .bind(key)
+                    .bind(value)
+                    .bind(value)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+            Ok(Outcome::Done)
+        }
+        Command::PurgeTerminated { before } => {
+            let before = fmt_time(*before);
+            sqlx::query(
+                "DELETE FROM tags WHERE resource_id IN
+                   (SELECT instance_id FROM instances WHERE state = 'terminated' AND terminated_at < ?)",
+            )
+            .bind(&before)
+            .execute(&mut *conn)
+            .await?;
+            let done = sqlx::query("DELETE FROM instances WHERE state = 'terminated' AND terminated_at < ?")
+                .bind(&before)
+                .execute(&mut *conn)
+                .await?;
+            // Reservations with no instance left go too, but their client tokens must keep
+            // working for retries, so keep reservations that still have a token.
+            sqlx::query(
+                "DELETE FROM reservations WHERE client_token IS NULL
+                   AND reservation_id NOT IN (SELECT reservation_id FROM instances)",
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(Outcome::Purged(done.rows_affected()))
+        }
+    }
+}
+
+async fn observe(
+    conn: &mut SqliteConnection,
+    zone: &ZoneName,
+    observations: &[Observation],
+    at: DateTime<Utc>,
+) -> Result<Outcome, StateError> {
+    let ids: Vec<InstanceId> = observations.iter().map(|o| o.instance_id.clone()).collect();
+    let found: HashMap<InstanceId, Instance> = load_instances_by_id(conn, None, &ids).await?;
+    let mut changed = 0;
+    let mut desired_changed = false;
+    for obs in observations {
+        // Reports about instances we do not know, or that live in another zone, are noise
+        // (e.g. purged long ago): ignore them.
+        let Some(inst) = found.get(&obs.instance_id).filter(|i| &i.zone == zone) else { continue };
+        let node_changed = obs.node_id.is_some() && obs.node_id != inst.node_id;
+        if node_changed {
+            sqlx::query("UPDATE instances SET node_id = ? WHERE instance_id = ?")
+                .bind(obs.node_id.as_ref().map(|n| n.as_str()))
+                .bind(inst.instance_id.as_str())
+                .execute(&mut *conn)
+                .await?;
+        }
+        if obs.state == inst.state {
+            changed += usize::from(node_changed);
+            continue;
+        }
+        let Ok(next) = transition(inst.state, LifecycleEvent::Observed(obs.state)) else {
+            // A report from before a request reached the node.
+            continue;
+        };
+        let mut desired = inst.desired;
+        let mut reason = obs.reason.clone().or_else(|| inst.state_reason.clone());
+        let mut transition_reason = inst.transition_reason.clone();
+        if matches!(next, InstanceState::Stopping | InstanceState::Stopped) && desired == PowerState::Running {
+            // The guest shut itself down: on EC2 that stops the instance, and it stays
+            // stopped until someone starts it.
+            desired = PowerState::Stopped;
+            desired_changed = true;
+            reason = Some(obs.reason.clone().unwrap_or(StateReason {
+                code: "Client.InstanceInitiatedShutdown".into(),
+                message: "Client.InstanceInitiatedShutdown: Instance initiated shutdown".into(),
+            }));
+            transition_reason = format!("Instance initiated ({})", at.format("%Y-%m-%d %H:%M:%S GMT"));
+        }
+        if matches!(next, InstanceState::ShuttingDown | InstanceState::Terminated) && desired != PowerState::Terminated {
+            // The node gave up on the instance (failed launch, no capacity): it is gone
+            // for good, so the desired state follows.
+            desired = PowerState::Terminated;
+            desired_changed = true;
+        }
+        if next == InstanceState::Running {
+            reason = None;
+        }
+        update_instance(conn, inst, next, desired, inst.reboot_seq, reason.as_ref(), &transition_reason, at).await?;
+        changed += 1;
+    }
+    if desired_changed {
+        bump_generation(conn, zone).await?;
+    }
+    Ok(Outcome::Observed { changed, desired_changed })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn update_instance(
+    conn: &mut SqliteConnection,
+    inst: &Instance,
+    state: InstanceState,
+    desired: PowerState,
+    reboot_seq: u64,
+    reason: Option<&StateReason>,
+    transition_reason: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StateError> {
+    let state_changed_at = if state != inst.state { at } else { inst.state_changed_at };
+    let terminated_at = match (state, inst.terminated_at) {
+        (InstanceState::Terminated, None) => Some(at),
+        (_, t) => t,
+    };
+    sqlx::query(
+        "UPDATE instances SET state = ?, desired = ?, reboot_seq = ?, state_reason_code = ?, state_reason_message = ?,
+            transition_reason = ?, state_changed_at = ?, terminated_at = ?
+         WHERE instance_id = ?",
+    )
+    .bind(state.name())
+    .bind(desired.name())
+    .bind(reboot_seq as i64)
+    .bind(reason.map(|r| r.code.as_str()))
+    .bind(reason.map(|r| r.message.as_str()))
+    .bind(transition_reason)
+    .bind(fmt_time(state_changed_at))
+    .bind(terminated_at.map(fmt_time))
+    .bind(inst.instance_id.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn bump_generation(conn: &mut SqliteConnection, zone: &ZoneName) -> Result<(), StateError> {
+    sqlx::query("UPDATE zones SET generation = generation + 1 WHERE zone = ?")
+        .bind(zone.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn insert_tag(
+    conn: &mut SqliteConnection,
+    resource_id: &str,
+    account_id: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), StateError> {
+    sqlx::query(
+        "INSERT INTO tags(resource_id, resource_type, account_id, key, value) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT(resource_id, key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(resource_id)
+    .bind(RESOURCE_TYPE_INSTANCE)
+    .bind(account_id)
+    .bind(key)
+    .bind(value)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn require_instances(
+    conn: &mut SqliteConnection,
+    account_id: &canopy_common::AccountId,
+    ids: &[InstanceId],
+) -> Result<(), StateError> {
+    let found = load_instances_by_id(conn, Some(account_id), ids).await?;
+    let missing: Vec<InstanceId> = ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+    if missing.is_empty() { Ok(()) } else { Err(StateError::InstancesNotFound(missing)) }
+}

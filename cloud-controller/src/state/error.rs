@@ -1,0 +1,28 @@
+use canopy_common::{InstanceId, InstanceState};
+
+/// Why a command or query failed. The first group are deterministic rejections of a
+/// command given the current state (every replica rejects it the same way, and nothing is
+/// written); the last two are failures of the store itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the client token was already used with different parameters")]
+    IdempotentParameterMismatch,
+    #[error("no such instances: {0:?}")]
+    InstancesNotFound(Vec<InstanceId>),
+    #[error("instance {id} is {state}, which does not allow this")]
+    IncorrectInstanceState { id: InstanceId, state: InstanceState },
+    #[error("no such image: {0}")]
+    ImageNotFound(String),
+    #[error("no such account: {0}")]
+    AccountNotFound(String),
+    #[error("no such zone: {0}")]
+    ZoneNotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,23 @@
+//! The cloud controller's state: domain types, the commands that change them, the one
+//! `apply` function that executes a command against the SQLite store, and read queries.
+//!
+//! Commands carry every non-deterministic input (generated ids, timestamps), so applying
+//! the same sequence of commands to two empty stores yields the same rows. That is what
+//! lets a replicated log (openraft, issue 3) feed `apply` unchanged.
+
+mod apply;
+mod command;
+mod error;
+mod query;
+mod store;
+mod types;
+
+pub use apply::apply;
+pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
+pub use error::StateError;
+pub use query::InstanceFilter;
+pub use store::Store;
+pub use types::{Account, Image, Instance, Reservation, StateReason, Tag, Zone, RESOURCE_TYPE_INSTANCE};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! Read queries. Rows are converted to domain types here and nowhere else.
+
+use std::collections::HashMap;
+
+use canopy_common::{AccountId, InstanceId, InstanceState, PowerState, ReservationId, Resources, ZoneName};
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::{FromRow, SqliteConnection};
+
+use super::types::{Account, Image, Instance, StateReason, Tag, Zone};
+use super::{StateError, Store};
+
+pub(crate) fn fmt_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, StateError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StateError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> Result<T, StateError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| StateError::Corrupt(e.to_string()))
+}
+
+/// Which instances a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub account_id: Option<AccountId>,
+    pub zone: Option<ZoneName>,
+    pub reservation_id: Option<ReservationId>,
+    /// Leave out terminated instances.
+    pub live_only: bool,
+}
+
+#[derive(FromRow)]
+struct InstanceRow {
+    seq: i64,
+    instance_id: String,
+    reservation_id: String,
+    account_id: String,
+    launch_index: i64,
+    image_id: String,
+    instance_type: String,
+    vcpus: i64,
+    memory_mib: i64,
+    disk_gib: i64,
+    zone: String,
+    node_id: Option<String>,
+    key_name: Option<String>,
+    user_data: Option<Vec<u8>>,
+    client_token: Option<String>,
+    state: String,
+    desired: String,
+    reboot_seq: i64,
+    state_reason_code: Option<String>,
+    state_reason_message: Option<String>,
+    transition_reason: String,
+    launch_time: String,
+    state_changed_at: String,
+    terminated_at: Option<String>,
+}
+
+impl InstanceRow {
+    fn into_instance(self, tags: Vec<Tag>) -> Result<Instance, StateError> {
+        let state = InstanceState::from_name(&self.state)
+            .ok_or_else(|| StateError::Corrupt(format!("instance state {:?}", self.state)))?;
+        let desired = PowerState::from_name(&self.desired)
+            .ok_or_else(|| StateError::Corrupt(format!("desired state {:?}", self.desired)))?;
+        Ok(Instance {
+            seq: self.seq,
+            instance_id: parse(&self.instance_id)?,
+            reservation_id: parse(&self.reservation_id)?,
+            account_id: AccountId::parse(&self.account_id).map_err(|e| StateError::Corrupt(e.to_string()))?,
+            launch_index: u32::try_from(self.launch_index).unwrap_or_default(),
+            image_id: parse(&self.image_id)?,
+            instance_type: self.instance_type,
+            resources: Resources::new(
+                u32::try_from(self.vcpus).unwrap_or_default(),
+                u64::try_from(self.memory_mib).unwrap_or_default(),
+                u64::try_from(self.disk_gib).unwrap_or_default(),
+            ),
+            zone: parse(&self.zone)?,
+            node_id: self.node_id.as_deref().map(parse).transpose()?,
+            key_name: self.key_name,
+            user_data: self.user_data,
+            client_token: self.client_token,
+            state,
+            desired,
+            reboot_seq: u64::try_from(self.reboot_seq).unwrap_or_default(),
+            state_reason: match (self.state_reason_code, self.state_reason_message) {
+                (Some(code), Some(message)) => Some(StateReason { code, message }),
+                _ => None,
+            },
+            transition_reason: self.transition_reason,
+            launch_time: parse_time(&self.launch_time)?,
+            state_changed_at: parse_time(&self.state_changed_at)?,
+            terminated_at: self.terminated_at.as_deref().map(parse_time).transpose()?,
+            tags,
+        })
+    }
+}
+
+const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, launch_index, image_id, instance_type, \
+     vcpus, memory_mib, disk_gib, zone, node_id, key_name, user_data, client_token, state, desired, reboot_seq, \
+     state_reason_code, state_reason_message, transition_reason, launch_time, state_changed_at, terminated_at";
+
+async fn tags_for(conn: &mut SqliteConnection, account: Option<&AccountId>) -> Result<HashMap<String, Vec<Tag>>, StateError> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT resource_id, key, value FROM tags WHERE (?1 IS NULL OR account_id = ?1) ORDER BY resource_id, key",
+    )
+    .bind(account.map(|a| a.as_str()))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out: HashMap<String, Vec<Tag>> = HashMap::new();
+    for (rid, key, value) in rows {
+        out.entry(rid).or_default().push(Tag { key, value });
+    }
+    Ok(out)
+}
+
+fn rows_to_instances(rows: Vec<InstanceRow>, mut tags: HashMap<String, Vec<Tag>>) -> Result<Vec<Instance>, StateError> {
+    rows.into_iter()
+        .map(|r| {
+            let t = tags.remove(&r.instance_id).unwrap_or_default();
+            r.into_instance(t)
+        })
+        .collect()
+}
+
+/// Instances by id (optionally only the account's), keyed by id. Unknown ids are absent.
+pub(crate) async fn load_instances_by_id(
+    conn: &mut SqliteConnection,
+    account: Option<&AccountId>,
+    ids: &[InstanceId],
+) -> Result<HashMap<InstanceId, Instance>, StateError> {
+    let ids_json = serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
+        .map_err(|e| StateError::Corrupt(e.to_string()))?;
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT {INSTANCE_COLUMNS} FROM instances
+         WHERE instance_id IN (SELECT value FROM json_each(?1)) AND (?2 IS NULL OR account_id = ?2)"
+    ));
+    let rows: Vec<InstanceRow> = sqlx::query_as(sql)
+        .bind(ids_json)
+        .bind(account.map(|a| a.as_str()))
+        .fetch_all(&mut *conn)
+        .await?;
+    let tags = tags_for(conn, account).await?;
+    Ok(rows_to_instances(rows, tags)?.into_iter().map(|i| (i.instance_id.clone(), i)).collect())
+}
+
+impl Store {
+    /// Instances in launch order.
+    pub async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, StateError> {
+        let mut conn = self.pool().acquire().await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances
+             WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR zone = ?2)
+               AND (?3 IS NULL OR reservation_id = ?3) AND (?4 = 0 OR state != 'terminated')
+             ORDER BY seq"
+        ));
+        let rows: Vec<InstanceRow> = sqlx::query_as(sql)
+            .bind(filter.account_id.as_ref().map(|a| a.as_str()))
+            .bind(filter.zone.as_ref().map(|z| z.as_str()))
+            .bind(filter.reservation_id.as_ref().map(|r| r.as_str()))
+            .bind(filter.live_only)
+            .fetch_all(&mut *conn)
+            .await?;
+        let tags = tags_for(&mut conn, filter.account_id.as_ref()).await?;
+        rows_to_instances(rows, tags)
+    }
+
+    pub async fn instances_by_id(
+        &self,
+        account: Option<&AccountId>,
+        ids: &[InstanceId],
+    ) -> Result<HashMap<InstanceId, Instance>, StateError> {
+        let mut conn = self.pool().acquire().await?;
+        load_instances_by_id(&mut conn, account, ids).await
+    }
+
+    pub async fn images(&self) -> Result<Vec<Image>, StateError> {
+        let rows: Vec<(String, String, String, String, String, String, bool, String, String)> = sqlx::query_as(
+            "SELECT image_id, owner_id, name, description, location, architecture, is_public, state, created_at
+             FROM images ORDER BY created_at, image_id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(id, owner, name, description, location, architecture, is_public, state, created)| {
+                Ok(Image {
+                    image_id: parse(&id)?,
+                    owner_id: AccountId::parse(&owner).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                    name,
+                    description,
+                    location,
+                    architecture,
+                    is_public,
+                    state,
+                    created_at: parse_time(&created)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn zones(&self) -> Result<Vec<Zone>, StateError> {
+        let rows: Vec<(String, String, i64, String)> =
+            sqlx::query_as("SELECT zone, endpoint, generation, registered_at FROM zones ORDER BY zone")
+                .fetch_all(self.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(zone, endpoint, generation, at)| {
+                Ok(Zone {
+                    zone: parse(&zone)?,
+                    endpoint,
+                    generation: u64::try_from(generation).unwrap_or_default(),
+                    registered_at: parse_time(&at)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn accounts(&self) -> Result<Vec<Account>, StateError> {
+        let rows: Vec<(String, String, bool, String)> =
+            sqlx::query_as("SELECT account_id, name, is_admin, created_at FROM accounts ORDER BY name")
+                .fetch_all(self.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(id, name, is_admin, at)| {
+                Ok(Account {
+                    account_id: AccountId::parse(&id).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                    name,
+                    is_admin,
+                    created_at: parse_time(&at)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every access key: (access key id, account, secret).
+    pub async fn access_keys(&self) -> Result<Vec<(String, AccountId, String)>, StateError> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT access_key_id, account_id, secret_access_key FROM access_keys")
+                .fetch_all(self.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(k, a, s)| Ok((k, AccountId::parse(&a).map_err(|e| StateError::Corrupt(e.to_string()))?, s)))
+            .collect()
+    }
+
+    /// (resource id, key, value) of an account's tags, ordered.
+    pub async fn tags(&self, account: &AccountId) -> Result<Vec<(String, String, String)>, StateError> {
+        Ok(sqlx::query_as(
+            "SELECT t.resource_id, t.key, t.value FROM tags t JOIN instances i ON i.instance_id = t.resource_id
+             WHERE t.account_id = ? ORDER BY i.seq, t.key",
+        )
+        .bind(account.as_str())
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

@@ -1,0 +1,80 @@
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+use tokio::sync::Mutex;
+
+use super::{apply, Command, Outcome, StateError};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The SQLite database holding the state machine. Reads go straight to the pool; writes
+/// go only through [`Store::apply`], one command at a time.
+#[derive(Debug)]
+pub struct Store {
+    pool: SqlitePool,
+    /// Serializes apply: the state machine applies one command after another.
+    writer: Mutex<()>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `path` and runs pending migrations. Writes are fsynced
+    /// (WAL with synchronous=FULL): an acknowledged change survives a crash.
+    pub async fn open(path: &Path) -> Result<Store, StateError> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+        Self::with_pool(pool).await
+    }
+
+    /// A private in-memory database, for tests.
+    pub async fn in_memory() -> Result<Store, StateError> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        // One connection: every connection to :memory: is a database of its own.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        Self::with_pool(pool).await
+    }
+
+    async fn with_pool(pool: SqlitePool) -> Result<Store, StateError> {
+        MIGRATOR.run(&pool).await?;
+        Ok(Store { pool, writer: Mutex::new(()) })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Applies one command in one transaction, and records it as the last applied index.
+    /// A rejected command writes nothing.
+    pub async fn apply(&self, command: &Command) -> Result<Outcome, StateError> {
+        let _guard = self.writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let outcome = apply(&mut tx, command).await?;
+        sqlx::query(
+            "INSERT INTO meta(key, value) VALUES ('last_applied', '1')
+             ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// How many commands this store has applied.
+    pub async fn last_applied(&self) -> Result<u64, StateError> {
+        let v: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = 'last_applied'")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.and_then(|(s,)| s.parse().ok()).unwrap_or(0))
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

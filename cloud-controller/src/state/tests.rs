@@ -1,0 +1,260 @@
+//! Apply tests on an in-memory store: each command's effect and its all-or-nothing refusals.
+
+use canopy_common::{AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources, ZoneName};
+use chrono::{TimeZone, Utc};
+
+use super::*;
+
+fn t(s: i64) -> chrono::DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
+}
+
+struct Fixture {
+    store: Store,
+    account: AccountId,
+    image: ImageId,
+    zone: ZoneName,
+}
+
+async fn fixture() -> Fixture {
+    let store = Store::in_memory().await.unwrap();
+    let account = AccountId::parse("123456789012").unwrap();
+    let image = ImageId::generate();
+    let zone = ZoneName::parse("zone-a").unwrap();
+    store
+        .apply(&Command::CreateAccount {
+            account_id: account.clone(),
+            name: "admin".into(),
+            is_admin: true,
+            access_key_id: "AKIDTEST".into(),
+            secret_access_key: "secret".into(),
+            at: t(0),
+        })
+        .await
+        .unwrap();
+    store
+        .apply(&Command::RegisterImage {
+            image: Image {
+                image_id: image.clone(),
+                owner_id: account.clone(),
+                name: "img".into(),
+                description: String::new(),
+                location: "sim://img".into(),
+                architecture: "x86_64".into(),
+                is_public: true,
+                state: "available".into(),
+                created_at: t(0),
+            },
+        })
+        .await
+        .unwrap();
+    store.apply(&Command::RegisterZone { zone: zone.clone(), endpoint: "http://cc".into(), at: t(0) }).await.unwrap();
+    Fixture { store, account, image, zone }
+}
+
+impl Fixture {
+    fn launch(&self, token: Option<&str>, hash: &str, n: u32) -> Command {
+        Command::LaunchInstances {
+            reservation_id: ReservationId::generate(),
+            account_id: self.account.clone(),
+            client_token: token.map(str::to_owned),
+            request_hash: hash.into(),
+            instances: (0..n)
+                .map(|i| NewInstance {
+                    instance_id: InstanceId::generate(),
+                    launch_index: i,
+                    image_id: self.image.clone(),
+                    instance_type: "t2.micro".into(),
+                    resources: Resources::new(1, 1024, 8),
+                    zone: self.zone.clone(),
+                    key_name: None,
+                    user_data: None,
+                })
+                .collect(),
+            tags: vec![Tag { key: "Name".into(), value: "web".into() }],
+            at: t(1),
+        }
+    }
+
+    async fn all(&self) -> Vec<Instance> {
+        self.store.instances(&InstanceFilter::default()).await.unwrap()
+    }
+
+    async fn generation(&self) -> u64 {
+        self.store.zones().await.unwrap()[0].generation
+    }
+
+    async fn request(&self, ids: &[InstanceId], action: InstanceAction) -> Result<Outcome, StateError> {
+        self.store
+            .apply(&Command::RequestInstances { account_id: self.account.clone(), instance_ids: ids.to_vec(), action, at: t(5) })
+            .await
+    }
+
+    async fn observe(&self, id: &InstanceId, state: InstanceState) -> Outcome {
+        self.store
+            .apply(&Command::ObserveInstances {
+                zone: self.zone.clone(),
+                observations: vec![Observation {
+                    instance_id: id.clone(),
+                    node_id: Some(NodeId::parse("node-1").unwrap()),
+                    state,
+                    reason: None,
+                }],
+                at: t(10),
+            })
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn launch_creates_pending_instances_with_tags_and_bumps_the_zone() {
+    let f = fixture().await;
+    let g0 = f.generation().await;
+    let out = f.store.apply(&f.launch(None, "h", 2)).await.unwrap();
+    assert!(matches!(out, Outcome::Launched { replayed: false, .. }));
+    let all = f.all().await;
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|i| i.state == InstanceState::Pending && i.desired == PowerState::Running));
+    assert_eq!(all[0].tags, vec![Tag { key: "Name".into(), value: "web".into() }]);
+    assert_eq!((all[0].launch_index, all[1].launch_index), (0, 1));
+    assert_eq!(f.generation().await, g0 + 1);
+    assert_eq!(f.store.last_applied().await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn client_token_makes_launch_exactly_once() {
+    let f = fixture().await;
+    let Outcome::Launched { reservation_id: first, .. } = f.store.apply(&f.launch(Some("tok"), "h", 1)).await.unwrap() else {
+        panic!()
+    };
+    let again = f.store.apply(&f.launch(Some("tok"), "h", 1)).await.unwrap();
+    assert_eq!(again, Outcome::Launched { reservation_id: first, replayed: true });
+    assert_eq!(f.all().await.len(), 1);
+    let err = f.store.apply(&f.launch(Some("tok"), "other", 1)).await.unwrap_err();
+    assert!(matches!(err, StateError::IdempotentParameterMismatch));
+    assert_eq!(f.all().await.len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_image_writes_nothing() {
+    let f = fixture().await;
+    let mut cmd = f.launch(None, "h", 1);
+    if let Command::LaunchInstances { instances, .. } = &mut cmd {
+        instances[0].image_id = ImageId::generate();
+    }
+    assert!(matches!(f.store.apply(&cmd).await, Err(StateError::ImageNotFound(_))));
+    assert!(f.all().await.is_empty());
+    let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM reservations").fetch_one(f.store.pool()).await.unwrap();
+    assert_eq!(n.0, 0);
+}
+
+#[tokio::test]
+async fn requests_follow_the_lifecycle_and_are_all_or_nothing() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 2)).await.unwrap();
+    let ids: Vec<_> = f.all().await.into_iter().map(|i| i.instance_id).collect();
+    f.observe(&ids[0], InstanceState::Running).await;
+    f.observe(&ids[1], InstanceState::Running).await;
+    // Reboot is legal only while running; stop both, then start of a stopping one fails
+    // for both.
+    f.request(&ids, InstanceAction::Reboot).await.unwrap();
+    assert!(f.all().await.iter().all(|i| i.reboot_seq == 1));
+    let out = f.request(&ids, InstanceAction::Stop).await.unwrap();
+    let Outcome::InstancesChanged(changes) = out else { panic!() };
+    assert!(changes.iter().all(|c| c.previous == InstanceState::Running && c.current == InstanceState::Stopping));
+    f.observe(&ids[0], InstanceState::Stopped).await;
+    let err = f.request(&ids, InstanceAction::Start).await.unwrap_err();
+    assert!(matches!(err, StateError::IncorrectInstanceState { ref id, state: InstanceState::Stopping } if id == &ids[1]));
+    let all = f.all().await;
+    assert_eq!(all[0].state, InstanceState::Stopped, "nothing written by the refused request");
+    assert_eq!(all[0].state_reason.as_ref().unwrap().code, "Client.UserInitiatedShutdown");
+    let missing = InstanceId::generate();
+    let err = f.request(&[ids[0].clone(), missing.clone()], InstanceAction::Terminate).await.unwrap_err();
+    assert!(matches!(err, StateError::InstancesNotFound(ref m) if m == &vec![missing]));
+}
+
+#[tokio::test]
+async fn stale_observations_are_ignored_and_guest_shutdown_stops_the_instance() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    f.observe(&id, InstanceState::Running).await;
+    assert_eq!(f.all().await[0].node_id.as_ref().map(|n| n.as_str()), Some("node-1"));
+    f.request(&[id.clone()], InstanceAction::Stop).await.unwrap();
+    // A report from before the stop reached the node.
+    assert_eq!(f.observe(&id, InstanceState::Running).await, Outcome::Observed { changed: 0, desired_changed: false });
+    assert_eq!(f.all().await[0].state, InstanceState::Stopping);
+    f.observe(&id, InstanceState::Stopped).await;
+    f.request(&[id.clone()], InstanceAction::Start).await.unwrap();
+    f.observe(&id, InstanceState::Running).await;
+    let g = f.generation().await;
+    // The guest powers itself off: stopped, and desired follows so the node keeps it off.
+    let out = f.observe(&id, InstanceState::Stopped).await;
+    assert_eq!(out, Outcome::Observed { changed: 1, desired_changed: true });
+    let inst = &f.all().await[0];
+    assert_eq!((inst.state, inst.desired), (InstanceState::Stopped, PowerState::Stopped));
+    assert_eq!(inst.state_reason.as_ref().unwrap().code, "Client.InstanceInitiatedShutdown");
+    assert_eq!(f.generation().await, g + 1);
+}
+
+#[tokio::test]
+async fn terminated_instances_stay_visible_until_purged() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(Some("keep"), "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    f.request(&[id.clone()], InstanceAction::Terminate).await.unwrap();
+    f.observe(&id, InstanceState::Terminated).await;
+    let inst = &f.all().await[0];
+    assert_eq!(inst.state, InstanceState::Terminated);
+    assert_eq!(inst.terminated_at, Some(t(10)));
+    // Terminated is final: a late report cannot revive it.
+    f.observe(&id, InstanceState::Running).await;
+    assert_eq!(f.all().await[0].state, InstanceState::Terminated);
+    assert_eq!(f.store.apply(&Command::PurgeTerminated { before: t(10) }).await.unwrap(), Outcome::Purged(0));
+    assert_eq!(f.store.apply(&Command::PurgeTerminated { before: t(11) }).await.unwrap(), Outcome::Purged(1));
+    assert!(f.all().await.is_empty());
+    // The client token still answers with the old reservation rather than launching again.
+    let out = f.store.apply(&f.launch(Some("keep"), "h", 1)).await.unwrap();
+    assert!(matches!(out, Outcome::Launched { replayed: true, .. }));
+}
+
+#[tokio::test]
+async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    let tag = |k: &str, v: &str| Tag { key: k.into(), value: v.into() };
+    f.store
+        .apply(&Command::CreateTags { account_id: f.account.clone(), resource_ids: vec![id.clone()], tags: vec![tag("Name", "db"), tag("env", "prod")] })
+        .await
+        .unwrap();
+    assert_eq!(f.all().await[0].tags, vec![tag("Name", "db"), tag("env", "prod")]);
+    let del = |k: &str, v: Option<&str>| Command::DeleteTags {
+        account_id: f.account.clone(),
+        resource_ids: vec![id.clone()],
+        tags: vec![(k.into(), v.map(str::to_owned))],
+    };
+    f.store.apply(&del("env", Some("dev"))).await.unwrap();
+    assert_eq!(f.all().await[0].tags.len(), 2, "value must match");
+    f.store.apply(&del("env", None)).await.unwrap();
+    assert_eq!(f.all().await[0].tags, vec![tag("Name", "db")]);
+    let err = f
+        .store
+        .apply(&Command::CreateTags { account_id: f.account.clone(), resource_ids: vec![InstanceId::generate()], tags: vec![tag("a", "b")] })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::InstancesNotFound(_)));
+}
+
+#[tokio::test]
+async fn state_survives_reopening_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clc.db");
+    let store = Store::open(&path).await.unwrap();
+    store.apply(&Command::RegisterZone { zone: ZoneName::parse("z").unwrap(), endpoint: "e".into(), at: t(0) }).await.unwrap();
+    store.close().await;
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.zones().await.unwrap().len(), 1);
+    assert_eq!(store.last_applied().await.unwrap(), 1);
+}

@@ -1,0 +1,86 @@
+use canopy_common::{
+    AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
+    ZoneName,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const RESOURCE_TYPE_INSTANCE: &str = "instance";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub account_id: AccountId,
+    pub name: String,
+    pub is_admin: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub image_id: ImageId,
+    pub owner_id: AccountId,
+    pub name: String,
+    pub description: String,
+    pub location: String,
+    pub architecture: String,
+    pub is_public: bool,
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zone {
+    pub zone: ZoneName,
+    pub endpoint: String,
+    pub generation: u64,
+    pub registered_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub reservation_id: ReservationId,
+    pub account_id: AccountId,
+    pub client_token: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// EC2's `stateReason`: a code such as `Client.UserInitiatedShutdown` and a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateReason {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Launch order across the cloud; the pagination key.
+    pub seq: i64,
+    pub instance_id: InstanceId,
+    pub reservation_id: ReservationId,
+    pub account_id: AccountId,
+    pub launch_index: u32,
+    pub image_id: ImageId,
+    pub instance_type: String,
+    pub resources: Resources,
+    pub zone: ZoneName,
+    pub node_id: Option<NodeId>,
+    pub key_name: Option<String>,
+    pub user_data: Option<Vec<u8>>,
+    pub client_token: Option<String>,
+    pub state: InstanceState,
+    pub desired: PowerState,
+    pub reboot_seq: u64,
+    pub state_reason: Option<StateReason>,
+    /// EC2's `reason` (stateTransitionReason), e.g. "User initiated (2026-01-01 00:00:00 GMT)".
+    pub transition_reason: String,
+    pub launch_time: DateTime<Utc>,
+    pub state_changed_at: DateTime<Utc>,
+    pub terminated_at: Option<DateTime<Utc>>,
+    pub tags: Vec<Tag>,
+}

@@ -1,0 +1,18 @@
+//! Domain types shared by every Canopy tier.
+//!
+//! Nothing here does I/O: ids, resource arithmetic, the instance-type catalogue, the
+//! instance lifecycle state machine and the pure placement function.
+
+pub mod ids;
+pub mod instance_types;
+pub mod lifecycle;
+pub mod placement;
+pub mod resources;
+
+pub use ids::{
+    AccessKeyId, AccountId, IdError, ImageId, InstanceId, NodeId, RegionName, ReservationId,
+    ZoneName,
+};
+pub use instance_types::{InstanceType, INSTANCE_TYPES};
+pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState};
+pub use resources::Resources;

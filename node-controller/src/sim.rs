@@ -1,0 +1,424 @@
+//! The simulated hypervisor: libvirt's state machine without guests.
+//!
+//! Domains boot for `boot_delay` and power down for `shutdown_delay` on tokio timers, so
+//! tests can run on paused time. A [`SimControl`] lets a test step and break the
+//! simulation: hold a boot in `Booting`, make the next start fail, crash or power off a
+//! guest. Every delayed transition carries the domain's generation, bumped by each state
+//! change, so a timer armed by an earlier boot never fires into a later one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use canopy_common::{InstanceId, Resources};
+use tokio::sync::broadcast;
+
+use crate::error::HypervisorError;
+use crate::hypervisor::{
+    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
+};
+
+/// The console keeps at most this much (the tail), like a serial log that rotates.
+const CONSOLE_LIMIT: usize = 256 * 1024;
+/// Enough for bursts of lifecycle events; lagging receivers re-read `list` anyway.
+const EVENT_CAPACITY: usize = 1024;
+
+/// How the simulated host behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConfig {
+    /// What the host offers; `define` fails beyond it.
+    pub capacity: Resources,
+    /// How long a domain stays `Booting` after start or reboot.
+    pub boot_delay: Duration,
+    /// How long an ACPI shutdown takes.
+    pub shutdown_delay: Duration,
+    /// The kind reported to the CC; `Sim` unless a test wants to look like another host.
+    pub kind: HypervisorKind,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            capacity: Resources::new(16, 65536, 1000),
+            boot_delay: Duration::from_millis(500),
+            shutdown_delay: Duration::from_millis(300),
+            kind: HypervisorKind::Sim,
+        }
+    }
+}
+
+/// The simulated driver. Cheap to share: hold it in an `Arc` and coerce to
+/// `Arc<dyn Hypervisor>`; keep the `Arc<SimHypervisor>` (or a [`SimControl`]) to steer it.
+#[derive(Debug)]
+pub struct SimHypervisor {
+    inner: Arc<SimInner>,
+}
+
+/// Test handle on a [`SimHypervisor`]: steps and failures. Cloneable, usable from sync code.
+#[derive(Debug, Clone)]
+pub struct SimControl {
+    inner: Arc<SimInner>,
+}
+
+#[derive(Debug)]
+struct SimInner {
+    config: SimConfig,
+    state: Mutex<SimState>,
+    events: broadcast::Sender<DomainEvent>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    domains: BTreeMap<InstanceId, SimDomain>,
+    /// Instances whose boots stay in `Booting` until released. Kept apart from the domains
+    /// so a test can hold an instance before the agent defines it.
+    held: HashSet<InstanceId>,
+    fail_next_start: Option<String>,
+}
+
+#[derive(Debug)]
+struct SimDomain {
+    spec: DomainSpec,
+    state: DomainState,
+    /// Bumped by every state change; delayed transitions check it.
+    generation: u64,
+    /// The boot delay has passed but the boot is held.
+    boot_elapsed: bool,
+    boots: u64,
+    console: Vec<u8>,
+}
+
+impl SimDomain {
+    fn write_console(&mut self, text: &str) {
+        self.console.extend_from_slice(text.as_bytes());
+        if self.console.len() > CONSOLE_LIMIT {
+            let excess = self.console.len() - CONSOLE_LIMIT;
+            self.console.drain(..excess);
+        }
+    }
+
+    fn boot_banner(&mut self) {
+        self.boots += 1;
+        let spec = &self.spec;
+        let text = format!(
+            "[    0.000000] Linux version 6.1.0-canopy-sim (canopy@sim) #{boot} SMP\n\
+             [    0.000000] Command line: console=ttyS0 root=/dev/vda1 {cmdline}\n\
+             [    0.010000] Memory: {mem}MiB available, {vcpus} vCPU(s)\n\
+             [    0.520000] virtio_blk virtio1: [vda] {disk} GiB\n\
+             canopy-sim: booting instance {id} from {image}\n",
+            boot = self.boots,
+            cmdline = spec.kernel_cmdline_extra,
+            mem = spec.resources.memory_mib,
+            vcpus = spec.resources.vcpus,
+            disk = spec.resources.disk_gib,
+            id = spec.instance_id,
+            image = spec.image_id,
+        );
+        self.write_console(&text);
+    }
+
+    fn ready_banner(&mut self) {
+        let text = format!(
+            "cloud-init: user-data {} bytes\n\n{} login: \n",
+            self.spec.user_data.len(),
+            self.spec.instance_id
+        );
+        self.write_console(&text);
+    }
+}
+
+impl SimHypervisor {
+    /// A host with no domains.
+    pub fn new(config: SimConfig) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        SimHypervisor {
+            inner: Arc::new(SimInner { config, state: Mutex::new(SimState::default()), events }),
+        }
+    }
+
+    /// The handle tests use to step and break the simulation.
+    pub fn control(&self) -> SimControl {
+        SimControl { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl SimInner {
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // The state stays consistent across a panic in a test thread: every mutation is
+        // a few assignments with no early exit in between.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, id: &InstanceId, state: Option<DomainState>, reason: Option<&str>) {
+        // No receivers is fine: nobody is listening yet.
+        let _ = self.events.send(DomainEvent {
+            instance_id: id.clone(),
+            state,
+            reason: reason.map(str::to_owned),
+        });
+    }
+
+    /// Moves a domain to `state`, bumping its generation and announcing it.
+    fn set_state(
+        &self,
+        domain: &mut SimDomain,
+        state: DomainState,
+        reason: Option<&str>,
+    ) -> u64 {
+        domain.state = state;
+        domain.generation += 1;
+        domain.boot_elapsed = false;
+        self.emit(&domain.spec.instance_id, Some(state), reason);
+        domain.generation
+    }
+
+    /// Enters `Booting` and arms the timer that finishes the boot.
+    fn begin_boot(self: &Arc<Self>, domain: &mut SimDomain, reason: &str) {
+        domain.boot_banner();
+        let generation = self.set_state(domain, DomainState::Booting, Some(reason));
+        let id = domain.spec.instance_id.clone();
+        self.after(self.config.boot_delay, move |inner, state| {
+            let held = state.held.contains(&id);
+            let Some(domain) = state.domains.get_mut(&id) else { return };
+            if domain.generation != generation || domain.state != DomainState::Booting {
+                return;
+            }
+            if held {
+                domain.boot_elapsed = true;
+            } else {
+                domain.ready_banner();
+                inner.set_state(domain, DomainState::Running, Some("booted"));
+            }
+        });
+    }
+
+    /// Enters `ShuttingDown` and arms the timer that powers the domain off.
+    fn begin_shutdown(self: &Arc<Self>, domain: &mut SimDomain, reason: &str) {
+        let generation = self.set_state(domain, DomainState::ShuttingDown, Some(reason));
+        let id = domain.spec.instance_id.clone();
+        self.after(self.config.shutdown_delay, move |inner, state| {
+            let Some(domain) = state.domains.get_mut(&id) else { return };
+            if domain.generation != generation || domain.state != DomainState::ShuttingDown {
+                return;
+            }
+            domain.write_console("reboot: Power down\n");
+            inner.set_state(domain, DomainState::ShutOff, Some("shut down"));
+        });
+    }
+
+    /// Runs `f` under the lock after `delay`, unless the simulator is gone by then.
+    fn after(
+        self: &Arc<Self>,
+        delay: Duration,
+        f: impl FnOnce(&SimInner, &mut SimState) + Send + 'static,
+    ) {
+        let weak: Weak<SimInner> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(inner) = weak.upgrade() {
+                let mut state = inner.lock();
+                f(&inner, &mut state);
+            }
+        });
+    }
+}
+
+fn invalid(id: &InstanceId, state: DomainState, operation: &'static str) -> HypervisorError {
+    HypervisorError::InvalidState { instance_id: id.clone(), state, operation }
+}
+
+fn domain_mut<'a>(
+    state: &'a mut SimState,
+    id: &InstanceId,
+) -> Result<&'a mut SimDomain, HypervisorError> {
+    state.domains.get_mut(id).ok_or_else(|| HypervisorError::NotFound(id.clone()))
+}
+
+#[async_trait]
+impl Hypervisor for SimHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        self.inner.config.kind
+    }
+
+    fn capacity(&self) -> Resources {
+        self.inner.config.capacity
+    }
+
+    fn events(&self) -> broadcast::Receiver<DomainEvent> {
+        self.inner.events.subscribe()
+    }
+
+    async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        if state.domains.contains_key(&spec.instance_id) {
+            return Err(HypervisorError::AlreadyExists(spec.instance_id.clone()));
+        }
+        let used: Resources = state.domains.values().map(|d| d.spec.resources).sum();
+        let available = self.inner.config.capacity.saturating_sub(&used);
+        if !available.fits(&spec.resources) {
+            return Err(HypervisorError::InsufficientCapacity {
+                needed: spec.resources,
+                available,
+            });
+        }
+        state.domains.insert(
+            spec.instance_id.clone(),
+            SimDomain {
+                spec: spec.clone(),
+                state: DomainState::ShutOff,
+                generation: 0,
+                boot_elapsed: false,
+                boots: 0,
+                console: Vec::new(),
+            },
+        );
+        self.inner.emit(&spec.instance_id, Some(DomainState::ShutOff), Some("defined"));
+        Ok(())
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let current = domain_mut(&mut state, id)?.state;
+        if current != DomainState::ShutOff {
+            return Err(invalid(id, current, "start"));
+        }
+        if let Some(reason) = state.fail_next_start.take() {
+            return Err(HypervisorError::Failed(reason));
+        }
+        let domain = domain_mut(&mut state, id)?;
+        self.inner.begin_boot(domain, "started");
+        Ok(())
+    }
+
+    async fn shutdown(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let domain = domain_mut(&mut state, id)?;
+        match domain.state {
+            DomainState::Booting | DomainState::Running => {
+                self.inner.begin_shutdown(domain, "shutdown requested");
+                Ok(())
+            }
+            // libvirt re-sends the ACPI event; the shutdown already under way continues.
+            DomainState::ShuttingDown => Ok(()),
+            other => Err(invalid(id, other, "shut down")),
+        }
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let domain = domain_mut(&mut state, id)?;
+        if domain.state == DomainState::ShutOff {
+            return Err(invalid(id, domain.state, "destroy"));
+        }
+        self.inner.set_state(domain, DomainState::ShutOff, Some("destroyed"));
+        Ok(())
+    }
+
+    async fn reboot(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let domain = domain_mut(&mut state, id)?;
+        match domain.state {
+            DomainState::Booting | DomainState::Running => {
+                domain.write_console("reboot: Restarting system\n");
+                self.inner.begin_boot(domain, "rebooted");
+                Ok(())
+            }
+            other => Err(invalid(id, other, "reboot")),
+        }
+    }
+
+    async fn undefine(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let current = domain_mut(&mut state, id)?.state;
+        if current != DomainState::ShutOff {
+            return Err(invalid(id, current, "undefine"));
+        }
+        state.domains.remove(id);
+        self.inner.emit(id, None, Some("undefined"));
+        Ok(())
+    }
+
+    async fn state(&self, id: &InstanceId) -> Result<Option<DomainState>, HypervisorError> {
+        Ok(self.inner.lock().domains.get(id).map(|d| d.state))
+    }
+
+    async fn list(&self) -> Result<Vec<DomainInfo>, HypervisorError> {
+        Ok(self
+            .inner
+            .lock()
+            .domains
+            .values()
+            .map(|d| DomainInfo {
+                instance_id: d.spec.instance_id.clone(),
+                state: d.state,
+                resources: d.spec.resources,
+            })
+            .collect())
+    }
+
+    async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {
+        let state = self.inner.lock();
+        let domain = state.domains.get(id).ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
+        Ok(domain.console.clone())
+    }
+}
+
+impl SimControl {
+    /// Keeps every boot of `id` (including ones that start later) in `Booting` until
+    /// [`release_boot`](Self::release_boot).
+    pub fn hold_boot(&self, id: &InstanceId) {
+        self.inner.lock().held.insert(id.clone());
+    }
+
+    /// Lets held boots of `id` finish: at once if the boot delay has already passed.
+    pub fn release_boot(&self, id: &InstanceId) {
+        let mut state = self.inner.lock();
+        state.held.remove(id);
+        if let Some(domain) = state.domains.get_mut(id)
+            && domain.state == DomainState::Booting
+            && domain.boot_elapsed
+        {
+            domain.ready_banner();
+            self.inner.set_state(domain, DomainState::Running, Some("booted"));
+        }
+    }
+
+    /// Makes the next `start` (of any domain) fail with `Failed(reason)`.
+    pub fn fail_next_start(&self, reason: impl Into<String>) {
+        self.inner.lock().fail_next_start = Some(reason.into());
+    }
+
+    /// Kills the guest as an unexpected death would: an active domain becomes `Crashed`.
+    /// Returns false (and changes nothing) when the domain is absent or not active.
+    pub fn crash(&self, id: &InstanceId) -> bool {
+        let mut state = self.inner.lock();
+        match state.domains.get_mut(id) {
+            Some(domain) if domain.state.is_active() => {
+                domain.write_console("Kernel panic - not syncing: simulated guest crash\n");
+                self.inner.set_state(domain, DomainState::Crashed, Some("guest crashed"));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Powers the guest off from inside (`poweroff` in the guest): a running or booting
+    /// domain goes through `ShuttingDown` to `ShutOff`. Returns false when there was
+    /// nothing to power off.
+    pub fn guest_poweroff(&self, id: &InstanceId) -> bool {
+        let mut state = self.inner.lock();
+        match state.domains.get_mut(id) {
+            Some(domain) if matches!(domain.state, DomainState::Booting | DomainState::Running) => {
+                self.inner.begin_shutdown(domain, "guest initiated shutdown");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// How many times `id` has booted (starts plus reboots) since it was defined.
+    pub fn boots(&self, id: &InstanceId) -> u64 {
+        self.inner.lock().domains.get(id).map_or(0, |d| d.boots)
+    }
+}
