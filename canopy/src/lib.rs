@@ -1,1 +1,7 @@
-//! Wiring of Canopy's roles.
+//! Wiring of Canopy's roles: configuration loading, first-start bootstrap, the all-in-one
+//! dev cloud, and the admin CLI. `main.rs` only parses flags and calls into here.
+
+pub mod admin_cli;
+pub mod bootstrap;
+pub mod config;
+pub mod dev;

@@ -1,1 +1,277 @@
-fn main() {}
+//! The `canopy` binary: one executable, one role per subcommand.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use canopy::admin_cli::{AdminClient, AdminCommand};
+use canopy::bootstrap;
+use canopy::config::{self, CcFile, ClcFile, HypervisorChoice, NcFile};
+use canopy::dev::{self, DevOptions};
+use canopy_common::ZoneName;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "canopy", version, about = "Canopy: an EC2-compatible private cloud")]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// The whole cloud in one process (CLC, a CC per zone, simulated nodes); writes DIR/canopyrc when ready.
+    Dev(DevArgs),
+    /// A cloud controller: EC2 API, admin API, state.
+    Clc(ClcArgs),
+    /// A cluster controller for one availability zone.
+    Cc(CcArgs),
+    /// A node controller on a hypervisor host.
+    Nc(NcArgs),
+    /// Operator commands over the admin API.
+    Admin(AdminArgs),
+}
+
+/// CLC flags; each is also read from the environment variable named.
+#[derive(clap::Args, Serialize, Default)]
+struct ClcFlags {
+    /// Where state and secrets live.
+    #[arg(long, env = "CANOPY_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Region name (default canopy-1).
+    #[arg(long, env = "CANOPY_REGION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<String>,
+    /// EC2 Query API address (default 127.0.0.1:8773).
+    #[arg(long, env = "CANOPY_EC2_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ec2_listen: Option<String>,
+    /// Admin API address (default 127.0.0.1:8774).
+    #[arg(long, env = "CANOPY_ADMIN_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_listen: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    #[command(flatten)]
+    clc: ClcFlags,
+    /// TOML file with CLC settings (keys as in `canopy clc`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Availability zones to run, each with its own CC (repeat or comma-separate).
+    #[arg(long = "zone", value_delimiter = ',', default_value = "canopy-1a")]
+    zones: Vec<String>,
+    /// Simulated nodes per zone.
+    #[arg(long, default_value_t = 1)]
+    nodes_per_zone: u32,
+    /// Which hypervisor driver the nodes use.
+    #[arg(long, value_enum, default_value_t = HypervisorChoice::Auto)]
+    hypervisor: HypervisorChoice,
+}
+
+#[derive(clap::Args)]
+struct ClcArgs {
+    #[command(flatten)]
+    clc: ClcFlags,
+    /// gRPC address the cluster controllers call (default 127.0.0.1:8776).
+    #[arg(long, env = "CANOPY_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct CcArgs {
+    /// TOML config file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Availability zone name.
+    #[arg(long, env = "CANOPY_ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
+    /// gRPC address (default 127.0.0.1:8775).
+    #[arg(long, env = "CANOPY_CC_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// URL the CLC uses to reach this CC (default: http://LISTEN).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise: Option<String>,
+    /// CLC gRPC endpoints (repeat or comma-separate).
+    #[arg(long = "clc", env = "CANOPY_CLC", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clc: Vec<String>,
+}
+
+#[derive(clap::Args, Serialize)]
+struct NcArgs {
+    /// TOML config file.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Node id (default: the host name).
+    #[arg(long, env = "CANOPY_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    /// gRPC address (default 127.0.0.1:8777).
+    #[arg(long, env = "CANOPY_NC_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// URL the CC uses to reach this node (default: http://LISTEN).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise: Option<String>,
+    /// The zone's CC endpoint.
+    #[arg(long, env = "CANOPY_CC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cc: Option<String>,
+    /// Which hypervisor driver to use.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hypervisor: Option<HypervisorChoice>,
+    /// Capacity offered (simulated driver).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vcpus: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mib: Option<u64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk_gib: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API URL.
+    #[arg(long, env = "CANOPY_ADMIN_ENDPOINT", default_value = "http://127.0.0.1:8774")]
+    endpoint: String,
+    /// Admin token (canopyrc exports it).
+    #[arg(long, env = "CANOPY_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn clc_config(flags: &ClcFlags, grpc_listen: Option<&str>, file: Option<&std::path::Path>) -> Result<canopy_cloud_controller::ClcConfig> {
+    let mut overrides = serde_json::to_value(flags)?;
+    if let Some(g) = grpc_listen {
+        overrides["grpc_listen"] = g.into();
+    }
+    let cfg: ClcFile = config::load(file, overrides)?;
+    cfg.validate()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !matches!(cli.role, Role::Admin(_)) {
+        init_logging();
+    }
+    match cli.role {
+        Role::Dev(args) => run_dev(args).await,
+        Role::Clc(args) => run_clc(args).await,
+        Role::Cc(args) => run_cc(args).await,
+        Role::Nc(args) => run_nc(args).await,
+        Role::Admin(args) => {
+            let client = AdminClient { endpoint: args.endpoint, token: args.token };
+            print!("{}", client.run(args.command, args.json).await?);
+            Ok(())
+        }
+    }
+}
+
+async fn run_dev(args: DevArgs) -> Result<()> {
+    let mut clc = clc_config(&args.clc, Some("127.0.0.1:0"), args.config.as_deref())?;
+    clc.data_dir = std::path::absolute(&clc.data_dir)?;
+    let zones = args
+        .zones
+        .iter()
+        .map(|z| ZoneName::parse(z).with_context(|| format!("--zone: {z:?} is not a valid zone name")))
+        .collect::<Result<Vec<_>>>()?;
+    let nc = NcFile::default();
+    let opts = DevOptions {
+        clc,
+        zones,
+        nodes_per_zone: args.nodes_per_zone.max(1),
+        hypervisor: args.hypervisor,
+        sim: nc.sim_config()?,
+        heartbeat_interval: std::time::Duration::from_secs(1),
+        write_canopyrc: true,
+    };
+    let cloud = dev::start(opts).await?;
+    let rc = cloud.canopyrc.clone().unwrap_or_default();
+    eprintln!(
+        "\nCanopy is up: EC2 API http://{}  admin API http://{}\n  source {}\n  aws ec2 describe-images\n  aws ec2 run-instances --image-id $(aws ec2 describe-images --query 'Images[0].ImageId' --output text) --instance-type t2.micro --count 1\nCtrl-C stops it; the same --data-dir keeps state and keys.\n",
+        cloud.clc.ec2_addr,
+        cloud.clc.admin_addr,
+        rc.display()
+    );
+    shutdown_signal().await;
+    cloud.shutdown().await;
+    Ok(())
+}
+
+async fn run_clc(args: ClcArgs) -> Result<()> {
+    let mut cfg = clc_config(&args.clc, args.grpc_listen.as_deref(), args.config.as_deref())?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let token = bootstrap::admin_token(&cfg.data_dir)?;
+    cfg.admin_token = Some(token.clone());
+    let handle = canopy_cloud_controller::start(cfg.clone()).await?;
+    let creds = bootstrap::bootstrap(&handle.clc).await?;
+    let rc = bootstrap::write_canopyrc(&cfg.data_dir, &creds, cfg.region.as_str(), handle.ec2_addr, handle.admin_addr, &token)?;
+    tracing::info!(canopyrc = %rc.display(), "cloud controller ready");
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn run_cc(args: CcArgs) -> Result<()> {
+    let file: CcFile = config::load(args.config.as_deref(), &args)?;
+    let handle = canopy_cluster_controller::start(file.validate()?).await?;
+    tracing::info!(addr = %handle.local_addr(), "cluster controller ready");
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn run_nc(args: NcArgs) -> Result<()> {
+    let file: NcFile = config::load(args.config.as_deref(), &args)?;
+    let cfg = file.validate()?;
+    match file.hypervisor {
+        HypervisorChoice::Libvirt => anyhow::bail!("the libvirt driver is not available in this build yet; use --hypervisor sim"),
+        HypervisorChoice::Auto => tracing::info!("hypervisor auto: using the simulator (no libvirt driver in this build)"),
+        HypervisorChoice::Sim => {}
+    }
+    let driver: Arc<dyn canopy_node_controller::Hypervisor> =
+        Arc::new(canopy_node_controller::SimHypervisor::new(file.sim_config()?));
+    let handle = canopy_node_controller::start(cfg, driver).await?;
+    tracing::info!(addr = %handle.local_addr(), "node controller ready");
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}

@@ -7,6 +7,15 @@
 //! - `replication`: the command log every state change goes through;
 //! - `state`: domain types, commands, `apply`, queries over SQLite.
 
+pub mod admin;
+pub mod clc;
+pub mod config;
+pub mod console;
+pub mod ec2;
 pub mod replication;
 pub mod scheduler;
 pub mod state;
+pub mod zones;
+
+pub use clc::{start, Clc, ClcHandle, StartError};
+pub use config::ClcConfig;

@@ -6,8 +6,40 @@
 //!   `Name.N.Member` structure conventions;
 //! - [`xml`]: the response XML (`<XxxResponse xmlns=…>`, `<item>` lists, the error envelope).
 //!
-//! What the real clients send and expect is described in `docs/EC2-WIRE.md` of the shared notes;
-//! this crate is the one place that knows it.
+//! The rest of Canopy should not need to know these details: this crate is the one place that
+//! encodes what botocore, the AWS CLI and other EC2 clients send and expect.
+//!
+//! A server's path through it, for one request:
+//!
+//! ```
+//! use canopy_ec2_wire::{params::Params, sigv4, xml};
+//! # use chrono::TimeZone;
+//! # let now = chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+//! # let body = b"Action=DescribeRegions&Version=2016-11-15";
+//! # let mut headers = vec![("host".to_owned(), "127.0.0.1:8773".to_owned())];
+//! # headers.extend(sigv4::sign("POST", "127.0.0.1:8773", "/", "", &[], body, "AKID", "secret",
+//! #     "canopy-1", "ec2", now));
+//! let parts = sigv4::RequestParts { method: "POST", path: "/", query: "", headers: &headers, body };
+//! let cfg = sigv4::VerifyConfig {
+//!     region: "canopy-1",
+//!     service: "ec2",
+//!     now,
+//!     max_skew: std::time::Duration::from_secs(15 * 60),
+//! };
+//! let reply = match sigv4::verify(&parts, &cfg, |akid| (akid == "AKID").then(|| "secret".into())) {
+//!     Err(e) => (e.http_status(), xml::error_response(e.code(), &e.to_string(), "req-1")),
+//!     Ok(_access_key_id) => {
+//!         let params = Params::parse(body);
+//!         let mut w = xml::XmlWriter::response(params.action().unwrap_or_default(), "req-1");
+//!         w.list("regionInfo", ["canopy-1"], |w, name| {
+//!             w.elem("regionName", name);
+//!         });
+//!         (200, w.finish())
+//!     }
+//! };
+//! assert_eq!(reply.0, 200);
+//! assert!(reply.1.contains("<regionInfo><item><regionName>canopy-1</regionName></item></regionInfo>"));
+//! ```
 
 pub mod params;
 pub mod sigv4;

@@ -17,11 +17,18 @@ pub enum HypervisorError {
     AlreadyExists(InstanceId),
     /// Defining the domain would exceed what the host offers.
     #[error("insufficient capacity: need {needed:?}, {available:?} free")]
-    InsufficientCapacity { needed: Resources, available: Resources },
+    InsufficientCapacity {
+        needed: Resources,
+        available: Resources,
+    },
     /// The operation is not valid in the domain's current state, e.g. undefining a running
     /// domain (libvirt `VIR_ERR_OPERATION_INVALID`).
     #[error("cannot {operation} instance {instance_id} while it is {state}")]
-    InvalidState { instance_id: InstanceId, state: DomainState, operation: &'static str },
+    InvalidState {
+        instance_id: InstanceId,
+        state: DomainState,
+        operation: &'static str,
+    },
     /// Anything else the driver reports (a failed boot, a libvirt error…).
     #[error("hypervisor failure: {0}")]
     Failed(String),
@@ -41,7 +48,10 @@ pub enum NcError {
     WrongNode { ours: String, got: String },
     /// The gRPC listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// The hypervisor driver failed.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),

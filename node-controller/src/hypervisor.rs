@@ -139,7 +139,10 @@ impl DomainState {
     /// True while the guest executes (or is about to): the states in which a stop or a
     /// destroy has something to do.
     pub fn is_active(self) -> bool {
-        matches!(self, DomainState::Booting | DomainState::Running | DomainState::ShuttingDown)
+        matches!(
+            self,
+            DomainState::Booting | DomainState::Running | DomainState::ShuttingDown
+        )
     }
 }
 

@@ -1,1 +1,30 @@
-//! Canopy's node controller: the Hypervisor trait, its drivers, and the node agent
+//! Canopy's node controller: the [`Hypervisor`] trait, its drivers, and the node agent.
+//!
+//! * [`hypervisor`]: the driver trait, shaped after libvirt, and its types.
+//! * [`sim`]: [`SimHypervisor`], a simulated host that tests can step and break.
+//! * [`plan`]: the pure reconcile planner (desired + observed → actions, reports).
+//! * [`start`]: runs the agent — the `NodeController` gRPC service, registration and
+//!   heartbeats to the CC, the reconciler and the reporter.
+//!
+//! Prost types stay at the edge (`convert`, `service`); the rest works with the typed
+//! values of `canopy-common` and [`model`].
+
+mod agent;
+pub mod config;
+mod convert;
+pub mod error;
+pub mod hypervisor;
+pub mod model;
+pub mod plan;
+mod service;
+pub mod sim;
+
+pub use agent::{NodeHandle, start};
+pub use config::NcConfig;
+pub use error::{HypervisorError, NcError};
+pub use hypervisor::{
+    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
+    UnknownHypervisorKind,
+};
+pub use model::{DesiredInstance, DesiredState, InstanceReport, PutOutcome, StateReason, reason};
+pub use sim::{SimConfig, SimControl, SimHypervisor};

@@ -133,13 +133,19 @@ impl SimHypervisor {
     pub fn new(config: SimConfig) -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         SimHypervisor {
-            inner: Arc::new(SimInner { config, state: Mutex::new(SimState::default()), events }),
+            inner: Arc::new(SimInner {
+                config,
+                state: Mutex::new(SimState::default()),
+                events,
+            }),
         }
     }
 
     /// The handle tests use to step and break the simulation.
     pub fn control(&self) -> SimControl {
-        SimControl { inner: Arc::clone(&self.inner) }
+        SimControl {
+            inner: Arc::clone(&self.inner),
+        }
     }
 }
 
@@ -160,12 +166,7 @@ impl SimInner {
     }
 
     /// Moves a domain to `state`, bumping its generation and announcing it.
-    fn set_state(
-        &self,
-        domain: &mut SimDomain,
-        state: DomainState,
-        reason: Option<&str>,
-    ) -> u64 {
+    fn set_state(&self, domain: &mut SimDomain, state: DomainState, reason: Option<&str>) -> u64 {
         domain.state = state;
         domain.generation += 1;
         domain.boot_elapsed = false;
@@ -180,7 +181,9 @@ impl SimInner {
         let id = domain.spec.instance_id.clone();
         self.after(self.config.boot_delay, move |inner, state| {
             let held = state.held.contains(&id);
-            let Some(domain) = state.domains.get_mut(&id) else { return };
+            let Some(domain) = state.domains.get_mut(&id) else {
+                return;
+            };
             if domain.generation != generation || domain.state != DomainState::Booting {
                 return;
             }
@@ -198,7 +201,9 @@ impl SimInner {
         let generation = self.set_state(domain, DomainState::ShuttingDown, Some(reason));
         let id = domain.spec.instance_id.clone();
         self.after(self.config.shutdown_delay, move |inner, state| {
-            let Some(domain) = state.domains.get_mut(&id) else { return };
+            let Some(domain) = state.domains.get_mut(&id) else {
+                return;
+            };
             if domain.generation != generation || domain.state != DomainState::ShuttingDown {
                 return;
             }
@@ -214,8 +219,10 @@ impl SimInner {
         f: impl FnOnce(&SimInner, &mut SimState) + Send + 'static,
     ) {
         let weak: Weak<SimInner> = Arc::downgrade(self);
+        // The deadline is taken now, not when the task first runs.
+        let deadline = tokio::time::Instant::now() + delay;
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(deadline).await;
             if let Some(inner) = weak.upgrade() {
                 let mut state = inner.lock();
                 f(&inner, &mut state);
@@ -225,14 +232,21 @@ impl SimInner {
 }
 
 fn invalid(id: &InstanceId, state: DomainState, operation: &'static str) -> HypervisorError {
-    HypervisorError::InvalidState { instance_id: id.clone(), state, operation }
+    HypervisorError::InvalidState {
+        instance_id: id.clone(),
+        state,
+        operation,
+    }
 }
 
 fn domain_mut<'a>(
     state: &'a mut SimState,
     id: &InstanceId,
 ) -> Result<&'a mut SimDomain, HypervisorError> {
-    state.domains.get_mut(id).ok_or_else(|| HypervisorError::NotFound(id.clone()))
+    state
+        .domains
+        .get_mut(id)
+        .ok_or_else(|| HypervisorError::NotFound(id.clone()))
 }
 
 #[async_trait]
@@ -273,7 +287,11 @@ impl Hypervisor for SimHypervisor {
                 console: Vec::new(),
             },
         );
-        self.inner.emit(&spec.instance_id, Some(DomainState::ShutOff), Some("defined"));
+        self.inner.emit(
+            &spec.instance_id,
+            Some(DomainState::ShutOff),
+            Some("defined"),
+        );
         Ok(())
     }
 
@@ -311,7 +329,8 @@ impl Hypervisor for SimHypervisor {
         if domain.state == DomainState::ShutOff {
             return Err(invalid(id, domain.state, "destroy"));
         }
-        self.inner.set_state(domain, DomainState::ShutOff, Some("destroyed"));
+        self.inner
+            .set_state(domain, DomainState::ShutOff, Some("destroyed"));
         Ok(())
     }
 
@@ -359,7 +378,10 @@ impl Hypervisor for SimHypervisor {
 
     async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {
         let state = self.inner.lock();
-        let domain = state.domains.get(id).ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
+        let domain = state
+            .domains
+            .get(id)
+            .ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
         Ok(domain.console.clone())
     }
 }
@@ -380,7 +402,8 @@ impl SimControl {
             && domain.boot_elapsed
         {
             domain.ready_banner();
-            self.inner.set_state(domain, DomainState::Running, Some("booted"));
+            self.inner
+                .set_state(domain, DomainState::Running, Some("booted"));
         }
     }
 
@@ -396,7 +419,8 @@ impl SimControl {
         match state.domains.get_mut(id) {
             Some(domain) if domain.state.is_active() => {
                 domain.write_console("Kernel panic - not syncing: simulated guest crash\n");
-                self.inner.set_state(domain, DomainState::Crashed, Some("guest crashed"));
+                self.inner
+                    .set_state(domain, DomainState::Crashed, Some("guest crashed"));
                 true
             }
             _ => false,
@@ -410,7 +434,8 @@ impl SimControl {
         let mut state = self.inner.lock();
         match state.domains.get_mut(id) {
             Some(domain) if matches!(domain.state, DomainState::Booting | DomainState::Running) => {
-                self.inner.begin_shutdown(domain, "guest initiated shutdown");
+                self.inner
+                    .begin_shutdown(domain, "guest initiated shutdown");
                 true
             }
             _ => false,
@@ -420,5 +445,342 @@ impl SimControl {
     /// How many times `id` has booted (starts plus reboots) since it was defined.
     pub fn boots(&self, id: &InstanceId) -> u64 {
         self.inner.lock().domains.get(id).map_or(0, |d| d.boots)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canopy_common::ImageId;
+
+    const BOOT: Duration = Duration::from_secs(10);
+    const SHUTDOWN: Duration = Duration::from_secs(5);
+
+    fn sim() -> SimHypervisor {
+        SimHypervisor::new(SimConfig {
+            capacity: Resources::new(4, 4096, 100),
+            boot_delay: BOOT,
+            shutdown_delay: SHUTDOWN,
+            kind: HypervisorKind::Sim,
+        })
+    }
+
+    fn id(n: u8) -> InstanceId {
+        InstanceId::parse(&format!("i-0123456789abcdef{n}")).unwrap()
+    }
+
+    fn spec(n: u8, resources: Resources) -> DomainSpec {
+        DomainSpec::new(
+            id(n),
+            resources,
+            ImageId::parse("ami-0123456789abcdef0").unwrap(),
+            b"hello".to_vec(),
+        )
+    }
+
+    async fn state(sim: &SimHypervisor, n: u8) -> Option<DomainState> {
+        sim.state(&id(n)).await.unwrap()
+    }
+
+    /// Lets spawned timers that are due run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn advance(d: Duration) {
+        tokio::time::advance(d).await;
+        settle().await;
+    }
+
+    async fn console(sim: &SimHypervisor, n: u8) -> String {
+        String::from_utf8(sim.console(&id(n)).await.unwrap()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_boots_for_the_boot_delay_then_runs() {
+        let sim = sim();
+        let mut events = sim.events();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShutOff));
+        sim.start(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+        advance(BOOT - Duration::from_millis(1)).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Running));
+
+        let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                Some(DomainState::ShutOff),
+                Some(DomainState::Booting),
+                Some(DomainState::Running)
+            ]
+        );
+        let log = console(&sim, 0).await;
+        assert!(
+            log.contains("canopy-sim: booting instance i-0123456789abcdef0"),
+            "{log}"
+        );
+        assert!(
+            log.contains("canopy.instance_id=i-0123456789abcdef0"),
+            "{log}"
+        );
+        assert!(log.contains("i-0123456789abcdef0 login:"), "{log}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_boots_wait_for_release() {
+        let sim = sim();
+        let control = sim.control();
+        control.hold_boot(&id(0));
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT * 3).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+        control.release_boot(&id(0));
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Running));
+
+        // Released before the delay: the boot finishes when the delay is over.
+        sim.define(&spec(1, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        control.hold_boot(&id(1));
+        sim.start(&id(1)).await.unwrap();
+        control.release_boot(&id(1));
+        assert_eq!(state(&sim, 1).await, Some(DomainState::Booting));
+        advance(BOOT).await;
+        assert_eq!(state(&sim, 1).await, Some(DomainState::Running));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fail_next_start_fails_once() {
+        let sim = sim();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        sim.control().fail_next_start("no kvm");
+        assert_eq!(
+            sim.start(&id(0)).await,
+            Err(HypervisorError::Failed("no kvm".into()))
+        );
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShutOff));
+        sim.start(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_kills_the_guest_with_an_event() {
+        let sim = sim();
+        let control = sim.control();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        assert!(!control.crash(&id(0)), "a shut-off domain cannot crash");
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT).await;
+        let mut events = sim.events();
+        assert!(control.crash(&id(0)));
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Crashed));
+        let event = events.try_recv().unwrap();
+        assert_eq!(event.state, Some(DomainState::Crashed));
+        assert_eq!(event.reason.as_deref(), Some("guest crashed"));
+        assert!(console(&sim, 0).await.contains("Kernel panic"));
+        // Like libvirt: a crashed domain must be destroyed before it starts or goes away.
+        assert!(matches!(
+            sim.start(&id(0)).await,
+            Err(HypervisorError::InvalidState { .. })
+        ));
+        assert!(matches!(
+            sim.undefine(&id(0)).await,
+            Err(HypervisorError::InvalidState { .. })
+        ));
+        sim.destroy(&id(0)).await.unwrap();
+        sim.undefine(&id(0)).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_is_accounted_for_defined_domains() {
+        let sim = sim();
+        assert_eq!(sim.capacity(), Resources::new(4, 4096, 100));
+        sim.define(&spec(0, Resources::new(2, 2048, 50)))
+            .await
+            .unwrap();
+        sim.define(&spec(1, Resources::new(2, 2048, 50)))
+            .await
+            .unwrap();
+        match sim.define(&spec(2, Resources::new(1, 1, 1))).await {
+            Err(HypervisorError::InsufficientCapacity { needed, available }) => {
+                assert_eq!(needed, Resources::new(1, 1, 1));
+                assert_eq!(available, Resources::ZERO);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            sim.define(&spec(0, Resources::new(1, 1, 1))).await,
+            Err(HypervisorError::AlreadyExists(id(0)))
+        );
+        sim.undefine(&id(1)).await.unwrap();
+        sim.define(&spec(2, Resources::new(1, 1, 1))).await.unwrap();
+        let listed: Vec<_> = sim
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.instance_id)
+            .collect();
+        assert_eq!(listed, vec![id(0), id(2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_takes_the_shutdown_delay_and_destroy_is_immediate() {
+        let sim = sim();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            sim.shutdown(&id(0)).await,
+            Err(HypervisorError::InvalidState { .. })
+        ));
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT).await;
+        sim.shutdown(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShuttingDown));
+        sim.shutdown(&id(0)).await.unwrap();
+        advance(SHUTDOWN).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShutOff));
+        assert!(console(&sim, 0).await.contains("reboot: Power down"));
+
+        sim.start(&id(0)).await.unwrap();
+        sim.destroy(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShutOff));
+        assert!(matches!(
+            sim.destroy(&id(0)).await,
+            Err(HypervisorError::InvalidState { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_of_an_old_boot_do_not_fire_into_a_new_one() {
+        let sim = sim();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT / 2).await;
+        sim.destroy(&id(0)).await.unwrap();
+        sim.start(&id(0)).await.unwrap();
+        // The first boot's timer is due now; the second boot must not finish early.
+        advance(BOOT / 2).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+        advance(BOOT / 2).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Running));
+
+        // A shutdown cut short by destroy and a restart does not power the new boot off.
+        sim.shutdown(&id(0)).await.unwrap();
+        sim.destroy(&id(0)).await.unwrap();
+        sim.start(&id(0)).await.unwrap();
+        advance(SHUTDOWN).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reboot_boots_again_and_the_console_accumulates() {
+        let sim = sim();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            sim.reboot(&id(0)).await,
+            Err(HypervisorError::InvalidState { .. })
+        ));
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT).await;
+        sim.reboot(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Booting));
+        advance(BOOT).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::Running));
+        assert_eq!(sim.control().boots(&id(0)), 2);
+        let log = console(&sim, 0).await;
+        assert_eq!(
+            log.matches("canopy-sim: booting instance").count(),
+            2,
+            "{log}"
+        );
+        assert_eq!(log.matches("login:").count(), 2, "{log}");
+        assert!(log.contains("reboot: Restarting system"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn undefine_only_when_shut_off() {
+        let sim = sim();
+        let mut events = sim.events();
+        assert_eq!(
+            sim.undefine(&id(0)).await,
+            Err(HypervisorError::NotFound(id(0)))
+        );
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        sim.start(&id(0)).await.unwrap();
+        for s in [DomainState::Booting, DomainState::Running] {
+            assert_eq!(state(&sim, 0).await, Some(s));
+            assert!(matches!(
+                sim.undefine(&id(0)).await,
+                Err(HypervisorError::InvalidState {
+                    operation: "undefine",
+                    ..
+                })
+            ));
+            advance(BOOT).await;
+        }
+        sim.destroy(&id(0)).await.unwrap();
+        sim.undefine(&id(0)).await.unwrap();
+        assert_eq!(state(&sim, 0).await, None);
+        assert_eq!(
+            sim.console(&id(0)).await,
+            Err(HypervisorError::NotFound(id(0)))
+        );
+        let last = std::iter::from_fn(|| events.try_recv().ok())
+            .last()
+            .unwrap();
+        assert_eq!(last.state, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guest_poweroff_shuts_down_from_inside() {
+        let sim = sim();
+        let control = sim.control();
+        sim.define(&spec(0, Resources::new(1, 512, 10)))
+            .await
+            .unwrap();
+        assert!(!control.guest_poweroff(&id(0)));
+        sim.start(&id(0)).await.unwrap();
+        advance(BOOT).await;
+        assert!(control.guest_poweroff(&id(0)));
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShuttingDown));
+        advance(SHUTDOWN).await;
+        assert_eq!(state(&sim, 0).await, Some(DomainState::ShutOff));
+    }
+
+    #[test]
+    fn kinds_have_names() {
+        for kind in [
+            HypervisorKind::Sim,
+            HypervisorKind::Qemu,
+            HypervisorKind::Kvm,
+        ] {
+            assert_eq!(kind.name().parse::<HypervisorKind>(), Ok(kind));
+        }
+        assert!("xen".parse::<HypervisorKind>().is_err());
     }
 }

@@ -41,6 +41,29 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .await?;
             Ok(Outcome::Done)
         }
+        Command::AddAccessKey { account_id, access_key_id, secret_access_key, at } => {
+            let account: Option<(String,)> = sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ?")
+                .bind(account_id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+            if account.is_none() {
+                return Err(StateError::AccountNotFound(account_id.to_string()));
+            }
+            let done = sqlx::query(
+                "INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT(access_key_id) DO NOTHING",
+            )
+            .bind(access_key_id)
+            .bind(account_id.as_str())
+            .bind(secret_access_key)
+            .bind(fmt_time(*at))
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StateError::AlreadyExists(format!("access key {access_key_id}")));
+            }
+            Ok(Outcome::Done)
+        }
         Command::RegisterImage { image } => {
             let done = sqlx::query(
                 "INSERT INTO images(image_id, owner_id, name, description, location, architecture, is_public, state, created_at)

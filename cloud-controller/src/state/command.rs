@@ -18,6 +18,13 @@ pub enum Command {
         secret_access_key: String,
         at: DateTime<Utc>,
     },
+    /// Another access key for an existing account.
+    AddAccessKey {
+        account_id: AccountId,
+        access_key_id: String,
+        secret_access_key: String,
+        at: DateTime<Utc>,
+    },
     RegisterImage {
         image: Image,
     },

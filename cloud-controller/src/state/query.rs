@@ -262,3 +262,21 @@ impl Store {
         .await?)
     }
 }
+
+impl Store {
+    /// The reservation an account made with `client_token`, with its request fingerprint.
+    pub async fn reservation_by_token(
+        &self,
+        account: &AccountId,
+        client_token: &str,
+    ) -> Result<Option<(ReservationId, String)>, StateError> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT reservation_id, request_hash FROM reservations WHERE account_id = ? AND client_token = ?",
+        )
+        .bind(account.as_str())
+        .bind(client_token)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|(id, hash)| Ok((parse(&id)?, hash))).transpose()
+    }
+}

@@ -1,0 +1,195 @@
+//! First-start bootstrap shared by `canopy clc` and `canopy dev`: the admin account and
+//! its keys, the admin token, a runnable image, and the canopyrc file.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use canopy_cloud_controller::Clc;
+use canopy_cloud_controller::state::{Command, Image};
+use canopy_common::{AccountId, ImageId};
+use chrono::Utc;
+use rand::Rng;
+
+pub const ADMIN_ACCOUNT: &str = "admin";
+/// The image every Canopy registers at first start: runnable on simulated nodes.
+pub const SIM_IMAGE_NAME: &str = "canopy-sim-linux";
+pub const ENV_ACCESS_KEY: &str = "CANOPY_ADMIN_ACCESS_KEY_ID";
+pub const ENV_SECRET: &str = "CANOPY_ADMIN_SECRET_ACCESS_KEY";
+
+#[derive(Debug, Clone)]
+pub struct AdminCredentials {
+    pub account_id: AccountId,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+fn random_string(alphabet: &[u8], len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len).map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())])).collect()
+}
+
+/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename), so a
+/// reader never sees half a secret.
+pub fn write_secret_file(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// The admin API token kept in `DIR/admin-token`, created on first use.
+pub fn admin_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let token = random_string(b"abcdefghijklmnopqrstuvwxyz0123456789", 48);
+    write_secret_file(&path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+/// Credentials given in the environment, checked.
+fn env_credentials() -> Result<Option<(String, String)>> {
+    let ak = std::env::var(ENV_ACCESS_KEY).ok().filter(|s| !s.is_empty());
+    let sk = std::env::var(ENV_SECRET).ok().filter(|s| !s.is_empty());
+    match (ak, sk) {
+        (None, None) => Ok(None),
+        (Some(ak), Some(sk)) => {
+            if !(3..=128).contains(&ak.len()) || !ak.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                bail!("{ENV_ACCESS_KEY}: 3 to 128 letters and digits");
+            }
+            if !(8..=128).contains(&sk.len()) || sk.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\'') {
+                bail!("{ENV_SECRET}: 8 to 128 printable characters without spaces or quotes");
+            }
+            Ok(Some((ak, sk)))
+        }
+        _ => bail!("set both {ENV_ACCESS_KEY} and {ENV_SECRET}, or neither"),
+    }
+}
+
+/// Makes sure the admin account exists with usable keys, and the sim image is registered.
+pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
+    let wanted = env_credentials()?;
+    let accounts = clc.store.accounts().await?;
+    let admin = accounts.into_iter().find(|a| a.name == ADMIN_ACCOUNT);
+    let creds = match admin {
+        None => {
+            let (access_key_id, secret_access_key) = wanted.unwrap_or_else(|| {
+                (
+                    format!("AKIA{}", random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16)),
+                    random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 40),
+                )
+            });
+            let account_id = AccountId::generate();
+            clc.submit(Command::CreateAccount {
+                account_id: account_id.clone(),
+                name: ADMIN_ACCOUNT.into(),
+                is_admin: true,
+                access_key_id: access_key_id.clone(),
+                secret_access_key: secret_access_key.clone(),
+                at: Utc::now(),
+            })
+            .await?;
+            tracing::info!(%account_id, %access_key_id, "created the admin account");
+            AdminCredentials { account_id, access_key_id, secret_access_key }
+        }
+        Some(admin) => {
+            let keys: Vec<(String, String)> = clc
+                .store
+                .access_keys()
+                .await?
+                .into_iter()
+                .filter(|(_, a, _)| a == &admin.account_id)
+                .map(|(k, _, s)| (k, s))
+                .collect();
+            let (access_key_id, secret_access_key) = match wanted {
+                Some((ak, sk)) => match keys.iter().find(|(k, _)| k == &ak) {
+                    Some((_, stored)) if stored != &sk => {
+                        bail!("{ENV_ACCESS_KEY} {ak} already exists with another secret")
+                    }
+                    Some(_) => (ak, sk),
+                    None => {
+                        clc.submit(Command::AddAccessKey {
+                            account_id: admin.account_id.clone(),
+                            access_key_id: ak.clone(),
+                            secret_access_key: sk.clone(),
+                            at: Utc::now(),
+                        })
+                        .await?;
+                        (ak, sk)
+                    }
+                },
+                None => keys.into_iter().next().context("the admin account has no access key")?,
+            };
+            AdminCredentials { account_id: admin.account_id, access_key_id, secret_access_key }
+        }
+    };
+    let images = clc.store.images().await?;
+    if !images.iter().any(|i| i.name == SIM_IMAGE_NAME) {
+        clc.submit(Command::RegisterImage {
+            image: Image {
+                image_id: ImageId::generate(),
+                owner_id: creds.account_id.clone(),
+                name: SIM_IMAGE_NAME.into(),
+                description: "Simulated Linux guest: boots on Canopy's simulated hypervisor".into(),
+                location: "canopy://builtin/sim-linux".into(),
+                architecture: "x86_64".into(),
+                is_public: true,
+                state: "available".into(),
+                created_at: Utc::now(),
+            },
+        })
+        .await?;
+    }
+    Ok(creds)
+}
+
+/// The URL clients use for a listening address (an unspecified address becomes loopback).
+pub fn client_url(addr: SocketAddr) -> String {
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".parse().expect("loopback") } else { addr.ip() };
+    format!("http://{}", SocketAddr::new(host, addr.port()))
+}
+
+/// Writes `DIR/canopyrc`: `export` lines for the AWS CLI/SDKs and `canopy admin`.
+pub fn write_canopyrc(
+    data_dir: &Path,
+    creds: &AdminCredentials,
+    region: &str,
+    ec2_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin_token: &str,
+) -> Result<PathBuf> {
+    let path = data_dir.join("canopyrc");
+    let q = |s: &str| format!("'{s}'");
+    let text = format!(
+        "# Canopy: source this file to point the AWS CLI and SDKs at this cloud.\n\
+         export AWS_ENDPOINT_URL_EC2={}\n\
+         export AWS_ACCESS_KEY_ID={}\n\
+         export AWS_SECRET_ACCESS_KEY={}\n\
+         export AWS_DEFAULT_REGION={}\n\
+         export CANOPY_ADMIN_ENDPOINT={}\n\
+         export CANOPY_ADMIN_TOKEN={}\n",
+        q(&client_url(ec2_addr)),
+        q(&creds.access_key_id),
+        q(&creds.secret_access_key),
+        q(region),
+        q(&client_url(admin_addr)),
+        q(admin_token),
+    );
+    write_secret_file(&path, &text)?;
+    Ok(path)
+}

@@ -1,0 +1,48 @@
+//! The cloud controller's configuration, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use canopy_common::RegionName;
+
+#[derive(Debug, Clone)]
+pub struct ClcConfig {
+    pub region: RegionName,
+    /// Holds `clc.db` (the state) and the admin token.
+    pub data_dir: PathBuf,
+    /// EC2 Query API (HTTP).
+    pub ec2_listen: SocketAddr,
+    /// Admin API (HTTP/JSON).
+    pub admin_listen: SocketAddr,
+    /// gRPC service the cluster controllers call.
+    pub grpc_listen: SocketAddr,
+    /// How far a request's signing time may be from ours (AWS: 15 minutes).
+    pub max_clock_skew: Duration,
+    /// A zone whose CC has not heartbeated for this long is unavailable.
+    pub zone_timeout: Duration,
+    /// Desired state is re-pushed to every zone at least this often.
+    pub resync_interval: Duration,
+    /// Terminated instances stay visible this long (AWS: about an hour).
+    pub terminated_retention: Duration,
+    /// Bearer token accepted by the admin API, besides SigV4 with an admin account's key.
+    pub admin_token: Option<String>,
+}
+
+impl ClcConfig {
+    /// Defaults for everything but where the state lives.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            region: RegionName::parse("canopy-1").expect("valid default region"),
+            data_dir,
+            ec2_listen: SocketAddr::from(([127, 0, 0, 1], 8773)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8774)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 8776)),
+            max_clock_skew: Duration::from_secs(15 * 60),
+            zone_timeout: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(5),
+            terminated_retention: Duration::from_secs(3600),
+            admin_token: None,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! What there is to launch and where: DescribeImages, DescribeAvailabilityZones,
+//! DescribeRegions, DescribeInstanceTypes.
+
+use canopy_common::{INSTANCE_TYPES, ImageId, InstanceType};
+use canopy_ec2_wire::xml::{XmlWriter, timestamp};
+
+use super::filters::{self, Filterable};
+use super::paging::{self, paginate};
+use super::{ApiError, Ctx};
+use crate::state::{Image, Zone};
+
+impl Filterable for Image {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: String| Some(vec![s]);
+        match name {
+            "image-id" => one(self.image_id.to_string()),
+            "name" => one(self.name.clone()),
+            "description" => one(self.description.clone()),
+            "state" => one(self.state.clone()),
+            "architecture" => one(self.architecture.clone()),
+            "owner-id" => one(self.owner_id.to_string()),
+            "is-public" => one(self.is_public.to_string()),
+            "image-type" => one("machine".into()),
+            "root-device-type" => one("instance-store".into()),
+            "virtualization-type" => one("hvm".into()),
+            "manifest-location" => one(self.location.clone()),
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let ids: Vec<ImageId> = p
+        .list("ImageId")?
+        .iter()
+        .map(|s| {
+            ImageId::parse(s).map_err(|_| ApiError::new(400, "InvalidAMIID.Malformed", format!("Invalid id: \"{s}\" (expecting \"ami-...\")")))
+        })
+        .collect::<Result<_, _>>()?;
+    let owners = p.list("Owner")?;
+    let filters = filters::parse_filters(p)?;
+    let visible: Vec<Image> = ctx
+        .clc
+        .store
+        .images()
+        .await?
+        .into_iter()
+        .filter(|i| i.is_public || i.owner_id == ctx.account)
+        .collect();
+    if let Some(first) = visible.first() {
+        filters::validate(&filters, first)?;
+    }
+    let missing: Vec<String> =
+        ids.iter().filter(|id| !visible.iter().any(|i| &i.image_id == *id)).map(|i| i.to_string()).collect();
+    if !missing.is_empty() {
+        return Err(ApiError::new(400, "InvalidAMIID.NotFound", format!("The image id '[{}]' does not exist", missing.join(", "))));
+    }
+    ctx.dry_run()?;
+    let images: Vec<&Image> = visible
+        .iter()
+        .filter(|i| ids.is_empty() || ids.contains(&i.image_id))
+        .filter(|i| {
+            owners.is_empty()
+                || owners.iter().any(|o| o == i.owner_id.as_str() || (o == "self" && i.owner_id == ctx.account))
+        })
+        .filter(|i| filters::matches(*i, &filters))
+        .collect();
+    let mut w = XmlWriter::response("DescribeImages", &ctx.request_id);
+    w.list("imagesSet", images, |w, i| {
+        w.elem("imageId", &i.image_id)
+            .elem("imageLocation", &i.location)
+            .elem("imageState", &i.state)
+            .elem("imageOwnerId", &i.owner_id)
+            .elem("creationDate", timestamp(i.created_at))
+            .bool_elem("isPublic", i.is_public)
+            .elem("architecture", &i.architecture)
+            .elem("imageType", "machine")
+            .elem("name", &i.name)
+            .elem("description", &i.description)
+            .elem("rootDeviceType", "instance-store")
+            .elem("rootDeviceName", "/dev/sda1")
+            .list("blockDeviceMapping", std::iter::empty::<()>(), |_, _| {})
+            .elem("virtualizationType", "hvm")
+            .elem("hypervisor", "xen")
+            .list("tagSet", std::iter::empty::<()>(), |_, _| {});
+    });
+    Ok(w.finish())
+}
+
+struct ZoneView {
+    zone: Zone,
+    zone_id: String,
+    state: &'static str,
+    region: String,
+}
+
+impl Filterable for ZoneView {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: String| Some(vec![s]);
+        match name {
+            "zone-name" => one(self.zone.zone.to_string()),
+            "zone-id" => one(self.zone_id.clone()),
+            "state" => one(self.state.into()),
+            "region-name" => one(self.region.clone()),
+            "zone-type" => one("availability-zone".into()),
+            "group-name" | "network-border-group" => one(self.region.clone()),
+            "opt-in-status" => one("opt-in-not-required".into()),
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_availability_zones(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let names = p.list("ZoneName")?;
+    let zone_ids = p.list("ZoneId")?;
+    p.bool("AllAvailabilityZones")?;
+    let filters = filters::parse_filters(p)?;
+    let region = ctx.clc.config.region.to_string();
+    let mut zones = ctx.clc.store.zones().await?;
+    // Zone ids stay stable as zones are added: numbered in registration order.
+    zones.sort_by(|a, b| (a.registered_at, &a.zone).cmp(&(b.registered_at, &b.zone)));
+    let views: Vec<ZoneView> = zones
+        .into_iter()
+        .enumerate()
+        .map(|(n, zone)| ZoneView {
+            zone_id: format!("{region}-az{}", n + 1),
+            state: if ctx.clc.zones.is_available(&zone.zone, ctx.clc.config.zone_timeout) { "available" } else { "unavailable" },
+            region: region.clone(),
+            zone,
+        })
+        .collect();
+    for n in &names {
+        if !views.iter().any(|v| v.zone.zone.as_str() == n) {
+            return Err(ApiError::invalid(format!("The zone '{n}' does not exist in the current region")));
+        }
+    }
+    for id in &zone_ids {
+        if !views.iter().any(|v| &v.zone_id == id) {
+            return Err(ApiError::invalid(format!("The zone-id '{id}' does not exist in the current region")));
+        }
+    }
+    if let Some(first) = views.first() {
+        filters::validate(&filters, first)?;
+    }
+    ctx.dry_run()?;
+    let mut views: Vec<&ZoneView> = views
+        .iter()
+        .filter(|v| names.is_empty() || names.iter().any(|n| n == v.zone.zone.as_str()))
+        .filter(|v| zone_ids.is_empty() || zone_ids.contains(&v.zone_id))
+        .filter(|v| filters::matches(*v, &filters))
+        .collect();
+    views.sort_by(|a, b| a.zone.zone.cmp(&b.zone.zone));
+    let mut w = XmlWriter::response("DescribeAvailabilityZones", &ctx.request_id);
+    w.list("availabilityZoneInfo", views, |w, v| {
+        w.elem("zoneName", &v.zone.zone)
+            .elem("zoneState", v.state)
+            .elem("regionName", &v.region)
+            .elem("zoneId", &v.zone_id)
+            .elem("zoneType", "availability-zone")
+            .elem("optInStatus", "opt-in-not-required")
+            .elem("groupName", &v.region)
+            .elem("networkBorderGroup", &v.region)
+            .list("messageSet", std::iter::empty::<()>(), |_, _| {});
+    });
+    Ok(w.finish())
+}
+
+struct RegionView {
+    name: String,
+    endpoint: String,
+}
+
+impl Filterable for RegionView {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        match name {
+            "region-name" => Some(vec![self.name.clone()]),
+            "endpoint" => Some(vec![self.endpoint.clone()]),
+            "opt-in-status" => Some(vec!["opt-in-not-required".into()]),
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_regions(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let names = p.list("RegionName")?;
+    p.bool("AllRegions")?;
+    let filters = filters::parse_filters(p)?;
+    let region = RegionView { name: ctx.clc.config.region.to_string(), endpoint: ctx.host.clone() };
+    filters::validate(&filters, &region)?;
+    for n in &names {
+        if n != &region.name {
+            return Err(ApiError::invalid(format!("Invalid region: {n}")));
+        }
+    }
+    ctx.dry_run()?;
+    let show = filters::matches(&region, &filters);
+    let mut w = XmlWriter::response("DescribeRegions", &ctx.request_id);
+    w.list("regionInfo", show.then_some(&region), |w, r| {
+        w.elem("regionName", &r.name).elem("regionEndpoint", &r.endpoint).elem("optInStatus", "opt-in-not-required");
+    });
+    Ok(w.finish())
+}
+
+impl Filterable for &'static InstanceType {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: String| Some(vec![s]);
+        match name {
+            "instance-type" => one(self.name.into()),
+            "vcpu-info.default-vcpus" => one(self.resources.vcpus.to_string()),
+            "memory-info.size-in-mib" => one(self.resources.memory_mib.to_string()),
+            "current-generation" => one("true".into()),
+            "processor-info.supported-architecture" => one("x86_64".into()),
+            "supported-virtualization-type" => one("hvm".into()),
+            "supported-root-device-type" => one("instance-store".into()),
+            "instance-storage-supported" => one("true".into()),
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_instance_types(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let wanted = p.list("InstanceType")?;
+    let filters = filters::parse_filters(p)?;
+    let page = paging::parse_page(p, 5, 100)?;
+    let unknown: Vec<&String> = wanted.iter().filter(|n| InstanceType::lookup(n).is_none()).collect();
+    if !unknown.is_empty() {
+        let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+        return Err(ApiError::new(400, "InvalidInstanceType", format!("The following supplied instance types do not exist: [{list}]")));
+    }
+    filters::validate(&filters, &&INSTANCE_TYPES[0])?;
+    ctx.dry_run()?;
+    let matching: Vec<(i64, &'static InstanceType)> = INSTANCE_TYPES
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| wanted.is_empty() || wanted.iter().any(|w| w == t.name))
+        .filter(|(_, t)| filters::matches(t, &filters))
+        .map(|(i, t)| (i as i64, t))
+        .collect();
+    let (items, next) = paginate(matching, page, |(i, _)| *i);
+    let mut w = XmlWriter::response("DescribeInstanceTypes", &ctx.request_id);
+    w.list("instanceTypeSet", items, |w, (_, t)| {
+        let r = t.resources;
+        w.elem("instanceType", t.name)
+            .bool_elem("currentGeneration", true)
+            .bool_elem("freeTierEligible", false)
+            .list("supportedUsageClasses", ["on-demand"], |w, c| {
+                w.text(c);
+            })
+            .list("supportedRootDeviceTypes", ["instance-store"], |w, c| {
+                w.text(c);
+            })
+            .list("supportedVirtualizationTypes", ["hvm"], |w, c| {
+                w.text(c);
+            })
+            .bool_elem("bareMetal", false)
+            .elem("hypervisor", "xen")
+            .nested("processorInfo", |w| {
+                w.list("supportedArchitectures", ["x86_64"], |w, a| {
+                    w.text(a);
+                });
+            })
+            .nested("vCpuInfo", |w| {
+                w.elem("defaultVCpus", r.vcpus).elem("defaultCores", r.vcpus).elem("defaultThreadsPerCore", 1);
+            })
+            .nested("memoryInfo", |w| {
+                w.elem("sizeInMiB", r.memory_mib);
+            })
+            .bool_elem("instanceStorageSupported", true)
+            .nested("instanceStorageInfo", |w| {
+                w.elem("totalSizeInGB", r.disk_gib);
+            })
+            .bool_elem("hibernationSupported", false)
+            .bool_elem("burstablePerformanceSupported", t.name.starts_with('t'))
+            .bool_elem("dedicatedHostsSupported", false)
+            .bool_elem("autoRecoverySupported", false)
+            .list("supportedBootModes", ["legacy-bios"], |w, m| {
+                w.text(m);
+            });
+    });
+    w.opt_elem("nextToken", next.as_ref());
+    Ok(w.finish())
+}

@@ -1,0 +1,96 @@
+//! The EC2 edge's one error type, and the single place where every lower error becomes
+//! an AWS error code and HTTP status.
+
+use canopy_common::InstanceId;
+use canopy_ec2_wire::params::ParamError;
+use canopy_ec2_wire::sigv4::AuthError;
+
+use crate::state::StateError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Self { status, code: code.to_owned(), message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(400, "InvalidParameterValue", message)
+    }
+
+    pub fn missing(name: &str) -> Self {
+        Self::new(400, "MissingParameter", format!("The request must contain the parameter {name}"))
+    }
+
+    pub fn combination(message: impl Into<String>) -> Self {
+        Self::new(400, "InvalidParameterCombination", message)
+    }
+
+    pub fn dry_run() -> Self {
+        Self::new(412, "DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
+    }
+
+    pub fn internal() -> Self {
+        Self::new(500, "InternalError", "An internal error has occurred")
+    }
+
+    pub fn instance_malformed(id: &str) -> Self {
+        Self::new(400, "InvalidInstanceID.Malformed", format!("Invalid id: \"{id}\" (expecting \"i-...\")"))
+    }
+
+    pub fn instances_not_found(ids: &[InstanceId]) -> Self {
+        let list = ids.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ");
+        let message = if ids.len() == 1 {
+            format!("The instance ID '{list}' does not exist")
+        } else {
+            format!("The instance IDs '{list}' do not exist")
+        };
+        Self::new(400, "InvalidInstanceID.NotFound", message)
+    }
+}
+
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        Self::new(400, e.code(), e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        Self::new(e.http_status(), e.code(), e.to_string())
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::IdempotentParameterMismatch => Self::new(
+                400,
+                "IdempotentParameterMismatch",
+                "The client token you have provided is associated with a resource that has different parameters.",
+            ),
+            StateError::InstancesNotFound(ids) => Self::instances_not_found(&ids),
+            StateError::IncorrectInstanceState { id, state } => Self::new(
+                400,
+                "IncorrectInstanceState",
+                format!("The instance '{id}' is not in a state from which the requested operation can be performed (it is {state})."),
+            ),
+            StateError::ImageNotFound(id) => {
+                Self::new(400, "InvalidAMIID.NotFound", format!("The image id '[{id}]' does not exist"))
+            }
+            StateError::AccountNotFound(_) => Self::new(401, "AuthFailure", "AWS was not able to validate the provided access credentials"),
+            StateError::ZoneNotFound(z) => Self::invalid(format!("Invalid availability zone: [{z}]")),
+            StateError::AlreadyExists(what) => Self::new(400, "InvalidParameterValue", format!("{what} already exists")),
+            // Internal detail goes to the log, not to the client.
+            e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
+                tracing::error!(error = %e, "state error");
+                Self::internal()
+            }
+        }
+    }
+}

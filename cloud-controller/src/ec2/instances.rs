@@ -1,0 +1,448 @@
+//! Instance actions: RunInstances, DescribeInstances, Stop/Start/Reboot/Terminate,
+//! DescribeInstanceStatus, GetConsoleOutput.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use canopy_common::instance_types::DEFAULT_INSTANCE_TYPE;
+use canopy_common::{ImageId, InstanceId, InstanceState, InstanceType, ReservationId, ZoneName};
+use canopy_ec2_wire::xml::{XmlWriter, timestamp};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+
+use super::filters::{self, Filterable};
+use super::paging::{self, paginate};
+use super::{ApiError, Ctx, render};
+use crate::scheduler::{self, Decision, LaunchRequest};
+use crate::state::{Command, Instance, InstanceAction, InstanceFilter, NewInstance, Outcome, Tag};
+use crate::zones::zone_snapshots;
+
+/// EC2's limit on user data, before base64.
+const MAX_USER_DATA: usize = 16 * 1024;
+/// More instances than this in one call is a typo, not a launch.
+const MAX_COUNT_CAP: u32 = 10_000;
+
+pub fn parse_instance_id(s: &str) -> Result<InstanceId, ApiError> {
+    InstanceId::parse(s).map_err(|_| ApiError::instance_malformed(s))
+}
+
+pub fn parse_instance_ids(ctx: &Ctx, name: &str) -> Result<Vec<InstanceId>, ApiError> {
+    ctx.params.list(name)?.iter().map(|s| parse_instance_id(s)).collect()
+}
+
+/// Tags as `Tag.N.Key` / `Tag.N.Value` under `params`, validated as AWS does.
+pub fn parse_tags(params: &canopy_ec2_wire::params::Params) -> Result<Vec<Tag>, ApiError> {
+    params
+        .structs("Tag")?
+        .into_iter()
+        .map(|t| {
+            let key = t.get("Key").unwrap_or_default().to_owned();
+            let value = t.get("Value").unwrap_or_default().to_owned();
+            validate_tag(&key, &value)?;
+            Ok(Tag { key, value })
+        })
+        .collect()
+}
+
+pub fn validate_tag(key: &str, value: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.chars().count() > 128 {
+        return Err(ApiError::invalid("Tag keys must be between 1 and 128 characters long"));
+    }
+    if value.chars().count() > 256 {
+        return Err(ApiError::invalid("Tag values must be at most 256 characters long"));
+    }
+    if key.to_ascii_lowercase().starts_with("aws:") {
+        return Err(ApiError::invalid("Tag keys starting with 'aws:' are reserved for internal use"));
+    }
+    Ok(())
+}
+
+pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let image_raw = p.required("ImageId")?;
+    let image_id = ImageId::parse(image_raw).map_err(|_| {
+        ApiError::new(400, "InvalidAMIID.Malformed", format!("Invalid id: \"{image_raw}\" (expecting \"ami-...\")"))
+    })?;
+    let type_name = p.get("InstanceType").filter(|t| !t.is_empty()).unwrap_or(DEFAULT_INSTANCE_TYPE);
+    let itype = InstanceType::lookup(type_name)
+        .ok_or_else(|| ApiError::invalid(format!("Invalid value '{type_name}' for InstanceType.")))?;
+    let min_count: i64 = p.int("MinCount")?.ok_or_else(|| ApiError::missing("MinCount"))?;
+    let max_count: i64 = p.int("MaxCount")?.ok_or_else(|| ApiError::missing("MaxCount"))?;
+    if min_count < 1 {
+        return Err(ApiError::invalid(format!("Value ({min_count}) for parameter minCount is invalid. Expected a positive integer.")));
+    }
+    if max_count < 1 {
+        return Err(ApiError::invalid(format!("Value ({max_count}) for parameter maxCount is invalid. Expected a positive integer.")));
+    }
+    if min_count > max_count {
+        return Err(ApiError::invalid(format!(
+            "Value ({min_count}) for parameter minCount is invalid. Expected a value less than or equal to maxCount ({max_count})."
+        )));
+    }
+    let min_count = u32::try_from(min_count).unwrap_or(u32::MAX);
+    if min_count > MAX_COUNT_CAP {
+        return Err(ApiError::new(400, "InstanceLimitExceeded", format!("You have requested more instances ({min_count}) than your current instance limit of {MAX_COUNT_CAP} allows.")));
+    }
+    let max_count = u32::try_from(max_count).unwrap_or(u32::MAX).min(MAX_COUNT_CAP);
+    let user_data = match p.get("UserData").filter(|u| !u.is_empty()) {
+        None => None,
+        Some(b64) => {
+            let compact: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            let data = STANDARD.decode(compact).map_err(|_| ApiError::invalid("Invalid BASE64 encoding of user data."))?;
+            if data.len() > MAX_USER_DATA {
+                return Err(ApiError::invalid(format!("User data is limited to {MAX_USER_DATA} bytes")));
+            }
+            Some(data)
+        }
+    };
+    let key_name = p.get("KeyName").filter(|k| !k.is_empty()).map(str::to_owned);
+    let zone = match p.get("Placement.AvailabilityZone").filter(|z| !z.is_empty()) {
+        None => None,
+        Some(z) => Some(ZoneName::parse(z).map_err(|_| ApiError::invalid(format!("Invalid availability zone: [{z}]")))?),
+    };
+    let client_token = p.get("ClientToken").filter(|t| !t.is_empty()).map(str::to_owned);
+    if client_token.as_ref().is_some_and(|t| t.len() > 64 || !t.is_ascii()) {
+        return Err(ApiError::invalid("ClientToken must be at most 64 ASCII characters"));
+    }
+    let mut tags = Vec::new();
+    for spec in p.structs("TagSpecification")? {
+        let rtype = spec.get("ResourceType").unwrap_or_default();
+        let spec_tags = parse_tags(&spec)?;
+        match rtype {
+            "instance" => tags.extend(spec_tags),
+            // Canopy has no volumes or interfaces yet: nothing to tag.
+            "volume" | "network-interface" | "spot-instances-request" | "elastic-gpu" => {}
+            other => return Err(ApiError::invalid(format!("'{other}' is not a valid taggable resource type for this operation."))),
+        }
+    }
+    let image = ctx
+        .clc
+        .store
+        .images()
+        .await?
+        .into_iter()
+        .find(|i| i.image_id == image_id && (i.is_public || i.owner_id == ctx.account))
+        .ok_or_else(|| ApiError::new(400, "InvalidAMIID.NotFound", format!("The image id '[{image_id}]' does not exist")))?;
+    if image.state != "available" {
+        return Err(ApiError::invalid(format!("Image {image_id} is not available (it is {})", image.state)));
+    }
+    ctx.dry_run()?;
+
+    // What makes two launches "the same" for ClientToken: every parameter but the token.
+    let request_hash = {
+        let mut sorted: BTreeMap<&str, &str> = p.iter().collect();
+        sorted.remove("ClientToken");
+        sorted.remove("DryRun");
+        let mut h = Sha256::new();
+        for (k, v) in sorted {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    };
+
+    let _launch = ctx.clc.launch_lock.lock().await;
+    let reservation_id = match replayed_reservation(ctx, client_token.as_deref(), &request_hash).await? {
+        Some(r) => r,
+        None => {
+            let snapshots = zone_snapshots(&ctx.clc).await?;
+            let req = LaunchRequest { zone, per_instance: itype.resources, min_count, max_count };
+            let (zone, count) = match scheduler::choose_zone(&snapshots, &req) {
+                Decision::Launch { zone, count } => (zone, count),
+                Decision::UnknownZone(z) => return Err(ApiError::invalid(format!("Invalid availability zone: [{z}]"))),
+                Decision::NoCapacity { reasons } => {
+                    tracing::info!(?reasons, "launch refused: no capacity");
+                    return Err(ApiError::new(
+                        500,
+                        "InsufficientInstanceCapacity",
+                        format!("We currently do not have sufficient {type_name} capacity to launch {min_count} instance(s): {}", reasons.join(" | ")),
+                    ));
+                }
+            };
+            let instances = (0..count)
+                .map(|i| NewInstance {
+                    instance_id: InstanceId::generate(),
+                    launch_index: i,
+                    image_id: image_id.clone(),
+                    instance_type: itype.name.to_owned(),
+                    resources: itype.resources,
+                    zone: zone.clone(),
+                    key_name: key_name.clone(),
+                    user_data: user_data.clone(),
+                })
+                .collect();
+            let out = ctx
+                .clc
+                .submit(Command::LaunchInstances {
+                    reservation_id: ReservationId::generate(),
+                    account_id: ctx.account.clone(),
+                    client_token,
+                    request_hash,
+                    instances,
+                    tags,
+                    at: Utc::now(),
+                })
+                .await?;
+            match out {
+                Outcome::Launched { reservation_id, .. } => reservation_id,
+                other => {
+                    tracing::error!(?other, "launch produced an unexpected outcome");
+                    return Err(ApiError::internal());
+                }
+            }
+        }
+    };
+    drop(_launch);
+    let instances = ctx
+        .clc
+        .store
+        .instances(&InstanceFilter { account_id: Some(ctx.account.clone()), reservation_id: Some(reservation_id.clone()), ..Default::default() })
+        .await?;
+    let mut w = XmlWriter::response("RunInstances", &ctx.request_id);
+    w.elem("reservationId", &reservation_id)
+        .elem("ownerId", &ctx.account)
+        .list("groupSet", std::iter::empty::<()>(), |_, _| {})
+        .list("instancesSet", &instances, |w, i| render::instance(w, i));
+    Ok(w.finish())
+}
+
+/// The reservation an earlier launch with this client token made, if any.
+async fn replayed_reservation(ctx: &Ctx, token: Option<&str>, hash: &str) -> Result<Option<ReservationId>, ApiError> {
+    let Some(token) = token else { return Ok(None) };
+    match ctx.clc.store.reservation_by_token(&ctx.account, token).await? {
+        None => Ok(None),
+        Some((_, prior_hash)) if prior_hash != hash => Err(crate::state::StateError::IdempotentParameterMismatch.into()),
+        Some((id, _)) => Ok(Some(id)),
+    }
+}
+
+impl Filterable for Instance {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: String| Some(vec![s]);
+        if let Some(key) = name.strip_prefix("tag:") {
+            return Some(self.tags.iter().filter(|t| t.key == key).map(|t| t.value.clone()).collect());
+        }
+        match name {
+            "instance-id" => one(self.instance_id.to_string()),
+            "instance-state-name" => one(self.state.name().into()),
+            "instance-state-code" => one(self.state.code().to_string()),
+            "availability-zone" => one(self.zone.to_string()),
+            "instance-type" => one(self.instance_type.clone()),
+            "image-id" => one(self.image_id.to_string()),
+            "reservation-id" => one(self.reservation_id.to_string()),
+            "owner-id" => one(self.account_id.to_string()),
+            "key-name" => Some(self.key_name.iter().cloned().collect()),
+            "launch-index" | "ami-launch-index" => one(self.launch_index.to_string()),
+            "client-token" => Some(self.client_token.iter().cloned().collect()),
+            "architecture" => one("x86_64".into()),
+            "root-device-type" => one("instance-store".into()),
+            "virtualization-type" => one("hvm".into()),
+            "private-dns-name" => one(render::private_dns(self)),
+            "tag-key" => Some(self.tags.iter().map(|t| t.key.clone()).collect()),
+            "tag-value" => Some(self.tags.iter().map(|t| t.value.clone()).collect()),
+            "state-reason-code" => Some(self.state_reason.iter().map(|r| r.code.clone()).collect()),
+            "launch-time" => one(timestamp(self.launch_time)),
+            _ => None,
+        }
+    }
+}
+
+/// The account's instances named by `InstanceId.N` (all of them when none is named),
+/// refusing malformed and unknown ids as AWS does.
+async fn selected_instances(ctx: &Ctx) -> Result<(Vec<Instance>, bool), ApiError> {
+    let ids = parse_instance_ids(ctx, "InstanceId")?;
+    let all = ctx
+        .clc
+        .store
+        .instances(&InstanceFilter { account_id: Some(ctx.account.clone()), ..Default::default() })
+        .await?;
+    if ids.is_empty() {
+        return Ok((all, false));
+    }
+    let missing: Vec<InstanceId> = ids.iter().filter(|id| !all.iter().any(|i| &i.instance_id == *id)).cloned().collect();
+    if !missing.is_empty() {
+        return Err(ApiError::instances_not_found(&missing));
+    }
+    Ok((all.into_iter().filter(|i| ids.contains(&i.instance_id)).collect(), true))
+}
+
+pub async fn describe_instances(ctx: &Ctx) -> Result<String, ApiError> {
+    let filters = filters::parse_filters(&ctx.params)?;
+    let page = paging::parse_page(&ctx.params, 5, 1000)?;
+    if page.max.is_some() && !ctx.params.list("InstanceId")?.is_empty() {
+        return Err(ApiError::combination("The parameter instancesSet cannot be used with the parameter maxResults"));
+    }
+    let (selected, _) = selected_instances(ctx).await?;
+    if let Some(first) = selected.first() {
+        filters::validate(&filters, first)?;
+    } else {
+        filters::validate(&filters, &probe_instance())?;
+    }
+    ctx.dry_run()?;
+    let matching: Vec<Instance> = selected.into_iter().filter(|i| filters::matches(i, &filters)).collect();
+    let (page_items, next) = paginate(matching, page, |i| i.seq);
+    // Consecutive instances of one reservation form one reservation item.
+    let mut reservations: Vec<Vec<&Instance>> = Vec::new();
+    for inst in &page_items {
+        match reservations.last_mut() {
+            Some(group) if group[0].reservation_id == inst.reservation_id => group.push(inst),
+            _ => reservations.push(vec![inst]),
+        }
+    }
+    let mut w = XmlWriter::response("DescribeInstances", &ctx.request_id);
+    w.list("reservationSet", &reservations, |w, group| {
+        w.elem("reservationId", &group[0].reservation_id)
+            .elem("ownerId", &group[0].account_id)
+            .list("groupSet", std::iter::empty::<()>(), |_, _| {})
+            .list("instancesSet", group.iter(), |w, i| render::instance(w, i));
+    });
+    w.opt_elem("nextToken", next.as_ref());
+    Ok(w.finish())
+}
+
+/// An instance used only to check filter names when there is nothing to filter.
+fn probe_instance() -> Instance {
+    Instance {
+        seq: 0,
+        instance_id: InstanceId::generate(),
+        reservation_id: ReservationId::generate(),
+        account_id: canopy_common::AccountId::parse("000000000000").expect("valid account id"),
+        launch_index: 0,
+        image_id: ImageId::generate(),
+        instance_type: String::new(),
+        resources: Default::default(),
+        zone: ZoneName::parse("probe").expect("valid zone name"),
+        node_id: None,
+        key_name: None,
+        user_data: None,
+        client_token: None,
+        state: InstanceState::Pending,
+        desired: canopy_common::PowerState::Running,
+        reboot_seq: 0,
+        state_reason: None,
+        transition_reason: String::new(),
+        launch_time: Utc::now(),
+        state_changed_at: Utc::now(),
+        terminated_at: None,
+        tags: vec![],
+    }
+}
+
+pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<String, ApiError> {
+    let ids = parse_instance_ids(ctx, "InstanceId")?;
+    if ids.is_empty() {
+        return Err(ApiError::missing("InstanceId"));
+    }
+    ctx.params.bool("Force")?;
+    if ctx.params.bool("DryRun")?.unwrap_or(false) {
+        let found = ctx.clc.store.instances_by_id(Some(&ctx.account), &ids).await?;
+        let missing: Vec<InstanceId> = ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+        if !missing.is_empty() {
+            return Err(ApiError::instances_not_found(&missing));
+        }
+        return Err(ApiError::dry_run());
+    }
+    let out = ctx
+        .clc
+        .submit(Command::RequestInstances { account_id: ctx.account.clone(), instance_ids: ids, action, at: Utc::now() })
+        .await?;
+    let (name, changes) = match (action, out) {
+        (InstanceAction::Reboot, _) => {
+            let mut w = XmlWriter::response("RebootInstances", &ctx.request_id);
+            w.bool_elem("return", true);
+            return Ok(w.finish());
+        }
+        (InstanceAction::Stop, Outcome::InstancesChanged(c)) => ("StopInstances", c),
+        (InstanceAction::Start, Outcome::InstancesChanged(c)) => ("StartInstances", c),
+        (InstanceAction::Terminate, Outcome::InstancesChanged(c)) => ("TerminateInstances", c),
+        (_, other) => {
+            tracing::error!(?other, "instance request produced an unexpected outcome");
+            return Err(ApiError::internal());
+        }
+    };
+    let mut w = XmlWriter::response(name, &ctx.request_id);
+    w.list("instancesSet", &changes, |w, c| {
+        w.elem("instanceId", &c.instance_id);
+        render::state(w, "currentState", c.current);
+        render::state(w, "previousState", c.previous);
+    });
+    Ok(w.finish())
+}
+
+/// EC2's status checks. Canopy reports them from the node's view: a running instance
+/// passes both; other states are not applicable.
+fn status_of(i: &Instance) -> &'static str {
+    if i.state == InstanceState::Running { "ok" } else { "not-applicable" }
+}
+
+struct StatusView<'a>(&'a Instance);
+
+impl Filterable for StatusView<'_> {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: String| Some(vec![s]);
+        match name {
+            "availability-zone" => one(self.0.zone.to_string()),
+            "instance-state-name" => one(self.0.state.name().into()),
+            "instance-state-code" => one(self.0.state.code().to_string()),
+            "instance-status.status" | "system-status.status" => one(status_of(self.0).into()),
+            "instance-status.reachability" | "system-status.reachability" => {
+                one(if self.0.state == InstanceState::Running { "passed" } else { "not-applicable" }.into())
+            }
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
+    let filters = filters::parse_filters(&ctx.params)?;
+    let page = paging::parse_page(&ctx.params, 5, 1000)?;
+    let include_all = ctx.params.bool("IncludeAllInstances")?.unwrap_or(false);
+    if page.max.is_some() && !ctx.params.list("InstanceId")?.is_empty() {
+        return Err(ApiError::combination("The parameter instancesSet cannot be used with the parameter maxResults"));
+    }
+    let (selected, _) = selected_instances(ctx).await?;
+    let probe = probe_instance();
+    filters::validate(&filters, &StatusView(&probe))?;
+    ctx.dry_run()?;
+    let matching: Vec<Instance> = selected
+        .into_iter()
+        .filter(|i| include_all || i.state == InstanceState::Running)
+        .filter(|i| filters::matches(&StatusView(i), &filters))
+        .collect();
+    let (items, next) = paginate(matching, page, |i| i.seq);
+    let mut w = XmlWriter::response("DescribeInstanceStatus", &ctx.request_id);
+    w.list("instanceStatusSet", &items, |w, i| {
+        let status = status_of(i);
+        let detail = if i.state == InstanceState::Running { "passed" } else { "not-applicable" };
+        w.elem("instanceId", &i.instance_id).elem("availabilityZone", &i.zone);
+        render::state(w, "instanceState", i.state);
+        for name in ["systemStatus", "instanceStatus"] {
+            w.nested(name, |w| {
+                w.elem("status", status).list("details", [detail], |w, d| {
+                    w.elem("name", "reachability").elem("status", d);
+                });
+            });
+        }
+        w.list("eventsSet", std::iter::empty::<()>(), |_, _| {});
+    });
+    w.opt_elem("nextToken", next.as_ref());
+    Ok(w.finish())
+}
+
+pub async fn get_console_output(ctx: &Ctx) -> Result<String, ApiError> {
+    let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
+    ctx.params.bool("Latest")?;
+    let found = ctx.clc.store.instances_by_id(Some(&ctx.account), std::slice::from_ref(&id)).await?;
+    let inst = found.get(&id).ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
+    ctx.dry_run()?;
+    let output = crate::console::fetch(&ctx.clc, inst).await;
+    let mut w = XmlWriter::response("GetConsoleOutput", &ctx.request_id);
+    w.elem("instanceId", &id).elem("timestamp", timestamp(Utc::now()));
+    if let Some(bytes) = output {
+        w.elem("output", STANDARD.encode(bytes));
+    }
+    Ok(w.finish())
+}

@@ -1,0 +1,133 @@
+//! The EC2 Query API edge: SigV4, parameter decoding, dispatch to one module per
+//! resource, EC2 XML out, AWS error codes for everything that goes wrong.
+
+mod catalog;
+mod error;
+mod filters;
+mod instances;
+mod paging;
+mod render;
+mod tags;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use canopy_common::AccountId;
+use canopy_ec2_wire::params::Params;
+use canopy_ec2_wire::sigv4::{self, RequestParts, VerifyConfig};
+use canopy_ec2_wire::xml;
+
+pub use error::ApiError;
+
+use crate::clc::Clc;
+
+/// Bodies larger than this are refused before parsing (EC2's own limit is lower still for
+/// most calls; user data is at most 16 KiB before base64).
+const MAX_BODY: usize = 1 << 20;
+
+pub fn router(clc: Arc<Clc>) -> axum::Router {
+    axum::Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(clc)
+}
+
+/// One authenticated request.
+pub struct Ctx {
+    pub clc: Arc<Clc>,
+    pub account: AccountId,
+    pub request_id: String,
+    pub params: Params,
+    /// The Host the client used, for DescribeRegions' endpoint.
+    pub host: String,
+}
+
+impl Ctx {
+    /// EC2's DryRun: after validation, answer DryRunOperation instead of acting.
+    pub fn dry_run(&self) -> Result<(), ApiError> {
+        if self.params.bool("DryRun")?.unwrap_or(false) { Err(ApiError::dry_run()) } else { Ok(()) }
+    }
+}
+
+fn request_id() -> String {
+    use rand::Rng;
+    let b: [u8; 16] = rand::rng().random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+async fn handle(State(clc): State<Arc<Clc>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let request_id = request_id();
+    let result = handle_inner(clc, &method, &uri, &headers, &body, &request_id).await;
+    let (status, body) = match result {
+        Ok(xml) => (StatusCode::OK, xml),
+        Err(e) => {
+            tracing::debug!(code = %e.code, message = %e.message, "EC2 request refused");
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+            (status, xml::error_response(&e.code, &e.message, &request_id))
+        }
+    };
+    (status, [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")], body).into_response()
+}
+
+async fn handle_inner(
+    clc: Arc<Clc>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    request_id: &str,
+) -> Result<String, ApiError> {
+    let query = uri.query().unwrap_or("");
+    let mut params = Params::parse(query.as_bytes());
+    if *method == Method::POST {
+        for (k, v) in Params::parse(body).iter() {
+            params.insert(k.to_owned(), v.to_owned());
+        }
+    } else if *method != Method::GET {
+        return Err(ApiError::new(405, "InvalidAction", format!("The HTTP method {method} is not supported")));
+    }
+
+    let header_list: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let parts = RequestParts { method: method.as_str(), path: uri.path(), query, headers: &header_list, body };
+    let cfg = VerifyConfig {
+        region: clc.config.region.as_str(),
+        service: "ec2",
+        now: chrono::Utc::now(),
+        max_skew: clc.config.max_clock_skew,
+    };
+    let access_key = sigv4::verify(&parts, &cfg, |ak| clc.credentials(ak).map(|(_, secret)| secret))?;
+    let (account, _) = clc.credentials(&access_key).ok_or_else(ApiError::internal)?;
+
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_owned();
+    let action = params.action().map(str::to_owned).ok_or_else(|| ApiError::missing("Action"))?;
+    let ctx = Ctx { clc, account, request_id: request_id.to_owned(), params, host };
+    match action.as_str() {
+        "RunInstances" => instances::run_instances(&ctx).await,
+        "DescribeInstances" => instances::describe_instances(&ctx).await,
+        "TerminateInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Terminate).await,
+        "StopInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Stop).await,
+        "StartInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Start).await,
+        "RebootInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Reboot).await,
+        "DescribeInstanceStatus" => instances::describe_instance_status(&ctx).await,
+        "GetConsoleOutput" => instances::get_console_output(&ctx).await,
+        "DescribeImages" => catalog::describe_images(&ctx).await,
+        "DescribeAvailabilityZones" => catalog::describe_availability_zones(&ctx).await,
+        "DescribeRegions" => catalog::describe_regions(&ctx).await,
+        "DescribeInstanceTypes" => catalog::describe_instance_types(&ctx).await,
+        "CreateTags" => tags::create_tags(&ctx).await,
+        "DeleteTags" => tags::delete_tags(&ctx).await,
+        "DescribeTags" => tags::describe_tags(&ctx).await,
+        other => Err(ApiError::new(
+            400,
+            "InvalidAction",
+            format!("The action {other} is not valid for this web service."),
+        )),
+    }
+}

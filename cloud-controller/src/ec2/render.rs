@@ -1,0 +1,69 @@
+//! EC2 XML shapes shared by several actions.
+
+use canopy_common::InstanceState;
+use canopy_ec2_wire::xml::{timestamp, XmlWriter};
+
+use crate::state::{Instance, Tag};
+
+pub fn state(w: &mut XmlWriter, name: &str, s: InstanceState) {
+    w.nested(name, |w| {
+        w.elem("code", s.code()).elem("name", s.name());
+    });
+}
+
+pub fn tag_set(w: &mut XmlWriter, tags: &[Tag]) {
+    w.list("tagSet", tags, |w, t| {
+        w.elem("key", &t.key).elem("value", &t.value);
+    });
+}
+
+/// The private DNS name Canopy gives an instance until networking assigns addresses.
+pub fn private_dns(i: &Instance) -> String {
+    format!("{}.{}.compute.internal", i.instance_id, i.zone)
+}
+
+/// EC2's `Instance` shape, as DescribeInstances and RunInstances return it.
+pub fn instance(w: &mut XmlWriter, i: &Instance) {
+    w.elem("instanceId", &i.instance_id)
+        .elem("imageId", &i.image_id);
+    state(w, "instanceState", i.state);
+    let dns = if i.state == InstanceState::Terminated { String::new() } else { private_dns(i) };
+    w.elem("privateDnsName", &dns)
+        .elem("dnsName", "")
+        .elem("reason", &i.transition_reason)
+        .opt_elem("keyName", i.key_name.as_ref())
+        .elem("amiLaunchIndex", i.launch_index)
+        .list("productCodes", std::iter::empty::<()>(), |_, _| {})
+        .elem("instanceType", &i.instance_type)
+        .elem("launchTime", timestamp(i.launch_time))
+        .nested("placement", |w| {
+            w.elem("availabilityZone", &i.zone).elem("groupName", "").elem("tenancy", "default");
+        })
+        .nested("monitoring", |w| {
+            w.elem("state", "disabled");
+        })
+        .list("groupSet", std::iter::empty::<()>(), |_, _| {});
+    if let Some(reason) = &i.state_reason {
+        w.nested("stateReason", |w| {
+            w.elem("code", &reason.code).elem("message", &reason.message);
+        });
+    }
+    w.elem("architecture", "x86_64")
+        .elem("rootDeviceType", "instance-store")
+        .elem("rootDeviceName", "/dev/sda1")
+        .list("blockDeviceMapping", std::iter::empty::<()>(), |_, _| {})
+        .elem("virtualizationType", "hvm")
+        .opt_elem("clientToken", i.client_token.as_ref())
+        .elem("hypervisor", "xen")
+        .list("networkInterfaceSet", std::iter::empty::<()>(), |_, _| {})
+        .bool_elem("ebsOptimized", false)
+        .bool_elem("enaSupport", false)
+        .bool_elem("sourceDestCheck", true)
+        .nested("cpuOptions", |w| {
+            w.elem("coreCount", i.resources.vcpus).elem("threadsPerCore", 1);
+        })
+        .elem("platformDetails", "Linux/UNIX")
+        .elem("usageOperation", "RunInstances")
+        .elem("currentInstanceBootMode", "legacy-bios");
+    tag_set(w, &i.tags);
+}

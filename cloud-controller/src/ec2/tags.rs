@@ -1,0 +1,109 @@
+//! CreateTags, DeleteTags, DescribeTags (for instances).
+
+use canopy_common::InstanceId;
+use canopy_ec2_wire::xml::XmlWriter;
+
+use super::filters::{self, Filterable};
+use super::instances::{parse_tags, validate_tag};
+use super::paging::{self, paginate};
+use super::{ApiError, Ctx};
+use crate::state::{Command, RESOURCE_TYPE_INSTANCE};
+
+/// `ResourceId.N`: Canopy tags instances only so far; any other id is refused the way AWS
+/// refuses an id it cannot parse.
+fn resource_ids(ctx: &Ctx) -> Result<Vec<InstanceId>, ApiError> {
+    let raw = ctx.params.list("ResourceId")?;
+    if raw.is_empty() {
+        return Err(ApiError::missing("ResourceId"));
+    }
+    raw.iter()
+        .map(|s| InstanceId::parse(s).map_err(|_| ApiError::new(400, "InvalidID", format!("The ID '{s}' is not valid"))))
+        .collect()
+}
+
+pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
+    let ids = resource_ids(ctx)?;
+    let tags = parse_tags(&ctx.params)?;
+    if tags.is_empty() {
+        return Err(ApiError::missing("Tag"));
+    }
+    if ctx.params.bool("DryRun")?.unwrap_or(false) {
+        let found = ctx.clc.store.instances_by_id(Some(&ctx.account), &ids).await?;
+        let missing: Vec<InstanceId> = ids.iter().filter(|i| !found.contains_key(*i)).cloned().collect();
+        if !missing.is_empty() {
+            return Err(ApiError::instances_not_found(&missing));
+        }
+        return Err(ApiError::dry_run());
+    }
+    ctx.clc.submit(Command::CreateTags { account_id: ctx.account.clone(), resource_ids: ids, tags }).await?;
+    let mut w = XmlWriter::response("CreateTags", &ctx.request_id);
+    w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+pub async fn delete_tags(ctx: &Ctx) -> Result<String, ApiError> {
+    let ids = resource_ids(ctx)?;
+    let mut tags = Vec::new();
+    for t in ctx.params.structs("Tag")? {
+        let key = t.get("Key").unwrap_or_default().to_owned();
+        // An absent Value deletes whatever the value is; a present one (even empty) must match.
+        let value = t.get("Value").map(str::to_owned);
+        validate_tag(&key, value.as_deref().unwrap_or_default())?;
+        tags.push((key, value));
+    }
+    if ctx.params.bool("DryRun")?.unwrap_or(false) {
+        return Err(ApiError::dry_run());
+    }
+    ctx.clc.submit(Command::DeleteTags { account_id: ctx.account.clone(), resource_ids: ids, tags }).await?;
+    let mut w = XmlWriter::response("DeleteTags", &ctx.request_id);
+    w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+struct TagRow {
+    seq: i64,
+    resource_id: String,
+    key: String,
+    value: String,
+}
+
+impl Filterable for TagRow {
+    fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        let one = |s: &str| Some(vec![s.to_owned()]);
+        match name {
+            "key" => one(&self.key),
+            "value" => one(&self.value),
+            "resource-id" => one(&self.resource_id),
+            "resource-type" => one(RESOURCE_TYPE_INSTANCE),
+            _ => None,
+        }
+    }
+}
+
+pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
+    let filters = filters::parse_filters(&ctx.params)?;
+    let page = paging::parse_page(&ctx.params, 5, 1000)?;
+    let probe = TagRow { seq: 0, resource_id: String::new(), key: String::new(), value: String::new() };
+    filters::validate(&filters, &probe)?;
+    ctx.dry_run()?;
+    let rows: Vec<TagRow> = ctx
+        .clc
+        .store
+        .tags(&ctx.account)
+        .await?
+        .into_iter()
+        .enumerate()
+        .map(|(n, (resource_id, key, value))| TagRow { seq: n as i64, resource_id, key, value })
+        .filter(|r| filters::matches(r, &filters))
+        .collect();
+    let (items, next) = paginate(rows, page, |r| r.seq);
+    let mut w = XmlWriter::response("DescribeTags", &ctx.request_id);
+    w.list("tagSet", &items, |w, r| {
+        w.elem("resourceId", &r.resource_id)
+            .elem("resourceType", RESOURCE_TYPE_INSTANCE)
+            .elem("key", &r.key)
+            .elem("value", &r.value);
+    });
+    w.opt_elem("nextToken", next.as_ref());
+    Ok(w.finish())
+}

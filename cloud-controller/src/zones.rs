@@ -1,0 +1,345 @@
+//! The CLC's side of the zones: the gRPC service CCs call (registration, heartbeats,
+//! reports), the live view of each zone built from heartbeats, and the reconciler that
+//! pushes each zone's desired state to its CC.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use canopy_common::placement::HostSnapshot;
+use canopy_common::{InstanceState, NodeId, PowerState, Resources, ZoneName};
+use canopy_proto::v1 as pb;
+use canopy_proto::v1::cloud_controller_server::CloudController;
+use canopy_proto::v1::cluster_controller_client::ClusterControllerClient;
+use chrono::Utc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::clc::Clc;
+use crate::scheduler::ZoneSnapshot;
+use crate::state::{Command, Instance, InstanceFilter, Observation, StateError, StateReason};
+
+/// What the CLC knows of a zone from its CC's heartbeats (soft state, not replicated).
+#[derive(Debug, Clone)]
+pub struct ZoneLive {
+    pub endpoint: String,
+    pub last_heartbeat: Instant,
+    pub last_heartbeat_ms: i64,
+    pub nodes: Vec<NodeLive>,
+    pub applied_generation: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeLive {
+    pub node_id: NodeId,
+    pub hypervisor: String,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    pub healthy: bool,
+    pub last_heartbeat_ms: i64,
+    pub instance_count: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct ZoneRegistry {
+    zones: std::sync::RwLock<HashMap<ZoneName, ZoneLive>>,
+}
+
+impl ZoneRegistry {
+    pub fn get(&self, zone: &ZoneName) -> Option<ZoneLive> {
+        self.zones.read().unwrap_or_else(|e| e.into_inner()).get(zone).cloned()
+    }
+
+    fn update(&self, zone: &ZoneName, f: impl FnOnce(&mut ZoneLive)) {
+        let mut zones = self.zones.write().unwrap_or_else(|e| e.into_inner());
+        let live = zones.entry(zone.clone()).or_insert_with(|| ZoneLive {
+            endpoint: String::new(),
+            last_heartbeat: Instant::now(),
+            last_heartbeat_ms: Utc::now().timestamp_millis(),
+            nodes: Vec::new(),
+            applied_generation: 0,
+        });
+        f(live);
+    }
+
+    /// True when the zone's CC heartbeated within `timeout`.
+    pub fn is_available(&self, zone: &ZoneName, timeout: Duration) -> bool {
+        self.get(zone).is_some_and(|z| z.last_heartbeat.elapsed() <= timeout)
+    }
+}
+
+/// Snapshots of every registered zone for the scheduler: node capacities from the CCs,
+/// allocations from the CLC's own records (which include launches not yet placed).
+pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> {
+    let zones = clc.store.zones().await?;
+    let live_instances = clc.store.instances(&InstanceFilter { live_only: true, ..Default::default() }).await?;
+    let mut out = Vec::new();
+    for zone in zones {
+        let live = clc.zones.get(&zone.zone);
+        let available = clc.zones.is_available(&zone.zone, clc.config.zone_timeout);
+        let in_zone: Vec<&Instance> = live_instances.iter().filter(|i| i.zone == zone.zone).collect();
+        let hosts = live
+            .map(|l| l.nodes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| HostSnapshot {
+                allocated: in_zone
+                    .iter()
+                    .filter(|i| i.node_id.as_ref() == Some(&n.node_id))
+                    .map(|i| i.resources)
+                    .sum(),
+                key: n.node_id,
+                capacity: n.capacity,
+                healthy: n.healthy,
+            })
+            .collect();
+        let unplaced = in_zone.iter().filter(|i| i.node_id.is_none()).map(|i| i.resources).collect();
+        out.push(ZoneSnapshot { zone: zone.zone, available, hosts, unplaced });
+    }
+    Ok(out)
+}
+
+// ---------- gRPC service ----------
+
+pub struct ZoneService {
+    clc: Arc<Clc>,
+}
+
+impl ZoneService {
+    pub fn new(clc: Arc<Clc>) -> Self {
+        Self { clc }
+    }
+}
+
+fn internal(e: StateError) -> Status {
+    tracing::error!(error = %e, "state error in zone service");
+    Status::internal("internal error")
+}
+
+fn parse_zone(s: &str) -> Result<ZoneName, Status> {
+    ZoneName::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl CloudController for ZoneService {
+    async fn register_zone(&self, req: Request<pb::RegisterZoneRequest>) -> Result<Response<pb::RegisterZoneResponse>, Status> {
+        let req = req.into_inner();
+        let zone = parse_zone(&req.zone)?;
+        if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+            return Err(Status::invalid_argument("endpoint must be an http(s) URL"));
+        }
+        let known = self.clc.store.zones().await.map_err(internal)?;
+        if !known.iter().any(|z| z.zone == zone && z.endpoint == req.endpoint) {
+            self.clc
+                .submit(Command::RegisterZone { zone: zone.clone(), endpoint: req.endpoint.clone(), at: Utc::now() })
+                .await
+                .map_err(internal)?;
+        }
+        self.clc.zones.update(&zone, |z| {
+            z.endpoint = req.endpoint;
+            z.last_heartbeat = Instant::now();
+            z.last_heartbeat_ms = Utc::now().timestamp_millis();
+            z.applied_generation = 0;
+        });
+        tracing::info!(%zone, "zone registered");
+        self.clc.changed.notify_one();
+        Ok(Response::new(pb::RegisterZoneResponse { region: self.clc.config.region.to_string() }))
+    }
+
+    async fn zone_heartbeat(&self, req: Request<pb::ZoneHeartbeatRequest>) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let zone = parse_zone(&req.zone)?;
+        let stored = self.clc.store.zones().await.map_err(internal)?;
+        let Some(stored) = stored.into_iter().find(|z| z.zone == zone) else {
+            return Ok(Response::new(pb::ZoneHeartbeatResponse { known: false }));
+        };
+        let nodes = req.nodes.into_iter().filter_map(node_from_proto).collect();
+        self.clc.zones.update(&zone, |z| {
+            z.endpoint = req.endpoint;
+            z.last_heartbeat = Instant::now();
+            z.last_heartbeat_ms = Utc::now().timestamp_millis();
+            z.nodes = nodes;
+            z.applied_generation = req.applied_generation;
+        });
+        if req.applied_generation < stored.generation {
+            self.clc.changed.notify_one();
+        }
+        Ok(Response::new(pb::ZoneHeartbeatResponse { known: true }))
+    }
+
+    async fn report_instances(&self, req: Request<pb::ZoneInstanceReports>) -> Result<Response<pb::ReportAck>, Status> {
+        let req = req.into_inner();
+        let zone = parse_zone(&req.zone)?;
+        let mut observations = Vec::new();
+        for r in req.reports {
+            let Some(state) = state_from_proto(r.state()) else { continue };
+            let Ok(instance_id) = r.instance_id.parse() else {
+                return Err(Status::invalid_argument(format!("malformed instance id {:?}", r.instance_id)));
+            };
+            let node_id = if r.node_id.is_empty() { None } else { Some(NodeId::parse(&r.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?) };
+            let reason = (!r.reason_code.is_empty()).then(|| StateReason {
+                message: if r.reason_message.is_empty() { r.reason_code.clone() } else { format!("{}: {}", r.reason_code, r.reason_message) },
+                code: r.reason_code,
+            });
+            observations.push(Observation { instance_id, node_id, state, reason });
+        }
+        // Periodic full reports repeat what we know: only what differs goes to the log.
+        let ids: Vec<_> = observations.iter().map(|o| o.instance_id.clone()).collect();
+        let known = self.clc.store.instances_by_id(None, &ids).await.map_err(internal)?;
+        observations.retain(|o| {
+            known.get(&o.instance_id).is_some_and(|i| {
+                i.zone == zone && (i.state != o.state || (o.node_id.is_some() && o.node_id != i.node_id))
+            })
+        });
+        if !observations.is_empty() {
+            self.clc
+                .submit(Command::ObserveInstances { zone, observations, at: Utc::now() })
+                .await
+                .map_err(internal)?;
+        }
+        Ok(Response::new(pb::ReportAck {}))
+    }
+}
+
+fn node_from_proto(n: pb::NodeSummary) -> Option<NodeLive> {
+    let res = |r: Option<pb::Resources>| r.map(|r| Resources::new(r.vcpus, r.memory_mib, r.disk_gib)).unwrap_or_default();
+    Some(NodeLive {
+        node_id: NodeId::parse(&n.node_id).ok()?,
+        hypervisor: n.hypervisor,
+        capacity: res(n.capacity),
+        allocated: res(n.allocated),
+        healthy: n.healthy,
+        last_heartbeat_ms: n.last_heartbeat_ms,
+        instance_count: n.instance_count,
+    })
+}
+
+fn state_from_proto(s: pb::ObservedState) -> Option<InstanceState> {
+    Some(match s {
+        pb::ObservedState::Unspecified => return None,
+        pb::ObservedState::Pending => InstanceState::Pending,
+        pb::ObservedState::Running => InstanceState::Running,
+        pb::ObservedState::Stopping => InstanceState::Stopping,
+        pb::ObservedState::Stopped => InstanceState::Stopped,
+        pb::ObservedState::ShuttingDown => InstanceState::ShuttingDown,
+        pb::ObservedState::Terminated => InstanceState::Terminated,
+    })
+}
+
+fn spec_to_proto(i: &Instance) -> pb::InstanceSpec {
+    pb::InstanceSpec {
+        instance_id: i.instance_id.to_string(),
+        instance_type: i.instance_type.clone(),
+        resources: Some(pb::Resources { vcpus: i.resources.vcpus, memory_mib: i.resources.memory_mib, disk_gib: i.resources.disk_gib }),
+        image_id: i.image_id.to_string(),
+        user_data: i.user_data.clone().unwrap_or_default(),
+        key_name: i.key_name.clone().unwrap_or_default(),
+        desired: match i.desired {
+            PowerState::Running => pb::PowerState::Running,
+            PowerState::Stopped => pb::PowerState::Stopped,
+            PowerState::Terminated => pb::PowerState::Terminated,
+        } as i32,
+        reboot_seq: i.reboot_seq,
+        node_id: i.node_id.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+    }
+}
+
+// ---------- clients to the CCs ----------
+
+/// Lazily connected clients, one per CC endpoint.
+#[derive(Default)]
+pub struct CcClients {
+    clients: std::sync::Mutex<HashMap<String, ClusterControllerClient<Channel>>>,
+}
+
+impl CcClients {
+    pub fn get(&self, endpoint: &str) -> Result<ClusterControllerClient<Channel>, String> {
+        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let channel = Channel::from_shared(endpoint.to_owned())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = ClusterControllerClient::new(channel);
+        map.insert(endpoint.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// Pushes each zone's desired state when it changes, and every `resync_interval` anyway.
+pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut pushed: HashMap<ZoneName, u64> = HashMap::new();
+    let mut last_full = Instant::now();
+    loop {
+        let full = last_full.elapsed() >= clc.config.resync_interval;
+        if full {
+            last_full = Instant::now();
+        }
+        if let Err(e) = reconcile_once(&clc, &mut pushed, full).await {
+            tracing::warn!(error = %e, "zone reconcile failed");
+        }
+        tokio::select! {
+            _ = clc.changed.notified() => {}
+            _ = tokio::time::sleep(clc.config.resync_interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn reconcile_once(clc: &Clc, pushed: &mut HashMap<ZoneName, u64>, full: bool) -> Result<(), StateError> {
+    for zone in clc.store.zones().await? {
+        let live = clc.zones.get(&zone.zone);
+        let behind = live.as_ref().is_some_and(|l| l.applied_generation < zone.generation);
+        if !full && !behind && pushed.get(&zone.zone) == Some(&zone.generation) {
+            continue;
+        }
+        let endpoint = live.map(|l| l.endpoint).filter(|e| !e.is_empty()).unwrap_or(zone.endpoint.clone());
+        let instances = clc
+            .store
+            .instances(&InstanceFilter { zone: Some(zone.zone.clone()), live_only: true, ..Default::default() })
+            .await?;
+        let doc = pb::ZoneDesiredState {
+            zone: zone.zone.to_string(),
+            generation: zone.generation,
+            instances: instances.iter().map(spec_to_proto).collect(),
+        };
+        let mut client = match clc.cc_clients.get(&endpoint) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(zone = %zone.zone, %endpoint, error = %e, "bad CC endpoint");
+                continue;
+            }
+        };
+        match client.put_zone_state(doc).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.stale {
+                    tracing::warn!(zone = %zone.zone, ours = zone.generation, theirs = resp.applied_generation, "CC holds a newer generation than the CLC");
+                }
+                pushed.insert(zone.zone.clone(), zone.generation);
+            }
+            Err(status) => {
+                tracing::debug!(zone = %zone.zone, %status, "push to CC failed; will retry");
+                pushed.remove(&zone.zone);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Forgets terminated instances past their retention, once a minute.
+pub async fn run_purger(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let retention = chrono::Duration::from_std(clc.config.terminated_retention).unwrap_or(chrono::Duration::hours(1));
+        if let Err(e) = clc.submit(Command::PurgeTerminated { before: Utc::now() - retention }).await {
+            tracing::warn!(error = %e, "purging terminated instances failed");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The cluster controller's domain types: what the zone is asked to run, what nodes report,
+//! and what the CC reports upward. No prost type appears here; `convert` translates at the
+//! gRPC edge.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use canopy_common::{ImageId, InstanceId, InstanceState, NodeId, PowerState, Resources, ZoneName};
+
+/// EC2's reason code for an instance that no node could take.
+pub const INSUFFICIENT_CAPACITY: &str = "Server.InsufficientInstanceCapacity";
+/// EC2's reason code for a termination the user asked for.
+pub const USER_INITIATED_SHUTDOWN: &str = "Client.UserInitiatedShutdown";
+
+/// A point in time as both clocks see it. Health is decided on the monotonic clock (so a
+/// wall-clock jump cannot mark every node dead); summaries carry the wall clock because the
+/// CLC compares it with its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// The monotonic reading.
+    pub mono: Instant,
+    /// Unix milliseconds at the same moment.
+    pub unix_ms: i64,
+}
+
+impl Moment {
+    /// The current moment.
+    pub fn now() -> Self {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        Self {
+            mono: Instant::now(),
+            unix_ms,
+        }
+    }
+
+    /// The moment `d` later, on both clocks; lets tests step time without sleeping.
+    pub fn after(self, d: Duration) -> Self {
+        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Self {
+            mono: self.mono + d,
+            unix_ms: self.unix_ms.saturating_add(ms),
+        }
+    }
+}
+
+/// One instance as the CLC wants it, passed on to the node it is assigned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    pub id: InstanceId,
+    /// The EC2 instance type name; informational here, `resources` is what placement uses.
+    pub instance_type: String,
+    pub resources: Resources,
+    pub image: Option<ImageId>,
+    pub user_data: Vec<u8>,
+    pub key_name: Option<String>,
+    pub desired: PowerState,
+    /// Bumped by every RebootInstances; the node reboots when it sees a larger value.
+    pub reboot_seq: u64,
+    /// Towards the CC: the node the CLC last saw the instance on (a hint). Towards a node:
+    /// the node it is assigned to.
+    pub node: Option<NodeId>,
+}
+
+/// The whole desired state of the zone, stamped with the CLC's generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneDesired {
+    pub zone: ZoneName,
+    pub generation: u64,
+    pub instances: Vec<InstanceSpec>,
+}
+
+/// The desired state of one node: the zone's instances assigned to it, same generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDesired {
+    pub node: NodeId,
+    pub generation: u64,
+    pub instances: Vec<InstanceSpec>,
+}
+
+/// Why an instance is in its state, in EC2's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateReason {
+    pub code: String,
+    pub message: String,
+}
+
+/// What is observed about one instance, by its node or (for instances never placed) by
+/// the CC itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceReport {
+    pub instance: InstanceId,
+    /// The node that runs it; `None` for instances that never reached a node.
+    pub node: Option<NodeId>,
+    pub state: InstanceState,
+    pub reason: Option<StateReason>,
+    pub reboot_seq: u64,
+}
+
+/// An NC announcing itself (at start, or again after the CC forgot it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRegistration {
+    pub node: NodeId,
+    /// Where the CC reaches the NC's `NodeController` service.
+    pub endpoint: String,
+    pub capacity: Resources,
+    pub hypervisor: String,
+    /// What the node already runs, so a restarted CC rebuilds its assignments.
+    pub instances: Vec<InstanceReport>,
+}
+
+/// One node as the zone heartbeat describes it to the CLC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub node: NodeId,
+    pub hypervisor: String,
+    pub capacity: Resources,
+    /// Resources of the instances assigned to the node that are not terminated.
+    pub allocated: Resources,
+    pub healthy: bool,
+    pub last_heartbeat_unix_ms: i64,
+    /// Instances assigned to the node that are not terminated.
+    pub instance_count: u32,
+}

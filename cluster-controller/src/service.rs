@@ -1,0 +1,136 @@
+//! The gRPC services: `ZoneAgent` for the NCs and `ClusterController` for the CLC. Each
+//! handler converts the request, asks the pure [`ZoneState`](crate::zone::ZoneState), and
+//! hands the resulting plan to the executor.
+
+use std::sync::Arc;
+
+use canopy_proto::v1 as pb;
+use canopy_proto::v1::cluster_controller_server::ClusterController;
+use canopy_proto::v1::zone_agent_server::ZoneAgent;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::CcError;
+use crate::model::Moment;
+use crate::nodes;
+use crate::runtime::Shared;
+use crate::zone::ApplyOutcome;
+
+#[derive(Clone)]
+pub(crate) struct CcService {
+    pub shared: Arc<Shared>,
+}
+
+impl CcService {
+    /// Pushes in the background: the caller's reply does not wait for slow nodes, and a
+    /// failed push is retried by the resync loop anyway.
+    fn spawn_pushes(&self, pushes: Vec<crate::zone::NodePush>) {
+        if pushes.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move { nodes::push_all(&shared, pushes).await });
+    }
+}
+
+#[tonic::async_trait]
+impl ZoneAgent for CcService {
+    async fn register_node(
+        &self,
+        request: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let reg = convert::registration_from_proto(request.into_inner())?;
+        let (node, endpoint) = (reg.node.clone(), reg.endpoint.clone());
+        let registered = self.shared.state().register_node(reg, Moment::now());
+        tracing::info!(%node, %endpoint, instances = registered.reports.len(), "node registered");
+        self.shared.forward(registered.reports);
+        self.spawn_pushes(registered.push.into_iter().collect());
+        Ok(Response::new(pb::RegisterNodeResponse {
+            zone: self.shared.zone.to_string(),
+        }))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        request: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let node = convert::node_id(&req.node_id)?;
+        let known = self
+            .shared
+            .state()
+            .heartbeat(&node, req.applied_generation, Moment::now());
+        if !known {
+            tracing::debug!(%node, "heartbeat from an unregistered node");
+        }
+        Ok(Response::new(pb::NodeHeartbeatResponse { known }))
+    }
+
+    async fn report_instances(
+        &self,
+        request: Request<pb::NodeInstanceReports>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
+        let (node, reports) = convert::node_reports_from_proto(request.into_inner())?;
+        let reports = self.shared.state().observe(&node, reports, Moment::now())?;
+        self.shared.forward(reports);
+        Ok(Response::new(pb::ReportAck {}))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterController for CcService {
+    async fn put_zone_state(
+        &self,
+        request: Request<pb::ZoneDesiredState>,
+    ) -> Result<Response<pb::PutStateResponse>, Status> {
+        let doc = convert::zone_desired_from_proto(request.into_inner())?;
+        if doc.zone != self.shared.zone {
+            return Err(CcError::WrongZone {
+                ours: self.shared.zone.clone(),
+                got: doc.zone.to_string(),
+            }
+            .into());
+        }
+        let generation = doc.generation;
+        let outcome = self.shared.state().apply_desired(doc, Moment::now());
+        let reply = match outcome {
+            ApplyOutcome::Stale { applied } => {
+                tracing::info!(generation, applied, "refused a stale zone document");
+                pb::PutStateResponse {
+                    applied_generation: applied,
+                    stale: true,
+                }
+            }
+            ApplyOutcome::Unchanged { applied } => pb::PutStateResponse {
+                applied_generation: applied,
+                stale: false,
+            },
+            ApplyOutcome::Applied(plan) => {
+                for (instance, node) in &plan.placed {
+                    tracing::info!(%instance, %node, "instance placed");
+                }
+                for failure in &plan.capacity_failures {
+                    tracing::warn!(instance = %failure.instance, "no node can take the instance");
+                }
+                self.shared.forward(plan.reports);
+                self.spawn_pushes(plan.pushes);
+                pb::PutStateResponse {
+                    applied_generation: plan.generation,
+                    stale: false,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn get_console_output(
+        &self,
+        request: Request<pb::ConsoleRequest>,
+    ) -> Result<Response<pb::ConsoleResponse>, Status> {
+        let request = request.into_inner();
+        let instance = convert::instance_id(&request.instance_id)?;
+        let target = self.shared.state().console_target(&instance)?;
+        let reply = nodes::console_output(&self.shared, target, request, instance).await?;
+        Ok(Response::new(reply))
+    }
+}

@@ -1,0 +1,221 @@
+//! The link to the CLC: registration (with backoff, since the CLC may start after us),
+//! heartbeats with node summaries, prompt forwarding of instance reports, and the periodic
+//! full re-report that lets a restarted CLC reconverge.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy_proto::v1 as pb;
+use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert;
+use crate::model::{InstanceReport, Moment};
+use crate::runtime::Shared;
+
+const CLC_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+const CLC_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A client over several CLC endpoints that moves to the next one when the current one
+/// cannot be reached (a replicated CLC answers "not leader" with UNAVAILABLE too).
+pub(crate) struct ClcLink {
+    endpoints: Vec<Endpoint>,
+    current: usize,
+    client: Option<CloudControllerClient<Channel>>,
+}
+
+impl ClcLink {
+    /// Endpoints must be non-empty and already validated by `start`.
+    pub(crate) fn new(endpoints: Vec<Endpoint>) -> Self {
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| {
+                e.connect_timeout(CLC_CONNECT_TIMEOUT)
+                    .timeout(CLC_RPC_TIMEOUT)
+            })
+            .collect();
+        Self {
+            endpoints,
+            current: 0,
+            client: None,
+        }
+    }
+
+    async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(CloudControllerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = tonic::Status::unavailable("no CLC endpoint configured");
+        for _ in 0..self.endpoints.len() {
+            let Some(endpoint) = self.endpoints.get(self.current) else {
+                break;
+            };
+            let client = self
+                .client
+                .get_or_insert_with(|| CloudControllerClient::new(endpoint.connect_lazy()))
+                .clone();
+            match f(client).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) if worth_another_endpoint(&status) => {
+                    self.client = None;
+                    self.current = (self.current + 1) % self.endpoints.len();
+                    last = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn worth_another_endpoint(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}
+
+/// Timing of the uplink.
+pub(crate) struct UplinkTiming {
+    pub heartbeat: Duration,
+    pub resync: Duration,
+}
+
+/// Runs forever: register, then heartbeat / forward / re-report until the CLC says it does
+/// not know us, then register again.
+pub(crate) async fn uplink_loop(
+    shared: Arc<Shared>,
+    mut link: ClcLink,
+    mut reports: mpsc::Receiver<Vec<InstanceReport>>,
+    advertise: String,
+    timing: UplinkTiming,
+) {
+    let zone = shared.zone.to_string();
+    loop {
+        register(&mut link, &zone, &advertise, &mut reports).await;
+        // A CLC that just (re)learnt of us gets everything at once.
+        let all = shared.state().all_reports();
+        send_reports(&mut link, &zone, all).await;
+        let mut heartbeat = tokio::time::interval(timing.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + timing.resync, timing.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    if !send_heartbeat(&shared, &mut link, &zone, &advertise).await {
+                        tracing::info!("the cloud controller does not know this zone; registering again");
+                        break;
+                    }
+                }
+                _ = resync.tick() => {
+                    let all = shared.state().all_reports();
+                    send_reports(&mut link, &zone, all).await;
+                }
+                Some(mut batch) = reports.recv() => {
+                    // Whatever queued up meanwhile goes in the same call.
+                    while let Ok(more) = reports.try_recv() {
+                        batch.extend(more);
+                    }
+                    send_reports(&mut link, &zone, batch).await;
+                }
+            }
+        }
+    }
+}
+
+/// Registers, retrying with exponential backoff until the CLC answers.
+async fn register(
+    link: &mut ClcLink,
+    zone: &str,
+    advertise: &str,
+    reports: &mut mpsc::Receiver<Vec<InstanceReport>>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let request = pb::RegisterZoneRequest {
+            zone: zone.to_owned(),
+            endpoint: advertise.to_owned(),
+        };
+        match link
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.register_zone(r).await }
+            })
+            .await
+        {
+            Ok(reply) => {
+                tracing::info!(zone, endpoint = advertise, region = %reply.region, "registered with the cloud controller");
+                return;
+            }
+            Err(status) => {
+                tracing::debug!(zone, %status, ?backoff, "cloud controller not reachable; retrying")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        // Reports queued while unregistered are dropped: the full set follows registration.
+        while reports.try_recv().is_ok() {}
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Sends one heartbeat; false when the CLC answered that it does not know the zone.
+/// A failed call counts as known: the CLC may just be restarting, and the next heartbeat
+/// tells.
+async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, advertise: &str) -> bool {
+    let request = {
+        let state = shared.state();
+        pb::ZoneHeartbeatRequest {
+            zone: zone.to_owned(),
+            endpoint: advertise.to_owned(),
+            nodes: state
+                .summaries(Moment::now())
+                .iter()
+                .map(convert::summary_to_proto)
+                .collect(),
+            applied_generation: state.applied_generation(),
+        }
+    };
+    match link
+        .call(|mut c| {
+            let r = request.clone();
+            async move { c.zone_heartbeat(r).await }
+        })
+        .await
+    {
+        Ok(reply) => reply.known,
+        Err(status) => {
+            tracing::warn!(%status, "zone heartbeat failed");
+            true
+        }
+    }
+}
+
+async fn send_reports(link: &mut ClcLink, zone: &str, reports: Vec<InstanceReport>) {
+    if reports.is_empty() {
+        return;
+    }
+    let request = pb::ZoneInstanceReports {
+        zone: zone.to_owned(),
+        reports: reports.iter().map(convert::report_to_proto).collect(),
+    };
+    if let Err(status) = link
+        .call(|mut c| {
+            let r = request.clone();
+            async move { c.report_instances(r).await }
+        })
+        .await
+    {
+        // Not fatal: the periodic full re-report carries the same facts.
+        tracing::warn!(%status, count = reports.len(), "forwarding instance reports failed");
+    }
+}

@@ -1,0 +1,645 @@
+//! The node agent: serves `NodeController`, keeps the node registered with its CC, and
+//! runs the reconciler that converges the hypervisor on the desired state.
+//!
+//! Four tasks share one [`Agent`]:
+//! * the gRPC server (`service.rs`), which stores desired-state documents and wakes the
+//!   reconciler;
+//! * the reconciler: one pass = list domains → [`plan`] → apply → publish reports. Woken
+//!   by new documents, hypervisor events, stop deadlines and every `resync_interval`;
+//! * the reporter: sends changed reports at once and the full set every
+//!   `resync_interval`, which also retries whatever failed before;
+//! * the session: registers with the CC (retrying with backoff), heartbeats, and
+//!   registers again when the CC no longer knows the node.
+//!
+//! Nothing is persisted: after a restart the agent registers with what the hypervisor
+//! runs, touches nothing until the CC sends a desired state, and adopts the `reboot_seq`
+//! values of that first document as already applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use canopy_common::{InstanceId, NodeId};
+use canopy_proto::v1 as pb;
+use canopy_proto::v1::zone_agent_client::ZoneAgentClient;
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::config::NcConfig;
+use crate::convert;
+use crate::error::{HypervisorError, NcError};
+use crate::hypervisor::{DomainEvent, DomainState, Hypervisor};
+use crate::model::{DesiredState, InstanceReport, PutOutcome, StateReason, reason};
+use crate::plan::{self, Action, Failure, InstanceMemory};
+
+/// How long one call to the CC may take, connection included.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Registration backoff: starts small so a CC that comes up a moment later is found fast.
+const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long `NodeHandle::shutdown` waits for a task before aborting it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A running node controller.
+#[derive(Debug)]
+pub struct NodeHandle {
+    local_addr: SocketAddr,
+    advertise: String,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// The address the `NodeController` service is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The endpoint the node registered with the CC.
+    pub fn advertised_endpoint(&self) -> &str {
+        &self.advertise
+    }
+
+    /// Stops serving, reconciling, reporting and heartbeating. Domains keep running: a
+    /// node controller restart must not touch workloads. (Dropping the handle stops the
+    /// tasks too, without waiting for them.)
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for mut task in self.tasks {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                warn!("node controller task did not stop in time; aborting it");
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Starts a node controller: binds the gRPC service, then registers with the CC in the
+/// background (the CC may come up later), heartbeats, reconciles and reports.
+pub async fn start(
+    config: NcConfig,
+    hypervisor: Arc<dyn Hypervisor>,
+) -> Result<NodeHandle, NcError> {
+    config.validate()?;
+    let channel = Endpoint::from_shared(config.cc_endpoint.clone())
+        .map_err(|e| NcError::Config(format!("cc_endpoint {:?}: {e}", config.cc_endpoint)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(RPC_TIMEOUT)
+        .connect_lazy();
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NcError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| NcError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"));
+    if config.advertise.is_none() && local_addr.ip().is_unspecified() {
+        warn!(%advertise, "listening on a wildcard address without `advertise`: the CC cannot reach this endpoint");
+    }
+
+    // Subscribe before the first pass so that no event is lost between the two.
+    let events = hypervisor.events();
+    let agent = Arc::new(Agent::new(
+        config.node_id.clone(),
+        config.stop_timeout,
+        hypervisor,
+    ));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let server = crate::service::serve(Arc::clone(&agent), listener, shutdown_rx.clone());
+    let reconciler =
+        Arc::clone(&agent).run_reconciler(config.resync_interval, events, shutdown_rx.clone());
+    let reporter = Arc::clone(&agent).run_reporter(
+        ZoneAgentClient::new(channel.clone()),
+        config.resync_interval,
+        shutdown_rx.clone(),
+    );
+    let session = Arc::clone(&agent).run_session(
+        ZoneAgentClient::new(channel),
+        advertise.clone(),
+        config.heartbeat_interval,
+        shutdown_rx,
+    );
+    let tasks = vec![
+        tokio::spawn(server),
+        tokio::spawn(reconciler),
+        tokio::spawn(reporter),
+        tokio::spawn(session),
+    ];
+    info!(node = %config.node_id, %local_addr, %advertise, cc = %config.cc_endpoint, "node controller started");
+    Ok(NodeHandle {
+        local_addr,
+        advertise,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Resolves once shutdown is requested or the handle is gone.
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // `wait_for` fails only when the sender is dropped, which also means stop.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The state shared by the agent's tasks and its gRPC service.
+pub(crate) struct Agent {
+    node_id: NodeId,
+    stop_timeout: Duration,
+    hypervisor: Arc<dyn Hypervisor>,
+    state: Mutex<AgentState>,
+    /// Wakes the reconciler; `notify_one` keeps a permit, so wake-ups during a pass
+    /// coalesce into one more pass.
+    reconcile: Notify,
+    /// Wakes the reporter when the published reports changed.
+    report: Notify,
+    registered: AtomicBool,
+}
+
+#[derive(Default)]
+struct AgentState {
+    desired: Option<DesiredState>,
+    /// One entry per instance of `desired`.
+    memory: BTreeMap<InstanceId, InstanceMemory>,
+    /// The reports of the last pass: what the reporter sends.
+    reports: BTreeMap<InstanceId, InstanceReport>,
+    /// Unmanaged domains already logged, so each is logged once.
+    unmanaged: BTreeSet<InstanceId>,
+}
+
+impl Agent {
+    fn new(node_id: NodeId, stop_timeout: Duration, hypervisor: Arc<dyn Hypervisor>) -> Self {
+        Agent {
+            node_id,
+            stop_timeout,
+            hypervisor,
+            state: Mutex::new(AgentState::default()),
+            reconcile: Notify::new(),
+            report: Notify::new(),
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AgentState> {
+        // Every critical section is plain bookkeeping; a panic inside one leaves the state
+        // usable, and the next pass re-reads the hypervisor anyway.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    fn applied_generation(&self) -> u64 {
+        self.lock().desired.as_ref().map_or(0, |d| d.generation)
+    }
+
+    /// Accepts a desired-state document unless it is older than the applied one.
+    pub(crate) fn put_desired(&self, doc: DesiredState) -> PutOutcome {
+        let mut state = self.lock();
+        if let Some(current) = &state.desired {
+            if doc.generation < current.generation {
+                debug!(
+                    offered = doc.generation,
+                    applied = current.generation,
+                    "stale desired state refused"
+                );
+                return PutOutcome {
+                    applied_generation: current.generation,
+                    stale: true,
+                };
+            }
+            if doc.generation == current.generation {
+                // A re-send: same generation, same content by contract. Converge again in
+                // case the sender suspects we missed something.
+                let applied_generation = current.generation;
+                drop(state);
+                self.reconcile.notify_one();
+                return PutOutcome {
+                    applied_generation,
+                    stale: false,
+                };
+            }
+        }
+        let state = &mut *state;
+        state.memory.retain(|id, _| doc.instances.contains_key(id));
+        for (id, spec) in &doc.instances {
+            state
+                .memory
+                .entry(id.clone())
+                .or_insert_with(|| InstanceMemory::first_seen(spec.reboot_seq));
+        }
+        let applied_generation = doc.generation;
+        info!(
+            generation = applied_generation,
+            instances = doc.instances.len(),
+            "desired state applied"
+        );
+        state.desired = Some(doc);
+        self.reconcile.notify_one();
+        PutOutcome {
+            applied_generation,
+            stale: false,
+        }
+    }
+
+    /// The instance's console log.
+    pub(crate) async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, NcError> {
+        Ok(self.hypervisor.console(id).await?)
+    }
+
+    async fn observe_domains(&self) -> Result<BTreeMap<InstanceId, DomainState>, HypervisorError> {
+        let domains = self.hypervisor.list().await?;
+        Ok(domains
+            .into_iter()
+            .map(|d| (d.instance_id, d.state))
+            .collect())
+    }
+
+    /// Feeds the observation into every desired instance's memory.
+    fn absorb(state: &mut AgentState, observed: &BTreeMap<InstanceId, DomainState>) {
+        let Some(doc) = &state.desired else { return };
+        for (id, spec) in &doc.instances {
+            if let Some(memory) = state.memory.get_mut(id) {
+                plan::observe(memory, spec.desired, observed.get(id).copied());
+            }
+        }
+    }
+
+    /// The current reports, from a fresh look at the hypervisor.
+    async fn current_reports(
+        &self,
+    ) -> Result<BTreeMap<InstanceId, InstanceReport>, HypervisorError> {
+        let observed = self.observe_domains().await?;
+        let state = self.lock();
+        Ok(plan::reports(
+            state.desired.as_ref(),
+            &observed,
+            &state.memory,
+        ))
+    }
+
+    // ---------- reconciler ----------
+
+    async fn run_reconciler(
+        self: Arc<Self>,
+        resync: Duration,
+        mut events: broadcast::Receiver<DomainEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut events_open = true;
+        loop {
+            let deadline = self.reconcile_once().await;
+            let wake_at =
+                deadline.map_or(Instant::now() + resync, |d| d.min(Instant::now() + resync));
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = self.reconcile.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                event = events.recv(), if events_open => match event {
+                    Ok(event) => debug!(instance = %event.instance_id, state = ?event.state, reason = ?event.reason, "domain event"),
+                    Err(broadcast::error::RecvError::Lagged(n)) => debug!(missed = n, "domain events lagged"),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        warn!("hypervisor event stream closed; relying on periodic resync");
+                        events_open = false;
+                    }
+                },
+            }
+        }
+    }
+
+    /// One reconcile pass. Returns the earliest stop deadline, when one is pending.
+    async fn reconcile_once(&self) -> Option<Instant> {
+        let observed = match self.observe_domains().await {
+            Ok(observed) => observed,
+            Err(e) => {
+                warn!(error = %e, "cannot list domains; will retry");
+                return None;
+            }
+        };
+        let plan = {
+            let mut state = self.lock();
+            Self::absorb(&mut state, &observed);
+            let plan = match &state.desired {
+                Some(doc) => plan::plan(doc, &observed, &state.memory, Instant::now()),
+                None => plan::Plan {
+                    actions: vec![],
+                    unmanaged: observed.keys().cloned().collect(),
+                },
+            };
+            let unmanaged: BTreeSet<InstanceId> = plan.unmanaged.iter().cloned().collect();
+            for id in unmanaged.difference(&state.unmanaged) {
+                info!(instance = %id, "domain not in the desired state; leaving it alone");
+            }
+            state.unmanaged = unmanaged;
+            plan
+        };
+
+        let observed = if plan.actions.is_empty() {
+            observed
+        } else {
+            self.execute(plan.actions).await;
+            match self.observe_domains().await {
+                Ok(observed) => observed,
+                Err(e) => {
+                    warn!(error = %e, "cannot list domains after acting; will retry");
+                    self.reconcile.notify_one();
+                    return None;
+                }
+            }
+        };
+
+        let mut state = self.lock();
+        Self::absorb(&mut state, &observed);
+        let reports = plan::reports(state.desired.as_ref(), &observed, &state.memory);
+        if reports != state.reports {
+            state.reports = reports;
+            self.report.notify_one();
+        }
+        plan::next_deadline(state.memory.values())
+    }
+
+    /// Applies the plan's actions in order. After an action of an instance fails, the
+    /// rest of that instance's actions are skipped; other instances go on.
+    async fn execute(&self, actions: Vec<Action>) {
+        let mut failed: BTreeSet<InstanceId> = BTreeSet::new();
+        for action in actions {
+            let id = action.instance_id().clone();
+            if failed.contains(&id) {
+                continue;
+            }
+            debug!(instance = %id, ?action, "applying");
+            let result = match &action {
+                Action::Define(spec) => self.hypervisor.define(spec).await,
+                Action::Start { .. } => self.hypervisor.start(&id).await,
+                Action::Shutdown(_) => self.hypervisor.shutdown(&id).await,
+                Action::Destroy(_) => self.hypervisor.destroy(&id).await,
+                Action::Reboot { .. } => self.hypervisor.reboot(&id).await,
+                Action::Undefine(_) => self.hypervisor.undefine(&id).await,
+            };
+            match result {
+                Ok(()) => self.succeeded(&action),
+                Err(error) => {
+                    failed.insert(id);
+                    self.failed(&action, error).await;
+                }
+            }
+        }
+    }
+
+    fn succeeded(&self, action: &Action) {
+        let mut state = self.lock();
+        let Some(memory) = state.memory.get_mut(action.instance_id()) else {
+            return;
+        };
+        match action {
+            Action::Define(spec) => {
+                info!(instance = %spec.instance_id, "domain defined");
+                memory.launching = true;
+                memory.last_seen = Some(DomainState::ShutOff);
+            }
+            Action::Start {
+                instance_id,
+                reboot_seq,
+            } => {
+                info!(instance = %instance_id, "domain started");
+                memory.applied_reboot_seq = memory.applied_reboot_seq.max(*reboot_seq);
+                memory.last_seen = Some(DomainState::Booting);
+            }
+            Action::Reboot {
+                instance_id,
+                reboot_seq,
+            } => {
+                info!(instance = %instance_id, reboot_seq, "domain rebooted");
+                memory.applied_reboot_seq = memory.applied_reboot_seq.max(*reboot_seq);
+            }
+            Action::Shutdown(id) => {
+                if memory.stop_deadline.is_none() {
+                    info!(instance = %id, timeout = ?self.stop_timeout, "graceful shutdown requested");
+                    memory.stop_deadline = Some(Instant::now() + self.stop_timeout);
+                }
+            }
+            Action::Destroy(id) => info!(instance = %id, "domain destroyed"),
+            Action::Undefine(id) => info!(instance = %id, "domain undefined"),
+        }
+    }
+
+    async fn failed(&self, action: &Action, error: HypervisorError) {
+        let id = action.instance_id();
+        match (action, &error) {
+            // The domain changed under us between the look and the act; the next pass
+            // sees the new state and decides again.
+            (_, HypervisorError::InvalidState { .. })
+            | (Action::Define(_), HypervisorError::AlreadyExists(_)) => {
+                debug!(instance = %id, %error, "raced with the domain's state; replanning");
+                self.reconcile.notify_one();
+            }
+            (Action::Define(_), _) => {
+                warn!(instance = %id, %error, "define failed");
+                let reason = match error {
+                    HypervisorError::InsufficientCapacity { .. } => StateReason::new(
+                        reason::INSUFFICIENT_CAPACITY,
+                        "Insufficient capacity on the node",
+                    ),
+                    other => {
+                        StateReason::new(reason::INTERNAL_ERROR, format!("define failed: {other}"))
+                    }
+                };
+                self.latch_failure(
+                    id,
+                    Failure {
+                        reason,
+                        terminal: true,
+                    },
+                );
+            }
+            (Action::Start { .. }, _) => {
+                let launching = self.lock().memory.get(id).is_some_and(|m| m.launching);
+                let reason =
+                    StateReason::new(reason::INTERNAL_ERROR, format!("start failed: {error}"));
+                if launching {
+                    warn!(instance = %id, %error, "first start failed; removing the domain");
+                    self.clean_up(id).await;
+                } else {
+                    // An existing (stopped) instance keeps its domain and disk.
+                    warn!(instance = %id, %error, "start failed; the instance stays stopped");
+                }
+                self.latch_failure(
+                    id,
+                    Failure {
+                        reason,
+                        terminal: launching,
+                    },
+                );
+            }
+            _ => warn!(instance = %id, ?action, %error, "hypervisor operation failed; will retry"),
+        }
+    }
+
+    fn latch_failure(&self, id: &InstanceId, failure: Failure) {
+        if let Some(memory) = self.lock().memory.get_mut(id) {
+            memory.launching = false;
+            memory.failure = Some(failure);
+        }
+    }
+
+    /// Removes a domain whose launch failed. Best effort: a domain that cannot be removed
+    /// stays visible in `list` and in the reports.
+    async fn clean_up(&self, id: &InstanceId) {
+        if let Ok(Some(state)) = self.hypervisor.state(id).await
+            && state != DomainState::ShutOff
+            && let Err(e) = self.hypervisor.destroy(id).await
+        {
+            warn!(instance = %id, error = %e, "cannot destroy the failed domain");
+        }
+        if let Err(e) = self.hypervisor.undefine(id).await {
+            warn!(instance = %id, error = %e, "cannot undefine the failed domain");
+        }
+    }
+
+    // ---------- reporter ----------
+
+    async fn run_reporter(
+        self: Arc<Self>,
+        mut client: ZoneAgentClient<Channel>,
+        resync: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut sent: BTreeMap<InstanceId, InstanceReport> = BTreeMap::new();
+        let mut full = tokio::time::interval_at(Instant::now() + resync, resync);
+        full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let everything = tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = self.report.notified() => false,
+                _ = full.tick() => true,
+            };
+            // Before registration the CC would not know the node; the registration itself
+            // carries the reports, and the session wakes us once it succeeded.
+            if !self.registered.load(Ordering::SeqCst) {
+                continue;
+            }
+            let current = self.lock().reports.clone();
+            let batch: Vec<&InstanceReport> = current
+                .values()
+                .filter(|r| everything || sent.get(&r.instance_id) != Some(*r))
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            let request = pb::NodeInstanceReports {
+                node_id: self.node_id.to_string(),
+                reports: batch
+                    .iter()
+                    .map(|r| convert::report_to_proto(r, &self.node_id))
+                    .collect(),
+            };
+            match client.report_instances(request).await {
+                Ok(_) => {
+                    debug!(count = batch.len(), full = everything, "reports sent");
+                    for r in batch {
+                        sent.insert(r.instance_id.clone(), r.clone());
+                    }
+                    sent.retain(|id, _| current.contains_key(id));
+                }
+                // The next full report carries them again.
+                Err(status) => warn!(%status, "sending reports failed"),
+            }
+        }
+    }
+
+    // ---------- session: registration and heartbeats ----------
+
+    async fn run_session(
+        self: Arc<Self>,
+        mut client: ZoneAgentClient<Channel>,
+        advertise: String,
+        heartbeat: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let mut backoff = REGISTER_BACKOFF_MIN;
+            loop {
+                match self.register(&mut client, &advertise).await {
+                    Ok(zone) => {
+                        info!(%zone, "registered with the cluster controller");
+                        self.registered.store(true, Ordering::SeqCst);
+                        // Anything that changed while the registration was in flight.
+                        self.report.notify_one();
+                        break;
+                    }
+                    Err(error) => debug!(%error, ?backoff, "registration failed; retrying"),
+                }
+                // Jitter keeps a rack of nodes from hammering a CC that just came back.
+                let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 4);
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                }
+                backoff = (backoff * 2).min(REGISTER_BACKOFF_MAX);
+            }
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(heartbeat) => {}
+                }
+                let request = pb::NodeHeartbeatRequest {
+                    node_id: self.node_id.to_string(),
+                    applied_generation: self.applied_generation(),
+                };
+                match client.node_heartbeat(request).await {
+                    Ok(response) if response.get_ref().known => {}
+                    Ok(_) => {
+                        info!("the cluster controller does not know this node; registering again");
+                        self.registered.store(false, Ordering::SeqCst);
+                        break;
+                    }
+                    // A CC that restarted answers `known = false` once it is back; until
+                    // then keep the registration and keep trying.
+                    Err(status) => debug!(%status, "heartbeat failed"),
+                }
+            }
+        }
+    }
+
+    async fn register(
+        &self,
+        client: &mut ZoneAgentClient<Channel>,
+        advertise: &str,
+    ) -> Result<String, String> {
+        // Without a view of the domains, registering would tell the CC the node is empty.
+        let reports = self.current_reports().await.map_err(|e| e.to_string())?;
+        let request = pb::RegisterNodeRequest {
+            node_id: self.node_id.to_string(),
+            endpoint: advertise.to_owned(),
+            capacity: Some(convert::resources_to_proto(self.hypervisor.capacity())),
+            hypervisor: self.hypervisor.kind().name().to_owned(),
+            instances: reports
+                .values()
+                .map(|r| convert::report_to_proto(r, &self.node_id))
+                .collect(),
+        };
+        let response = client
+            .register_node(request)
+            .await
+            .map_err(|s| s.to_string())?;
+        Ok(response.into_inner().zone)
+    }
+}

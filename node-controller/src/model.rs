@@ -1,0 +1,91 @@
+//! The node agent's domain types: the desired state the CC pushes and the reports the node
+//! sends back, free of prost types (see `convert.rs` for the edge).
+
+use std::collections::BTreeMap;
+
+use canopy_common::{ImageId, InstanceId, InstanceState, PowerState, Resources};
+
+use crate::hypervisor::DomainSpec;
+
+/// EC2 state-reason codes the node reports. They are AWS's own codes, so the CLC can show
+/// them in `DescribeInstances` (`stateReason`) unchanged.
+pub mod reason {
+    /// StopInstances or TerminateInstances: the control plane asked for it.
+    pub const USER_INITIATED_SHUTDOWN: &str = "Client.UserInitiatedShutdown";
+    /// The guest powered itself off (`poweroff`, `shutdown -h`) while it should run.
+    pub const INSTANCE_INITIATED_SHUTDOWN: &str = "Client.InstanceInitiatedShutdown";
+    /// The node failed the instance: a define or start failed, or the guest crashed.
+    pub const INTERNAL_ERROR: &str = "Server.InternalError";
+    /// The host had no room left for the instance when it tried to define it.
+    pub const INSUFFICIENT_CAPACITY: &str = "Server.InsufficientInstanceCapacity";
+}
+
+/// One instance of the desired-state document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredInstance {
+    pub instance_id: InstanceId,
+    /// The EC2 type name, kept for logs and metadata; `resources` is what counts.
+    pub instance_type: String,
+    pub resources: Resources,
+    pub image_id: ImageId,
+    pub user_data: Vec<u8>,
+    pub key_name: Option<String>,
+    pub desired: PowerState,
+    /// Bumped by every RebootInstances; the node reboots when it sees a larger value.
+    pub reboot_seq: u64,
+}
+
+impl DesiredInstance {
+    /// The domain the hypervisor defines for this instance.
+    pub fn domain_spec(&self) -> DomainSpec {
+        DomainSpec::new(
+            self.instance_id.clone(),
+            self.resources,
+            self.image_id.clone(),
+            self.user_data.clone(),
+        )
+    }
+}
+
+/// The full desired state of the node, stamped with the CC's generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub generation: u64,
+    pub instances: BTreeMap<InstanceId, DesiredInstance>,
+}
+
+/// Why an instance is in its state, in EC2 terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateReason {
+    /// One of the [`reason`] codes.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl StateReason {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        StateReason {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the node reports about one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceReport {
+    pub instance_id: InstanceId,
+    pub state: InstanceState,
+    pub reason: Option<StateReason>,
+    /// The last `reboot_seq` this node applied (or adopted) for the instance.
+    pub reboot_seq: u64,
+}
+
+/// The result of offering a desired-state document to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The generation the node now holds.
+    pub applied_generation: u64,
+    /// True when the offered generation was older than the applied one and was ignored.
+    pub stale: bool,
+}

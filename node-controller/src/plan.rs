@@ -1,0 +1,774 @@
+//! The reconcile planner: pure functions from (desired document, observed domains, what the
+//! agent remembers per instance) to the hypervisor actions to take and the reports to send.
+//!
+//! The agent's reconciler (`agent.rs`) lists the domains, calls [`observe`] and [`plan`],
+//! applies the actions, and publishes [`reports`]. Nothing here does I/O or reads a clock,
+//! so every decision is unit-tested below.
+//!
+//! Rules worth knowing:
+//! * Domains that are not in the desired document are never touched: a control plane that
+//!   lost its state must not kill workloads. They are returned as `unmanaged`.
+//! * A guest that stops or crashes on its own while it should run is *not* restarted: EC2
+//!   shows such an instance as stopped (`Client.InstanceInitiatedShutdown`, or
+//!   `Server.InternalError` for a crash) until someone starts it again, which the node
+//!   sees as the instance's desired state leaving `running` (stop) and coming back.
+//! * A failed define or start is not retried while the instance stays desired `running`,
+//!   for the same reason; a first launch that fails is cleaned up and reported terminated.
+
+use std::collections::BTreeMap;
+
+use canopy_common::{InstanceId, InstanceState, PowerState};
+use tokio::time::Instant;
+
+use crate::hypervisor::{DomainSpec, DomainState};
+use crate::model::{DesiredInstance, DesiredState, InstanceReport, StateReason, reason};
+
+/// A failure the agent latched for an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: StateReason,
+    /// The domain was removed (a first launch failed): the instance is terminated. Otherwise
+    /// the domain is kept and the instance is stopped.
+    pub terminal: bool,
+}
+
+/// What the agent remembers about one instance of the desired document between passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceMemory {
+    /// The largest `reboot_seq` applied. Adopted from the spec when the node first sees the
+    /// instance, so that a restarted agent does not replay old reboots.
+    pub applied_reboot_seq: u64,
+    /// The domain state at the end of the previous pass (`None`: absent or not yet seen).
+    pub last_seen: Option<DomainState>,
+    /// This agent defined the domain and it has not reached `Running` yet: a start failure
+    /// removes it again.
+    pub launching: bool,
+    /// When a graceful stop gives way to a forced one.
+    pub stop_deadline: Option<Instant>,
+    /// The guest stopped or crashed on its own while desired running.
+    pub guest_stopped: bool,
+    pub failure: Option<Failure>,
+}
+
+impl InstanceMemory {
+    /// Memory for an instance the agent has just learnt about.
+    pub fn first_seen(reboot_seq: u64) -> Self {
+        InstanceMemory {
+            applied_reboot_seq: reboot_seq,
+            ..InstanceMemory::default()
+        }
+    }
+}
+
+/// One hypervisor operation. Actions of one instance are ordered; the executor stops an
+/// instance's sequence at its first failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Define(Box<DomainSpec>),
+    /// Start; a fresh boot satisfies every reboot requested up to `reboot_seq`.
+    Start {
+        instance_id: InstanceId,
+        reboot_seq: u64,
+    },
+    Shutdown(InstanceId),
+    Destroy(InstanceId),
+    Reboot {
+        instance_id: InstanceId,
+        reboot_seq: u64,
+    },
+    Undefine(InstanceId),
+}
+
+impl Action {
+    pub fn instance_id(&self) -> &InstanceId {
+        match self {
+            Action::Define(spec) => &spec.instance_id,
+            Action::Start { instance_id, .. } | Action::Reboot { instance_id, .. } => instance_id,
+            Action::Shutdown(id) | Action::Destroy(id) | Action::Undefine(id) => id,
+        }
+    }
+}
+
+/// What one pass should do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Domains on the host that the desired document does not mention (left alone).
+    pub unmanaged: Vec<InstanceId>,
+}
+
+/// Updates an instance's memory with what the hypervisor shows now. Called for every
+/// desired instance before planning and after acting.
+pub fn observe(memory: &mut InstanceMemory, desired: PowerState, observed: Option<DomainState>) {
+    use DomainState::*;
+    if desired == PowerState::Running {
+        let was_up = matches!(memory.last_seen, Some(Booting | Running));
+        let went_down = matches!(observed, Some(ShuttingDown | ShutOff | Crashed));
+        if was_up && went_down {
+            memory.guest_stopped = true;
+        }
+    } else {
+        // A stop or terminate supersedes what the guest did on its own.
+        memory.guest_stopped = false;
+    }
+    if desired == PowerState::Stopped {
+        // Stopping an instance that failed to start lets a later start try again.
+        memory.failure = None;
+    }
+    if observed == Some(Running) {
+        memory.launching = false;
+    }
+    if desired != PowerState::Stopped || !observed.is_some_and(DomainState::is_active) {
+        memory.stop_deadline = None;
+    }
+    memory.last_seen = observed;
+}
+
+/// The actions that move the host towards `desired`.
+pub fn plan(
+    desired: &DesiredState,
+    observed: &BTreeMap<InstanceId, DomainState>,
+    memory: &BTreeMap<InstanceId, InstanceMemory>,
+    now: Instant,
+) -> Plan {
+    let mut actions = Vec::new();
+    for (id, spec) in &desired.instances {
+        let fallback;
+        let mem = match memory.get(id) {
+            Some(m) => m,
+            None => {
+                fallback = InstanceMemory::first_seen(spec.reboot_seq);
+                &fallback
+            }
+        };
+        actions.extend(plan_instance(spec, observed.get(id).copied(), mem, now));
+    }
+    let unmanaged = observed
+        .keys()
+        .filter(|id| !desired.instances.contains_key(*id))
+        .cloned()
+        .collect();
+    Plan { actions, unmanaged }
+}
+
+fn plan_instance(
+    spec: &DesiredInstance,
+    observed: Option<DomainState>,
+    mem: &InstanceMemory,
+    now: Instant,
+) -> Vec<Action> {
+    use DomainState::*;
+    let id = || spec.instance_id.clone();
+    let start = || Action::Start {
+        instance_id: id(),
+        reboot_seq: spec.reboot_seq,
+    };
+    match spec.desired {
+        PowerState::Running => {
+            if mem.failure.is_some() {
+                return vec![];
+            }
+            match observed {
+                None => vec![Action::Define(Box::new(spec.domain_spec())), start()],
+                Some(ShutOff) if !mem.guest_stopped => vec![start()],
+                // libvirt keeps a crashed domain active: destroy before starting again.
+                Some(Crashed) if !mem.guest_stopped => vec![Action::Destroy(id()), start()],
+                Some(Running) if spec.reboot_seq > mem.applied_reboot_seq => {
+                    vec![Action::Reboot {
+                        instance_id: id(),
+                        reboot_seq: spec.reboot_seq,
+                    }]
+                }
+                // Booting and ShuttingDown settle by themselves; a guest that stopped on its
+                // own stays stopped.
+                Some(_) => vec![],
+            }
+        }
+        PowerState::Stopped => match observed {
+            None | Some(ShutOff) => vec![],
+            Some(Crashed) => vec![Action::Destroy(id())],
+            Some(Booting | Running | ShuttingDown) => match mem.stop_deadline {
+                // Also re-sent for a shutdown the agent did not ask for (the guest's own, or
+                // one from before an agent restart), which arms the deadline.
+                None => vec![Action::Shutdown(id())],
+                Some(deadline) if now >= deadline => vec![Action::Destroy(id())],
+                Some(_) => vec![],
+            },
+        },
+        PowerState::Terminated => match observed {
+            None => vec![],
+            Some(ShutOff) => vec![Action::Undefine(id())],
+            Some(_) => vec![Action::Destroy(id()), Action::Undefine(id())],
+        },
+    }
+}
+
+/// When the reconciler must look again even if nothing happens: the earliest stop deadline.
+pub fn next_deadline<'a>(memory: impl IntoIterator<Item = &'a InstanceMemory>) -> Option<Instant> {
+    memory.into_iter().filter_map(|m| m.stop_deadline).min()
+}
+
+/// The report for one instance, or `None` when there is nothing to say (neither desired
+/// nor present).
+pub fn report(
+    instance_id: &InstanceId,
+    desired: Option<&DesiredInstance>,
+    observed: Option<DomainState>,
+    memory: Option<&InstanceMemory>,
+) -> Option<InstanceReport> {
+    use DomainState::*;
+    use InstanceState as S;
+    let user = || {
+        Some(StateReason::new(
+            reason::USER_INITIATED_SHUTDOWN,
+            "User initiated shutdown",
+        ))
+    };
+    let guest = || {
+        Some(StateReason::new(
+            reason::INSTANCE_INITIATED_SHUTDOWN,
+            "Instance initiated shutdown",
+        ))
+    };
+    let crashed = || {
+        Some(StateReason::new(
+            reason::INTERNAL_ERROR,
+            "The guest crashed",
+        ))
+    };
+    let failure = memory.and_then(|m| m.failure.as_ref());
+    let failed = || failure.map(|f| f.reason.clone());
+    let guest_stopped = memory.is_some_and(|m| m.guest_stopped);
+    let stop_requested = memory.is_some_and(|m| m.stop_deadline.is_some());
+
+    let (state, why) = match (desired.map(|d| d.desired), observed) {
+        (None, None) => return None,
+        // Not ours to manage: plain translation.
+        (None, Some(Booting)) => (S::Pending, None),
+        (None, Some(Running)) => (S::Running, None),
+        (None, Some(ShuttingDown)) => (S::Stopping, None),
+        (None, Some(ShutOff)) => (S::Stopped, None),
+        (None, Some(Crashed)) => (S::Stopped, crashed()),
+
+        (Some(PowerState::Running), None) => match failure {
+            Some(f) if f.terminal => (S::Terminated, failed()),
+            Some(_) => (S::Stopped, failed()),
+            None => (S::Pending, None),
+        },
+        (Some(PowerState::Running), Some(Booting)) => (S::Pending, None),
+        (Some(PowerState::Running), Some(Running)) => (S::Running, None),
+        (Some(PowerState::Running), Some(ShuttingDown)) => (S::Stopping, guest()),
+        (Some(PowerState::Running), Some(ShutOff)) => match failure {
+            Some(_) => (S::Stopped, failed()),
+            None if guest_stopped => (S::Stopped, guest()),
+            // About to be started.
+            None => (S::Pending, None),
+        },
+        (Some(PowerState::Running), Some(Crashed)) => {
+            if guest_stopped || failure.is_some() {
+                (S::Stopped, crashed())
+            } else {
+                // Found crashed (e.g. after an agent restart): about to be restarted.
+                (S::Pending, None)
+            }
+        }
+
+        (Some(PowerState::Stopped), None | Some(ShutOff)) => (S::Stopped, user()),
+        (Some(PowerState::Stopped), Some(ShuttingDown)) => (S::Stopping, user()),
+        (Some(PowerState::Stopped), Some(Booting | Running)) if stop_requested => {
+            (S::Stopping, user())
+        }
+        (Some(PowerState::Stopped), Some(Booting)) => (S::Pending, None),
+        (Some(PowerState::Stopped), Some(Running)) => (S::Running, None),
+        (Some(PowerState::Stopped), Some(Crashed)) => (S::Stopped, crashed()),
+
+        (Some(PowerState::Terminated), None) => (S::Terminated, failed().or_else(user)),
+        (Some(PowerState::Terminated), Some(_)) => (S::ShuttingDown, failed().or_else(user)),
+    };
+    Some(InstanceReport {
+        instance_id: instance_id.clone(),
+        state,
+        reason: why,
+        reboot_seq: memory.map_or(0, |m| m.applied_reboot_seq),
+    })
+}
+
+/// Reports for every instance that is desired or present on the host.
+pub fn reports(
+    desired: Option<&DesiredState>,
+    observed: &BTreeMap<InstanceId, DomainState>,
+    memory: &BTreeMap<InstanceId, InstanceMemory>,
+) -> BTreeMap<InstanceId, InstanceReport> {
+    let mut ids: Vec<&InstanceId> = observed.keys().collect();
+    if let Some(doc) = desired {
+        ids.extend(doc.instances.keys());
+    }
+    ids.sort();
+    ids.dedup();
+    ids.into_iter()
+        .filter_map(|id| {
+            let spec = desired.and_then(|d| d.instances.get(id));
+            report(id, spec, observed.get(id).copied(), memory.get(id)).map(|r| (id.clone(), r))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use canopy_common::{ImageId, Resources};
+
+    use super::*;
+    use DomainState::*;
+
+    const STATES: [Option<DomainState>; 6] = [
+        None,
+        Some(ShutOff),
+        Some(Booting),
+        Some(Running),
+        Some(ShuttingDown),
+        Some(Crashed),
+    ];
+
+    fn id(n: u8) -> InstanceId {
+        InstanceId::parse(&format!("i-0123456789abcdef{n}")).unwrap()
+    }
+
+    fn spec(desired: PowerState, reboot_seq: u64) -> DesiredInstance {
+        DesiredInstance {
+            instance_id: id(0),
+            instance_type: "t2.micro".into(),
+            resources: Resources::new(1, 1024, 8),
+            image_id: ImageId::parse("ami-0123456789abcdef0").unwrap(),
+            user_data: vec![],
+            key_name: None,
+            desired,
+            reboot_seq,
+        }
+    }
+
+    fn doc(spec: DesiredInstance) -> DesiredState {
+        DesiredState {
+            generation: 1,
+            instances: [(spec.instance_id.clone(), spec)].into(),
+        }
+    }
+
+    fn observed(state: Option<DomainState>) -> BTreeMap<InstanceId, DomainState> {
+        state.map(|s| (id(0), s)).into_iter().collect()
+    }
+
+    fn plan_one(
+        spec: DesiredInstance,
+        state: Option<DomainState>,
+        mem: InstanceMemory,
+    ) -> Vec<Action> {
+        let memory = [(id(0), mem)].into();
+        plan(&doc(spec), &observed(state), &memory, Instant::now()).actions
+    }
+
+    fn define() -> Action {
+        Action::Define(Box::new(spec(PowerState::Running, 0).domain_spec()))
+    }
+    fn start() -> Action {
+        Action::Start {
+            instance_id: id(0),
+            reboot_seq: 0,
+        }
+    }
+
+    /// Every (desired, observed) pair with fresh memory.
+    #[test]
+    fn fresh_memory_table() {
+        use PowerState as P;
+        let table: Vec<(PowerState, Option<DomainState>, Vec<Action>)> = vec![
+            (P::Running, None, vec![define(), start()]),
+            (P::Running, Some(ShutOff), vec![start()]),
+            (P::Running, Some(Booting), vec![]),
+            (P::Running, Some(Running), vec![]),
+            (P::Running, Some(ShuttingDown), vec![]),
+            (
+                P::Running,
+                Some(Crashed),
+                vec![Action::Destroy(id(0)), start()],
+            ),
+            (P::Stopped, None, vec![]),
+            (P::Stopped, Some(ShutOff), vec![]),
+            (P::Stopped, Some(Booting), vec![Action::Shutdown(id(0))]),
+            (P::Stopped, Some(Running), vec![Action::Shutdown(id(0))]),
+            (
+                P::Stopped,
+                Some(ShuttingDown),
+                vec![Action::Shutdown(id(0))],
+            ),
+            (P::Stopped, Some(Crashed), vec![Action::Destroy(id(0))]),
+            (P::Terminated, None, vec![]),
+            (P::Terminated, Some(ShutOff), vec![Action::Undefine(id(0))]),
+            (
+                P::Terminated,
+                Some(Booting),
+                vec![Action::Destroy(id(0)), Action::Undefine(id(0))],
+            ),
+            (
+                P::Terminated,
+                Some(Running),
+                vec![Action::Destroy(id(0)), Action::Undefine(id(0))],
+            ),
+            (
+                P::Terminated,
+                Some(ShuttingDown),
+                vec![Action::Destroy(id(0)), Action::Undefine(id(0))],
+            ),
+            (
+                P::Terminated,
+                Some(Crashed),
+                vec![Action::Destroy(id(0)), Action::Undefine(id(0))],
+            ),
+        ];
+        assert_eq!(table.len(), 3 * STATES.len());
+        for (desired, state, expected) in table {
+            let got = plan_one(spec(desired, 0), state, InstanceMemory::default());
+            assert_eq!(got, expected, "desired {desired:?}, observed {state:?}");
+        }
+    }
+
+    #[test]
+    fn a_guest_that_stopped_itself_is_not_restarted() {
+        let mem = InstanceMemory {
+            guest_stopped: true,
+            ..Default::default()
+        };
+        for state in [Some(ShutOff), Some(Crashed), Some(ShuttingDown)] {
+            assert_eq!(
+                plan_one(spec(PowerState::Running, 0), state, mem.clone()),
+                vec![]
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_instance_is_not_retried_while_desired_running() {
+        let failure = Failure {
+            reason: StateReason::new(reason::INTERNAL_ERROR, "x"),
+            terminal: true,
+        };
+        let mem = InstanceMemory {
+            failure: Some(failure),
+            ..Default::default()
+        };
+        for state in STATES {
+            assert_eq!(
+                plan_one(spec(PowerState::Running, 0), state, mem.clone()),
+                vec![]
+            );
+        }
+        // Termination still proceeds.
+        assert_eq!(
+            plan_one(spec(PowerState::Terminated, 0), Some(ShutOff), mem),
+            vec![Action::Undefine(id(0))]
+        );
+    }
+
+    #[test]
+    fn reboots_only_a_running_domain_with_a_newer_sequence() {
+        let mem = InstanceMemory::first_seen(2);
+        assert_eq!(
+            plan_one(spec(PowerState::Running, 2), Some(Running), mem.clone()),
+            vec![]
+        );
+        assert_eq!(
+            plan_one(spec(PowerState::Running, 3), Some(Running), mem.clone()),
+            vec![Action::Reboot {
+                instance_id: id(0),
+                reboot_seq: 3
+            }]
+        );
+        assert_eq!(
+            plan_one(spec(PowerState::Running, 3), Some(Booting), mem.clone()),
+            vec![]
+        );
+        // A start covers the reboot.
+        assert_eq!(
+            plan_one(spec(PowerState::Running, 3), Some(ShutOff), mem),
+            vec![Action::Start {
+                instance_id: id(0),
+                reboot_seq: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn a_stop_is_forced_after_its_deadline() {
+        let now = Instant::now();
+        let memory = |deadline| {
+            [(
+                id(0),
+                InstanceMemory {
+                    stop_deadline: Some(deadline),
+                    ..Default::default()
+                },
+            )]
+            .into()
+        };
+        let d = doc(spec(PowerState::Stopped, 0));
+        for state in [Running, ShuttingDown, Booting] {
+            let waiting = plan(
+                &d,
+                &observed(Some(state)),
+                &memory(now + Duration::from_secs(1)),
+                now,
+            );
+            assert_eq!(waiting.actions, vec![]);
+            let late = plan(&d, &observed(Some(state)), &memory(now), now);
+            assert_eq!(late.actions, vec![Action::Destroy(id(0))]);
+        }
+        let m: BTreeMap<_, _> = memory(now);
+        assert_eq!(next_deadline(m.values()), Some(now));
+    }
+
+    #[test]
+    fn domains_outside_the_document_are_left_alone() {
+        let mut obs = observed(Some(Running));
+        obs.insert(id(1), Running);
+        obs.insert(id(2), ShutOff);
+        let p = plan(
+            &doc(spec(PowerState::Running, 0)),
+            &obs,
+            &BTreeMap::new(),
+            Instant::now(),
+        );
+        assert_eq!(p.actions, vec![]);
+        assert_eq!(p.unmanaged, vec![id(1), id(2)]);
+        let empty = plan(
+            &DesiredState::default(),
+            &obs,
+            &BTreeMap::new(),
+            Instant::now(),
+        );
+        assert_eq!(empty.actions, vec![]);
+        assert_eq!(empty.unmanaged.len(), 3);
+    }
+
+    #[test]
+    fn observe_latches_guest_stops_only_while_desired_running() {
+        for down in [ShuttingDown, ShutOff, Crashed] {
+            for up in [Booting, Running] {
+                let mut m = InstanceMemory {
+                    last_seen: Some(up),
+                    ..Default::default()
+                };
+                observe(&mut m, PowerState::Running, Some(down));
+                assert!(m.guest_stopped, "{up:?} -> {down:?}");
+                assert_eq!(m.last_seen, Some(down));
+
+                let mut m = InstanceMemory {
+                    last_seen: Some(up),
+                    ..Default::default()
+                };
+                observe(&mut m, PowerState::Stopped, Some(down));
+                assert!(!m.guest_stopped);
+            }
+        }
+        // A domain found shut off (fresh define, agent restart) is not a guest stop.
+        let mut m = InstanceMemory::default();
+        observe(&mut m, PowerState::Running, Some(ShutOff));
+        assert!(!m.guest_stopped);
+        // A stop clears the latch and a failure.
+        let mut m = InstanceMemory {
+            guest_stopped: true,
+            failure: Some(Failure {
+                reason: StateReason::new(reason::INTERNAL_ERROR, "x"),
+                terminal: false,
+            }),
+            ..Default::default()
+        };
+        observe(&mut m, PowerState::Stopped, Some(ShutOff));
+        assert!(!m.guest_stopped);
+        assert_eq!(m.failure, None);
+    }
+
+    #[test]
+    fn observe_clears_launching_and_stale_deadlines() {
+        let mut m = InstanceMemory {
+            launching: true,
+            ..Default::default()
+        };
+        observe(&mut m, PowerState::Running, Some(Booting));
+        assert!(m.launching);
+        observe(&mut m, PowerState::Running, Some(Running));
+        assert!(!m.launching);
+
+        let mut m = InstanceMemory {
+            stop_deadline: Some(Instant::now()),
+            ..Default::default()
+        };
+        observe(&mut m, PowerState::Stopped, Some(ShuttingDown));
+        assert!(m.stop_deadline.is_some());
+        observe(&mut m, PowerState::Stopped, Some(ShutOff));
+        assert_eq!(m.stop_deadline, None);
+    }
+
+    fn report_of(
+        desired: Option<PowerState>,
+        state: Option<DomainState>,
+        mem: &InstanceMemory,
+    ) -> Option<(InstanceState, Option<&'static str>)> {
+        let s = desired.map(|d| spec(d, 0));
+        report(&id(0), s.as_ref(), state, Some(mem)).map(|r| (r.state, r.reason.map(|r| r.code)))
+    }
+
+    #[test]
+    fn report_table_with_fresh_memory() {
+        use InstanceState as S;
+        use PowerState as P;
+        let user = Some(reason::USER_INITIATED_SHUTDOWN);
+        let internal = Some(reason::INTERNAL_ERROR);
+        type Row = (
+            Option<PowerState>,
+            Option<DomainState>,
+            Option<(S, Option<&'static str>)>,
+        );
+        let table: Vec<Row> = vec![
+            (None, None, None),
+            (None, Some(ShutOff), Some((S::Stopped, None))),
+            (None, Some(Booting), Some((S::Pending, None))),
+            (None, Some(Running), Some((S::Running, None))),
+            (None, Some(ShuttingDown), Some((S::Stopping, None))),
+            (None, Some(Crashed), Some((S::Stopped, internal))),
+            (Some(P::Running), None, Some((S::Pending, None))),
+            (Some(P::Running), Some(ShutOff), Some((S::Pending, None))),
+            (Some(P::Running), Some(Booting), Some((S::Pending, None))),
+            (Some(P::Running), Some(Running), Some((S::Running, None))),
+            (
+                Some(P::Running),
+                Some(ShuttingDown),
+                Some((S::Stopping, Some(reason::INSTANCE_INITIATED_SHUTDOWN))),
+            ),
+            (Some(P::Running), Some(Crashed), Some((S::Pending, None))),
+            (Some(P::Stopped), None, Some((S::Stopped, user))),
+            (Some(P::Stopped), Some(ShutOff), Some((S::Stopped, user))),
+            (Some(P::Stopped), Some(Booting), Some((S::Pending, None))),
+            (Some(P::Stopped), Some(Running), Some((S::Running, None))),
+            (
+                Some(P::Stopped),
+                Some(ShuttingDown),
+                Some((S::Stopping, user)),
+            ),
+            (
+                Some(P::Stopped),
+                Some(Crashed),
+                Some((S::Stopped, internal)),
+            ),
+            (Some(P::Terminated), None, Some((S::Terminated, user))),
+            (
+                Some(P::Terminated),
+                Some(ShutOff),
+                Some((S::ShuttingDown, user)),
+            ),
+            (
+                Some(P::Terminated),
+                Some(Booting),
+                Some((S::ShuttingDown, user)),
+            ),
+            (
+                Some(P::Terminated),
+                Some(Running),
+                Some((S::ShuttingDown, user)),
+            ),
+            (
+                Some(P::Terminated),
+                Some(ShuttingDown),
+                Some((S::ShuttingDown, user)),
+            ),
+            (
+                Some(P::Terminated),
+                Some(Crashed),
+                Some((S::ShuttingDown, user)),
+            ),
+        ];
+        assert_eq!(table.len(), 4 * STATES.len());
+        for (desired, state, expected) in table {
+            assert_eq!(
+                report_of(desired, state, &InstanceMemory::default()),
+                expected,
+                "desired {desired:?}, observed {state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reports_use_what_the_agent_remembers() {
+        use InstanceState as S;
+        let guest = InstanceMemory {
+            guest_stopped: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            report_of(Some(PowerState::Running), Some(ShutOff), &guest),
+            Some((S::Stopped, Some(reason::INSTANCE_INITIATED_SHUTDOWN)))
+        );
+        assert_eq!(
+            report_of(Some(PowerState::Running), Some(Crashed), &guest),
+            Some((S::Stopped, Some(reason::INTERNAL_ERROR)))
+        );
+        let stopping = InstanceMemory {
+            stop_deadline: Some(Instant::now()),
+            ..Default::default()
+        };
+        assert_eq!(
+            report_of(Some(PowerState::Stopped), Some(Running), &stopping),
+            Some((S::Stopping, Some(reason::USER_INITIATED_SHUTDOWN)))
+        );
+        let failed = |terminal| InstanceMemory {
+            failure: Some(Failure {
+                reason: StateReason::new(reason::INSUFFICIENT_CAPACITY, "full"),
+                terminal,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            report_of(Some(PowerState::Running), None, &failed(true)),
+            Some((S::Terminated, Some(reason::INSUFFICIENT_CAPACITY)))
+        );
+        assert_eq!(
+            report_of(Some(PowerState::Running), Some(ShutOff), &failed(false)),
+            Some((S::Stopped, Some(reason::INSUFFICIENT_CAPACITY)))
+        );
+        assert_eq!(
+            report_of(Some(PowerState::Terminated), None, &failed(true)),
+            Some((S::Terminated, Some(reason::INSUFFICIENT_CAPACITY)))
+        );
+        let r = report(
+            &id(0),
+            None,
+            Some(Running),
+            Some(&InstanceMemory::first_seen(4)),
+        )
+        .unwrap();
+        assert_eq!(r.reboot_seq, 4);
+    }
+
+    #[test]
+    fn reports_cover_desired_and_present_instances() {
+        let mut obs = observed(Some(Running));
+        obs.insert(id(1), ShutOff);
+        let mut d = doc(spec(PowerState::Running, 0));
+        let mut gone = spec(PowerState::Terminated, 0);
+        gone.instance_id = id(2);
+        d.instances.insert(id(2), gone);
+        let r = reports(Some(&d), &obs, &BTreeMap::new());
+        let states: Vec<_> = r
+            .values()
+            .map(|r| (r.instance_id.clone(), r.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (id(0), InstanceState::Running),
+                (id(1), InstanceState::Stopped),
+                (id(2), InstanceState::Terminated)
+            ]
+        );
+    }
+}
