@@ -360,7 +360,6 @@ impl Agent {
                 Ok(observed) => observed,
                 Err(e) => {
                     warn!(error = %e, "cannot list domains after acting; will retry");
-                    self.reconcile.notify_one();
                     return None;
                 }
             }
@@ -429,6 +428,7 @@ impl Agent {
             } => {
                 info!(instance = %instance_id, reboot_seq, "domain rebooted");
                 memory.applied_reboot_seq = memory.applied_reboot_seq.max(*reboot_seq);
+                memory.rebooting = true;
             }
             Action::Shutdown(id) => {
                 if memory.stop_deadline.is_none() {
@@ -448,8 +448,8 @@ impl Agent {
             // sees the new state and decides again.
             (_, HypervisorError::InvalidState { .. })
             | (Action::Define(_), HypervisorError::AlreadyExists(_)) => {
+                // No immediate re-pass: the change that raced us comes with an event.
                 debug!(instance = %id, %error, "raced with the domain's state; replanning");
-                self.reconcile.notify_one();
             }
             (Action::Define(_), _) => {
                 warn!(instance = %id, %error, "define failed");

@@ -28,8 +28,11 @@ pub struct NcConfig {
 }
 
 impl NcConfig {
+    /// Default for `heartbeat_interval`.
     pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+    /// Default for `resync_interval`.
     pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+    /// Default for `stop_timeout`.
     pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// A configuration with the default intervals.

@@ -63,6 +63,7 @@ pub struct StateReason {
 }
 
 impl StateReason {
+    /// A reason with one of the [`reason`] codes.
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         StateReason {
             code,

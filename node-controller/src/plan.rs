@@ -43,6 +43,9 @@ pub struct InstanceMemory {
     /// This agent defined the domain and it has not reached `Running` yet: a start failure
     /// removes it again.
     pub launching: bool,
+    /// A reboot this agent asked for is under way: EC2 keeps showing such an instance as
+    /// running, so `Booting` is reported as `running` until the guest is up again.
+    pub rebooting: bool,
     /// When a graceful stop gives way to a forced one.
     pub stop_deadline: Option<Instant>,
     /// The guest stopped or crashed on its own while desired running.
@@ -80,6 +83,7 @@ pub enum Action {
 }
 
 impl Action {
+    /// The instance the action applies to.
     pub fn instance_id(&self) -> &InstanceId {
         match self {
             Action::Define(spec) => &spec.instance_id,
@@ -117,6 +121,9 @@ pub fn observe(memory: &mut InstanceMemory, desired: PowerState, observed: Optio
     }
     if observed == Some(Running) {
         memory.launching = false;
+    }
+    if observed != Some(Booting) {
+        memory.rebooting = false;
     }
     if desired != PowerState::Stopped || !observed.is_some_and(DomainState::is_active) {
         memory.stop_deadline = None;
@@ -240,6 +247,7 @@ pub fn report(
     let failed = || failure.map(|f| f.reason.clone());
     let guest_stopped = memory.is_some_and(|m| m.guest_stopped);
     let stop_requested = memory.is_some_and(|m| m.stop_deadline.is_some());
+    let rebooting = memory.is_some_and(|m| m.rebooting);
 
     let (state, why) = match (desired.map(|d| d.desired), observed) {
         (None, None) => return None,
@@ -255,6 +263,7 @@ pub fn report(
             Some(_) => (S::Stopped, failed()),
             None => (S::Pending, None),
         },
+        (Some(PowerState::Running), Some(Booting)) if rebooting => (S::Running, None),
         (Some(PowerState::Running), Some(Booting)) => (S::Pending, None),
         (Some(PowerState::Running), Some(Running)) => (S::Running, None),
         (Some(PowerState::Running), Some(ShuttingDown)) => (S::Stopping, guest()),
@@ -739,6 +748,19 @@ mod tests {
             report_of(Some(PowerState::Terminated), None, &failed(true)),
             Some((S::Terminated, Some(reason::INSUFFICIENT_CAPACITY)))
         );
+        let rebooting = InstanceMemory {
+            rebooting: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            report_of(Some(PowerState::Running), Some(Booting), &rebooting),
+            Some((S::Running, None))
+        );
+        let mut m = rebooting.clone();
+        observe(&mut m, PowerState::Running, Some(Booting));
+        assert!(m.rebooting);
+        observe(&mut m, PowerState::Running, Some(Running));
+        assert!(!m.rebooting);
         let r = report(
             &id(0),
             None,

@@ -525,6 +525,8 @@ async fn a_larger_reboot_seq_reboots_once() {
     h.put(3, vec![spec(&id, pb::PowerState::Running, 1)]).await;
     let_it_settle().await;
     assert_eq!(h.sim.control().boots(&id), 2);
+    // EC2 keeps a rebooting instance running: no pending in between.
+    assert_eq!(h.cc.states(&id), vec![O::Pending, O::Running]);
     let console = h.console(&id).await;
     assert_eq!(
         console.matches("canopy-sim: booting instance").count(),

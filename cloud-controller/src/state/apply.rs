@@ -310,7 +310,17 @@ async fn observe(
             continue;
         };
         let mut desired = inst.desired;
-        let mut reason = obs.reason.clone().or_else(|| inst.state_reason.clone());
+        // A reason belongs to the episode that began it (who stopped the instance, why a
+        // launch failed): the reports that finish that episode do not replace it.
+        let finishing = matches!(
+            (inst.state, next),
+            (InstanceState::Stopping, InstanceState::Stopped) | (InstanceState::ShuttingDown, InstanceState::Terminated)
+        );
+        let mut reason = if finishing {
+            inst.state_reason.clone().or_else(|| obs.reason.clone())
+        } else {
+            obs.reason.clone().or_else(|| inst.state_reason.clone())
+        };
         let mut transition_reason = inst.transition_reason.clone();
         if matches!(next, InstanceState::Stopping | InstanceState::Stopped) && desired == PowerState::Running {
             // The guest shut itself down: on EC2 that stops the instance, and it stays

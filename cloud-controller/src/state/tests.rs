@@ -258,3 +258,29 @@ async fn state_survives_reopening_the_database() {
     assert_eq!(store.zones().await.unwrap().len(), 1);
     assert_eq!(store.last_applied().await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn the_reason_of_a_stop_survives_the_reports_that_finish_it() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    f.observe(&id, InstanceState::Running).await;
+    f.observe(&id, InstanceState::Stopping).await;
+    // The node, now told to keep it stopped, labels its report as a user stop.
+    f.store
+        .apply(&Command::ObserveInstances {
+            zone: f.zone.clone(),
+            observations: vec![Observation {
+                instance_id: id.clone(),
+                node_id: None,
+                state: InstanceState::Stopped,
+                reason: Some(StateReason { code: "Client.UserInitiatedShutdown".into(), message: "x".into() }),
+            }],
+            at: t(11),
+        })
+        .await
+        .unwrap();
+    let inst = &f.all().await[0];
+    assert_eq!(inst.state, InstanceState::Stopped);
+    assert_eq!(inst.state_reason.as_ref().unwrap().code, "Client.InstanceInitiatedShutdown");
+}
