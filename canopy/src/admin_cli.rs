@@ -29,9 +29,17 @@ impl AdminClient {
             .await
             .with_context(|| format!("cannot reach the admin API at {url}"))?;
         let status = resp.status();
-        let body: serde_json::Value = resp.json().await.with_context(|| format!("{url}: not a JSON answer"))?;
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .with_context(|| format!("{url}: not a JSON answer"))?;
         if !status.is_success() {
-            bail!("{url}: {status}: {}", body.get("message").and_then(|m| m.as_str()).unwrap_or("error"));
+            bail!(
+                "{url}: {status}: {}",
+                body.get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("error")
+            );
         }
         Ok((serde_json::from_value(body.clone())?, body))
     }
@@ -45,7 +53,12 @@ impl AdminClient {
                     .map(|z| {
                         vec![
                             z.zone.clone(),
-                            if z.available { "available" } else { "unavailable" }.into(),
+                            if z.available {
+                                "available"
+                            } else {
+                                "unavailable"
+                            }
+                            .into(),
                             z.node_count.to_string(),
                             format!("{}/{}", z.applied_generation, z.generation),
                             z.endpoint.clone(),
@@ -53,7 +66,20 @@ impl AdminClient {
                         ]
                     })
                     .collect();
-                (table(&["ZONE", "STATE", "NODES", "GENERATION", "ENDPOINT", "LAST HEARTBEAT"], rows), raw)
+                (
+                    table(
+                        &[
+                            "ZONE",
+                            "STATE",
+                            "NODES",
+                            "GENERATION",
+                            "ENDPOINT",
+                            "LAST HEARTBEAT",
+                        ],
+                        rows,
+                    ),
+                    raw,
+                )
             }
             AdminCommand::Nodes => {
                 let (nodes, raw): (Vec<NodeView>, _) = self.get("/v1/nodes").await?;
@@ -73,7 +99,23 @@ impl AdminClient {
                         ]
                     })
                     .collect();
-                (table(&["ZONE", "NODE", "HYPERVISOR", "HEALTH", "VCPUS", "MEMORY MIB", "DISK GIB", "INSTANCES", "LAST HEARTBEAT"], rows), raw)
+                (
+                    table(
+                        &[
+                            "ZONE",
+                            "NODE",
+                            "HYPERVISOR",
+                            "HEALTH",
+                            "VCPUS",
+                            "MEMORY MIB",
+                            "DISK GIB",
+                            "INSTANCES",
+                            "LAST HEARTBEAT",
+                        ],
+                        rows,
+                    ),
+                    raw,
+                )
             }
             AdminCommand::Instances => {
                 let (instances, raw): (Vec<InstanceView>, _) = self.get("/v1/instances").await?;
@@ -92,10 +134,23 @@ impl AdminClient {
                         ]
                     })
                     .collect();
-                (table(&["INSTANCE", "ACCOUNT", "ZONE", "NODE", "STATE", "DESIRED", "TYPE", "IMAGE"], rows), raw)
+                (
+                    table(
+                        &[
+                            "INSTANCE", "ACCOUNT", "ZONE", "NODE", "STATE", "DESIRED", "TYPE",
+                            "IMAGE",
+                        ],
+                        rows,
+                    ),
+                    raw,
+                )
             }
         };
-        Ok(if json { serde_json::to_string_pretty(&raw)? + "\n" } else { rows })
+        Ok(if json {
+            serde_json::to_string_pretty(&raw)? + "\n"
+        } else {
+            rows
+        })
     }
 }
 

@@ -28,7 +28,9 @@ pub struct AdminCredentials {
 
 fn random_string(alphabet: &[u8], len: usize) -> String {
     let mut rng = rand::rng();
-    (0..len).map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())])).collect()
+    (0..len)
+        .map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())]))
+        .collect()
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically (temp file + rename), so a
@@ -72,7 +74,11 @@ fn env_credentials() -> Result<Option<(String, String)>> {
             if !(3..=128).contains(&ak.len()) || !ak.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 bail!("{ENV_ACCESS_KEY}: 3 to 128 letters and digits");
             }
-            if !(8..=128).contains(&sk.len()) || sk.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\'') {
+            if !(8..=128).contains(&sk.len())
+                || sk
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'\'')
+            {
                 bail!("{ENV_SECRET}: 8 to 128 printable characters without spaces or quotes");
             }
             Ok(Some((ak, sk)))
@@ -90,8 +96,14 @@ pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
         None => {
             let (access_key_id, secret_access_key) = wanted.unwrap_or_else(|| {
                 (
-                    format!("AKIA{}", random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16)),
-                    random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 40),
+                    format!(
+                        "AKIA{}",
+                        random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16)
+                    ),
+                    random_string(
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+                        40,
+                    ),
                 )
             });
             let account_id = AccountId::generate();
@@ -105,7 +117,11 @@ pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
             })
             .await?;
             tracing::info!(%account_id, %access_key_id, "created the admin account");
-            AdminCredentials { account_id, access_key_id, secret_access_key }
+            AdminCredentials {
+                account_id,
+                access_key_id,
+                secret_access_key,
+            }
         }
         Some(admin) => {
             let keys: Vec<(String, String)> = clc
@@ -133,9 +149,16 @@ pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
                         (ak, sk)
                     }
                 },
-                None => keys.into_iter().next().context("the admin account has no access key")?,
+                None => keys
+                    .into_iter()
+                    .next()
+                    .context("the admin account has no access key")?,
             };
-            AdminCredentials { account_id: admin.account_id, access_key_id, secret_access_key }
+            AdminCredentials {
+                account_id: admin.account_id,
+                access_key_id,
+                secret_access_key,
+            }
         }
     };
     let images = clc.store.images().await?;
@@ -160,7 +183,11 @@ pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
 
 /// The URL clients use for a listening address (an unspecified address becomes loopback).
 pub fn client_url(addr: SocketAddr) -> String {
-    let host = if addr.ip().is_unspecified() { "127.0.0.1".parse().expect("loopback") } else { addr.ip() };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".parse().expect("loopback")
+    } else {
+        addr.ip()
+    };
     format!("http://{}", SocketAddr::new(host, addr.port()))
 }
 

@@ -13,7 +13,10 @@ use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Loads a role's config: defaults ← `file` ← `overrides` (the flags that were given).
-pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, overrides: impl Serialize) -> Result<T> {
+pub fn load<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+    overrides: impl Serialize,
+) -> Result<T> {
     let mut fig = Figment::from(Serialized::defaults(T::default()));
     if let Some(path) = file {
         if !path.exists() {
@@ -22,11 +25,13 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, over
         fig = fig.merge(Toml::file_exact(path));
     }
     fig = fig.merge(Serialized::defaults(overrides));
-    fig.extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    fig.extract()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }
 
 fn parse_addr(key: &str, v: &str) -> Result<SocketAddr> {
-    v.parse().with_context(|| format!("{key}: {v:?} is not an address:port"))
+    v.parse()
+        .with_context(|| format!("{key}: {v:?} is not an address:port"))
 }
 
 fn parse_url(key: &str, v: &str) -> Result<String> {
@@ -77,9 +82,13 @@ impl Default for ClcFile {
 
 impl ClcFile {
     pub fn validate(&self) -> Result<canopy_cloud_controller::ClcConfig> {
-        let data_dir = self.data_dir.clone().context("data_dir: required (--data-dir)")?;
+        let data_dir = self
+            .data_dir
+            .clone()
+            .context("data_dir: required (--data-dir)")?;
         let mut c = canopy_cloud_controller::ClcConfig::new(data_dir);
-        c.region = RegionName::parse(&self.region).with_context(|| format!("region: {:?} is not a valid region name", self.region))?;
+        c.region = RegionName::parse(&self.region)
+            .with_context(|| format!("region: {:?} is not a valid region name", self.region))?;
         c.ec2_listen = parse_addr("ec2_listen", &self.ec2_listen)?;
         c.admin_listen = parse_addr("admin_listen", &self.admin_listen)?;
         c.grpc_listen = parse_addr("grpc_listen", &self.grpc_listen)?;
@@ -123,10 +132,19 @@ impl CcFile {
             bail!("clc: at least one cloud controller endpoint is required");
         }
         Ok(canopy_cluster_controller::CcConfig {
-            zone: ZoneName::parse(&self.zone).with_context(|| format!("zone: {:?} is not a valid zone name", self.zone))?,
+            zone: ZoneName::parse(&self.zone)
+                .with_context(|| format!("zone: {:?} is not a valid zone name", self.zone))?,
             listen: parse_addr("listen", &self.listen)?,
-            advertise: self.advertise.as_deref().map(|a| parse_url("advertise", a)).transpose()?,
-            clc_endpoints: self.clc.iter().map(|e| parse_url("clc", e)).collect::<Result<_>>()?,
+            advertise: self
+                .advertise
+                .as_deref()
+                .map(|a| parse_url("advertise", a))
+                .transpose()?,
+            clc_endpoints: self
+                .clc
+                .iter()
+                .map(|e| parse_url("clc", e))
+                .collect::<Result<_>>()?,
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             node_timeout: secs("node_timeout_secs", self.node_timeout_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
@@ -190,9 +208,14 @@ impl NcFile {
             None => default_node_id(),
         };
         Ok(canopy_node_controller::NcConfig {
-            node_id: NodeId::parse(&node_id).with_context(|| format!("node_id: {node_id:?} is not a valid node id"))?,
+            node_id: NodeId::parse(&node_id)
+                .with_context(|| format!("node_id: {node_id:?} is not a valid node id"))?,
             listen: parse_addr("listen", &self.listen)?,
-            advertise: self.advertise.as_deref().map(|a| parse_url("advertise", a)).transpose()?,
+            advertise: self
+                .advertise
+                .as_deref()
+                .map(|a| parse_url("advertise", a))
+                .transpose()?,
             cc_endpoint: parse_url("cc", &self.cc)?,
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
@@ -216,7 +239,17 @@ impl NcFile {
 /// The host name, made safe for a node id.
 fn default_node_id() -> String {
     let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "node-1".into());
-    let id: String = raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     if id.is_empty() { "node-1".into() } else { id }
 }
 
@@ -229,13 +262,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("clc.toml");
         std::fs::write(&f, "regoin = \"x\"\n").unwrap();
-        let err = load::<ClcFile>(Some(&f), serde_json::json!({})).unwrap_err().to_string();
+        let err = load::<ClcFile>(Some(&f), serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("regoin"), "{err}");
         std::fs::write(&f, "ec2_listen = \"nope\"\ndata_dir = \"/tmp/x\"\n").unwrap();
         let cfg: ClcFile = load(Some(&f), serde_json::json!({})).unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("ec2_listen"), "{err}");
-        let err = load::<ClcFile>(Some(&dir.path().join("missing.toml")), serde_json::json!({})).unwrap_err().to_string();
+        let err = load::<ClcFile>(
+            Some(&dir.path().join("missing.toml")),
+            serde_json::json!({}),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 

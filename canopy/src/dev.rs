@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use canopy_cloud_controller::{ClcConfig, ClcHandle};
 use canopy_cluster_controller::{CcConfig, ClusterHandle};
 use canopy_common::{NodeId, ZoneName};
-use canopy_node_controller::{Hypervisor, NcConfig, NodeHandle, SimConfig, SimControl, SimHypervisor};
+use canopy_node_controller::{
+    Hypervisor, NcConfig, NodeHandle, SimConfig, SimControl, SimHypervisor,
+};
 
 use crate::bootstrap::{self, AdminCredentials};
 use crate::config::HypervisorChoice;
@@ -42,7 +44,11 @@ impl DevOptions {
             zones: vec![ZoneName::parse("canopy-1a").expect("valid zone")],
             nodes_per_zone: 1,
             hypervisor: HypervisorChoice::Sim,
-            sim: SimConfig { boot_delay: Duration::from_millis(200), shutdown_delay: Duration::from_millis(100), ..Default::default() },
+            sim: SimConfig {
+                boot_delay: Duration::from_millis(200),
+                shutdown_delay: Duration::from_millis(100),
+                ..Default::default()
+            },
             heartbeat_interval: Duration::from_millis(200),
             write_canopyrc: false,
         }
@@ -77,10 +83,14 @@ fn choose_driver(choice: HypervisorChoice) -> Result<()> {
     match choice {
         HypervisorChoice::Sim => Ok(()),
         HypervisorChoice::Auto => {
-            tracing::info!("hypervisor auto: the libvirt driver is not available in this build; using the simulator");
+            tracing::info!(
+                "hypervisor auto: the libvirt driver is not available in this build; using the simulator"
+            );
             Ok(())
         }
-        HypervisorChoice::Libvirt => bail!("the libvirt driver is not available in this build yet; use --hypervisor sim"),
+        HypervisorChoice::Libvirt => {
+            bail!("the libvirt driver is not available in this build yet; use --hypervisor sim")
+        }
     }
 }
 
@@ -125,7 +135,15 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
         }
         ccs.push(cc);
     }
-    let cloud = DevCloud { clc, ccs, ncs, sims, admin, admin_token, canopyrc: None };
+    let cloud = DevCloud {
+        clc,
+        ccs,
+        ncs,
+        sims,
+        admin,
+        admin_token,
+        canopyrc: None,
+    };
     wait_ready(&cloud, &opts).await?;
     let canopyrc = if opts.write_canopyrc {
         Some(bootstrap::write_canopyrc(
@@ -149,7 +167,12 @@ async fn wait_ready(cloud: &DevCloud, opts: &DevOptions) -> Result<()> {
     loop {
         let ready = opts.zones.iter().all(|z| {
             cloud.clc.clc.zones.is_available(z, opts.clc.zone_timeout)
-                && cloud.clc.clc.zones.get(z).is_some_and(|l| l.nodes.len() >= opts.nodes_per_zone as usize)
+                && cloud
+                    .clc
+                    .clc
+                    .zones
+                    .get(z)
+                    .is_some_and(|l| l.nodes.len() >= opts.nodes_per_zone as usize)
         });
         if ready {
             return Ok(());

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(name = "canopy", version, about = "Canopy: an EC2-compatible private cloud")]
+#[command(
+    name = "canopy",
+    version,
+    about = "Canopy: an EC2-compatible private cloud"
+)]
 struct Cli {
     #[command(subcommand)]
     role: Role,
@@ -149,7 +153,11 @@ struct NcArgs {
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Admin API URL.
-    #[arg(long, env = "CANOPY_ADMIN_ENDPOINT", default_value = "http://127.0.0.1:8774")]
+    #[arg(
+        long,
+        env = "CANOPY_ADMIN_ENDPOINT",
+        default_value = "http://127.0.0.1:8774"
+    )]
     endpoint: String,
     /// Admin token (canopyrc exports it).
     #[arg(long, env = "CANOPY_ADMIN_TOKEN", hide_env_values = true)]
@@ -162,9 +170,13 @@ struct AdminArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -177,7 +189,11 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn clc_config(flags: &ClcFlags, grpc_listen: Option<&str>, file: Option<&std::path::Path>) -> Result<canopy_cloud_controller::ClcConfig> {
+fn clc_config(
+    flags: &ClcFlags,
+    grpc_listen: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<canopy_cloud_controller::ClcConfig> {
     let mut overrides = serde_json::to_value(flags)?;
     if let Some(g) = grpc_listen {
         overrides["grpc_listen"] = g.into();
@@ -198,7 +214,10 @@ async fn main() -> Result<()> {
         Role::Cc(args) => run_cc(args).await,
         Role::Nc(args) => run_nc(args).await,
         Role::Admin(args) => {
-            let client = AdminClient { endpoint: args.endpoint, token: args.token };
+            let client = AdminClient {
+                endpoint: args.endpoint,
+                token: args.token,
+            };
             print!("{}", client.run(args.command, args.json).await?);
             Ok(())
         }
@@ -211,7 +230,9 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     let zones = args
         .zones
         .iter()
-        .map(|z| ZoneName::parse(z).with_context(|| format!("--zone: {z:?} is not a valid zone name")))
+        .map(|z| {
+            ZoneName::parse(z).with_context(|| format!("--zone: {z:?} is not a valid zone name"))
+        })
         .collect::<Result<Vec<_>>>()?;
     let nc = NcFile::default();
     let opts = DevOptions {
@@ -237,13 +258,25 @@ async fn run_dev(args: DevArgs) -> Result<()> {
 }
 
 async fn run_clc(args: ClcArgs) -> Result<()> {
-    let mut cfg = clc_config(&args.clc, args.grpc_listen.as_deref(), args.config.as_deref())?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let mut cfg = clc_config(
+        &args.clc,
+        args.grpc_listen.as_deref(),
+        args.config.as_deref(),
+    )?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let token = bootstrap::admin_token(&cfg.data_dir)?;
     cfg.admin_token = Some(token.clone());
     let handle = canopy_cloud_controller::start(cfg.clone()).await?;
     let creds = bootstrap::bootstrap(&handle.clc).await?;
-    let rc = bootstrap::write_canopyrc(&cfg.data_dir, &creds, cfg.region.as_str(), handle.ec2_addr, handle.admin_addr, &token)?;
+    let rc = bootstrap::write_canopyrc(
+        &cfg.data_dir,
+        &creds,
+        cfg.region.as_str(),
+        handle.ec2_addr,
+        handle.admin_addr,
+        &token,
+    )?;
     tracing::info!(canopyrc = %rc.display(), "cloud controller ready");
     shutdown_signal().await;
     handle.shutdown().await;
@@ -263,12 +296,17 @@ async fn run_nc(args: NcArgs) -> Result<()> {
     let file: NcFile = config::load(args.config.as_deref(), &args)?;
     let cfg = file.validate()?;
     match file.hypervisor {
-        HypervisorChoice::Libvirt => anyhow::bail!("the libvirt driver is not available in this build yet; use --hypervisor sim"),
-        HypervisorChoice::Auto => tracing::info!("hypervisor auto: using the simulator (no libvirt driver in this build)"),
+        HypervisorChoice::Libvirt => anyhow::bail!(
+            "the libvirt driver is not available in this build yet; use --hypervisor sim"
+        ),
+        HypervisorChoice::Auto => {
+            tracing::info!("hypervisor auto: using the simulator (no libvirt driver in this build)")
+        }
         HypervisorChoice::Sim => {}
     }
-    let driver: Arc<dyn canopy_node_controller::Hypervisor> =
-        Arc::new(canopy_node_controller::SimHypervisor::new(file.sim_config()?));
+    let driver: Arc<dyn canopy_node_controller::Hypervisor> = Arc::new(
+        canopy_node_controller::SimHypervisor::new(file.sim_config()?),
+    );
     let handle = canopy_node_controller::start(cfg, driver).await?;
     tracing::info!(addr = %handle.local_addr(), "node controller ready");
     shutdown_signal().await;

@@ -33,7 +33,10 @@ impl Reply {
     }
 
     fn one(&self, name: &str) -> String {
-        self.all(name).into_iter().next().unwrap_or_else(|| panic!("no <{name}> in {}", self.body))
+        self.all(name)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no <{name}> in {}", self.body))
     }
 
     fn error_code(&self) -> String {
@@ -55,7 +58,8 @@ impl Ec2 {
 
     async fn call(&self, action: &str, params: &[(&str, &str)]) -> Reply {
         let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("Action", action).append_pair("Version", "2016-11-15");
+        form.append_pair("Action", action)
+            .append_pair("Version", "2016-11-15");
         for (k, v) in params {
             form.append_pair(k, v);
         }
@@ -63,14 +67,31 @@ impl Ec2 {
         let ct = "application/x-www-form-urlencoded; charset=utf-8";
         let headers = vec![("content-type".to_string(), ct.to_string())];
         let signed = canopy_ec2_wire::sigv4::sign(
-            "POST", &self.host, "/", "", &headers, body.as_bytes(), &self.key, &self.secret, "canopy-1", "ec2", chrono::Utc::now(),
+            "POST",
+            &self.host,
+            "/",
+            "",
+            &headers,
+            body.as_bytes(),
+            &self.key,
+            &self.secret,
+            "canopy-1",
+            "ec2",
+            chrono::Utc::now(),
         );
-        let mut req = self.http.post(&self.url).header("content-type", ct).body(body);
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", ct)
+            .body(body);
         for (k, v) in signed {
             req = req.header(k, v);
         }
         let resp = req.send().await.expect("EC2 API reachable");
-        Reply { status: resp.status().as_u16(), body: resp.text().await.expect("body") }
+        Reply {
+            status: resp.status().as_u16(),
+            body: resp.text().await.expect("body"),
+        }
     }
 
     async fn ok(&self, action: &str, params: &[(&str, &str)]) -> Reply {
@@ -81,7 +102,12 @@ impl Ec2 {
 
     async fn state(&self, id: &str) -> String {
         let r = self.ok("DescribeInstances", &[("InstanceId.1", id)]).await;
-        r.one("instanceState").split("<name>").nth(1).and_then(|s| s.split('<').next()).unwrap_or_default().to_owned()
+        r.one("instanceState")
+            .split("<name>")
+            .nth(1)
+            .and_then(|s| s.split('<').next())
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn wait_state(&self, id: &str, want: &str) {
@@ -91,7 +117,10 @@ impl Ec2 {
             if got == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "{id} stuck in {got}, wanted {want}");
+            assert!(
+                Instant::now() < deadline,
+                "{id} stuck in {got}, wanted {want}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -108,7 +137,11 @@ impl Ec2 {
     }
 }
 
-async fn cloud(zones: &[&str], nodes_per_zone: u32, capacity: Resources) -> (tempfile::TempDir, DevCloud) {
+async fn cloud(
+    zones: &[&str],
+    nodes_per_zone: u32,
+    capacity: Resources,
+) -> (tempfile::TempDir, DevCloud) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = DevOptions::for_tests(dir.path().join("data"));
     opts.zones = zones.iter().map(|z| ZoneName::parse(z).unwrap()).collect();
@@ -122,7 +155,13 @@ async fn cloud(zones: &[&str], nodes_per_zone: u32, capacity: Resources) -> (tem
 async fn instances_converge_through_all_three_tiers() {
     let (_dir, cloud) = cloud(&["zone-a"], 2, Resources::new(4, 8192, 100)).await;
     let ec2 = Ec2::new(&cloud);
-    let r = ec2.run(&[("MinCount", "2"), ("MaxCount", "2"), ("ClientToken", "tok-1")]).await;
+    let r = ec2
+        .run(&[
+            ("MinCount", "2"),
+            ("MaxCount", "2"),
+            ("ClientToken", "tok-1"),
+        ])
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ids = r.all("instanceId");
     assert_eq!(ids.len(), 2);
@@ -140,26 +179,47 @@ async fn instances_converge_through_all_three_tiers() {
         .json()
         .await
         .unwrap();
-    let mut nodes: Vec<&str> = instances.iter().map(|i| i["node_id"].as_str().expect("placed")).collect();
+    let mut nodes: Vec<&str> = instances
+        .iter()
+        .map(|i| i["node_id"].as_str().expect("placed"))
+        .collect();
     nodes.sort();
     assert_eq!(nodes, vec!["zone-a-node-1", "zone-a-node-2"]);
 
     // The console comes from the node that runs the instance.
-    let console = ec2.ok("GetConsoleOutput", &[("InstanceId", &ids[0])]).await.one("output");
+    let console = ec2
+        .ok("GetConsoleOutput", &[("InstanceId", &ids[0])])
+        .await
+        .one("output");
     let text = String::from_utf8(base64_decode(&console)).unwrap();
-    assert!(text.contains(&format!("booting instance {}", ids[0])), "{text}");
+    assert!(
+        text.contains(&format!("booting instance {}", ids[0])),
+        "{text}"
+    );
 
     // Stop and start go down to the node and their results come back up.
     ec2.ok("StopInstances", &[("InstanceId.1", &ids[0])]).await;
     ec2.wait_state(&ids[0], "stopped").await;
-    let boots_before = cloud.sims.iter().map(|s| s.boots(&InstanceId::parse(&ids[0]).unwrap())).sum::<u64>();
+    let boots_before = cloud
+        .sims
+        .iter()
+        .map(|s| s.boots(&InstanceId::parse(&ids[0]).unwrap()))
+        .sum::<u64>();
     ec2.ok("StartInstances", &[("InstanceId.1", &ids[0])]).await;
     ec2.wait_state(&ids[0], "running").await;
-    let boots_after = cloud.sims.iter().map(|s| s.boots(&InstanceId::parse(&ids[0]).unwrap())).sum::<u64>();
+    let boots_after = cloud
+        .sims
+        .iter()
+        .map(|s| s.boots(&InstanceId::parse(&ids[0]).unwrap()))
+        .sum::<u64>();
     assert_eq!(boots_after, boots_before + 1);
 
     // Terminate reaches the node, frees the allocation, and the instance stays visible.
-    ec2.ok("TerminateInstances", &[("InstanceId.1", &ids[0]), ("InstanceId.2", &ids[1])]).await;
+    ec2.ok(
+        "TerminateInstances",
+        &[("InstanceId.1", &ids[0]), ("InstanceId.2", &ids[1])],
+    )
+    .await;
     for id in &ids {
         ec2.wait_state(id, "terminated").await;
     }
@@ -176,7 +236,16 @@ async fn node_failures_are_reported_not_lost() {
     let id = r.one("instanceId");
     ec2.wait_state(&id, "terminated").await;
     let d = ec2.ok("DescribeInstances", &[("InstanceId.1", &id)]).await;
-    assert_eq!(d.one("stateReason").split("<code>").nth(1).unwrap().split('<').next().unwrap(), "Server.InternalError");
+    assert_eq!(
+        d.one("stateReason")
+            .split("<code>")
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap(),
+        "Server.InternalError"
+    );
 
     // A guest that powers itself off is stopped, and stays stopped.
     let r = ec2.run(&[("MinCount", "1"), ("MaxCount", "1")]).await;
@@ -185,9 +254,17 @@ async fn node_failures_are_reported_not_lost() {
     assert!(cloud.sims[0].guest_poweroff(&InstanceId::parse(&id).unwrap()));
     ec2.wait_state(&id, "stopped").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(ec2.state(&id).await, "stopped", "the node must not restart a guest that shut itself down");
+    assert_eq!(
+        ec2.state(&id).await,
+        "stopped",
+        "the node must not restart a guest that shut itself down"
+    );
     let d = ec2.ok("DescribeInstances", &[("InstanceId.1", &id)]).await;
-    assert!(d.body.contains("Client.InstanceInitiatedShutdown"), "{}", d.body);
+    assert!(
+        d.body.contains("Client.InstanceInitiatedShutdown"),
+        "{}",
+        d.body
+    );
     cloud.shutdown().await;
 }
 
@@ -200,16 +277,35 @@ async fn capacity_is_checked_per_zone_and_launches_what_fits() {
     assert_eq!(r.status, 500, "{}", r.body);
     assert_eq!(r.error_code(), "InsufficientInstanceCapacity");
     let none = ec2.ok("DescribeInstances", &[]).await;
-    assert!(none.all("instanceId").is_empty(), "a refused launch creates nothing");
+    assert!(
+        none.all("instanceId").is_empty(),
+        "a refused launch creates nothing"
+    );
 
-    let r = ec2.run(&[("MinCount", "1"), ("MaxCount", "5"), ("Placement.AvailabilityZone", "zone-b")]).await;
+    let r = ec2
+        .run(&[
+            ("MinCount", "1"),
+            ("MaxCount", "5"),
+            ("Placement.AvailabilityZone", "zone-b"),
+        ])
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.all("instanceId").len(), 2, "MaxCount is trimmed to what fits");
+    assert_eq!(
+        r.all("instanceId").len(),
+        2,
+        "MaxCount is trimmed to what fits"
+    );
     assert!(r.all("availabilityZone").iter().all(|z| z == "zone-b"));
     // The least loaded zone is now zone-a.
     let r = ec2.run(&[("MinCount", "1"), ("MaxCount", "1")]).await;
     assert_eq!(r.one("availabilityZone"), "zone-a");
-    let r = ec2.run(&[("MinCount", "1"), ("MaxCount", "1"), ("Placement.AvailabilityZone", "zone-q")]).await;
+    let r = ec2
+        .run(&[
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("Placement.AvailabilityZone", "zone-q"),
+        ])
+        .await;
     assert_eq!(r.error_code(), "InvalidParameterValue");
     cloud.shutdown().await;
 }
@@ -218,9 +314,18 @@ async fn capacity_is_checked_per_zone_and_launches_what_fits() {
 async fn state_and_keys_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let cloud = dev::start(DevOptions::for_tests(data.clone())).await.unwrap();
+    let cloud = dev::start(DevOptions::for_tests(data.clone()))
+        .await
+        .unwrap();
     let ec2 = Ec2::new(&cloud);
-    let id = ec2.run(&[("MinCount", "1"), ("MaxCount", "1"), ("ClientToken", "once")]).await.one("instanceId");
+    let id = ec2
+        .run(&[
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("ClientToken", "once"),
+        ])
+        .await
+        .one("instanceId");
     ec2.wait_state(&id, "running").await;
     let key = cloud.admin.access_key_id.clone();
     cloud.shutdown().await;
@@ -231,7 +336,13 @@ async fn state_and_keys_survive_a_restart() {
     let d = ec2.ok("DescribeInstances", &[("InstanceId.1", &id)]).await;
     assert_eq!(d.one("instanceId"), id);
     // The same client token after the restart still names the first launch.
-    let again = ec2.run(&[("MinCount", "1"), ("MaxCount", "1"), ("ClientToken", "once")]).await;
+    let again = ec2
+        .run(&[
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("ClientToken", "once"),
+        ])
+        .await;
     assert_eq!(again.one("instanceId"), id);
     // The simulated node lost its guest with the process; the cloud starts it again.
     ec2.wait_state(&id, "running").await;
@@ -240,5 +351,7 @@ async fn state_and_keys_survive_a_restart() {
 
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .unwrap()
 }

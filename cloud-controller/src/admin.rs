@@ -39,9 +39,14 @@ struct BearerAuth;
 
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
         components.add_security_scheme(
             "sigv4",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
@@ -68,7 +73,11 @@ pub struct ResourcesView {
 
 impl From<Resources> for ResourcesView {
     fn from(r: Resources) -> Self {
-        Self { vcpus: r.vcpus, memory_mib: r.memory_mib, disk_gib: r.disk_gib }
+        Self {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            disk_gib: r.disk_gib,
+        }
     }
 }
 
@@ -119,16 +128,29 @@ pub struct ErrorBody {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(ErrorBody { code: code.into(), message: message.into() })).into_response()
+    (
+        status,
+        Json(ErrorBody {
+            code: code.into(),
+            message: message.into(),
+        }),
+    )
+        .into_response()
 }
 
 fn internal(e: StateError) -> Response {
     tracing::error!(error = %e, "admin API state error");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        "internal error",
+    )
 }
 
 fn ms_to_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
 }
 
 pub fn router(clc: Arc<Clc>) -> axum::Router {
@@ -136,7 +158,10 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/zones", get(list_zones))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/instances", get(list_instances))
-        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
         .layer(middleware::from_fn_with_state(clc.clone(), authorize))
         .with_state(clc)
 }
@@ -144,12 +169,17 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
 async fn authorize(State(clc): State<Arc<Clc>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLarge", "request body too large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLarge",
+            "request body too large",
+        );
     };
     if let Err(resp) = check_credentials(&clc, &parts.method, &parts.uri, &parts.headers, &bytes) {
-        return resp;
+        return *resp;
     }
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn check_credentials(
@@ -158,33 +188,75 @@ fn check_credentials(
     uri: &axum::http::Uri,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(), Response> {
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+) -> Result<(), Box<Response>> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if let Some(token) = auth.strip_prefix("Bearer ") {
         let ok = clc.config.admin_token.as_deref().is_some_and(|want| {
             use subtle::ConstantTimeEq;
             want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
         });
-        return if ok { Ok(()) } else { Err(error(StatusCode::UNAUTHORIZED, "AuthFailure", "invalid admin token")) };
+        return if ok {
+            Ok(())
+        } else {
+            Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "AuthFailure",
+                "invalid admin token",
+            )))
+        };
     }
     if auth.is_empty() {
-        return Err(error(StatusCode::UNAUTHORIZED, "MissingAuthenticationToken", "admin credentials required"));
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthenticationToken",
+            "admin credentials required",
+        )));
     }
     let header_list: Vec<(String, String)> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let parts = RequestParts { method: method.as_str(), path: uri.path(), query: uri.query().unwrap_or(""), headers: &header_list, body };
+    let parts = RequestParts {
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query().unwrap_or(""),
+        headers: &header_list,
+        body,
+    };
     let cfg = VerifyConfig {
         region: clc.config.region.as_str(),
         service: ADMIN_SIGV4_SERVICE,
         now: chrono::Utc::now(),
         max_skew: clc.config.max_clock_skew,
     };
-    let key = sigv4::verify(&parts, &cfg, |ak| clc.credentials(ak).map(|(_, s)| s))
-        .map_err(|e| error(StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::FORBIDDEN), e.code(), &e.to_string()))?;
-    let is_admin = clc.credentials(&key).is_some_and(|(account, _)| clc.is_admin(&account));
-    if is_admin { Ok(()) } else { Err(error(StatusCode::FORBIDDEN, "UnauthorizedOperation", "not an admin account")) }
+    let key =
+        sigv4::verify(&parts, &cfg, |ak| clc.credentials(ak).map(|(_, s)| s)).map_err(|e| {
+            Box::new(error(
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::FORBIDDEN),
+                e.code(),
+                &e.to_string(),
+            ))
+        })?;
+    let is_admin = clc
+        .credentials(&key)
+        .is_some_and(|(account, _)| clc.is_admin(&account));
+    if is_admin {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "UnauthorizedOperation",
+            "not an admin account",
+        )))
+    }
 }
 
 /// Availability zones with their CC's liveness.
@@ -200,7 +272,11 @@ async fn list_zones(State(clc): State<Arc<Clc>>) -> Response {
             let live = clc.zones.get(&z.zone);
             ZoneView {
                 available: clc.zones.is_available(&z.zone, clc.config.zone_timeout),
-                endpoint: live.as_ref().map(|l| l.endpoint.clone()).filter(|e| !e.is_empty()).unwrap_or(z.endpoint),
+                endpoint: live
+                    .as_ref()
+                    .map(|l| l.endpoint.clone())
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or(z.endpoint),
                 applied_generation: live.as_ref().map(|l| l.applied_generation).unwrap_or(0),
                 node_count: live.as_ref().map(|l| l.nodes.len()).unwrap_or(0),
                 last_heartbeat: live.as_ref().map(|l| ms_to_rfc3339(l.last_heartbeat_ms)),
@@ -255,7 +331,9 @@ async fn list_instances(State(clc): State<Arc<Clc>>) -> Response {
             desired: i.desired.name().into(),
             instance_type: i.instance_type,
             image_id: i.image_id.to_string(),
-            launch_time: i.launch_time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            launch_time: i
+                .launch_time
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         })
         .collect();
     Json(views).into_response()
@@ -265,7 +343,8 @@ async fn list_instances(State(clc): State<Arc<Clc>>) -> Response {
 mod tests {
     #[test]
     fn checked_in_openapi_document_matches_the_code() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/admin-openapi.json");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/admin-openapi.json");
         let generated = super::openapi_json();
         if std::env::var_os("UPDATE_OPENAPI").is_some() {
             std::fs::write(&path, &generated).unwrap();

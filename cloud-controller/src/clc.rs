@@ -7,7 +7,7 @@ use std::sync::Arc;
 use canopy_common::AccountId;
 use canopy_proto::v1::cloud_controller_server::CloudControllerServer;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Mutex, Notify};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ClcConfig;
@@ -18,11 +18,18 @@ use crate::zones::{self, CcClients, ZoneRegistry, ZoneService};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot open the state database: {0}")]
     State(#[from] StateError),
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything the CLC's edges share.
@@ -43,7 +50,11 @@ pub struct Clc {
 }
 
 impl Clc {
-    pub async fn new(config: ClcConfig, store: Arc<Store>, log: Arc<dyn CommandLog>) -> Result<Arc<Clc>, StateError> {
+    pub async fn new(
+        config: ClcConfig,
+        store: Arc<Store>,
+        log: Arc<dyn CommandLog>,
+    ) -> Result<Arc<Clc>, StateError> {
         let clc = Arc::new(Clc {
             config,
             store,
@@ -61,7 +72,10 @@ impl Clc {
 
     /// Submits a command to the log and waits until it is applied.
     pub async fn submit(&self, command: Command) -> Result<Outcome, StateError> {
-        let reload = matches!(command, Command::CreateAccount { .. } | Command::AddAccessKey { .. });
+        let reload = matches!(
+            command,
+            Command::CreateAccount { .. } | Command::AddAccessKey { .. }
+        );
         let out = self.log.submit(command).await?;
         if reload {
             self.reload_keys().await?;
@@ -74,19 +88,33 @@ impl Clc {
         let keys = self.store.access_keys().await?;
         let map = keys.into_iter().map(|(k, a, s)| (k, (a, s))).collect();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = map;
-        let admins = self.store.accounts().await?.into_iter().filter(|a| a.is_admin).map(|a| a.account_id).collect();
+        let admins = self
+            .store
+            .accounts()
+            .await?
+            .into_iter()
+            .filter(|a| a.is_admin)
+            .map(|a| a.account_id)
+            .collect();
         *self.admins.write().unwrap_or_else(|e| e.into_inner()) = admins;
         Ok(())
     }
 
     /// True when the account may use the admin API.
     pub fn is_admin(&self, account: &AccountId) -> bool {
-        self.admins.read().unwrap_or_else(|e| e.into_inner()).contains(account)
+        self.admins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(account)
     }
 
     /// The account and secret of an access key.
     pub fn credentials(&self, access_key_id: &str) -> Option<(AccountId, String)> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).get(access_key_id).cloned()
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(access_key_id)
+            .cloned()
     }
 }
 
@@ -112,14 +140,18 @@ impl ClcHandle {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Opens the state in `config.data_dir` and serves the EC2 API, the admin API and the
 /// CC-facing gRPC service.
 pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
     let store = Arc::new(Store::open(&config.data_dir.join("clc.db")).await?);
     let log: Arc<dyn CommandLog> = Arc::new(LocalLog::new(store.clone()));
     let ec2_listener = bind("EC2 API", config.ec2_listen).await?;
@@ -127,13 +159,39 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     let grpc_listener = bind("gRPC", config.grpc_listen).await?;
     let clc = Clc::new(config, store, log).await?;
     let (shutdown, rx) = watch::channel(false);
-    let ec2_addr = ec2_listener.local_addr().map_err(|source| StartError::Bind { what: "EC2 API", addr: clc.config.ec2_listen, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { what: "admin API", addr: clc.config.admin_listen, source })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { what: "gRPC", addr: clc.config.grpc_listen, source })?;
+    let ec2_addr = ec2_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "EC2 API",
+            addr: clc.config.ec2_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "admin API",
+            addr: clc.config.admin_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "gRPC",
+            addr: clc.config.grpc_listen,
+            source,
+        })?;
 
     let mut tasks = Vec::new();
-    tasks.push(serve_http(ec2_listener, crate::ec2::router(clc.clone()), rx.clone()));
-    tasks.push(serve_http(admin_listener, crate::admin::router(clc.clone()), rx.clone()));
+    tasks.push(serve_http(
+        ec2_listener,
+        crate::ec2::router(clc.clone()),
+        rx.clone(),
+    ));
+    tasks.push(serve_http(
+        admin_listener,
+        crate::admin::router(clc.clone()),
+        rx.clone(),
+    ));
     {
         let svc = CloudControllerServer::new(ZoneService::new(clc.clone()));
         let mut rx = rx.clone();
@@ -153,10 +211,21 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     tasks.push(tokio::spawn(zones::run_reconciler(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_purger(clc.clone(), rx.clone())));
     tracing::info!(%ec2_addr, %admin_addr, %grpc_addr, region = %clc.config.region, "cloud controller started");
-    Ok(ClcHandle { clc, ec2_addr, admin_addr, grpc_addr, shutdown, tasks })
+    Ok(ClcHandle {
+        clc,
+        ec2_addr,
+        admin_addr,
+        grpc_addr,
+        shutdown,
+        tasks,
+    })
 }
 
-fn serve_http(listener: TcpListener, router: axum::Router, mut rx: watch::Receiver<bool>) -> JoinHandle<()> {
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    mut rx: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         use axum::serve::ListenerExt;
         // EC2 clients wait for whole responses; Nagle's delay would cap them at tens of calls/s.

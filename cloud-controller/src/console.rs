@@ -12,10 +12,20 @@ use crate::state::Instance;
 pub async fn fetch(clc: &Clc, inst: &Instance) -> Option<Vec<u8>> {
     let endpoint = match clc.zones.get(&inst.zone) {
         Some(live) if !live.endpoint.is_empty() => live.endpoint,
-        _ => clc.store.zones().await.ok()?.into_iter().find(|z| z.zone == inst.zone)?.endpoint,
+        _ => {
+            clc.store
+                .zones()
+                .await
+                .ok()?
+                .into_iter()
+                .find(|z| z.zone == inst.zone)?
+                .endpoint
+        }
     };
     let mut client = clc.cc_clients.get(&endpoint).ok()?;
-    let req = pb::ConsoleRequest { instance_id: inst.instance_id.to_string() };
+    let req = pb::ConsoleRequest {
+        instance_id: inst.instance_id.to_string(),
+    };
     match tokio::time::timeout(Duration::from_secs(5), client.get_console_output(req)).await {
         Ok(Ok(resp)) => Some(resp.into_inner().output),
         Ok(Err(status)) => {

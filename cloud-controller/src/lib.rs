@@ -17,5 +17,5 @@ pub mod scheduler;
 pub mod state;
 pub mod zones;
 
-pub use clc::{start, Clc, ClcHandle, StartError};
+pub use clc::{Clc, ClcHandle, StartError, start};
 pub use config::ClcConfig;

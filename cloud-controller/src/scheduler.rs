@@ -4,7 +4,7 @@
 //! zone was passed over) out. The cluster controller later picks the node inside the zone
 //! with the same placement function, so a zone accepted here has room for the launch.
 
-use canopy_common::placement::{place_all, HostSnapshot, Placement};
+use canopy_common::placement::{HostSnapshot, Placement, place_all};
 use canopy_common::{NodeId, Resources, ZoneName};
 
 #[derive(Debug, Clone)]
@@ -36,21 +36,27 @@ pub enum Decision {
 /// Picks the zone for `req`: the named one, or the least loaded (most free memory) of the
 /// zones that can take at least `min_count`. Launches as many as fit, up to `max_count`.
 pub fn choose_zone(zones: &[ZoneSnapshot], req: &LaunchRequest) -> Decision {
-    if let Some(want) = &req.zone {
-        if !zones.iter().any(|z| &z.zone == want) {
-            return Decision::UnknownZone(want.clone());
-        }
+    if let Some(want) = &req.zone
+        && !zones.iter().any(|z| &z.zone == want)
+    {
+        return Decision::UnknownZone(want.clone());
     }
     let mut reasons = Vec::new();
     let mut best: Option<(ZoneName, u32, u64)> = None;
-    for z in zones.iter().filter(|z| req.zone.as_ref().is_none_or(|w| w == &z.zone)) {
+    for z in zones
+        .iter()
+        .filter(|z| req.zone.as_ref().is_none_or(|w| w == &z.zone))
+    {
         if !z.available {
             reasons.push(format!("{}: zone is unavailable", z.zone));
             continue;
         }
         let (count, free_mem, why) = fit_count(z, req);
         if count < req.min_count {
-            reasons.push(format!("{}: room for {count} of {} ({why})", z.zone, req.min_count));
+            reasons.push(format!(
+                "{}: room for {count} of {} ({why})",
+                z.zone, req.min_count
+            ));
             continue;
         }
         if best.as_ref().is_none_or(|(_, _, m)| free_mem > *m) {
@@ -73,7 +79,11 @@ pub fn choose_zone(zones: &[ZoneSnapshot], req: &LaunchRequest) -> Decision {
 fn fit_count(z: &ZoneSnapshot, req: &LaunchRequest) -> (u32, u64, String) {
     let mut hosts = z.hosts.clone();
     place_all(&mut hosts, &z.unplaced);
-    let free_mem = hosts.iter().filter(|h| h.healthy).map(|h| h.free().memory_mib).sum();
+    let free_mem = hosts
+        .iter()
+        .filter(|h| h.healthy)
+        .map(|h| h.free().memory_mib)
+        .sum();
     let wanted = vec![req.per_instance; req.max_count as usize];
     let mut count = 0;
     let mut why = String::from("fits");
@@ -84,7 +94,11 @@ fn fit_count(z: &ZoneSnapshot, req: &LaunchRequest) -> (u32, u64, String) {
                 why = if rejections.is_empty() {
                     "no nodes".into()
                 } else {
-                    rejections.iter().map(|r| format!("{}: {}", r.key, r.reason)).collect::<Vec<_>>().join("; ")
+                    rejections
+                        .iter()
+                        .map(|r| format!("{}: {}", r.key, r.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 };
                 break;
             }
@@ -126,22 +140,51 @@ mod tests {
 
     #[test]
     fn picks_the_least_loaded_zone() {
-        let zones = [zone("a", true, &[(8, 4096, true)]), zone("b", true, &[(8, 8192, true)])];
-        assert_eq!(choose_zone(&zones, &req(None, 1, 2)), Decision::Launch { zone: zones[1].zone.clone(), count: 2 });
+        let zones = [
+            zone("a", true, &[(8, 4096, true)]),
+            zone("b", true, &[(8, 8192, true)]),
+        ];
+        assert_eq!(
+            choose_zone(&zones, &req(None, 1, 2)),
+            Decision::Launch {
+                zone: zones[1].zone.clone(),
+                count: 2
+            }
+        );
     }
 
     #[test]
     fn honours_the_named_zone_and_refuses_unknown_ones() {
-        let zones = [zone("a", true, &[(8, 4096, true)]), zone("b", true, &[(8, 8192, true)])];
-        assert_eq!(choose_zone(&zones, &req(Some("a"), 1, 1)), Decision::Launch { zone: zones[0].zone.clone(), count: 1 });
-        assert_eq!(choose_zone(&zones, &req(Some("c"), 1, 1)), Decision::UnknownZone(ZoneName::parse("c").unwrap()));
+        let zones = [
+            zone("a", true, &[(8, 4096, true)]),
+            zone("b", true, &[(8, 8192, true)]),
+        ];
+        assert_eq!(
+            choose_zone(&zones, &req(Some("a"), 1, 1)),
+            Decision::Launch {
+                zone: zones[0].zone.clone(),
+                count: 1
+            }
+        );
+        assert_eq!(
+            choose_zone(&zones, &req(Some("c"), 1, 1)),
+            Decision::UnknownZone(ZoneName::parse("c").unwrap())
+        );
     }
 
     #[test]
     fn launches_between_min_and_max() {
         let zones = [zone("a", true, &[(3, 100_000, true)])];
-        assert_eq!(choose_zone(&zones, &req(None, 2, 5)), Decision::Launch { zone: zones[0].zone.clone(), count: 3 });
-        let Decision::NoCapacity { reasons } = choose_zone(&zones, &req(None, 4, 5)) else { panic!() };
+        assert_eq!(
+            choose_zone(&zones, &req(None, 2, 5)),
+            Decision::Launch {
+                zone: zones[0].zone.clone(),
+                count: 3
+            }
+        );
+        let Decision::NoCapacity { reasons } = choose_zone(&zones, &req(None, 4, 5)) else {
+            panic!()
+        };
         assert!(reasons[0].contains("room for 3 of 4"), "{reasons:?}");
         assert!(reasons[0].contains("not enough vcpus"), "{reasons:?}");
     }
@@ -150,17 +193,33 @@ mod tests {
     fn unplaced_instances_take_room_first() {
         let mut z = zone("a", true, &[(2, 100_000, true)]);
         z.unplaced = vec![Resources::new(1, 1024, 10)];
-        assert_eq!(choose_zone(&[z], &req(None, 1, 5)), Decision::Launch { zone: ZoneName::parse("a").unwrap(), count: 1 });
+        assert_eq!(
+            choose_zone(&[z], &req(None, 1, 5)),
+            Decision::Launch {
+                zone: ZoneName::parse("a").unwrap(),
+                count: 1
+            }
+        );
     }
 
     #[test]
     fn unavailable_zones_and_unhealthy_nodes_take_nothing() {
-        let zones = [zone("a", false, &[(8, 8192, true)]), zone("b", true, &[(8, 8192, false)])];
-        let Decision::NoCapacity { reasons } = choose_zone(&zones, &req(None, 1, 1)) else { panic!() };
+        let zones = [
+            zone("a", false, &[(8, 8192, true)]),
+            zone("b", true, &[(8, 8192, false)]),
+        ];
+        let Decision::NoCapacity { reasons } = choose_zone(&zones, &req(None, 1, 1)) else {
+            panic!()
+        };
         assert_eq!(reasons.len(), 2);
         assert!(reasons[0].contains("unavailable"));
         assert!(reasons[1].contains("not healthy"));
-        let Decision::NoCapacity { reasons } = choose_zone(&[], &req(None, 1, 1)) else { panic!() };
-        assert_eq!(reasons, vec!["no availability zone is registered".to_string()]);
+        let Decision::NoCapacity { reasons } = choose_zone(&[], &req(None, 1, 1)) else {
+            panic!()
+        };
+        assert_eq!(
+            reasons,
+            vec!["no availability zone is registered".to_string()]
+        );
     }
 }

@@ -47,7 +47,11 @@ pub struct ZoneRegistry {
 
 impl ZoneRegistry {
     pub fn get(&self, zone: &ZoneName) -> Option<ZoneLive> {
-        self.zones.read().unwrap_or_else(|e| e.into_inner()).get(zone).cloned()
+        self.zones
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(zone)
+            .cloned()
     }
 
     fn update(&self, zone: &ZoneName, f: impl FnOnce(&mut ZoneLive)) {
@@ -64,7 +68,8 @@ impl ZoneRegistry {
 
     /// True when the zone's CC heartbeated within `timeout`.
     pub fn is_available(&self, zone: &ZoneName, timeout: Duration) -> bool {
-        self.get(zone).is_some_and(|z| z.last_heartbeat.elapsed() <= timeout)
+        self.get(zone)
+            .is_some_and(|z| z.last_heartbeat.elapsed() <= timeout)
     }
 }
 
@@ -72,12 +77,21 @@ impl ZoneRegistry {
 /// allocations from the CLC's own records (which include launches not yet placed).
 pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> {
     let zones = clc.store.zones().await?;
-    let live_instances = clc.store.instances(&InstanceFilter { live_only: true, ..Default::default() }).await?;
+    let live_instances = clc
+        .store
+        .instances(&InstanceFilter {
+            live_only: true,
+            ..Default::default()
+        })
+        .await?;
     let mut out = Vec::new();
     for zone in zones {
         let live = clc.zones.get(&zone.zone);
         let available = clc.zones.is_available(&zone.zone, clc.config.zone_timeout);
-        let in_zone: Vec<&Instance> = live_instances.iter().filter(|i| i.zone == zone.zone).collect();
+        let in_zone: Vec<&Instance> = live_instances
+            .iter()
+            .filter(|i| i.zone == zone.zone)
+            .collect();
         let hosts = live
             .map(|l| l.nodes)
             .unwrap_or_default()
@@ -93,8 +107,17 @@ pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> 
                 healthy: n.healthy,
             })
             .collect();
-        let unplaced = in_zone.iter().filter(|i| i.node_id.is_none()).map(|i| i.resources).collect();
-        out.push(ZoneSnapshot { zone: zone.zone, available, hosts, unplaced });
+        let unplaced = in_zone
+            .iter()
+            .filter(|i| i.node_id.is_none())
+            .map(|i| i.resources)
+            .collect();
+        out.push(ZoneSnapshot {
+            zone: zone.zone,
+            available,
+            hosts,
+            unplaced,
+        });
     }
     Ok(out)
 }
@@ -122,16 +145,26 @@ fn parse_zone(s: &str) -> Result<ZoneName, Status> {
 
 #[tonic::async_trait]
 impl CloudController for ZoneService {
-    async fn register_zone(&self, req: Request<pb::RegisterZoneRequest>) -> Result<Response<pb::RegisterZoneResponse>, Status> {
+    async fn register_zone(
+        &self,
+        req: Request<pb::RegisterZoneRequest>,
+    ) -> Result<Response<pb::RegisterZoneResponse>, Status> {
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
             return Err(Status::invalid_argument("endpoint must be an http(s) URL"));
         }
         let known = self.clc.store.zones().await.map_err(internal)?;
-        if !known.iter().any(|z| z.zone == zone && z.endpoint == req.endpoint) {
+        if !known
+            .iter()
+            .any(|z| z.zone == zone && z.endpoint == req.endpoint)
+        {
             self.clc
-                .submit(Command::RegisterZone { zone: zone.clone(), endpoint: req.endpoint.clone(), at: Utc::now() })
+                .submit(Command::RegisterZone {
+                    zone: zone.clone(),
+                    endpoint: req.endpoint.clone(),
+                    at: Utc::now(),
+                })
                 .await
                 .map_err(internal)?;
         }
@@ -143,10 +176,15 @@ impl CloudController for ZoneService {
         });
         tracing::info!(%zone, "zone registered");
         self.clc.changed.notify_one();
-        Ok(Response::new(pb::RegisterZoneResponse { region: self.clc.config.region.to_string() }))
+        Ok(Response::new(pb::RegisterZoneResponse {
+            region: self.clc.config.region.to_string(),
+        }))
     }
 
-    async fn zone_heartbeat(&self, req: Request<pb::ZoneHeartbeatRequest>) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
+    async fn zone_heartbeat(
+        &self,
+        req: Request<pb::ZoneHeartbeatRequest>,
+    ) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let stored = self.clc.store.zones().await.map_err(internal)?;
@@ -167,33 +205,67 @@ impl CloudController for ZoneService {
         Ok(Response::new(pb::ZoneHeartbeatResponse { known: true }))
     }
 
-    async fn report_instances(&self, req: Request<pb::ZoneInstanceReports>) -> Result<Response<pb::ReportAck>, Status> {
+    async fn report_instances(
+        &self,
+        req: Request<pb::ZoneInstanceReports>,
+    ) -> Result<Response<pb::ReportAck>, Status> {
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let mut observations = Vec::new();
         for r in req.reports {
-            let Some(state) = state_from_proto(r.state()) else { continue };
-            let Ok(instance_id) = r.instance_id.parse() else {
-                return Err(Status::invalid_argument(format!("malformed instance id {:?}", r.instance_id)));
+            let Some(state) = state_from_proto(r.state()) else {
+                continue;
             };
-            let node_id = if r.node_id.is_empty() { None } else { Some(NodeId::parse(&r.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?) };
+            let Ok(instance_id) = r.instance_id.parse() else {
+                return Err(Status::invalid_argument(format!(
+                    "malformed instance id {:?}",
+                    r.instance_id
+                )));
+            };
+            let node_id = if r.node_id.is_empty() {
+                None
+            } else {
+                Some(
+                    NodeId::parse(&r.node_id)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                )
+            };
             let reason = (!r.reason_code.is_empty()).then(|| StateReason {
-                message: if r.reason_message.is_empty() { r.reason_code.clone() } else { format!("{}: {}", r.reason_code, r.reason_message) },
+                message: if r.reason_message.is_empty() {
+                    r.reason_code.clone()
+                } else {
+                    format!("{}: {}", r.reason_code, r.reason_message)
+                },
                 code: r.reason_code,
             });
-            observations.push(Observation { instance_id, node_id, state, reason });
+            observations.push(Observation {
+                instance_id,
+                node_id,
+                state,
+                reason,
+            });
         }
         // Periodic full reports repeat what we know: only what differs goes to the log.
         let ids: Vec<_> = observations.iter().map(|o| o.instance_id.clone()).collect();
-        let known = self.clc.store.instances_by_id(None, &ids).await.map_err(internal)?;
+        let known = self
+            .clc
+            .store
+            .instances_by_id(None, &ids)
+            .await
+            .map_err(internal)?;
         observations.retain(|o| {
             known.get(&o.instance_id).is_some_and(|i| {
-                i.zone == zone && (i.state != o.state || (o.node_id.is_some() && o.node_id != i.node_id))
+                i.zone == zone
+                    && (i.state != o.state || (o.node_id.is_some() && o.node_id != i.node_id))
             })
         });
         if !observations.is_empty() {
             self.clc
-                .submit(Command::ObserveInstances { zone, observations, at: Utc::now() })
+                .submit(Command::ObserveInstances {
+                    zone,
+                    observations,
+                    at: Utc::now(),
+                })
                 .await
                 .map_err(internal)?;
         }
@@ -202,7 +274,10 @@ impl CloudController for ZoneService {
 }
 
 fn node_from_proto(n: pb::NodeSummary) -> Option<NodeLive> {
-    let res = |r: Option<pb::Resources>| r.map(|r| Resources::new(r.vcpus, r.memory_mib, r.disk_gib)).unwrap_or_default();
+    let res = |r: Option<pb::Resources>| {
+        r.map(|r| Resources::new(r.vcpus, r.memory_mib, r.disk_gib))
+            .unwrap_or_default()
+    };
     Some(NodeLive {
         node_id: NodeId::parse(&n.node_id).ok()?,
         hypervisor: n.hypervisor,
@@ -230,7 +305,11 @@ fn spec_to_proto(i: &Instance) -> pb::InstanceSpec {
     pb::InstanceSpec {
         instance_id: i.instance_id.to_string(),
         instance_type: i.instance_type.clone(),
-        resources: Some(pb::Resources { vcpus: i.resources.vcpus, memory_mib: i.resources.memory_mib, disk_gib: i.resources.disk_gib }),
+        resources: Some(pb::Resources {
+            vcpus: i.resources.vcpus,
+            memory_mib: i.resources.memory_mib,
+            disk_gib: i.resources.disk_gib,
+        }),
         image_id: i.image_id.to_string(),
         user_data: i.user_data.clone().unwrap_or_default(),
         key_name: i.key_name.clone().unwrap_or_default(),
@@ -240,7 +319,11 @@ fn spec_to_proto(i: &Instance) -> pb::InstanceSpec {
             PowerState::Terminated => pb::PowerState::Terminated,
         } as i32,
         reboot_seq: i.reboot_seq,
-        node_id: i.node_id.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+        node_id: i
+            .node_id
+            .as_ref()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -289,17 +372,30 @@ pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Rec
     }
 }
 
-async fn reconcile_once(clc: &Clc, pushed: &mut HashMap<ZoneName, u64>, full: bool) -> Result<(), StateError> {
+async fn reconcile_once(
+    clc: &Clc,
+    pushed: &mut HashMap<ZoneName, u64>,
+    full: bool,
+) -> Result<(), StateError> {
     for zone in clc.store.zones().await? {
         let live = clc.zones.get(&zone.zone);
-        let behind = live.as_ref().is_some_and(|l| l.applied_generation < zone.generation);
+        let behind = live
+            .as_ref()
+            .is_some_and(|l| l.applied_generation < zone.generation);
         if !full && !behind && pushed.get(&zone.zone) == Some(&zone.generation) {
             continue;
         }
-        let endpoint = live.map(|l| l.endpoint).filter(|e| !e.is_empty()).unwrap_or(zone.endpoint.clone());
+        let endpoint = live
+            .map(|l| l.endpoint)
+            .filter(|e| !e.is_empty())
+            .unwrap_or(zone.endpoint.clone());
         let instances = clc
             .store
-            .instances(&InstanceFilter { zone: Some(zone.zone.clone()), live_only: true, ..Default::default() })
+            .instances(&InstanceFilter {
+                zone: Some(zone.zone.clone()),
+                live_only: true,
+                ..Default::default()
+            })
             .await?;
         let doc = pb::ZoneDesiredState {
             zone: zone.zone.to_string(),
@@ -337,8 +433,14 @@ pub async fn run_purger(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receive
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = shutdown.changed() => return,
         }
-        let retention = chrono::Duration::from_std(clc.config.terminated_retention).unwrap_or(chrono::Duration::hours(1));
-        if let Err(e) = clc.submit(Command::PurgeTerminated { before: Utc::now() - retention }).await {
+        let retention = chrono::Duration::from_std(clc.config.terminated_retention)
+            .unwrap_or(chrono::Duration::hours(1));
+        if let Err(e) = clc
+            .submit(Command::PurgeTerminated {
+                before: Utc::now() - retention,
+            })
+            .await
+        {
             tracing::warn!(error = %e, "purging terminated instances failed");
         }
     }

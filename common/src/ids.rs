@@ -181,7 +181,10 @@ impl AccountId {
         if value.len() == 12 && value.bytes().all(|b| b.is_ascii_digit()) {
             Ok(Self(value.to_owned()))
         } else {
-            Err(IdError { kind: "account", value: value.to_owned() })
+            Err(IdError {
+                kind: "account",
+                value: value.to_owned(),
+            })
         }
     }
 
@@ -236,7 +239,15 @@ mod tests {
     fn instance_id_parse_accepts_short_and_long_forms_only() {
         assert!(InstanceId::parse("i-0123abcd").is_ok());
         assert!(InstanceId::parse("i-0123456789abcdef0").is_ok());
-        for bad in ["", "i-", "i-123", "i-0123456789ABCDEF0", "ami-0123abcd", "i-0123abcg", " i-0123abcd"] {
+        for bad in [
+            "",
+            "i-",
+            "i-123",
+            "i-0123456789ABCDEF0",
+            "ami-0123abcd",
+            "i-0123abcg",
+            " i-0123abcd",
+        ] {
             assert!(InstanceId::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

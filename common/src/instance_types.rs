@@ -9,7 +9,10 @@ pub struct InstanceType {
 }
 
 const fn t(name: &'static str, vcpus: u32, memory_mib: u64, disk_gib: u64) -> InstanceType {
-    InstanceType { name, resources: Resources::new(vcpus, memory_mib, disk_gib) }
+    InstanceType {
+        name,
+        resources: Resources::new(vcpus, memory_mib, disk_gib),
+    }
 }
 
 /// Every instance type Canopy offers. `m1.small` is EC2's historical default and stays

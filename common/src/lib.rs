@@ -13,6 +13,6 @@ pub use ids::{
     AccessKeyId, AccountId, IdError, ImageId, InstanceId, NodeId, RegionName, ReservationId,
     ZoneName,
 };
-pub use instance_types::{InstanceType, INSTANCE_TYPES};
+pub use instance_types::{INSTANCE_TYPES, InstanceType};
 pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState};
 pub use resources::Resources;

@@ -90,9 +90,13 @@ impl PowerState {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [PowerState::Running, PowerState::Stopped, PowerState::Terminated]
-            .into_iter()
-            .find(|s| s.name() == name)
+        [
+            PowerState::Running,
+            PowerState::Stopped,
+            PowerState::Terminated,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
     }
 }
 
@@ -118,7 +122,10 @@ pub struct IllegalTransition {
 }
 
 /// The whole lifecycle. Returns the next state or why the event cannot happen now.
-pub fn transition(from: InstanceState, event: LifecycleEvent) -> Result<InstanceState, IllegalTransition> {
+pub fn transition(
+    from: InstanceState,
+    event: LifecycleEvent,
+) -> Result<InstanceState, IllegalTransition> {
     use InstanceState::*;
     use LifecycleEvent::*;
     let illegal = Err(IllegalTransition { from, event });
@@ -164,7 +171,12 @@ mod tests {
     use super::*;
 
     fn all_events() -> Vec<LifecycleEvent> {
-        let mut v = vec![StopRequested, StartRequested, TerminateRequested, RebootRequested];
+        let mut v = vec![
+            StopRequested,
+            StartRequested,
+            TerminateRequested,
+            RebootRequested,
+        ];
         v.extend(InstanceState::ALL.into_iter().map(Observed));
         v
     }
@@ -248,7 +260,10 @@ mod tests {
                 let got = transition(from, event).ok();
                 assert_eq!(got, expected(from, event), "({from:?}, {event:?})");
                 if got.is_none() {
-                    assert_eq!(transition(from, event), Err(IllegalTransition { from, event }));
+                    assert_eq!(
+                        transition(from, event),
+                        Err(IllegalTransition { from, event })
+                    );
                 }
                 checked += 1;
             }
@@ -267,7 +282,10 @@ mod tests {
 
     #[test]
     fn names_and_codes_are_ec2s() {
-        let pairs: Vec<_> = InstanceState::ALL.iter().map(|s| (s.name(), s.code())).collect();
+        let pairs: Vec<_> = InstanceState::ALL
+            .iter()
+            .map(|s| (s.name(), s.code()))
+            .collect();
         assert_eq!(
             pairs,
             vec![

@@ -39,7 +39,10 @@ pub enum Placement<K> {
 /// Places `requests` one after another. Each goes to the healthy host with the most free
 /// memory that fits it (spreading load, ties broken by the host order given), and the
 /// host's allocation grows before the next request is placed.
-pub fn place_all<K: Clone>(hosts: &mut [HostSnapshot<K>], requests: &[Resources]) -> Vec<Placement<K>> {
+pub fn place_all<K: Clone>(
+    hosts: &mut [HostSnapshot<K>],
+    requests: &[Resources],
+) -> Vec<Placement<K>> {
     requests.iter().map(|need| place_one(hosts, need)).collect()
 }
 
@@ -48,7 +51,10 @@ fn place_one<K: Clone>(hosts: &mut [HostSnapshot<K>], need: &Resources) -> Place
     let mut best: Option<usize> = None;
     for (i, host) in hosts.iter().enumerate() {
         if !host.healthy {
-            rejections.push(Rejection { key: host.key.clone(), reason: "host is not healthy".into() });
+            rejections.push(Rejection {
+                key: host.key.clone(),
+                reason: "host is not healthy".into(),
+            });
             continue;
         }
         let free = host.free();
@@ -77,7 +83,12 @@ mod tests {
     use super::*;
 
     fn host(key: &'static str, vcpus: u32, mem: u64, healthy: bool) -> HostSnapshot<&'static str> {
-        HostSnapshot { key, capacity: Resources::new(vcpus, mem, 100), allocated: Resources::ZERO, healthy }
+        HostSnapshot {
+            key,
+            capacity: Resources::new(vcpus, mem, 100),
+            allocated: Resources::ZERO,
+            healthy,
+        }
     }
 
     #[test]
@@ -85,7 +96,14 @@ mod tests {
         let mut hosts = vec![host("a", 4, 4096, true), host("b", 4, 8192, true)];
         let need = Resources::new(1, 2048, 10);
         let got = place_all(&mut hosts, &[need, need, need]);
-        assert_eq!(got, vec![Placement::Placed("b"), Placement::Placed("b"), Placement::Placed("a")]);
+        assert_eq!(
+            got,
+            vec![
+                Placement::Placed("b"),
+                Placement::Placed("b"),
+                Placement::Placed("a")
+            ]
+        );
         assert_eq!(hosts[1].allocated, Resources::new(2, 4096, 20));
     }
 
@@ -93,7 +111,9 @@ mod tests {
     fn explains_every_rejection() {
         let mut hosts = vec![host("sick", 8, 8192, false), host("small", 1, 512, true)];
         let got = place_all(&mut hosts, &[Resources::new(2, 1024, 1)]);
-        let Placement::NoCapacity(rej) = &got[0] else { panic!("placed: {got:?}") };
+        let Placement::NoCapacity(rej) = &got[0] else {
+            panic!("placed: {got:?}")
+        };
         assert_eq!(rej.len(), 2);
         assert_eq!(rej[0].reason, "host is not healthy");
         assert_eq!(rej[1].reason, "not enough vcpus, memory");

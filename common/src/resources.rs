@@ -10,15 +10,25 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub const ZERO: Resources = Resources { vcpus: 0, memory_mib: 0, disk_gib: 0 };
+    pub const ZERO: Resources = Resources {
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+    };
 
     pub const fn new(vcpus: u32, memory_mib: u64, disk_gib: u64) -> Self {
-        Self { vcpus, memory_mib, disk_gib }
+        Self {
+            vcpus,
+            memory_mib,
+            disk_gib,
+        }
     }
 
     /// True when `need` fits in `self` on every axis.
     pub fn fits(&self, need: &Resources) -> bool {
-        need.vcpus <= self.vcpus && need.memory_mib <= self.memory_mib && need.disk_gib <= self.disk_gib
+        need.vcpus <= self.vcpus
+            && need.memory_mib <= self.memory_mib
+            && need.disk_gib <= self.disk_gib
     }
 
     pub fn saturating_sub(&self, other: &Resources) -> Resources {
@@ -70,7 +80,10 @@ mod tests {
         assert!(!host.fits(&Resources::new(5, 1, 1)));
         assert!(!host.fits(&Resources::new(1, 8193, 1)));
         assert!(!host.fits(&Resources::new(1, 1, 101)));
-        assert_eq!(host.shortfall(&Resources::new(5, 9000, 1)), vec!["vcpus", "memory"]);
+        assert_eq!(
+            host.shortfall(&Resources::new(5, 9000, 1)),
+            vec!["vcpus", "memory"]
+        );
     }
 
     #[test]
@@ -78,6 +91,9 @@ mod tests {
         let a = Resources::new(1, 10, 1);
         let b = Resources::new(2, 5, 0);
         assert_eq!(a.saturating_sub(&b), Resources::new(0, 5, 1));
-        assert_eq!([a, b].into_iter().sum::<Resources>(), Resources::new(3, 15, 1));
+        assert_eq!(
+            [a, b].into_iter().sum::<Resources>(),
+            Resources::new(3, 15, 1)
+        );
     }
 }

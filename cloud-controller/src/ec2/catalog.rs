@@ -35,7 +35,13 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .list("ImageId")?
         .iter()
         .map(|s| {
-            ImageId::parse(s).map_err(|_| ApiError::new(400, "InvalidAMIID.Malformed", format!("Invalid id: \"{s}\" (expecting \"ami-...\")")))
+            ImageId::parse(s).map_err(|_| {
+                ApiError::new(
+                    400,
+                    "InvalidAMIID.Malformed",
+                    format!("Invalid id: \"{s}\" (expecting \"ami-...\")"),
+                )
+            })
         })
         .collect::<Result<_, _>>()?;
     let owners = p.list("Owner")?;
@@ -51,10 +57,17 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
     if let Some(first) = visible.first() {
         filters::validate(&filters, first)?;
     }
-    let missing: Vec<String> =
-        ids.iter().filter(|id| !visible.iter().any(|i| &i.image_id == *id)).map(|i| i.to_string()).collect();
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !visible.iter().any(|i| &i.image_id == *id))
+        .map(|i| i.to_string())
+        .collect();
     if !missing.is_empty() {
-        return Err(ApiError::new(400, "InvalidAMIID.NotFound", format!("The image id '[{}]' does not exist", missing.join(", "))));
+        return Err(ApiError::new(
+            400,
+            "InvalidAMIID.NotFound",
+            format!("The image id '[{}]' does not exist", missing.join(", ")),
+        ));
     }
     ctx.dry_run()?;
     let images: Vec<&Image> = visible
@@ -62,7 +75,9 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .filter(|i| ids.is_empty() || ids.contains(&i.image_id))
         .filter(|i| {
             owners.is_empty()
-                || owners.iter().any(|o| o == i.owner_id.as_str() || (o == "self" && i.owner_id == ctx.account))
+                || owners
+                    .iter()
+                    .any(|o| o == i.owner_id.as_str() || (o == "self" && i.owner_id == ctx.account))
         })
         .filter(|i| filters::matches(*i, &filters))
         .collect();
@@ -126,19 +141,31 @@ pub async fn describe_availability_zones(ctx: &Ctx) -> Result<String, ApiError> 
         .enumerate()
         .map(|(n, zone)| ZoneView {
             zone_id: format!("{region}-az{}", n + 1),
-            state: if ctx.clc.zones.is_available(&zone.zone, ctx.clc.config.zone_timeout) { "available" } else { "unavailable" },
+            state: if ctx
+                .clc
+                .zones
+                .is_available(&zone.zone, ctx.clc.config.zone_timeout)
+            {
+                "available"
+            } else {
+                "unavailable"
+            },
             region: region.clone(),
             zone,
         })
         .collect();
     for n in &names {
         if !views.iter().any(|v| v.zone.zone.as_str() == n) {
-            return Err(ApiError::invalid(format!("The zone '{n}' does not exist in the current region")));
+            return Err(ApiError::invalid(format!(
+                "The zone '{n}' does not exist in the current region"
+            )));
         }
     }
     for id in &zone_ids {
         if !views.iter().any(|v| &v.zone_id == id) {
-            return Err(ApiError::invalid(format!("The zone-id '{id}' does not exist in the current region")));
+            return Err(ApiError::invalid(format!(
+                "The zone-id '{id}' does not exist in the current region"
+            )));
         }
     }
     if let Some(first) = views.first() {
@@ -188,7 +215,10 @@ pub async fn describe_regions(ctx: &Ctx) -> Result<String, ApiError> {
     let names = p.list("RegionName")?;
     p.bool("AllRegions")?;
     let filters = filters::parse_filters(p)?;
-    let region = RegionView { name: ctx.clc.config.region.to_string(), endpoint: ctx.host.clone() };
+    let region = RegionView {
+        name: ctx.clc.config.region.to_string(),
+        endpoint: ctx.host.clone(),
+    };
     filters::validate(&filters, &region)?;
     for n in &names {
         if n != &region.name {
@@ -199,7 +229,9 @@ pub async fn describe_regions(ctx: &Ctx) -> Result<String, ApiError> {
     let show = filters::matches(&region, &filters);
     let mut w = XmlWriter::response("DescribeRegions", &ctx.request_id);
     w.list("regionInfo", show.then_some(&region), |w, r| {
-        w.elem("regionName", &r.name).elem("regionEndpoint", &r.endpoint).elem("optInStatus", "opt-in-not-required");
+        w.elem("regionName", &r.name)
+            .elem("regionEndpoint", &r.endpoint)
+            .elem("optInStatus", "opt-in-not-required");
     });
     Ok(w.finish())
 }
@@ -226,10 +258,21 @@ pub async fn describe_instance_types(ctx: &Ctx) -> Result<String, ApiError> {
     let wanted = p.list("InstanceType")?;
     let filters = filters::parse_filters(p)?;
     let page = paging::parse_page(p, 5, 100)?;
-    let unknown: Vec<&String> = wanted.iter().filter(|n| InstanceType::lookup(n).is_none()).collect();
+    let unknown: Vec<&String> = wanted
+        .iter()
+        .filter(|n| InstanceType::lookup(n).is_none())
+        .collect();
     if !unknown.is_empty() {
-        let list = unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-        return Err(ApiError::new(400, "InvalidInstanceType", format!("The following supplied instance types do not exist: [{list}]")));
+        let list = unknown
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ApiError::new(
+            400,
+            "InvalidInstanceType",
+            format!("The following supplied instance types do not exist: [{list}]"),
+        ));
     }
     filters::validate(&filters, &&INSTANCE_TYPES[0])?;
     ctx.dry_run()?;
@@ -264,7 +307,9 @@ pub async fn describe_instance_types(ctx: &Ctx) -> Result<String, ApiError> {
                 });
             })
             .nested("vCpuInfo", |w| {
-                w.elem("defaultVCpus", r.vcpus).elem("defaultCores", r.vcpus).elem("defaultThreadsPerCore", 1);
+                w.elem("defaultVCpus", r.vcpus)
+                    .elem("defaultCores", r.vcpus)
+                    .elem("defaultThreadsPerCore", 1);
             })
             .nested("memoryInfo", |w| {
                 w.elem("sizeInMiB", r.memory_mib);

@@ -16,7 +16,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
-        Self { status, code: code.to_owned(), message: message.into() }
+        Self {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -24,7 +28,11 @@ impl ApiError {
     }
 
     pub fn missing(name: &str) -> Self {
-        Self::new(400, "MissingParameter", format!("The request must contain the parameter {name}"))
+        Self::new(
+            400,
+            "MissingParameter",
+            format!("The request must contain the parameter {name}"),
+        )
     }
 
     pub fn combination(message: impl Into<String>) -> Self {
@@ -32,7 +40,11 @@ impl ApiError {
     }
 
     pub fn dry_run() -> Self {
-        Self::new(412, "DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
+        Self::new(
+            412,
+            "DryRunOperation",
+            "Request would have succeeded, but DryRun flag is set.",
+        )
     }
 
     pub fn internal() -> Self {
@@ -40,11 +52,19 @@ impl ApiError {
     }
 
     pub fn instance_malformed(id: &str) -> Self {
-        Self::new(400, "InvalidInstanceID.Malformed", format!("Invalid id: \"{id}\" (expecting \"i-...\")"))
+        Self::new(
+            400,
+            "InvalidInstanceID.Malformed",
+            format!("Invalid id: \"{id}\" (expecting \"i-...\")"),
+        )
     }
 
     pub fn instances_not_found(ids: &[InstanceId]) -> Self {
-        let list = ids.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ");
+        let list = ids
+            .iter()
+            .map(|i| i.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let message = if ids.len() == 1 {
             format!("The instance ID '{list}' does not exist")
         } else {
@@ -78,14 +98,28 @@ impl From<StateError> for ApiError {
             StateError::IncorrectInstanceState { id, state } => Self::new(
                 400,
                 "IncorrectInstanceState",
-                format!("The instance '{id}' is not in a state from which the requested operation can be performed (it is {state})."),
+                format!(
+                    "The instance '{id}' is not in a state from which the requested operation can be performed (it is {state})."
+                ),
             ),
-            StateError::ImageNotFound(id) => {
-                Self::new(400, "InvalidAMIID.NotFound", format!("The image id '[{id}]' does not exist"))
+            StateError::ImageNotFound(id) => Self::new(
+                400,
+                "InvalidAMIID.NotFound",
+                format!("The image id '[{id}]' does not exist"),
+            ),
+            StateError::AccountNotFound(_) => Self::new(
+                401,
+                "AuthFailure",
+                "AWS was not able to validate the provided access credentials",
+            ),
+            StateError::ZoneNotFound(z) => {
+                Self::invalid(format!("Invalid availability zone: [{z}]"))
             }
-            StateError::AccountNotFound(_) => Self::new(401, "AuthFailure", "AWS was not able to validate the provided access credentials"),
-            StateError::ZoneNotFound(z) => Self::invalid(format!("Invalid availability zone: [{z}]")),
-            StateError::AlreadyExists(what) => Self::new(400, "InvalidParameterValue", format!("{what} already exists")),
+            StateError::AlreadyExists(what) => Self::new(
+                400,
+                "InvalidParameterValue",
+                format!("{what} already exists"),
+            ),
             // Internal detail goes to the log, not to the client.
             e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
                 tracing::error!(error = %e, "state error");

@@ -15,8 +15,14 @@ pub fn parse_filters(params: &Params) -> Result<Vec<Filter>, ApiError> {
         .structs("Filter")?
         .into_iter()
         .map(|f| {
-            let name = f.get("Name").filter(|n| !n.is_empty()).ok_or_else(|| ApiError::missing("Filter.N.Name"))?;
-            Ok(Filter { name: name.to_owned(), values: f.list("Value")? })
+            let name = f
+                .get("Name")
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| ApiError::missing("Filter.N.Name"))?;
+            Ok(Filter {
+                name: name.to_owned(),
+                values: f.list("Value")?,
+            })
         })
         .collect()
 }
@@ -32,7 +38,10 @@ pub trait Filterable {
 pub fn validate<T: Filterable>(filters: &[Filter], probe: &T) -> Result<(), ApiError> {
     for f in filters {
         if probe.filter_values(&f.name).is_none() {
-            return Err(ApiError::invalid(format!("The filter '{}' is invalid", f.name)));
+            return Err(ApiError::invalid(format!(
+                "The filter '{}' is invalid",
+                f.name
+            )));
         }
     }
     Ok(())
@@ -43,7 +52,9 @@ pub fn validate<T: Filterable>(filters: &[Filter], probe: &T) -> Result<(), ApiE
 pub fn matches<T: Filterable>(item: &T, filters: &[Filter]) -> bool {
     filters.iter().all(|f| {
         let have = item.filter_values(&f.name).unwrap_or_default();
-        f.values.iter().any(|want| have.iter().any(|h| glob(want, h)))
+        f.values
+            .iter()
+            .any(|want| have.iter().any(|h| glob(want, h)))
     })
 }
 
@@ -102,6 +113,9 @@ mod tests {
         assert!(!matches(&Thing("c"), &f));
         assert!(validate(&f, &Thing("")).is_ok());
         let bad = parse_filters(&Params::parse(b"Filter.1.Name=zz&Filter.1.Value.1=a")).unwrap();
-        assert_eq!(validate(&bad, &Thing("")).unwrap_err().code, "InvalidParameterValue");
+        assert_eq!(
+            validate(&bad, &Thing("")).unwrap_err().code,
+            "InvalidParameterValue"
+        );
     }
 }

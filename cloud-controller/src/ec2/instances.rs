@@ -28,7 +28,12 @@ pub fn parse_instance_id(s: &str) -> Result<InstanceId, ApiError> {
 }
 
 pub fn parse_instance_ids(ctx: &Ctx, name: &str) -> Result<Vec<InstanceId>, ApiError> {
-    ctx.params.list(name)?.iter().map(|s| parse_instance_id(s)).collect()
+    ctx.params
+        .list(name)?
+        .iter()
+        .map(String::as_str)
+        .map(parse_instance_id)
+        .collect()
 }
 
 /// Tags as `Tag.N.Key` / `Tag.N.Value` under `params`, validated as AWS does.
@@ -47,13 +52,19 @@ pub fn parse_tags(params: &canopy_ec2_wire::params::Params) -> Result<Vec<Tag>, 
 
 pub fn validate_tag(key: &str, value: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.chars().count() > 128 {
-        return Err(ApiError::invalid("Tag keys must be between 1 and 128 characters long"));
+        return Err(ApiError::invalid(
+            "Tag keys must be between 1 and 128 characters long",
+        ));
     }
     if value.chars().count() > 256 {
-        return Err(ApiError::invalid("Tag values must be at most 256 characters long"));
+        return Err(ApiError::invalid(
+            "Tag values must be at most 256 characters long",
+        ));
     }
     if key.to_ascii_lowercase().starts_with("aws:") {
-        return Err(ApiError::invalid("Tag keys starting with 'aws:' are reserved for internal use"));
+        return Err(ApiError::invalid(
+            "Tag keys starting with 'aws:' are reserved for internal use",
+        ));
     }
     Ok(())
 }
@@ -62,18 +73,34 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     let p = &ctx.params;
     let image_raw = p.required("ImageId")?;
     let image_id = ImageId::parse(image_raw).map_err(|_| {
-        ApiError::new(400, "InvalidAMIID.Malformed", format!("Invalid id: \"{image_raw}\" (expecting \"ami-...\")"))
+        ApiError::new(
+            400,
+            "InvalidAMIID.Malformed",
+            format!("Invalid id: \"{image_raw}\" (expecting \"ami-...\")"),
+        )
     })?;
-    let type_name = p.get("InstanceType").filter(|t| !t.is_empty()).unwrap_or(DEFAULT_INSTANCE_TYPE);
-    let itype = InstanceType::lookup(type_name)
-        .ok_or_else(|| ApiError::invalid(format!("Invalid value '{type_name}' for InstanceType.")))?;
-    let min_count: i64 = p.int("MinCount")?.ok_or_else(|| ApiError::missing("MinCount"))?;
-    let max_count: i64 = p.int("MaxCount")?.ok_or_else(|| ApiError::missing("MaxCount"))?;
+    let type_name = p
+        .get("InstanceType")
+        .filter(|t| !t.is_empty())
+        .unwrap_or(DEFAULT_INSTANCE_TYPE);
+    let itype = InstanceType::lookup(type_name).ok_or_else(|| {
+        ApiError::invalid(format!("Invalid value '{type_name}' for InstanceType."))
+    })?;
+    let min_count: i64 = p
+        .int("MinCount")?
+        .ok_or_else(|| ApiError::missing("MinCount"))?;
+    let max_count: i64 = p
+        .int("MaxCount")?
+        .ok_or_else(|| ApiError::missing("MaxCount"))?;
     if min_count < 1 {
-        return Err(ApiError::invalid(format!("Value ({min_count}) for parameter minCount is invalid. Expected a positive integer.")));
+        return Err(ApiError::invalid(format!(
+            "Value ({min_count}) for parameter minCount is invalid. Expected a positive integer."
+        )));
     }
     if max_count < 1 {
-        return Err(ApiError::invalid(format!("Value ({max_count}) for parameter maxCount is invalid. Expected a positive integer.")));
+        return Err(ApiError::invalid(format!(
+            "Value ({max_count}) for parameter maxCount is invalid. Expected a positive integer."
+        )));
     }
     if min_count > max_count {
         return Err(ApiError::invalid(format!(
@@ -82,28 +109,57 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     }
     let min_count = u32::try_from(min_count).unwrap_or(u32::MAX);
     if min_count > MAX_COUNT_CAP {
-        return Err(ApiError::new(400, "InstanceLimitExceeded", format!("You have requested more instances ({min_count}) than your current instance limit of {MAX_COUNT_CAP} allows.")));
+        return Err(ApiError::new(
+            400,
+            "InstanceLimitExceeded",
+            format!(
+                "You have requested more instances ({min_count}) than your current instance limit of {MAX_COUNT_CAP} allows."
+            ),
+        ));
     }
-    let max_count = u32::try_from(max_count).unwrap_or(u32::MAX).min(MAX_COUNT_CAP);
+    let max_count = u32::try_from(max_count)
+        .unwrap_or(u32::MAX)
+        .min(MAX_COUNT_CAP);
     let user_data = match p.get("UserData").filter(|u| !u.is_empty()) {
         None => None,
         Some(b64) => {
             let compact: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-            let data = STANDARD.decode(compact).map_err(|_| ApiError::invalid("Invalid BASE64 encoding of user data."))?;
+            let data = STANDARD
+                .decode(compact)
+                .map_err(|_| ApiError::invalid("Invalid BASE64 encoding of user data."))?;
             if data.len() > MAX_USER_DATA {
-                return Err(ApiError::invalid(format!("User data is limited to {MAX_USER_DATA} bytes")));
+                return Err(ApiError::invalid(format!(
+                    "User data is limited to {MAX_USER_DATA} bytes"
+                )));
             }
             Some(data)
         }
     };
-    let key_name = p.get("KeyName").filter(|k| !k.is_empty()).map(str::to_owned);
-    let zone = match p.get("Placement.AvailabilityZone").filter(|z| !z.is_empty()) {
+    let key_name = p
+        .get("KeyName")
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned);
+    let zone = match p
+        .get("Placement.AvailabilityZone")
+        .filter(|z| !z.is_empty())
+    {
         None => None,
-        Some(z) => Some(ZoneName::parse(z).map_err(|_| ApiError::invalid(format!("Invalid availability zone: [{z}]")))?),
+        Some(z) => Some(
+            ZoneName::parse(z)
+                .map_err(|_| ApiError::invalid(format!("Invalid availability zone: [{z}]")))?,
+        ),
     };
-    let client_token = p.get("ClientToken").filter(|t| !t.is_empty()).map(str::to_owned);
-    if client_token.as_ref().is_some_and(|t| t.len() > 64 || !t.is_ascii()) {
-        return Err(ApiError::invalid("ClientToken must be at most 64 ASCII characters"));
+    let client_token = p
+        .get("ClientToken")
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    if client_token
+        .as_ref()
+        .is_some_and(|t| t.len() > 64 || !t.is_ascii())
+    {
+        return Err(ApiError::invalid(
+            "ClientToken must be at most 64 ASCII characters",
+        ));
     }
     let mut tags = Vec::new();
     for spec in p.structs("TagSpecification")? {
@@ -113,7 +169,11 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             "instance" => tags.extend(spec_tags),
             // Canopy has no volumes or interfaces yet: nothing to tag.
             "volume" | "network-interface" | "spot-instances-request" | "elastic-gpu" => {}
-            other => return Err(ApiError::invalid(format!("'{other}' is not a valid taggable resource type for this operation."))),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "'{other}' is not a valid taggable resource type for this operation."
+                )));
+            }
         }
     }
     let image = ctx
@@ -123,9 +183,18 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         .await?
         .into_iter()
         .find(|i| i.image_id == image_id && (i.is_public || i.owner_id == ctx.account))
-        .ok_or_else(|| ApiError::new(400, "InvalidAMIID.NotFound", format!("The image id '[{image_id}]' does not exist")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "InvalidAMIID.NotFound",
+                format!("The image id '[{image_id}]' does not exist"),
+            )
+        })?;
     if image.state != "available" {
-        return Err(ApiError::invalid(format!("Image {image_id} is not available (it is {})", image.state)));
+        return Err(ApiError::invalid(format!(
+            "Image {image_id} is not available (it is {})",
+            image.state
+        )));
     }
     ctx.dry_run()?;
 
@@ -145,20 +214,34 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     };
 
     let _launch = ctx.clc.launch_lock.lock().await;
-    let reservation_id = match replayed_reservation(ctx, client_token.as_deref(), &request_hash).await? {
+    let reservation_id = match replayed_reservation(ctx, client_token.as_deref(), &request_hash)
+        .await?
+    {
         Some(r) => r,
         None => {
             let snapshots = zone_snapshots(&ctx.clc).await?;
-            let req = LaunchRequest { zone, per_instance: itype.resources, min_count, max_count };
+            let req = LaunchRequest {
+                zone,
+                per_instance: itype.resources,
+                min_count,
+                max_count,
+            };
             let (zone, count) = match scheduler::choose_zone(&snapshots, &req) {
                 Decision::Launch { zone, count } => (zone, count),
-                Decision::UnknownZone(z) => return Err(ApiError::invalid(format!("Invalid availability zone: [{z}]"))),
+                Decision::UnknownZone(z) => {
+                    return Err(ApiError::invalid(format!(
+                        "Invalid availability zone: [{z}]"
+                    )));
+                }
                 Decision::NoCapacity { reasons } => {
                     tracing::info!(?reasons, "launch refused: no capacity");
                     return Err(ApiError::new(
                         500,
                         "InsufficientInstanceCapacity",
-                        format!("We currently do not have sufficient {type_name} capacity to launch {min_count} instance(s): {}", reasons.join(" | ")),
+                        format!(
+                            "We currently do not have sufficient {type_name} capacity to launch {min_count} instance(s): {}",
+                            reasons.join(" | ")
+                        ),
                     ));
                 }
             };
@@ -199,22 +282,37 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     let instances = ctx
         .clc
         .store
-        .instances(&InstanceFilter { account_id: Some(ctx.account.clone()), reservation_id: Some(reservation_id.clone()), ..Default::default() })
+        .instances(&InstanceFilter {
+            account_id: Some(ctx.account.clone()),
+            reservation_id: Some(reservation_id.clone()),
+            ..Default::default()
+        })
         .await?;
     let mut w = XmlWriter::response("RunInstances", &ctx.request_id);
     w.elem("reservationId", &reservation_id)
         .elem("ownerId", &ctx.account)
         .list("groupSet", std::iter::empty::<()>(), |_, _| {})
-        .list("instancesSet", &instances, |w, i| render::instance(w, i));
+        .list("instancesSet", &instances, render::instance);
     Ok(w.finish())
 }
 
 /// The reservation an earlier launch with this client token made, if any.
-async fn replayed_reservation(ctx: &Ctx, token: Option<&str>, hash: &str) -> Result<Option<ReservationId>, ApiError> {
+async fn replayed_reservation(
+    ctx: &Ctx,
+    token: Option<&str>,
+    hash: &str,
+) -> Result<Option<ReservationId>, ApiError> {
     let Some(token) = token else { return Ok(None) };
-    match ctx.clc.store.reservation_by_token(&ctx.account, token).await? {
+    match ctx
+        .clc
+        .store
+        .reservation_by_token(&ctx.account, token)
+        .await?
+    {
         None => Ok(None),
-        Some((_, prior_hash)) if prior_hash != hash => Err(crate::state::StateError::IdempotentParameterMismatch.into()),
+        Some((_, prior_hash)) if prior_hash != hash => {
+            Err(crate::state::StateError::IdempotentParameterMismatch.into())
+        }
         Some((id, _)) => Ok(Some(id)),
     }
 }
@@ -223,7 +321,13 @@ impl Filterable for Instance {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
         let one = |s: String| Some(vec![s]);
         if let Some(key) = name.strip_prefix("tag:") {
-            return Some(self.tags.iter().filter(|t| t.key == key).map(|t| t.value.clone()).collect());
+            return Some(
+                self.tags
+                    .iter()
+                    .filter(|t| t.key == key)
+                    .map(|t| t.value.clone())
+                    .collect(),
+            );
         }
         match name {
             "instance-id" => one(self.instance_id.to_string()),
@@ -257,23 +361,37 @@ async fn selected_instances(ctx: &Ctx) -> Result<(Vec<Instance>, bool), ApiError
     let all = ctx
         .clc
         .store
-        .instances(&InstanceFilter { account_id: Some(ctx.account.clone()), ..Default::default() })
+        .instances(&InstanceFilter {
+            account_id: Some(ctx.account.clone()),
+            ..Default::default()
+        })
         .await?;
     if ids.is_empty() {
         return Ok((all, false));
     }
-    let missing: Vec<InstanceId> = ids.iter().filter(|id| !all.iter().any(|i| &i.instance_id == *id)).cloned().collect();
+    let missing: Vec<InstanceId> = ids
+        .iter()
+        .filter(|id| !all.iter().any(|i| &i.instance_id == *id))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
         return Err(ApiError::instances_not_found(&missing));
     }
-    Ok((all.into_iter().filter(|i| ids.contains(&i.instance_id)).collect(), true))
+    Ok((
+        all.into_iter()
+            .filter(|i| ids.contains(&i.instance_id))
+            .collect(),
+        true,
+    ))
 }
 
 pub async fn describe_instances(ctx: &Ctx) -> Result<String, ApiError> {
     let filters = filters::parse_filters(&ctx.params)?;
     let page = paging::parse_page(&ctx.params, 5, 1000)?;
     if page.max.is_some() && !ctx.params.list("InstanceId")?.is_empty() {
-        return Err(ApiError::combination("The parameter instancesSet cannot be used with the parameter maxResults"));
+        return Err(ApiError::combination(
+            "The parameter instancesSet cannot be used with the parameter maxResults",
+        ));
     }
     let (selected, _) = selected_instances(ctx).await?;
     if let Some(first) = selected.first() {
@@ -282,7 +400,10 @@ pub async fn describe_instances(ctx: &Ctx) -> Result<String, ApiError> {
         filters::validate(&filters, &probe_instance())?;
     }
     ctx.dry_run()?;
-    let matching: Vec<Instance> = selected.into_iter().filter(|i| filters::matches(i, &filters)).collect();
+    let matching: Vec<Instance> = selected
+        .into_iter()
+        .filter(|i| filters::matches(i, &filters))
+        .collect();
     let (page_items, next) = paginate(matching, page, |i| i.seq);
     // Consecutive instances of one reservation form one reservation item.
     let mut reservations: Vec<Vec<&Instance>> = Vec::new();
@@ -338,8 +459,16 @@ pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<Strin
     }
     ctx.params.bool("Force")?;
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let found = ctx.clc.store.instances_by_id(Some(&ctx.account), &ids).await?;
-        let missing: Vec<InstanceId> = ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+        let found = ctx
+            .clc
+            .store
+            .instances_by_id(Some(&ctx.account), &ids)
+            .await?;
+        let missing: Vec<InstanceId> = ids
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             return Err(ApiError::instances_not_found(&missing));
         }
@@ -347,7 +476,12 @@ pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<Strin
     }
     let out = ctx
         .clc
-        .submit(Command::RequestInstances { account_id: ctx.account.clone(), instance_ids: ids, action, at: Utc::now() })
+        .submit(Command::RequestInstances {
+            account_id: ctx.account.clone(),
+            instance_ids: ids,
+            action,
+            at: Utc::now(),
+        })
         .await?;
     let (name, changes) = match (action, out) {
         (InstanceAction::Reboot, _) => {
@@ -375,7 +509,11 @@ pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<Strin
 /// EC2's status checks. Canopy reports them from the node's view: a running instance
 /// passes both; other states are not applicable.
 fn status_of(i: &Instance) -> &'static str {
-    if i.state == InstanceState::Running { "ok" } else { "not-applicable" }
+    if i.state == InstanceState::Running {
+        "ok"
+    } else {
+        "not-applicable"
+    }
 }
 
 struct StatusView<'a>(&'a Instance);
@@ -389,7 +527,12 @@ impl Filterable for StatusView<'_> {
             "instance-state-code" => one(self.0.state.code().to_string()),
             "instance-status.status" | "system-status.status" => one(status_of(self.0).into()),
             "instance-status.reachability" | "system-status.reachability" => {
-                one(if self.0.state == InstanceState::Running { "passed" } else { "not-applicable" }.into())
+                one(if self.0.state == InstanceState::Running {
+                    "passed"
+                } else {
+                    "not-applicable"
+                }
+                .into())
             }
             _ => None,
         }
@@ -401,7 +544,9 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
     let page = paging::parse_page(&ctx.params, 5, 1000)?;
     let include_all = ctx.params.bool("IncludeAllInstances")?.unwrap_or(false);
     if page.max.is_some() && !ctx.params.list("InstanceId")?.is_empty() {
-        return Err(ApiError::combination("The parameter instancesSet cannot be used with the parameter maxResults"));
+        return Err(ApiError::combination(
+            "The parameter instancesSet cannot be used with the parameter maxResults",
+        ));
     }
     let (selected, _) = selected_instances(ctx).await?;
     let probe = probe_instance();
@@ -416,8 +561,13 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
     let mut w = XmlWriter::response("DescribeInstanceStatus", &ctx.request_id);
     w.list("instanceStatusSet", &items, |w, i| {
         let status = status_of(i);
-        let detail = if i.state == InstanceState::Running { "passed" } else { "not-applicable" };
-        w.elem("instanceId", &i.instance_id).elem("availabilityZone", &i.zone);
+        let detail = if i.state == InstanceState::Running {
+            "passed"
+        } else {
+            "not-applicable"
+        };
+        w.elem("instanceId", &i.instance_id)
+            .elem("availabilityZone", &i.zone);
         render::state(w, "instanceState", i.state);
         for name in ["systemStatus", "instanceStatus"] {
             w.nested(name, |w| {
@@ -435,12 +585,19 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
 pub async fn get_console_output(ctx: &Ctx) -> Result<String, ApiError> {
     let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
     ctx.params.bool("Latest")?;
-    let found = ctx.clc.store.instances_by_id(Some(&ctx.account), std::slice::from_ref(&id)).await?;
-    let inst = found.get(&id).ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
+    let found = ctx
+        .clc
+        .store
+        .instances_by_id(Some(&ctx.account), std::slice::from_ref(&id))
+        .await?;
+    let inst = found
+        .get(&id)
+        .ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
     ctx.dry_run()?;
     let output = crate::console::fetch(&ctx.clc, inst).await;
     let mut w = XmlWriter::response("GetConsoleOutput", &ctx.request_id);
-    w.elem("instanceId", &id).elem("timestamp", timestamp(Utc::now()));
+    w.elem("instanceId", &id)
+        .elem("timestamp", timestamp(Utc::now()));
     if let Some(bytes) = output {
         w.elem("output", STANDARD.encode(bytes));
     }

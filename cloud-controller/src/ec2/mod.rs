@@ -48,7 +48,11 @@ pub struct Ctx {
 impl Ctx {
     /// EC2's DryRun: after validation, answer DryRunOperation instead of acting.
     pub fn dry_run(&self) -> Result<(), ApiError> {
-        if self.params.bool("DryRun")?.unwrap_or(false) { Err(ApiError::dry_run()) } else { Ok(()) }
+        if self.params.bool("DryRun")?.unwrap_or(false) {
+            Err(ApiError::dry_run())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -56,10 +60,23 @@ fn request_id() -> String {
     use rand::Rng;
     let b: [u8; 16] = rand::rng().random();
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
-async fn handle(State(clc): State<Arc<Clc>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(clc): State<Arc<Clc>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let request_id = request_id();
     let result = handle_inner(clc, &method, &uri, &headers, &body, &request_id).await;
     let (status, body) = match result {
@@ -67,10 +84,18 @@ async fn handle(State(clc): State<Arc<Clc>>, method: Method, uri: Uri, headers: 
         Err(e) => {
             tracing::debug!(code = %e.code, message = %e.message, "EC2 request refused");
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
-            (status, xml::error_response(&e.code, &e.message, &request_id))
+            (
+                status,
+                xml::error_response(&e.code, &e.message, &request_id),
+            )
         }
     };
-    (status, [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
+        body,
+    )
+        .into_response()
 }
 
 async fn handle_inner(
@@ -88,33 +113,73 @@ async fn handle_inner(
             params.insert(k.to_owned(), v.to_owned());
         }
     } else if *method != Method::GET {
-        return Err(ApiError::new(405, "InvalidAction", format!("The HTTP method {method} is not supported")));
+        return Err(ApiError::new(
+            405,
+            "InvalidAction",
+            format!("The HTTP method {method} is not supported"),
+        ));
     }
 
     let header_list: Vec<(String, String)> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let parts = RequestParts { method: method.as_str(), path: uri.path(), query, headers: &header_list, body };
+    let parts = RequestParts {
+        method: method.as_str(),
+        path: uri.path(),
+        query,
+        headers: &header_list,
+        body,
+    };
     let cfg = VerifyConfig {
         region: clc.config.region.as_str(),
         service: "ec2",
         now: chrono::Utc::now(),
         max_skew: clc.config.max_clock_skew,
     };
-    let access_key = sigv4::verify(&parts, &cfg, |ak| clc.credentials(ak).map(|(_, secret)| secret))?;
-    let (account, _) = clc.credentials(&access_key).ok_or_else(ApiError::internal)?;
+    let access_key = sigv4::verify(&parts, &cfg, |ak| {
+        clc.credentials(ak).map(|(_, secret)| secret)
+    })?;
+    let (account, _) = clc
+        .credentials(&access_key)
+        .ok_or_else(ApiError::internal)?;
 
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_owned();
-    let action = params.action().map(str::to_owned).ok_or_else(|| ApiError::missing("Action"))?;
-    let ctx = Ctx { clc, account, request_id: request_id.to_owned(), params, host };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let action = params
+        .action()
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::missing("Action"))?;
+    let ctx = Ctx {
+        clc,
+        account,
+        request_id: request_id.to_owned(),
+        params,
+        host,
+    };
     match action.as_str() {
         "RunInstances" => instances::run_instances(&ctx).await,
         "DescribeInstances" => instances::describe_instances(&ctx).await,
-        "TerminateInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Terminate).await,
-        "StopInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Stop).await,
-        "StartInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Start).await,
-        "RebootInstances" => instances::change_instances(&ctx, crate::state::InstanceAction::Reboot).await,
+        "TerminateInstances" => {
+            instances::change_instances(&ctx, crate::state::InstanceAction::Terminate).await
+        }
+        "StopInstances" => {
+            instances::change_instances(&ctx, crate::state::InstanceAction::Stop).await
+        }
+        "StartInstances" => {
+            instances::change_instances(&ctx, crate::state::InstanceAction::Start).await
+        }
+        "RebootInstances" => {
+            instances::change_instances(&ctx, crate::state::InstanceAction::Reboot).await
+        }
         "DescribeInstanceStatus" => instances::describe_instance_status(&ctx).await,
         "GetConsoleOutput" => instances::get_console_output(&ctx).await,
         "DescribeImages" => catalog::describe_images(&ctx).await,

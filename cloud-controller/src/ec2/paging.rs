@@ -17,18 +17,24 @@ pub struct Page {
 /// Reads MaxResults (within `min..=max`) and NextToken.
 pub fn parse_page(params: &Params, min: usize, max: usize) -> Result<Page, ApiError> {
     let max_results = params.int::<i64>("MaxResults")?;
-    if let Some(m) = max_results {
-        if m < min as i64 || m > max as i64 {
-            return Err(ApiError::invalid(format!(
-                "Value ( {m} ) for parameter maxResults is invalid. Expecting a value between {min} and {max}."
-            )));
-        }
+    if let Some(m) = max_results
+        && (m < min as i64 || m > max as i64)
+    {
+        return Err(ApiError::invalid(format!(
+            "Value ( {m} ) for parameter maxResults is invalid. Expecting a value between {min} and {max}."
+        )));
     }
     let after = match params.get("NextToken").filter(|t| !t.is_empty()) {
         None => None,
-        Some(token) => Some(decode(token).ok_or_else(|| ApiError::invalid(format!("Invalid NextToken: {token}")))?),
+        Some(token) => Some(
+            decode(token)
+                .ok_or_else(|| ApiError::invalid(format!("Invalid NextToken: {token}")))?,
+        ),
     };
-    Ok(Page { max: max_results.map(|m| m as usize), after })
+    Ok(Page {
+        max: max_results.map(|m| m as usize),
+        after,
+    })
 }
 
 pub fn encode(key: i64) -> String {
@@ -37,7 +43,11 @@ pub fn encode(key: i64) -> String {
 
 fn decode(token: &str) -> Option<i64> {
     let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
-    std::str::from_utf8(&bytes).ok()?.strip_prefix("canopy:")?.parse().ok()
+    std::str::from_utf8(&bytes)
+        .ok()?
+        .strip_prefix("canopy:")?
+        .parse()
+        .ok()
 }
 
 /// Takes one page of `items` (already in key order) and the token for the next, if any.
@@ -66,7 +76,14 @@ mod tests {
         let mut after = None;
         let mut seen = Vec::new();
         loop {
-            let (page, next) = paginate(items.clone(), Page { max: Some(5), after }, |i| *i);
+            let (page, next) = paginate(
+                items.clone(),
+                Page {
+                    max: Some(5),
+                    after,
+                },
+                |i| *i,
+            );
             seen.extend(page);
             match next {
                 Some(t) => after = decode(&t),
@@ -80,10 +97,20 @@ mod tests {
     fn max_results_bounds_and_bad_tokens_are_refused() {
         assert!(parse_page(&Params::parse(b"MaxResults=4"), 5, 1000).is_err());
         assert!(parse_page(&Params::parse(b"MaxResults=1001"), 5, 1000).is_err());
-        assert_eq!(parse_page(&Params::parse(b"MaxResults=5"), 5, 1000).unwrap().max, Some(5));
+        assert_eq!(
+            parse_page(&Params::parse(b"MaxResults=5"), 5, 1000)
+                .unwrap()
+                .max,
+            Some(5)
+        );
         assert!(parse_page(&Params::parse(b"NextToken=garbage"), 5, 1000).is_err());
         let t = encode(7);
         let q = format!("NextToken={t}");
-        assert_eq!(parse_page(&Params::parse(q.as_bytes()), 5, 1000).unwrap().after, Some(7));
+        assert_eq!(
+            parse_page(&Params::parse(q.as_bytes()), 5, 1000)
+                .unwrap()
+                .after,
+            Some(7)
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! EC2 XML shapes shared by several actions.
 
 use canopy_common::InstanceState;
-use canopy_ec2_wire::xml::{timestamp, XmlWriter};
+use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 
 use crate::state::{Instance, Tag};
 
@@ -27,7 +27,11 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
     w.elem("instanceId", &i.instance_id)
         .elem("imageId", &i.image_id);
     state(w, "instanceState", i.state);
-    let dns = if i.state == InstanceState::Terminated { String::new() } else { private_dns(i) };
+    let dns = if i.state == InstanceState::Terminated {
+        String::new()
+    } else {
+        private_dns(i)
+    };
     w.elem("privateDnsName", &dns)
         .elem("dnsName", "")
         .elem("reason", &i.transition_reason)
@@ -37,7 +41,9 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .elem("instanceType", &i.instance_type)
         .elem("launchTime", timestamp(i.launch_time))
         .nested("placement", |w| {
-            w.elem("availabilityZone", &i.zone).elem("groupName", "").elem("tenancy", "default");
+            w.elem("availabilityZone", &i.zone)
+                .elem("groupName", "")
+                .elem("tenancy", "default");
         })
         .nested("monitoring", |w| {
             w.elem("state", "disabled");
@@ -45,7 +51,8 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .list("groupSet", std::iter::empty::<()>(), |_, _| {});
     if let Some(reason) = &i.state_reason {
         w.nested("stateReason", |w| {
-            w.elem("code", &reason.code).elem("message", &reason.message);
+            w.elem("code", &reason.code)
+                .elem("message", &reason.message);
         });
     }
     w.elem("architecture", "x86_64")
@@ -60,7 +67,8 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .bool_elem("enaSupport", false)
         .bool_elem("sourceDestCheck", true)
         .nested("cpuOptions", |w| {
-            w.elem("coreCount", i.resources.vcpus).elem("threadsPerCore", 1);
+            w.elem("coreCount", i.resources.vcpus)
+                .elem("threadsPerCore", 1);
         })
         .elem("platformDetails", "Linux/UNIX")
         .elem("usageOperation", "RunInstances")

@@ -17,7 +17,10 @@ fn resource_ids(ctx: &Ctx) -> Result<Vec<InstanceId>, ApiError> {
         return Err(ApiError::missing("ResourceId"));
     }
     raw.iter()
-        .map(|s| InstanceId::parse(s).map_err(|_| ApiError::new(400, "InvalidID", format!("The ID '{s}' is not valid"))))
+        .map(|s| {
+            InstanceId::parse(s)
+                .map_err(|_| ApiError::new(400, "InvalidID", format!("The ID '{s}' is not valid")))
+        })
         .collect()
 }
 
@@ -28,14 +31,28 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
         return Err(ApiError::missing("Tag"));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let found = ctx.clc.store.instances_by_id(Some(&ctx.account), &ids).await?;
-        let missing: Vec<InstanceId> = ids.iter().filter(|i| !found.contains_key(*i)).cloned().collect();
+        let found = ctx
+            .clc
+            .store
+            .instances_by_id(Some(&ctx.account), &ids)
+            .await?;
+        let missing: Vec<InstanceId> = ids
+            .iter()
+            .filter(|i| !found.contains_key(*i))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             return Err(ApiError::instances_not_found(&missing));
         }
         return Err(ApiError::dry_run());
     }
-    ctx.clc.submit(Command::CreateTags { account_id: ctx.account.clone(), resource_ids: ids, tags }).await?;
+    ctx.clc
+        .submit(Command::CreateTags {
+            account_id: ctx.account.clone(),
+            resource_ids: ids,
+            tags,
+        })
+        .await?;
     let mut w = XmlWriter::response("CreateTags", &ctx.request_id);
     w.bool_elem("return", true);
     Ok(w.finish())
@@ -54,7 +71,13 @@ pub async fn delete_tags(ctx: &Ctx) -> Result<String, ApiError> {
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
         return Err(ApiError::dry_run());
     }
-    ctx.clc.submit(Command::DeleteTags { account_id: ctx.account.clone(), resource_ids: ids, tags }).await?;
+    ctx.clc
+        .submit(Command::DeleteTags {
+            account_id: ctx.account.clone(),
+            resource_ids: ids,
+            tags,
+        })
+        .await?;
     let mut w = XmlWriter::response("DeleteTags", &ctx.request_id);
     w.bool_elem("return", true);
     Ok(w.finish())
@@ -83,7 +106,12 @@ impl Filterable for TagRow {
 pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
     let filters = filters::parse_filters(&ctx.params)?;
     let page = paging::parse_page(&ctx.params, 5, 1000)?;
-    let probe = TagRow { seq: 0, resource_id: String::new(), key: String::new(), value: String::new() };
+    let probe = TagRow {
+        seq: 0,
+        resource_id: String::new(),
+        key: String::new(),
+        value: String::new(),
+    };
     filters::validate(&filters, &probe)?;
     ctx.dry_run()?;
     let rows: Vec<TagRow> = ctx
@@ -93,7 +121,12 @@ pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
         .await?
         .into_iter()
         .enumerate()
-        .map(|(n, (resource_id, key, value))| TagRow { seq: n as i64, resource_id, key, value })
+        .map(|(n, (resource_id, key, value))| TagRow {
+            seq: n as i64,
+            resource_id,
+            key,
+            value,
+        })
         .filter(|r| filters::matches(r, &filters))
         .collect();
     let (items, next) = paginate(rows, page, |r| r.seq);

@@ -7,31 +7,41 @@ use canopy_common::{InstanceId, InstanceState, LifecycleEvent, PowerState, ZoneN
 use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
+use super::StateError;
 use super::command::{Command, InstanceAction, Observation, Outcome, StateChange};
 use super::query::{fmt_time, load_instances_by_id};
-use super::types::{Instance, StateReason, RESOURCE_TYPE_INSTANCE};
-use super::StateError;
+use super::types::{Instance, RESOURCE_TYPE_INSTANCE, StateReason};
 
 /// Applies `command` to the store inside the caller's transaction. Deterministic: the
 /// result depends only on the command and the rows already there.
 pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Outcome, StateError> {
     match command {
-        Command::CreateAccount { account_id, name, is_admin, access_key_id, secret_access_key, at } => {
-            let exists: Option<(String,)> = sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ? OR name = ?")
-                .bind(account_id.as_str())
-                .bind(name)
-                .fetch_optional(&mut *conn)
-                .await?;
+        Command::CreateAccount {
+            account_id,
+            name,
+            is_admin,
+            access_key_id,
+            secret_access_key,
+            at,
+        } => {
+            let exists: Option<(String,)> =
+                sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ? OR name = ?")
+                    .bind(account_id.as_str())
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
             if exists.is_some() {
                 return Err(StateError::AlreadyExists(format!("account {name}")));
             }
-            sqlx::query("INSERT INTO accounts(account_id, name, is_admin, created_at) VALUES (?, ?, ?, ?)")
-                .bind(account_id.as_str())
-                .bind(name)
-                .bind(*is_admin)
-                .bind(fmt_time(*at))
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "INSERT INTO accounts(account_id, name, is_admin, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(account_id.as_str())
+            .bind(name)
+            .bind(*is_admin)
+            .bind(fmt_time(*at))
+            .execute(&mut *conn)
+            .await?;
             sqlx::query("INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)")
                 .bind(access_key_id)
                 .bind(account_id.as_str())
@@ -41,11 +51,17 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .await?;
             Ok(Outcome::Done)
         }
-        Command::AddAccessKey { account_id, access_key_id, secret_access_key, at } => {
-            let account: Option<(String,)> = sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ?")
-                .bind(account_id.as_str())
-                .fetch_optional(&mut *conn)
-                .await?;
+        Command::AddAccessKey {
+            account_id,
+            access_key_id,
+            secret_access_key,
+            at,
+        } => {
+            let account: Option<(String,)> =
+                sqlx::query_as("SELECT account_id FROM accounts WHERE account_id = ?")
+                    .bind(account_id.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
             if account.is_none() {
                 return Err(StateError::AccountNotFound(account_id.to_string()));
             }
@@ -60,7 +76,9 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .execute(&mut *conn)
             .await?;
             if done.rows_affected() == 0 {
-                return Err(StateError::AlreadyExists(format!("access key {access_key_id}")));
+                return Err(StateError::AlreadyExists(format!(
+                    "access key {access_key_id}"
+                )));
             }
             Ok(Outcome::Done)
         }
@@ -81,7 +99,10 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .execute(&mut *conn)
             .await?;
             if done.rows_affected() == 0 {
-                return Err(StateError::AlreadyExists(format!("image {}", image.image_id)));
+                return Err(StateError::AlreadyExists(format!(
+                    "image {}",
+                    image.image_id
+                )));
             }
             Ok(Outcome::Done)
         }
@@ -97,7 +118,15 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .await?;
             Ok(Outcome::Done)
         }
-        Command::LaunchInstances { reservation_id, account_id, client_token, request_hash, instances, tags, at } => {
+        Command::LaunchInstances {
+            reservation_id,
+            account_id,
+            client_token,
+            request_hash,
+            instances,
+            tags,
+            at,
+        } => {
             if let Some(token) = client_token {
                 let prior: Option<(String, String)> = sqlx::query_as(
                     "SELECT reservation_id, request_hash FROM reservations WHERE account_id = ? AND client_token = ?",
@@ -110,16 +139,30 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     if &prior_hash != request_hash {
                         return Err(StateError::IdempotentParameterMismatch);
                     }
-                    let reservation_id = prior_id.parse().map_err(|e| StateError::Corrupt(format!("{e}")))?;
-                    return Ok(Outcome::Launched { reservation_id, replayed: true });
+                    let reservation_id = prior_id
+                        .parse()
+                        .map_err(|e| StateError::Corrupt(format!("{e}")))?;
+                    return Ok(Outcome::Launched {
+                        reservation_id,
+                        replayed: true,
+                    });
                 }
             }
-            let image_ok: Option<(String,)> = sqlx::query_as("SELECT image_id FROM images WHERE image_id = ?")
-                .bind(instances.first().map(|i| i.image_id.as_str()).unwrap_or_default())
-                .fetch_optional(&mut *conn)
-                .await?;
+            let image_ok: Option<(String,)> =
+                sqlx::query_as("SELECT image_id FROM images WHERE image_id = ?")
+                    .bind(
+                        instances
+                            .first()
+                            .map(|i| i.image_id.as_str())
+                            .unwrap_or_default(),
+                    )
+                    .fetch_optional(&mut *conn)
+                    .await?;
             if image_ok.is_none() {
-                let id = instances.first().map(|i| i.image_id.to_string()).unwrap_or_default();
+                let id = instances
+                    .first()
+                    .map(|i| i.image_id.to_string())
+                    .unwrap_or_default();
                 return Err(StateError::ImageNotFound(id));
             }
             sqlx::query("INSERT INTO reservations(reservation_id, account_id, client_token, request_hash, created_at) VALUES (?, ?, ?, ?, ?)")
@@ -156,19 +199,37 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .execute(&mut *conn)
                 .await?;
                 for tag in tags {
-                    insert_tag(conn, inst.instance_id.as_str(), account_id.as_str(), &tag.key, &tag.value).await?;
+                    insert_tag(
+                        conn,
+                        inst.instance_id.as_str(),
+                        account_id.as_str(),
+                        &tag.key,
+                        &tag.value,
+                    )
+                    .await?;
                 }
                 zones.insert(inst.zone.clone());
             }
             for zone in &zones {
                 bump_generation(conn, zone).await?;
             }
-            Ok(Outcome::Launched { reservation_id: reservation_id.clone(), replayed: false })
+            Ok(Outcome::Launched {
+                reservation_id: reservation_id.clone(),
+                replayed: false,
+            })
         }
-        Command::RequestInstances { account_id, instance_ids, action, at } => {
+        Command::RequestInstances {
+            account_id,
+            instance_ids,
+            action,
+            at,
+        } => {
             let found = load_instances_by_id(conn, Some(account_id), instance_ids).await?;
-            let missing: Vec<InstanceId> =
-                instance_ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+            let missing: Vec<InstanceId> = instance_ids
+                .iter()
+                .filter(|id| !found.contains_key(*id))
+                .cloned()
+                .collect();
             if !missing.is_empty() {
                 return Err(StateError::InstancesNotFound(missing));
             }
@@ -186,8 +247,12 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     continue;
                 }
                 let inst = &found[id];
-                let next = transition(inst.state, event)
-                    .map_err(|_| StateError::IncorrectInstanceState { id: id.clone(), state: inst.state })?;
+                let next = transition(inst.state, event).map_err(|_| {
+                    StateError::IncorrectInstanceState {
+                        id: id.clone(),
+                        state: inst.state,
+                    }
+                })?;
                 plan.push((inst, next));
             }
             let mut changes = Vec::new();
@@ -206,28 +271,55 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     InstanceAction::Start if next != inst.state => (None, String::new()),
                     _ => (inst.state_reason.clone(), inst.transition_reason.clone()),
                 };
-                update_instance(conn, inst, next, desired, reboot_seq, reason.as_ref(), &transition_reason, *at).await?;
+                update_instance(
+                    conn,
+                    inst,
+                    next,
+                    desired,
+                    reboot_seq,
+                    reason.as_ref(),
+                    &transition_reason,
+                    *at,
+                )
+                .await?;
                 if desired != inst.desired || reboot_seq != inst.reboot_seq || next != inst.state {
                     zones.insert(inst.zone.clone());
                 }
-                changes.push(StateChange { instance_id: inst.instance_id.clone(), previous: inst.state, current: next });
+                changes.push(StateChange {
+                    instance_id: inst.instance_id.clone(),
+                    previous: inst.state,
+                    current: next,
+                });
             }
             for zone in &zones {
                 bump_generation(conn, zone).await?;
             }
             Ok(Outcome::InstancesChanged(changes))
         }
-        Command::ObserveInstances { zone, observations, at } => observe(conn, zone, observations, *at).await,
-        Command::CreateTags { account_id, resource_ids, tags } => {
+        Command::ObserveInstances {
+            zone,
+            observations,
+            at,
+        } => observe(conn, zone, observations, *at).await,
+        Command::CreateTags {
+            account_id,
+            resource_ids,
+            tags,
+        } => {
             require_instances(conn, account_id, resource_ids).await?;
             for id in resource_ids {
                 for tag in tags {
-                    insert_tag(conn, id.as_str(), account_id.as_str(), &tag.key, &tag.value).await?;
+                    insert_tag(conn, id.as_str(), account_id.as_str(), &tag.key, &tag.value)
+                        .await?;
                 }
             }
             Ok(Outcome::Done)
         }
-        Command::DeleteTags { account_id, resource_ids, tags } => {
+        Command::DeleteTags {
+            account_id,
+            resource_ids,
+            tags,
+        } => {
             require_instances(conn, account_id, resource_ids).await?;
             for id in resource_ids {
                 if tags.is_empty() {
@@ -262,10 +354,12 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .bind(&before)
             .execute(&mut *conn)
             .await?;
-            let done = sqlx::query("DELETE FROM instances WHERE state = 'terminated' AND terminated_at < ?")
-                .bind(&before)
-                .execute(&mut *conn)
-                .await?;
+            let done = sqlx::query(
+                "DELETE FROM instances WHERE state = 'terminated' AND terminated_at < ?",
+            )
+            .bind(&before)
+            .execute(&mut *conn)
+            .await?;
             // Reservations with no instance left go too, but their client tokens must keep
             // working for retries, so keep reservations that still have a token.
             sqlx::query(
@@ -292,7 +386,9 @@ async fn observe(
     for obs in observations {
         // Reports about instances we do not know, or that live in another zone, are noise
         // (e.g. purged long ago): ignore them.
-        let Some(inst) = found.get(&obs.instance_id).filter(|i| &i.zone == zone) else { continue };
+        let Some(inst) = found.get(&obs.instance_id).filter(|i| &i.zone == zone) else {
+            continue;
+        };
         let node_changed = obs.node_id.is_some() && obs.node_id != inst.node_id;
         if node_changed {
             sqlx::query("UPDATE instances SET node_id = ? WHERE instance_id = ?")
@@ -314,7 +410,8 @@ async fn observe(
         // launch failed): the reports that finish that episode do not replace it.
         let finishing = matches!(
             (inst.state, next),
-            (InstanceState::Stopping, InstanceState::Stopped) | (InstanceState::ShuttingDown, InstanceState::Terminated)
+            (InstanceState::Stopping, InstanceState::Stopped)
+                | (InstanceState::ShuttingDown, InstanceState::Terminated)
         );
         let mut reason = if finishing {
             inst.state_reason.clone().or_else(|| obs.reason.clone())
@@ -322,7 +419,9 @@ async fn observe(
             obs.reason.clone().or_else(|| inst.state_reason.clone())
         };
         let mut transition_reason = inst.transition_reason.clone();
-        if matches!(next, InstanceState::Stopping | InstanceState::Stopped) && desired == PowerState::Running {
+        if matches!(next, InstanceState::Stopping | InstanceState::Stopped)
+            && desired == PowerState::Running
+        {
             // The guest shut itself down: on EC2 that stops the instance, and it stays
             // stopped until someone starts it.
             desired = PowerState::Stopped;
@@ -331,9 +430,16 @@ async fn observe(
                 code: "Client.InstanceInitiatedShutdown".into(),
                 message: "Client.InstanceInitiatedShutdown: Instance initiated shutdown".into(),
             }));
-            transition_reason = format!("Instance initiated ({})", at.format("%Y-%m-%d %H:%M:%S GMT"));
+            transition_reason = format!(
+                "Instance initiated ({})",
+                at.format("%Y-%m-%d %H:%M:%S GMT")
+            );
         }
-        if matches!(next, InstanceState::ShuttingDown | InstanceState::Terminated) && desired != PowerState::Terminated {
+        if matches!(
+            next,
+            InstanceState::ShuttingDown | InstanceState::Terminated
+        ) && desired != PowerState::Terminated
+        {
             // The node gave up on the instance (failed launch, no capacity): it is gone
             // for good, so the desired state follows.
             desired = PowerState::Terminated;
@@ -342,13 +448,26 @@ async fn observe(
         if next == InstanceState::Running {
             reason = None;
         }
-        update_instance(conn, inst, next, desired, inst.reboot_seq, reason.as_ref(), &transition_reason, at).await?;
+        update_instance(
+            conn,
+            inst,
+            next,
+            desired,
+            inst.reboot_seq,
+            reason.as_ref(),
+            &transition_reason,
+            at,
+        )
+        .await?;
         changed += 1;
     }
     if desired_changed {
         bump_generation(conn, zone).await?;
     }
-    Ok(Outcome::Observed { changed, desired_changed })
+    Ok(Outcome::Observed {
+        changed,
+        desired_changed,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -362,7 +481,11 @@ async fn update_instance(
     transition_reason: &str,
     at: DateTime<Utc>,
 ) -> Result<(), StateError> {
-    let state_changed_at = if state != inst.state { at } else { inst.state_changed_at };
+    let state_changed_at = if state != inst.state {
+        at
+    } else {
+        inst.state_changed_at
+    };
     let terminated_at = match (state, inst.terminated_at) {
         (InstanceState::Terminated, None) => Some(at),
         (_, t) => t,
@@ -421,6 +544,14 @@ async fn require_instances(
     ids: &[InstanceId],
 ) -> Result<(), StateError> {
     let found = load_instances_by_id(conn, Some(account_id), ids).await?;
-    let missing: Vec<InstanceId> = ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
-    if missing.is_empty() { Ok(()) } else { Err(StateError::InstancesNotFound(missing)) }
+    let missing: Vec<InstanceId> = ids
+        .iter()
+        .filter(|id| !found.contains_key(*id))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(StateError::InstancesNotFound(missing))
+    }
 }

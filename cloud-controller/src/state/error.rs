@@ -10,7 +10,10 @@ pub enum StateError {
     #[error("no such instances: {0:?}")]
     InstancesNotFound(Vec<InstanceId>),
     #[error("instance {id} is {state}, which does not allow this")]
-    IncorrectInstanceState { id: InstanceId, state: InstanceState },
+    IncorrectInstanceState {
+        id: InstanceId,
+        state: InstanceState,
+    },
     #[error("no such image: {0}")]
     ImageNotFound(String),
     #[error("no such account: {0}")]

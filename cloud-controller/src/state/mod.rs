@@ -17,7 +17,9 @@ pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, St
 pub use error::StateError;
 pub use query::InstanceFilter;
 pub use store::Store;
-pub use types::{Account, Image, Instance, Reservation, StateReason, Tag, Zone, RESOURCE_TYPE_INSTANCE};
+pub use types::{
+    Account, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag, Zone,
+};
 
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use canopy_common::{AccountId, InstanceId, InstanceState, PowerState, ReservationId, Resources, ZoneName};
+use canopy_common::{
+    AccountId, InstanceId, InstanceState, PowerState, ReservationId, Resources, ZoneName,
+};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::{FromRow, SqliteConnection};
 
@@ -23,7 +25,8 @@ fn parse<T: std::str::FromStr>(s: &str) -> Result<T, StateError>
 where
     T::Err: std::fmt::Display,
 {
-    s.parse().map_err(|e: T::Err| StateError::Corrupt(e.to_string()))
+    s.parse()
+        .map_err(|e: T::Err| StateError::Corrupt(e.to_string()))
 }
 
 /// Which instances a listing returns.
@@ -74,7 +77,8 @@ impl InstanceRow {
             seq: self.seq,
             instance_id: parse(&self.instance_id)?,
             reservation_id: parse(&self.reservation_id)?,
-            account_id: AccountId::parse(&self.account_id).map_err(|e| StateError::Corrupt(e.to_string()))?,
+            account_id: AccountId::parse(&self.account_id)
+                .map_err(|e| StateError::Corrupt(e.to_string()))?,
             launch_index: u32::try_from(self.launch_index).unwrap_or_default(),
             image_id: parse(&self.image_id)?,
             instance_type: self.instance_type,
@@ -108,7 +112,10 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, user_data, client_token, state, desired, reboot_seq, \
      state_reason_code, state_reason_message, transition_reason, launch_time, state_changed_at, terminated_at";
 
-async fn tags_for(conn: &mut SqliteConnection, account: Option<&AccountId>) -> Result<HashMap<String, Vec<Tag>>, StateError> {
+async fn tags_for(
+    conn: &mut SqliteConnection,
+    account: Option<&AccountId>,
+) -> Result<HashMap<String, Vec<Tag>>, StateError> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT resource_id, key, value FROM tags WHERE (?1 IS NULL OR account_id = ?1) ORDER BY resource_id, key",
     )
@@ -122,7 +129,10 @@ async fn tags_for(conn: &mut SqliteConnection, account: Option<&AccountId>) -> R
     Ok(out)
 }
 
-fn rows_to_instances(rows: Vec<InstanceRow>, mut tags: HashMap<String, Vec<Tag>>) -> Result<Vec<Instance>, StateError> {
+fn rows_to_instances(
+    rows: Vec<InstanceRow>,
+    mut tags: HashMap<String, Vec<Tag>>,
+) -> Result<Vec<Instance>, StateError> {
     rows.into_iter()
         .map(|r| {
             let t = tags.remove(&r.instance_id).unwrap_or_default();
@@ -149,7 +159,10 @@ pub(crate) async fn load_instances_by_id(
         .fetch_all(&mut *conn)
         .await?;
     let tags = tags_for(conn, account).await?;
-    Ok(rows_to_instances(rows, tags)?.into_iter().map(|i| (i.instance_id.clone(), i)).collect())
+    Ok(rows_to_instances(rows, tags)?
+        .into_iter()
+        .map(|i| (i.instance_id.clone(), i))
+        .collect())
 }
 
 impl Store {
@@ -183,34 +196,59 @@ impl Store {
     }
 
     pub async fn images(&self) -> Result<Vec<Image>, StateError> {
-        let rows: Vec<(String, String, String, String, String, String, bool, String, String)> = sqlx::query_as(
+        type ImageRow = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            bool,
+            String,
+            String,
+        );
+        let rows: Vec<ImageRow> = sqlx::query_as(
             "SELECT image_id, owner_id, name, description, location, architecture, is_public, state, created_at
              FROM images ORDER BY created_at, image_id",
         )
         .fetch_all(self.pool())
         .await?;
         rows.into_iter()
-            .map(|(id, owner, name, description, location, architecture, is_public, state, created)| {
-                Ok(Image {
-                    image_id: parse(&id)?,
-                    owner_id: AccountId::parse(&owner).map_err(|e| StateError::Corrupt(e.to_string()))?,
+            .map(
+                |(
+                    id,
+                    owner,
                     name,
                     description,
                     location,
                     architecture,
                     is_public,
                     state,
-                    created_at: parse_time(&created)?,
-                })
-            })
+                    created,
+                )| {
+                    Ok(Image {
+                        image_id: parse(&id)?,
+                        owner_id: AccountId::parse(&owner)
+                            .map_err(|e| StateError::Corrupt(e.to_string()))?,
+                        name,
+                        description,
+                        location,
+                        architecture,
+                        is_public,
+                        state,
+                        created_at: parse_time(&created)?,
+                    })
+                },
+            )
             .collect()
     }
 
     pub async fn zones(&self) -> Result<Vec<Zone>, StateError> {
-        let rows: Vec<(String, String, i64, String)> =
-            sqlx::query_as("SELECT zone, endpoint, generation, registered_at FROM zones ORDER BY zone")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+            "SELECT zone, endpoint, generation, registered_at FROM zones ORDER BY zone",
+        )
+        .fetch_all(self.pool())
+        .await?;
         rows.into_iter()
             .map(|(zone, endpoint, generation, at)| {
                 Ok(Zone {
@@ -224,14 +262,16 @@ impl Store {
     }
 
     pub async fn accounts(&self) -> Result<Vec<Account>, StateError> {
-        let rows: Vec<(String, String, bool, String)> =
-            sqlx::query_as("SELECT account_id, name, is_admin, created_at FROM accounts ORDER BY name")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(String, String, bool, String)> = sqlx::query_as(
+            "SELECT account_id, name, is_admin, created_at FROM accounts ORDER BY name",
+        )
+        .fetch_all(self.pool())
+        .await?;
         rows.into_iter()
             .map(|(id, name, is_admin, at)| {
                 Ok(Account {
-                    account_id: AccountId::parse(&id).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                    account_id: AccountId::parse(&id)
+                        .map_err(|e| StateError::Corrupt(e.to_string()))?,
                     name,
                     is_admin,
                     created_at: parse_time(&at)?,
@@ -247,12 +287,21 @@ impl Store {
                 .fetch_all(self.pool())
                 .await?;
         rows.into_iter()
-            .map(|(k, a, s)| Ok((k, AccountId::parse(&a).map_err(|e| StateError::Corrupt(e.to_string()))?, s)))
+            .map(|(k, a, s)| {
+                Ok((
+                    k,
+                    AccountId::parse(&a).map_err(|e| StateError::Corrupt(e.to_string()))?,
+                    s,
+                ))
+            })
             .collect()
     }
 
     /// (resource id, key, value) of an account's tags, ordered.
-    pub async fn tags(&self, account: &AccountId) -> Result<Vec<(String, String, String)>, StateError> {
+    pub async fn tags(
+        &self,
+        account: &AccountId,
+    ) -> Result<Vec<(String, String, String)>, StateError> {
         Ok(sqlx::query_as(
             "SELECT t.resource_id, t.key, t.value FROM tags t JOIN instances i ON i.instance_id = t.resource_id
              WHERE t.account_id = ? ORDER BY i.seq, t.key",

@@ -1,11 +1,11 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::Mutex;
 
-use super::{apply, Command, Outcome, StateError};
+use super::{Command, Outcome, StateError, apply};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -29,7 +29,10 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
         Self::with_pool(pool).await
     }
 
@@ -37,13 +40,19 @@ impl Store {
     pub async fn in_memory() -> Result<Store, StateError> {
         let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
         // One connection: every connection to :memory: is a database of its own.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
         Self::with_pool(pool).await
     }
 
     async fn with_pool(pool: SqlitePool) -> Result<Store, StateError> {
         MIGRATOR.run(&pool).await?;
-        Ok(Store { pool, writer: Mutex::new(()) })
+        Ok(Store {
+            pool,
+            writer: Mutex::new(()),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -68,9 +77,10 @@ impl Store {
 
     /// How many commands this store has applied.
     pub async fn last_applied(&self) -> Result<u64, StateError> {
-        let v: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = 'last_applied'")
-            .fetch_optional(&self.pool)
-            .await?;
+        let v: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM meta WHERE key = 'last_applied'")
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(v.and_then(|(s,)| s.parse().ok()).unwrap_or(0))
     }
 

@@ -1,6 +1,9 @@
 //! Apply tests on an in-memory store: each command's effect and its all-or-nothing refusals.
 
-use canopy_common::{AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources, ZoneName};
+use canopy_common::{
+    AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
+    ZoneName,
+};
 use chrono::{TimeZone, Utc};
 
 use super::*;
@@ -48,8 +51,20 @@ async fn fixture() -> Fixture {
         })
         .await
         .unwrap();
-    store.apply(&Command::RegisterZone { zone: zone.clone(), endpoint: "http://cc".into(), at: t(0) }).await.unwrap();
-    Fixture { store, account, image, zone }
+    store
+        .apply(&Command::RegisterZone {
+            zone: zone.clone(),
+            endpoint: "http://cc".into(),
+            at: t(0),
+        })
+        .await
+        .unwrap();
+    Fixture {
+        store,
+        account,
+        image,
+        zone,
+    }
 }
 
 impl Fixture {
@@ -71,22 +86,37 @@ impl Fixture {
                     user_data: None,
                 })
                 .collect(),
-            tags: vec![Tag { key: "Name".into(), value: "web".into() }],
+            tags: vec![Tag {
+                key: "Name".into(),
+                value: "web".into(),
+            }],
             at: t(1),
         }
     }
 
     async fn all(&self) -> Vec<Instance> {
-        self.store.instances(&InstanceFilter::default()).await.unwrap()
+        self.store
+            .instances(&InstanceFilter::default())
+            .await
+            .unwrap()
     }
 
     async fn generation(&self) -> u64 {
         self.store.zones().await.unwrap()[0].generation
     }
 
-    async fn request(&self, ids: &[InstanceId], action: InstanceAction) -> Result<Outcome, StateError> {
+    async fn request(
+        &self,
+        ids: &[InstanceId],
+        action: InstanceAction,
+    ) -> Result<Outcome, StateError> {
         self.store
-            .apply(&Command::RequestInstances { account_id: self.account.clone(), instance_ids: ids.to_vec(), action, at: t(5) })
+            .apply(&Command::RequestInstances {
+                account_id: self.account.clone(),
+                instance_ids: ids.to_vec(),
+                action,
+                at: t(5),
+            })
             .await
     }
 
@@ -112,11 +142,26 @@ async fn launch_creates_pending_instances_with_tags_and_bumps_the_zone() {
     let f = fixture().await;
     let g0 = f.generation().await;
     let out = f.store.apply(&f.launch(None, "h", 2)).await.unwrap();
-    assert!(matches!(out, Outcome::Launched { replayed: false, .. }));
+    assert!(matches!(
+        out,
+        Outcome::Launched {
+            replayed: false,
+            ..
+        }
+    ));
     let all = f.all().await;
     assert_eq!(all.len(), 2);
-    assert!(all.iter().all(|i| i.state == InstanceState::Pending && i.desired == PowerState::Running));
-    assert_eq!(all[0].tags, vec![Tag { key: "Name".into(), value: "web".into() }]);
+    assert!(
+        all.iter()
+            .all(|i| i.state == InstanceState::Pending && i.desired == PowerState::Running)
+    );
+    assert_eq!(
+        all[0].tags,
+        vec![Tag {
+            key: "Name".into(),
+            value: "web".into()
+        }]
+    );
     assert_eq!((all[0].launch_index, all[1].launch_index), (0, 1));
     assert_eq!(f.generation().await, g0 + 1);
     assert_eq!(f.store.last_applied().await.unwrap(), 4);
@@ -125,13 +170,27 @@ async fn launch_creates_pending_instances_with_tags_and_bumps_the_zone() {
 #[tokio::test]
 async fn client_token_makes_launch_exactly_once() {
     let f = fixture().await;
-    let Outcome::Launched { reservation_id: first, .. } = f.store.apply(&f.launch(Some("tok"), "h", 1)).await.unwrap() else {
+    let Outcome::Launched {
+        reservation_id: first,
+        ..
+    } = f.store.apply(&f.launch(Some("tok"), "h", 1)).await.unwrap()
+    else {
         panic!()
     };
     let again = f.store.apply(&f.launch(Some("tok"), "h", 1)).await.unwrap();
-    assert_eq!(again, Outcome::Launched { reservation_id: first, replayed: true });
+    assert_eq!(
+        again,
+        Outcome::Launched {
+            reservation_id: first,
+            replayed: true
+        }
+    );
     assert_eq!(f.all().await.len(), 1);
-    let err = f.store.apply(&f.launch(Some("tok"), "other", 1)).await.unwrap_err();
+    let err = f
+        .store
+        .apply(&f.launch(Some("tok"), "other", 1))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StateError::IdempotentParameterMismatch));
     assert_eq!(f.all().await.len(), 1);
 }
@@ -143,9 +202,15 @@ async fn unknown_image_writes_nothing() {
     if let Command::LaunchInstances { instances, .. } = &mut cmd {
         instances[0].image_id = ImageId::generate();
     }
-    assert!(matches!(f.store.apply(&cmd).await, Err(StateError::ImageNotFound(_))));
+    assert!(matches!(
+        f.store.apply(&cmd).await,
+        Err(StateError::ImageNotFound(_))
+    ));
     assert!(f.all().await.is_empty());
-    let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM reservations").fetch_one(f.store.pool()).await.unwrap();
+    let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM reservations")
+        .fetch_one(f.store.pool())
+        .await
+        .unwrap();
     assert_eq!(n.0, 0);
 }
 
@@ -161,16 +226,37 @@ async fn requests_follow_the_lifecycle_and_are_all_or_nothing() {
     f.request(&ids, InstanceAction::Reboot).await.unwrap();
     assert!(f.all().await.iter().all(|i| i.reboot_seq == 1));
     let out = f.request(&ids, InstanceAction::Stop).await.unwrap();
-    let Outcome::InstancesChanged(changes) = out else { panic!() };
-    assert!(changes.iter().all(|c| c.previous == InstanceState::Running && c.current == InstanceState::Stopping));
+    let Outcome::InstancesChanged(changes) = out else {
+        panic!()
+    };
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.previous == InstanceState::Running && c.current == InstanceState::Stopping)
+    );
     f.observe(&ids[0], InstanceState::Stopped).await;
     let err = f.request(&ids, InstanceAction::Start).await.unwrap_err();
-    assert!(matches!(err, StateError::IncorrectInstanceState { ref id, state: InstanceState::Stopping } if id == &ids[1]));
+    assert!(
+        matches!(err, StateError::IncorrectInstanceState { ref id, state: InstanceState::Stopping } if id == &ids[1])
+    );
     let all = f.all().await;
-    assert_eq!(all[0].state, InstanceState::Stopped, "nothing written by the refused request");
-    assert_eq!(all[0].state_reason.as_ref().unwrap().code, "Client.UserInitiatedShutdown");
+    assert_eq!(
+        all[0].state,
+        InstanceState::Stopped,
+        "nothing written by the refused request"
+    );
+    assert_eq!(
+        all[0].state_reason.as_ref().unwrap().code,
+        "Client.UserInitiatedShutdown"
+    );
     let missing = InstanceId::generate();
-    let err = f.request(&[ids[0].clone(), missing.clone()], InstanceAction::Terminate).await.unwrap_err();
+    let err = f
+        .request(
+            &[ids[0].clone(), missing.clone()],
+            InstanceAction::Terminate,
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(err, StateError::InstancesNotFound(ref m) if m == &vec![missing]));
 }
 
@@ -180,30 +266,60 @@ async fn stale_observations_are_ignored_and_guest_shutdown_stops_the_instance() 
     f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
     let id = f.all().await[0].instance_id.clone();
     f.observe(&id, InstanceState::Running).await;
-    assert_eq!(f.all().await[0].node_id.as_ref().map(|n| n.as_str()), Some("node-1"));
-    f.request(&[id.clone()], InstanceAction::Stop).await.unwrap();
+    assert_eq!(
+        f.all().await[0].node_id.as_ref().map(|n| n.as_str()),
+        Some("node-1")
+    );
+    f.request(std::slice::from_ref(&id), InstanceAction::Stop)
+        .await
+        .unwrap();
     // A report from before the stop reached the node.
-    assert_eq!(f.observe(&id, InstanceState::Running).await, Outcome::Observed { changed: 0, desired_changed: false });
+    assert_eq!(
+        f.observe(&id, InstanceState::Running).await,
+        Outcome::Observed {
+            changed: 0,
+            desired_changed: false
+        }
+    );
     assert_eq!(f.all().await[0].state, InstanceState::Stopping);
     f.observe(&id, InstanceState::Stopped).await;
-    f.request(&[id.clone()], InstanceAction::Start).await.unwrap();
+    f.request(std::slice::from_ref(&id), InstanceAction::Start)
+        .await
+        .unwrap();
     f.observe(&id, InstanceState::Running).await;
     let g = f.generation().await;
     // The guest powers itself off: stopped, and desired follows so the node keeps it off.
     let out = f.observe(&id, InstanceState::Stopped).await;
-    assert_eq!(out, Outcome::Observed { changed: 1, desired_changed: true });
+    assert_eq!(
+        out,
+        Outcome::Observed {
+            changed: 1,
+            desired_changed: true
+        }
+    );
     let inst = &f.all().await[0];
-    assert_eq!((inst.state, inst.desired), (InstanceState::Stopped, PowerState::Stopped));
-    assert_eq!(inst.state_reason.as_ref().unwrap().code, "Client.InstanceInitiatedShutdown");
+    assert_eq!(
+        (inst.state, inst.desired),
+        (InstanceState::Stopped, PowerState::Stopped)
+    );
+    assert_eq!(
+        inst.state_reason.as_ref().unwrap().code,
+        "Client.InstanceInitiatedShutdown"
+    );
     assert_eq!(f.generation().await, g + 1);
 }
 
 #[tokio::test]
 async fn terminated_instances_stay_visible_until_purged() {
     let f = fixture().await;
-    f.store.apply(&f.launch(Some("keep"), "h", 1)).await.unwrap();
+    f.store
+        .apply(&f.launch(Some("keep"), "h", 1))
+        .await
+        .unwrap();
     let id = f.all().await[0].instance_id.clone();
-    f.request(&[id.clone()], InstanceAction::Terminate).await.unwrap();
+    f.request(std::slice::from_ref(&id), InstanceAction::Terminate)
+        .await
+        .unwrap();
     f.observe(&id, InstanceState::Terminated).await;
     let inst = &f.all().await[0];
     assert_eq!(inst.state, InstanceState::Terminated);
@@ -211,11 +327,27 @@ async fn terminated_instances_stay_visible_until_purged() {
     // Terminated is final: a late report cannot revive it.
     f.observe(&id, InstanceState::Running).await;
     assert_eq!(f.all().await[0].state, InstanceState::Terminated);
-    assert_eq!(f.store.apply(&Command::PurgeTerminated { before: t(10) }).await.unwrap(), Outcome::Purged(0));
-    assert_eq!(f.store.apply(&Command::PurgeTerminated { before: t(11) }).await.unwrap(), Outcome::Purged(1));
+    assert_eq!(
+        f.store
+            .apply(&Command::PurgeTerminated { before: t(10) })
+            .await
+            .unwrap(),
+        Outcome::Purged(0)
+    );
+    assert_eq!(
+        f.store
+            .apply(&Command::PurgeTerminated { before: t(11) })
+            .await
+            .unwrap(),
+        Outcome::Purged(1)
+    );
     assert!(f.all().await.is_empty());
     // The client token still answers with the old reservation rather than launching again.
-    let out = f.store.apply(&f.launch(Some("keep"), "h", 1)).await.unwrap();
+    let out = f
+        .store
+        .apply(&f.launch(Some("keep"), "h", 1))
+        .await
+        .unwrap();
     assert!(matches!(out, Outcome::Launched { replayed: true, .. }));
 }
 
@@ -224,12 +356,22 @@ async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
     let f = fixture().await;
     f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
     let id = f.all().await[0].instance_id.clone();
-    let tag = |k: &str, v: &str| Tag { key: k.into(), value: v.into() };
+    let tag = |k: &str, v: &str| Tag {
+        key: k.into(),
+        value: v.into(),
+    };
     f.store
-        .apply(&Command::CreateTags { account_id: f.account.clone(), resource_ids: vec![id.clone()], tags: vec![tag("Name", "db"), tag("env", "prod")] })
+        .apply(&Command::CreateTags {
+            account_id: f.account.clone(),
+            resource_ids: vec![id.clone()],
+            tags: vec![tag("Name", "db"), tag("env", "prod")],
+        })
         .await
         .unwrap();
-    assert_eq!(f.all().await[0].tags, vec![tag("Name", "db"), tag("env", "prod")]);
+    assert_eq!(
+        f.all().await[0].tags,
+        vec![tag("Name", "db"), tag("env", "prod")]
+    );
     let del = |k: &str, v: Option<&str>| Command::DeleteTags {
         account_id: f.account.clone(),
         resource_ids: vec![id.clone()],
@@ -241,7 +383,11 @@ async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
     assert_eq!(f.all().await[0].tags, vec![tag("Name", "db")]);
     let err = f
         .store
-        .apply(&Command::CreateTags { account_id: f.account.clone(), resource_ids: vec![InstanceId::generate()], tags: vec![tag("a", "b")] })
+        .apply(&Command::CreateTags {
+            account_id: f.account.clone(),
+            resource_ids: vec![InstanceId::generate()],
+            tags: vec![tag("a", "b")],
+        })
         .await
         .unwrap_err();
     assert!(matches!(err, StateError::InstancesNotFound(_)));
@@ -252,7 +398,14 @@ async fn state_survives_reopening_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("clc.db");
     let store = Store::open(&path).await.unwrap();
-    store.apply(&Command::RegisterZone { zone: ZoneName::parse("z").unwrap(), endpoint: "e".into(), at: t(0) }).await.unwrap();
+    store
+        .apply(&Command::RegisterZone {
+            zone: ZoneName::parse("z").unwrap(),
+            endpoint: "e".into(),
+            at: t(0),
+        })
+        .await
+        .unwrap();
     store.close().await;
     let store = Store::open(&path).await.unwrap();
     assert_eq!(store.zones().await.unwrap().len(), 1);
@@ -274,7 +427,10 @@ async fn the_reason_of_a_stop_survives_the_reports_that_finish_it() {
                 instance_id: id.clone(),
                 node_id: None,
                 state: InstanceState::Stopped,
-                reason: Some(StateReason { code: "Client.UserInitiatedShutdown".into(), message: "x".into() }),
+                reason: Some(StateReason {
+                    code: "Client.UserInitiatedShutdown".into(),
+                    message: "x".into(),
+                }),
             }],
             at: t(11),
         })
@@ -282,5 +438,8 @@ async fn the_reason_of_a_stop_survives_the_reports_that_finish_it() {
         .unwrap();
     let inst = &f.all().await[0];
     assert_eq!(inst.state, InstanceState::Stopped);
-    assert_eq!(inst.state_reason.as_ref().unwrap().code, "Client.InstanceInitiatedShutdown");
+    assert_eq!(
+        inst.state_reason.as_ref().unwrap().code,
+        "Client.InstanceInitiatedShutdown"
+    );
 }
