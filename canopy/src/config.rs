@@ -290,3 +290,25 @@ mod tests {
         assert_eq!(c.clc_endpoints, vec!["http://a:1".to_string()]);
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config")
+            .join(name)
+    }
+
+    #[test]
+    fn the_example_configs_load_and_validate() {
+        let clc: ClcFile = load(Some(&example("clc.toml")), serde_json::json!({})).unwrap();
+        assert_eq!(clc.validate().unwrap().region.as_str(), "canopy-1");
+        let cc: CcFile = load(Some(&example("cc.toml")), serde_json::json!({})).unwrap();
+        assert_eq!(cc.validate().unwrap().zone.as_str(), "canopy-1a");
+        let nc: NcFile = load(Some(&example("nc.toml")), serde_json::json!({})).unwrap();
+        nc.validate().unwrap();
+        assert_eq!(nc.sim_config().unwrap().capacity.vcpus, 16);
+    }
+}

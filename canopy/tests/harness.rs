@@ -355,3 +355,82 @@ fn base64_decode(s: &str) -> Vec<u8> {
         .decode(s.trim())
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_admin_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = dev::start(DevOptions::for_tests(dir.path().join("data")))
+        .await
+        .unwrap();
+    let addr = cloud.clc.admin_addr;
+    let url = format!("http://{addr}/v1/nodes");
+    let http = reqwest::Client::new();
+
+    let ok = http
+        .get(&url)
+        .bearer_auth(&cloud.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let nodes: Vec<serde_json::Value> = ok.json().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["healthy"], true);
+    assert_eq!(nodes[0]["capacity"]["vcpus"], 16);
+
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    // SigV4 with the admin account's key, for the admin service, is accepted …
+    let signed = |service: &str, secret: &str| {
+        canopy_ec2_wire::sigv4::sign(
+            "GET",
+            &addr.to_string(),
+            "/v1/nodes",
+            "",
+            &[],
+            b"",
+            &cloud.admin.access_key_id,
+            secret,
+            "canopy-1",
+            service,
+            chrono::Utc::now(),
+        )
+    };
+    let mut req = http.get(&url);
+    for (k, v) in signed("canopy-admin", &cloud.admin.secret_access_key) {
+        req = req.header(k, v);
+    }
+    assert_eq!(req.send().await.unwrap().status(), 200);
+    // … but not with a wrong secret, nor a signature made for the EC2 service.
+    for (service, secret) in [
+        ("canopy-admin", "not-the-secret"),
+        ("ec2", cloud.admin.secret_access_key.as_str()),
+    ] {
+        let mut req = http.get(&url);
+        for (k, v) in signed(service, secret) {
+            req = req.header(k, v);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 403, "{service}");
+    }
+    // The OpenAPI document is served to authorised callers and matches the checked-in one.
+    let doc = http
+        .get(format!("http://{addr}/openapi.json"))
+        .bearer_auth(&cloud.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc.text().await.unwrap(),
+        canopy_cloud_controller::admin::openapi_json()
+    );
+    cloud.shutdown().await;
+}
