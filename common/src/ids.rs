@@ -12,6 +12,44 @@ pub struct IdError {
     pub value: String,
 }
 
+/// The conversions every id type shares: `as_str`, `Display`, and parsing from strings
+/// (so serde and `str::parse` go through the type's own validation).
+macro_rules! string_id_impls {
+    ($name:ident) => {
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(value: String) -> Result<Self, IdError> {
+                Self::parse(&value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+    };
+}
+
 /// Generates a hex-suffixed resource id type in the AWS style (`i-0123456789abcdef0`).
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal, $len:literal) => {
@@ -50,37 +88,9 @@ macro_rules! hex_id {
                     Err(IdError { kind: $kind, value: value.to_owned() })
                 }
             }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = IdError;
-            fn try_from(value: String) -> Result<Self, IdError> {
-                Self::parse(&value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, IdError> {
-                Self::parse(s)
-            }
-        }
+        string_id_impls!($name);
     };
 }
 
@@ -120,37 +130,9 @@ macro_rules! name_id {
                     Err(IdError { kind: $kind, value: value.to_owned() })
                 }
             }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = IdError;
-            fn try_from(value: String) -> Result<Self, IdError> {
-                Self::parse(&value)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, IdError> {
-                Self::parse(s)
-            }
-        }
+        string_id_impls!($name);
     };
 }
 
@@ -199,30 +181,9 @@ impl AccountId {
         }
         Self(s)
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
-impl fmt::Display for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for AccountId {
-    type Error = IdError;
-    fn try_from(value: String) -> Result<Self, IdError> {
-        Self::parse(&value)
-    }
-}
-
-impl From<AccountId> for String {
-    fn from(id: AccountId) -> String {
-        id.0
-    }
-}
+string_id_impls!(AccountId);
 
 #[cfg(test)]
 mod tests {

@@ -459,19 +459,7 @@ pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<Strin
     }
     ctx.params.bool("Force")?;
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let found = ctx
-            .clc
-            .store
-            .instances_by_id(Some(&ctx.account), &ids)
-            .await?;
-        let missing: Vec<InstanceId> = ids
-            .iter()
-            .filter(|id| !found.contains_key(*id))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(ApiError::instances_not_found(&missing));
-        }
+        ctx.require_instances(&ids).await?;
         return Err(ApiError::dry_run());
     }
     let out = ctx

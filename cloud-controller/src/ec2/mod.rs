@@ -47,6 +47,28 @@ pub struct Ctx {
 
 impl Ctx {
     /// EC2's DryRun: after validation, answer DryRunOperation instead of acting.
+    /// Refuses with `InvalidInstanceID.NotFound` unless the account owns every instance.
+    pub async fn require_instances(
+        &self,
+        ids: &[canopy_common::InstanceId],
+    ) -> Result<(), ApiError> {
+        let found = self
+            .clc
+            .store
+            .instances_by_id(Some(&self.account), ids)
+            .await?;
+        let missing: Vec<_> = ids
+            .iter()
+            .filter(|id| !found.contains_key(*id))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::instances_not_found(&missing))
+        }
+    }
+
     pub fn dry_run(&self) -> Result<(), ApiError> {
         if self.params.bool("DryRun")?.unwrap_or(false) {
             Err(ApiError::dry_run())

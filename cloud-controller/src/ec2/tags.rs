@@ -31,19 +31,7 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
         return Err(ApiError::missing("Tag"));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let found = ctx
-            .clc
-            .store
-            .instances_by_id(Some(&ctx.account), &ids)
-            .await?;
-        let missing: Vec<InstanceId> = ids
-            .iter()
-            .filter(|i| !found.contains_key(*i))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(ApiError::instances_not_found(&missing));
-        }
+        ctx.require_instances(&ids).await?;
         return Err(ApiError::dry_run());
     }
     ctx.clc

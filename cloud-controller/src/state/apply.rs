@@ -42,13 +42,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .bind(fmt_time(*at))
             .execute(&mut *conn)
             .await?;
-            sqlx::query("INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)")
-                .bind(access_key_id)
-                .bind(account_id.as_str())
-                .bind(secret_access_key)
-                .bind(fmt_time(*at))
-                .execute(&mut *conn)
-                .await?;
+            insert_access_key(conn, account_id, access_key_id, secret_access_key, *at).await?;
             Ok(Outcome::Done)
         }
         Command::AddAccessKey {
@@ -65,21 +59,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             if account.is_none() {
                 return Err(StateError::AccountNotFound(account_id.to_string()));
             }
-            let done = sqlx::query(
-                "INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)
-                 ON CONFLICT(access_key_id) DO NOTHING",
-            )
-            .bind(access_key_id)
-            .bind(account_id.as_str())
-            .bind(secret_access_key)
-            .bind(fmt_time(*at))
-            .execute(&mut *conn)
-            .await?;
-            if done.rows_affected() == 0 {
-                return Err(StateError::AlreadyExists(format!(
-                    "access key {access_key_id}"
-                )));
-            }
+            insert_access_key(conn, account_id, access_key_id, secret_access_key, *at).await?;
             Ok(Outcome::Done)
         }
         Command::RegisterImage { image } => {
@@ -554,4 +534,30 @@ async fn require_instances(
     } else {
         Err(StateError::InstancesNotFound(missing))
     }
+}
+
+/// Adds an access key; a key id already in use is refused rather than reassigned.
+async fn insert_access_key(
+    conn: &mut SqliteConnection,
+    account_id: &canopy_common::AccountId,
+    access_key_id: &str,
+    secret_access_key: &str,
+    at: DateTime<Utc>,
+) -> Result<(), StateError> {
+    let done = sqlx::query(
+        "INSERT INTO access_keys(access_key_id, account_id, secret_access_key, created_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT(access_key_id) DO NOTHING",
+    )
+    .bind(access_key_id)
+    .bind(account_id.as_str())
+    .bind(secret_access_key)
+    .bind(fmt_time(at))
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(StateError::AlreadyExists(format!(
+            "access key {access_key_id}"
+        )));
+    }
+    Ok(())
 }
