@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
@@ -34,6 +33,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
+from botocore.utils import percent_encode_sequence
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
@@ -125,6 +125,16 @@ def http_status(exc: botocore.exceptions.ClientError) -> int:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
 
 
+def eventually(fetch, ok, timeout: float = 15.0, interval: float = 0.3):
+    """Calls fetch() until ok(value) holds or timeout passes; returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def strip_ns(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
@@ -183,6 +193,8 @@ class Cloud:
         self.proc: subprocess.Popen | None = None
         self.rc: dict[str, str] = {}
         self.starts = 0
+        self.last_exit: int | None = None
+        self.owner: str | None = None  # nodeid of the test that made it; None for the shared cloud
         self._log_file = None
         self._client = None
         self._image_id = None
@@ -205,9 +217,10 @@ class Cloud:
                 self.ec2_port, self.admin_port = free_port(), free_port()
                 continue
             break
+        why = (f"exited with code {self.last_exit} before writing canopyrc" if self.last_exit is not None
+               else f"did not write {self.data_dir / 'canopyrc'} within {timeout:.0f} s (killed)")
         pytest.fail(
-            f"canopy dev did not write {self.data_dir / 'canopyrc'} within {timeout:.0f} s "
-            f"(exit code {self.proc.returncode if self.proc else None}).\n--- log {self.log_path} ---\n"
+            f"canopy dev {why}\n--- log {self.log_path} ---\n"
             + self.log_tail(200),
             pytrace=False,
         )
@@ -225,7 +238,7 @@ class Cloud:
             "--hypervisor", "sim",
         ]
         env = {k: v for k, v in os.environ.items() if not _AWS_ENV_DROP.match(k)}
-        env.update({"NO_COLOR": "1", "RUST_BACKTRACE": "1"})
+        env["NO_COLOR"] = "1"
         env.update(self.extra_env)
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"\n===== start #{self.starts + 1}: {' '.join(cmd)}\n".encode())
@@ -250,6 +263,7 @@ class Cloud:
                     return True
             time.sleep(0.05)
         self.kill()
+        self.last_exit = None
         return False
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -271,25 +285,23 @@ class Cloud:
         return code
 
     def kill(self) -> None:
+        """SIGKILL to the process group (the child is not reaped yet, so the group is still ours)."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reap()
-
-    def _reap(self) -> None:
-        # Anything the process group still holds (it should hold nothing).
-        if self.proc is not None:
+        if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            self.last_exit = self.proc.returncode
         self.proc = None
         if self._log_file is not None:
             self._log_file.close()
@@ -352,7 +364,9 @@ class Cloud:
     # ---- clients
 
     def client(self, access_key: str | None = None, secret_key: str | None = None, **config):
-        cfg = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=60, **config)
+        options = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10, "read_timeout": 60}
+        options.update(config)
+        cfg = Config(**options)
         return boto3.session.Session().client(
             "ec2",
             region_name=self.region,
@@ -431,7 +445,7 @@ class Cloud:
         """One EC2 Query request over plain HTTP, SigV4-signed by botocore unless sign=False."""
         if isinstance(params, dict):
             params = {"Version": EC2_API_VERSION, **params}
-            body = urllib.parse.urlencode(params)
+            body = percent_encode_sequence(params)  # SigV4's encoding (%20, not +), as botocore sends
         else:
             body = params
         url = self.endpoint.rstrip("/") + "/"
@@ -566,6 +580,7 @@ def new_cloud(canopy_bin, workdir, request):
     def make(**kwargs) -> Cloud:
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60] + f"-{len(made)}"
         c = Cloud(canopy_bin, workdir / name, **kwargs)
+        c.owner = request.node.nodeid
         made.append(c)
         return c
 
@@ -581,7 +596,7 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         _STATE["failed"] = True
         for c in _CLOUDS:
-            if c.log_path.exists() and c.starts:
+            if c.owner in (None, item.nodeid) and c.log_path.exists():
                 report.sections.append((f"canopy log tail ({c.log_path})", c.log_tail(60)))
 
 

@@ -2,6 +2,10 @@
 
 import json
 
+import pytest
+
+from conftest import eventually
+
 
 def test_admin_nodes(cloud):
     proc = cloud.admin_run("--json", "nodes")
@@ -42,7 +46,8 @@ def test_admin_instances(cloud, launcher):
     assert set(ids) <= set(json.dumps(json.loads(js.stdout)).split('"'))
 
     # Allocations show up on the nodes that run them.
-    nodes = json.loads(cloud.admin_run("--json", "nodes").stdout)
+    nodes = eventually(lambda: json.loads(cloud.admin_run("--json", "nodes").stdout),
+                       lambda ns: sum(n["instance_count"] for n in ns) >= 2)
     assert sum(n["instance_count"] for n in nodes) >= 2
     assert sum(n["allocated"]["vcpus"] for n in nodes) >= 2
 
@@ -53,3 +58,18 @@ def test_admin_needs_the_token(cloud):
     proc = cloud.admin_run("nodes", env={"CANOPY_ADMIN_TOKEN": "wrong-token"})
     assert proc.returncode != 0
     assert cloud.admin_token not in proc.stdout + proc.stderr
+
+
+def test_admin_api_rejects_requests_without_the_token(cloud):
+    import urllib.error
+    import urllib.request
+
+    url = cloud.admin_endpoint.rstrip("/") + "/v1/nodes"
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Bearer {cloud.secret_key}"}):
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
+        assert exc.value.code in (401, 403), headers
+    ok = urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Authorization": f"Bearer {cloud.admin_token}"}), timeout=30)
+    assert ok.status == 200
+    assert isinstance(json.loads(ok.read()), list)

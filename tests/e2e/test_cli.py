@@ -51,7 +51,8 @@ def test_cli_instance_lifecycle(cloud):
 def test_cli_errors(cloud):
     proc = cloud.aws_run("ec2", "describe-instances", "--instance-ids", "i-00000000000000000")
     assert proc.returncode != 0
-    assert proc.returncode == 254, (proc.returncode, proc.stderr)  # the CLI's exit code for service errors
+    # AWS CLI v2 exits 254 on a service error, v1 (pinned here) 255.
+    assert proc.returncode in (254, 255), (proc.returncode, proc.stderr)
     assert "InvalidInstanceID.NotFound" in proc.stderr
 
     proc = cloud.aws_run("ec2", "describe-instances", env={"AWS_SECRET_ACCESS_KEY": "wrong" + cloud.secret_key[5:]})

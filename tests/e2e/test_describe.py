@@ -115,6 +115,27 @@ def test_tags_round_trip(cloud, launcher):
     assert {"Key": "Name", "Value": "alpha"} in inst[a]["Tags"]
     assert not any(t["Key"] == "team" for t in inst[a]["Tags"] + inst[b]["Tags"])
 
+    # Values with XML-special and non-ASCII characters survive the round trip.
+    odd = 'a&b<c>"d\' ünïcødé ☃ \t x'
+    cloud.ec2.create_tags(Resources=[a], Tags=[{"Key": "odd", "Value": odd}])
+    assert tags({"Name": "key", "Values": ["odd"]}) == [(a, "odd", odd)]
+    assert tags({"Name": "value", "Values": [odd]}) == [(a, "odd", odd)]
+    assert [i["InstanceId"] for i in cloud.instances(Filters=[{"Name": "tag:odd", "Values": [odd]}])] == [a]
+
     with pytest.raises(ClientError) as exc:
         cloud.ec2.create_tags(Resources=["i-0123456789abcdef0"], Tags=[{"Key": "k", "Value": "v"}])
     assert error_code(exc.value) == "InvalidInstanceID.NotFound"
+
+
+def test_request_rate_sanity(cloud):
+    """Responses go out promptly (TCP_NODELAY, one write): sequential boto3 calls are not
+    stuck at tens per second."""
+    import time
+
+    ec2 = cloud.client()
+    ec2.describe_regions()
+    start = time.monotonic()
+    for _ in range(100):
+        ec2.describe_regions()
+    elapsed = time.monotonic() - start
+    assert elapsed < 10, f"100 DescribeRegions took {elapsed:.1f} s"

@@ -6,7 +6,7 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import INSTANCE_ID_RE, RESERVATION_ID_RE, WAIT, error_code, http_status
+from conftest import INSTANCE_ID_RE, RESERVATION_ID_RE, error_code, eventually, http_status
 
 STATES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
 
@@ -72,10 +72,11 @@ def test_instances_reach_running(cloud, launcher):
 
 
 def test_describe_instances_filters(cloud, launcher):
-    micro = launcher.run_ids(
+    micro_resp = launcher.run(
         2, InstanceType="t2.micro", Placement={"AvailabilityZone": "canopy-1a"},
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "web"}]}],
     )
+    micro = [i["InstanceId"] for i in micro_resp["Instances"]]
     nano = launcher.run_ids(
         1, InstanceType="t2.nano", Placement={"AvailabilityZone": "canopy-1b"},
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "db"}]}],
@@ -98,6 +99,9 @@ def test_describe_instances_filters(cloud, launcher):
     assert ids({"Name": "instance-type", "Values": ["t2.micro", "t2.nano"]}) == everything
     assert ids({"Name": "image-id", "Values": [cloud.image_id]}) == everything
     assert ids({"Name": "image-id", "Values": ["ami-0123456789abcdef0"]}) == []
+    assert ids({"Name": "reservation-id", "Values": [micro_resp["ReservationId"]]}) == sorted(micro)
+    assert ids({"Name": "owner-id", "Values": [micro_resp["OwnerId"]]}) == everything
+    assert ids({"Name": "key-name", "Values": ["no-such-key"]}) == []
     assert ids({"Name": "tag:role", "Values": ["web"]}) == sorted(micro)
     assert ids({"Name": "tag:role", "Values": ["web", "db"]}) == everything
     assert ids({"Name": "tag:role", "Values": ["nope"]}) == []
@@ -262,3 +266,64 @@ def test_describe_instance_status(cloud, launcher):
     all_ids = {s["InstanceId"] for p in cloud.ec2.get_paginator("describe_instance_status").paginate()
                for s in p["InstanceStatuses"]}
     assert running in all_ids and stopped not in all_ids
+
+
+def test_concurrent_launches_with_one_client_token(cloud, launcher):
+    """Retries of one RunInstances may race each other: the token must still yield one reservation."""
+    import concurrent.futures
+
+    token = f"e2e-race-{uuid.uuid4()}"
+    clients = [cloud.client() for _ in range(6)]
+
+    def go(ec2):
+        return ec2.run_instances(
+            ImageId=cloud.image_id, InstanceType="t2.micro", MinCount=1, MaxCount=1, ClientToken=token,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": launcher.TAG_KEY, "Value": launcher.tag}]}],
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        results = list(pool.map(go, clients))
+    assert len({r["ReservationId"] for r in results}) == 1
+    assert len({r["Instances"][0]["InstanceId"] for r in results}) == 1
+    assert len(launcher.mine()) == 1
+
+
+def test_empty_results_keep_their_lists(cloud):
+    """Empty sets are emitted (<reservationSet/>), so the keys exist for client code."""
+    resp = cloud.ec2.describe_instances(Filters=[{"Name": "tag:no-such-tag", "Values": ["x"]}])
+    assert resp["Reservations"] == []
+    resp = cloud.ec2.describe_instance_status(Filters=[{"Name": "availability-zone", "Values": ["nowhere-1a"]}])
+    assert resp["InstanceStatuses"] == []
+    resp = cloud.ec2.describe_tags(Filters=[{"Name": "key", "Values": ["no-such-key-anywhere"]}])
+    assert resp["Tags"] == []
+    resp = cloud.ec2.describe_images(Owners=["amazon"])
+    assert resp["Images"] == []
+
+
+def test_partial_launch_fills_a_zone_and_termination_frees_it(new_cloud):
+    """MinCount..MaxCount launches as many as fit (at least MinCount); capacity comes back on terminate."""
+    import json
+
+    c = new_cloud()
+    c.start()
+    once = c.client(retries={"mode": "standard", "max_attempts": 1})
+    resp = once.run_instances(ImageId=c.image_id, InstanceType="t2.micro", MinCount=1, MaxCount=1000)
+    ids = [i["InstanceId"] for i in resp["Instances"]]
+    assert 1 <= len(ids) < 1000
+
+    with pytest.raises(ClientError) as exc:
+        once.run_instances(ImageId=c.image_id, InstanceType="t2.micro", MinCount=1, MaxCount=1)
+    assert error_code(exc.value) == "InsufficientInstanceCapacity"
+
+    c.wait("instance_running", InstanceIds=ids)
+    # The admin view of the node follows its heartbeats (about 1 s).
+    (node,) = eventually(lambda: json.loads(c.admin_run("--json", "nodes").stdout),
+                         lambda nodes: nodes[0]["allocated"]["vcpus"] == len(ids))
+    assert len(ids) <= node["capacity"]["vcpus"]
+    assert node["allocated"]["vcpus"] == len(ids), node
+    assert node["instance_count"] == len(ids), node
+    once.terminate_instances(InstanceIds=ids)
+    c.wait("instance_terminated", InstanceIds=ids)
+    again = once.run_instances(ImageId=c.image_id, InstanceType="t2.micro", MinCount=2, MaxCount=2)
+    assert len(again["Instances"]) == 2
+    assert c.stop() == 0

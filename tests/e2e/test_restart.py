@@ -10,8 +10,10 @@ def test_restart_keeps_state_and_keys(new_cloud):
     image = c.image_id
     ec2 = c.ec2
     tags = [{"ResourceType": "instance", "Tags": [{"Key": "keep", "Value": "me"}]}]
-    (running,) = [i["InstanceId"] for i in ec2.run_instances(
-        ImageId=image, InstanceType="t2.micro", MinCount=1, MaxCount=1, TagSpecifications=tags)["Instances"]]
+    launch = dict(ImageId=image, InstanceType="t2.micro", MinCount=1, MaxCount=1, TagSpecifications=tags,
+                  ClientToken="e2e-restart-token")
+    first = ec2.run_instances(**launch)
+    (running,) = [i["InstanceId"] for i in first["Instances"]]
     (stopped,) = [i["InstanceId"] for i in ec2.run_instances(
         ImageId=image, InstanceType="t2.nano", MinCount=1, MaxCount=1)["Instances"]]
     (gone,) = [i["InstanceId"] for i in ec2.run_instances(
@@ -39,6 +41,10 @@ def test_restart_keeps_state_and_keys(new_cloud):
     assert after[running]["LaunchTime"] == before[running]["LaunchTime"]
 
     ec2.get_waiter("instance_running").wait(InstanceIds=[running], WaiterConfig=WAIT)
+    # The idempotency token outlives the restart.
+    retried = ec2.run_instances(**launch)
+    assert retried["ReservationId"] == first["ReservationId"]
+    assert [i["InstanceId"] for i in retried["Instances"]] == [running]
     assert after[stopped]["State"]["Name"] == "stopped"
     assert after[gone]["State"]["Name"] == "terminated"
     # A stopped instance stays stopped, and can be started after the restart.
@@ -56,4 +62,32 @@ def test_fixed_admin_credentials_from_env(new_cloud):
     c.start()
     assert (c.access_key, c.secret_key) == (ak, sk)
     assert c.ec2.describe_regions()["Regions"][0]["RegionName"] == "canopy-1"
+    assert c.stop() == 0
+
+
+def test_restart_mid_transition_converges(new_cloud):
+    """SIGTERM while instances are stopping / shutting down / freshly launched: after the
+    restart each one settles in the state that was asked for."""
+    c = new_cloud()
+    c.start()
+    ec2 = c.ec2
+    img = c.image_id
+
+    def launch():
+        return ec2.run_instances(ImageId=img, InstanceType="t2.micro", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    stopping, terminating = launch(), launch()
+    c.wait("instance_running", InstanceIds=[stopping, terminating])
+    fresh = launch()
+    ec2.stop_instances(InstanceIds=[stopping])
+    ec2.terminate_instances(InstanceIds=[terminating])
+    assert c.stop() == 0
+
+    c.start()
+    ec2 = c.ec2
+    c.wait("instance_stopped", InstanceIds=[stopping])
+    c.wait("instance_terminated", InstanceIds=[terminating])
+    c.wait("instance_running", InstanceIds=[fresh])
+    states = {i["InstanceId"]: i["State"]["Name"] for i in c.instances()}
+    assert states == {stopping: "stopped", terminating: "terminated", fresh: "running"}
     assert c.stop() == 0

@@ -115,6 +115,14 @@ impl From<StateError> for ApiError {
             StateError::ZoneNotFound(z) => {
                 Self::invalid(format!("Invalid availability zone: [{z}]"))
             }
+            StateError::TagLimitExceeded(_) => Self::new(
+                400,
+                "TagLimitExceeded",
+                format!(
+                    "The maximum number of tags per resource is {}",
+                    crate::state::MAX_TAGS_PER_RESOURCE
+                ),
+            ),
             StateError::AlreadyExists(what) => Self::new(
                 400,
                 "InvalidParameterValue",

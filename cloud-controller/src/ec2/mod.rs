@@ -164,6 +164,15 @@ async fn handle_inner(
         now: chrono::Utc::now(),
         max_skew: clc.config.max_clock_skew,
     };
+    // Canopy issues no temporary credentials, so no session token can be valid.
+    if headers.contains_key("x-amz-security-token") || params.get("X-Amz-Security-Token").is_some()
+    {
+        return Err(ApiError::new(
+            401,
+            "AuthFailure",
+            "The security token included in the request is invalid.",
+        ));
+    }
     let access_key = sigv4::verify(&parts, &cfg, |ak| {
         clc.credentials(ak).map(|(_, secret)| secret)
     })?;

@@ -12,6 +12,9 @@ use super::command::{Command, InstanceAction, Observation, Outcome, StateChange}
 use super::query::{fmt_time, load_instances_by_id};
 use super::types::{Instance, RESOURCE_TYPE_INSTANCE, StateReason};
 
+/// EC2's limit of tags on one resource.
+pub const MAX_TAGS_PER_RESOURCE: i64 = 50;
+
 /// Applies `command` to the store inside the caller's transaction. Deterministic: the
 /// result depends only on the command and the rows already there.
 pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Outcome, StateError> {
@@ -188,6 +191,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     )
                     .await?;
                 }
+                check_tag_limit(conn, inst.instance_id.as_str()).await?;
                 zones.insert(inst.zone.clone());
             }
             for zone in &zones {
@@ -292,6 +296,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     insert_tag(conn, id.as_str(), account_id.as_str(), &tag.key, &tag.value)
                         .await?;
                 }
+                check_tag_limit(conn, id.as_str()).await?;
             }
             Ok(Outcome::Done)
         }
@@ -558,6 +563,18 @@ async fn insert_access_key(
         return Err(StateError::AlreadyExists(format!(
             "access key {access_key_id}"
         )));
+    }
+    Ok(())
+}
+
+/// Refuses the command (which then writes nothing) when a resource ends up over the limit.
+async fn check_tag_limit(conn: &mut SqliteConnection, resource_id: &str) -> Result<(), StateError> {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tags WHERE resource_id = ?")
+        .bind(resource_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if n > MAX_TAGS_PER_RESOURCE {
+        return Err(StateError::TagLimitExceeded(resource_id.to_owned()));
     }
     Ok(())
 }

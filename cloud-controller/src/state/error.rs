@@ -20,6 +20,8 @@ pub enum StateError {
     AccountNotFound(String),
     #[error("no such zone: {0}")]
     ZoneNotFound(String),
+    #[error("resource {0} would have more than {max} tags", max = crate::state::MAX_TAGS_PER_RESOURCE)]
+    TagLimitExceeded(String),
     #[error("already exists: {0}")]
     AlreadyExists(String),
     #[error("database error: {0}")]

@@ -12,7 +12,7 @@ mod query;
 mod store;
 mod types;
 
-pub use apply::apply;
+pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
 pub use error::StateError;
 pub use query::InstanceFilter;

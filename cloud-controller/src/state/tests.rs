@@ -443,3 +443,34 @@ async fn the_reason_of_a_stop_survives_the_reports_that_finish_it() {
         "Client.InstanceInitiatedShutdown"
     );
 }
+
+#[tokio::test]
+async fn no_resource_gets_more_than_fifty_tags() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap(); // one tag: Name
+    let id = f.all().await[0].instance_id.clone();
+    let tags = |from: usize, n: usize| {
+        (from..from + n)
+            .map(|i| Tag {
+                key: format!("k{i}"),
+                value: "v".into(),
+            })
+            .collect()
+    };
+    let create = |tags| Command::CreateTags {
+        account_id: f.account.clone(),
+        resource_ids: vec![id.clone()],
+        tags,
+    };
+    f.store.apply(&create(tags(0, 49))).await.unwrap();
+    assert_eq!(f.all().await[0].tags.len(), 50);
+    let err = f.store.apply(&create(tags(100, 1))).await.unwrap_err();
+    assert!(matches!(err, StateError::TagLimitExceeded(_)));
+    assert_eq!(
+        f.all().await[0].tags.len(),
+        50,
+        "the refused command wrote nothing"
+    );
+    // Replacing an existing key does not count twice.
+    f.store.apply(&create(tags(0, 1))).await.unwrap();
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Canopy's one test command (CI runs it through .ci/run; run it yourself the same way):
+#   format check, clippy, unit/integration tests, build of the `canopy` binary, and the
+#   end-to-end suite (tests/e2e, pytest + boto3 + AWS CLI against a real `canopy dev`).
+# Creates .venv with the pinned test clients (tests/requirements.txt) when it is missing.
+# Extra arguments go to pytest, e.g. `tests/run.sh -k restart -x`.
+# Env: SKIP_RUST_CHECKS=1 skips fmt/clippy/cargo test (build + e2e only).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+VENV="$ROOT/.venv"
+REQS="$ROOT/tests/requirements.txt"
+START=$(date +%s)
+
+declare -a STAGES=()
+FAILED=0
+E2E_RESULT="not run"
+
+stage() { printf '\n==> %s\n' "$*"; }
+elapsed() { echo "$(( $(date +%s) - START ))s"; }
+
+summary() {
+    local status=$?
+    local verdict="PASSED"
+    if (( FAILED )) || (( status != 0 )); then verdict="FAILED"; fi
+    printf '\n'
+    printf '==> summary\n'
+    local s
+    for s in "${STAGES[@]}"; do printf '    %s\n' "$s"; done
+    printf 'tests/run.sh: %s (%s) - e2e: %s\n' "$verdict" "$(elapsed)" "$E2E_RESULT"
+}
+trap summary EXIT
+
+# run NAME CMD...: runs one stage, records ok/FAILED, keeps going.
+run() {
+    local name=$1; shift
+    local t0=$SECONDS
+    stage "$name: $*"
+    if "$@"; then
+        STAGES+=("ok      $name ($(( SECONDS - t0 ))s)")
+        return 0
+    else
+        local rc=$?
+        STAGES+=("FAILED  $name (exit $rc, $(( SECONDS - t0 ))s)")
+        FAILED=1
+        return $rc
+    fi
+}
+
+ensure_venv() {
+    # Runs inside `if`, where `set -e` is off: every step checks itself.
+    local stamp="$VENV/.requirements.sha256" want py=${PYTHON:-python3}
+    want=$(sha256sum "$REQS" | cut -d' ' -f1) || return 1
+    if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        echo "up to date: $VENV"
+        return 0
+    fi
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        echo "creating $VENV"
+        if ! "$py" -m venv "$VENV"; then
+            # Debian's python3 without python3-venv has no ensurepip: make the venv without
+            # pip and let the interpreter's own pip install into it.
+            rm -rf "$VENV"
+            "$py" -m venv --without-pip "$VENV" || return 1
+            "$py" -m pip --python "$VENV/bin/python" install -q --disable-pip-version-check -r "$REQS" || return 1
+            echo "$want" >"$stamp"
+            return 0
+        fi
+    fi
+    echo "installing the test clients from tests/requirements.txt"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQS" || return 1
+    echo "$want" >"$stamp"
+}
+
+e2e() {
+    local rc=0
+    "$VENV/bin/python" -m pytest tests/e2e -q "$@" || rc=$?
+    case $rc in
+        0) E2E_RESULT="passed" ;;
+        5) E2E_RESULT="FAILED: pytest collected no tests"; echo "pytest ran no tests (exit 5): that is a failure" >&2 ;;
+        *) E2E_RESULT="FAILED (pytest exit $rc)" ;;
+    esac
+    return $rc
+}
+
+if [[ "${SKIP_RUST_CHECKS:-0}" != 1 ]]; then
+    run "cargo fmt" cargo fmt --all -- --check || true
+    run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings || true
+    run "cargo test" cargo test --workspace || true
+fi
+if run "cargo build" cargo build -p canopy; then
+    run "python venv" ensure_venv && run "e2e (pytest)" e2e "$@" || true
+else
+    E2E_RESULT="not run: the build failed"
+fi
+
+(( FAILED == 0 ))
