@@ -112,14 +112,21 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, user_data, client_token, state, desired, reboot_seq, \
      state_reason_code, state_reason_message, transition_reason, launch_time, state_changed_at, terminated_at";
 
+/// Tags by resource id: of one account, or of every account (`None`), and, when `ids` is
+/// given as a JSON array, of those resources only.
 async fn tags_for(
     conn: &mut SqliteConnection,
     account: Option<&AccountId>,
+    ids_json: Option<&str>,
 ) -> Result<HashMap<String, Vec<Tag>>, StateError> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT resource_id, key, value FROM tags WHERE (?1 IS NULL OR account_id = ?1) ORDER BY resource_id, key",
+        "SELECT resource_id, key, value FROM tags
+         WHERE (?1 IS NULL OR account_id = ?1)
+           AND (?2 IS NULL OR resource_id IN (SELECT value FROM json_each(?2)))
+         ORDER BY resource_id, key",
     )
     .bind(account.map(|a| a.as_str()))
+    .bind(ids_json)
     .fetch_all(&mut *conn)
     .await?;
     let mut out: HashMap<String, Vec<Tag>> = HashMap::new();
@@ -154,11 +161,11 @@ pub(crate) async fn load_instances_by_id(
          WHERE instance_id IN (SELECT value FROM json_each(?1)) AND (?2 IS NULL OR account_id = ?2)"
     ));
     let rows: Vec<InstanceRow> = sqlx::query_as(sql)
-        .bind(ids_json)
+        .bind(&ids_json)
         .bind(account.map(|a| a.as_str()))
         .fetch_all(&mut *conn)
         .await?;
-    let tags = tags_for(conn, account).await?;
+    let tags = tags_for(conn, account, Some(&ids_json)).await?;
     Ok(rows_to_instances(rows, tags)?
         .into_iter()
         .map(|i| (i.instance_id.clone(), i))
@@ -182,7 +189,7 @@ impl Store {
             .bind(filter.live_only)
             .fetch_all(&mut *conn)
             .await?;
-        let tags = tags_for(&mut conn, filter.account_id.as_ref()).await?;
+        let tags = tags_for(&mut conn, filter.account_id.as_ref(), None).await?;
         rows_to_instances(rows, tags)
     }
 
