@@ -2,6 +2,7 @@
 //! dev cloud, and the admin CLI. `main.rs` only parses flags and calls into here.
 
 pub mod admin_cli;
+pub mod bench;
 pub mod bootstrap;
 pub mod config;
 pub mod dev;

@@ -35,6 +35,35 @@ enum Role {
     Nc(NcArgs),
     /// Operator commands over the admin API.
     Admin(AdminArgs),
+    /// Load tool: drives a running cloud (the environment canopyrc exports) and reports throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    workload: BenchWorkload,
+}
+
+#[derive(Subcommand)]
+enum BenchWorkload {
+    /// One RunInstances per request (each with its own ClientToken) from concurrent clients.
+    RunInstances {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value = "t2.nano")]
+        instance_type: String,
+        /// Image to launch (default: the first DescribeImages returns).
+        #[arg(long)]
+        image_id: Option<String>,
+        /// Terminate the launched instances afterwards (not timed).
+        #[arg(long)]
+        cleanup: bool,
+    },
 }
 
 /// CLC flags; each is also read from the environment variable named.
@@ -74,6 +103,13 @@ struct DevArgs {
     /// Which hypervisor driver the nodes use.
     #[arg(long, value_enum, default_value_t = HypervisorChoice::Auto)]
     hypervisor: HypervisorChoice,
+    /// Size of each simulated node (benchmarks want big ones).
+    #[arg(long, default_value_t = 16)]
+    node_vcpus: u32,
+    #[arg(long, default_value_t = 32 * 1024)]
+    node_memory_mib: u64,
+    #[arg(long, default_value_t = 500)]
+    node_disk_gib: u64,
 }
 
 #[derive(clap::Args)]
@@ -205,7 +241,7 @@ fn clc_config(
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.role, Role::Admin(_)) {
+    if !matches!(cli.role, Role::Admin(_) | Role::Bench(_)) {
         init_logging();
     }
     match cli.role {
@@ -213,6 +249,32 @@ async fn main() -> Result<()> {
         Role::Clc(args) => run_clc(args).await,
         Role::Cc(args) => run_cc(args).await,
         Role::Nc(args) => run_nc(args).await,
+        Role::Bench(args) => match args.workload {
+            BenchWorkload::RunInstances {
+                clients,
+                seconds,
+                instance_type,
+                image_id,
+                cleanup,
+            } => {
+                if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
+                    anyhow::bail!("--clients and --seconds must be positive");
+                }
+                let load = canopy::bench::RunInstancesLoad {
+                    clients,
+                    duration: std::time::Duration::from_secs_f64(seconds),
+                    instance_type,
+                    image_id,
+                    cleanup,
+                };
+                print!(
+                    "{}",
+                    canopy::bench::run_instances(&canopy::bench::Target::from_env()?, &load)
+                        .await?
+                );
+                Ok(())
+            }
+        },
         Role::Admin(args) => {
             let client = AdminClient {
                 endpoint: args.endpoint,
@@ -234,7 +296,12 @@ async fn run_dev(args: DevArgs) -> Result<()> {
             ZoneName::parse(z).with_context(|| format!("--zone: {z:?} is not a valid zone name"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let nc = NcFile::default();
+    let nc = NcFile {
+        vcpus: args.node_vcpus,
+        memory_mib: args.node_memory_mib,
+        disk_gib: args.node_disk_gib,
+        ..NcFile::default()
+    };
     let opts = DevOptions {
         clc,
         zones,

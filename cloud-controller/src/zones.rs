@@ -17,7 +17,9 @@ use tonic::{Request, Response, Status};
 
 use crate::clc::Clc;
 use crate::scheduler::ZoneSnapshot;
-use crate::state::{Command, Instance, InstanceFilter, Observation, StateError, StateReason};
+use crate::state::{
+    AllocationGroup, Command, Instance, InstanceFilter, Observation, StateError, StateReason,
+};
 
 /// What the CLC knows of a zone from its CC's heartbeats (soft state, not replicated).
 #[derive(Debug, Clone)]
@@ -77,21 +79,13 @@ impl ZoneRegistry {
 /// allocations from the CLC's own records (which include launches not yet placed).
 pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> {
     let zones = clc.store.zones().await?;
-    let live_instances = clc
-        .store
-        .instances(&InstanceFilter {
-            live_only: true,
-            ..Default::default()
-        })
-        .await?;
+    let allocations = clc.store.allocations().await?;
     let mut out = Vec::new();
     for zone in zones {
         let live = clc.zones.get(&zone.zone);
         let available = clc.zones.is_available(&zone.zone, clc.config.zone_timeout);
-        let in_zone: Vec<&Instance> = live_instances
-            .iter()
-            .filter(|i| i.zone == zone.zone)
-            .collect();
+        let in_zone: Vec<&AllocationGroup> =
+            allocations.iter().filter(|a| a.zone == zone.zone).collect();
         let hosts = live
             .map(|l| l.nodes)
             .unwrap_or_default()
@@ -99,8 +93,8 @@ pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> 
             .map(|n| HostSnapshot {
                 allocated: in_zone
                     .iter()
-                    .filter(|i| i.node_id.as_ref() == Some(&n.node_id))
-                    .map(|i| i.resources)
+                    .filter(|a| a.node_id.as_ref() == Some(&n.node_id))
+                    .flat_map(|a| std::iter::repeat_n(a.resources, a.count as usize))
                     .sum(),
                 key: n.node_id,
                 capacity: n.capacity,
@@ -109,8 +103,8 @@ pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> 
             .collect();
         let unplaced = in_zone
             .iter()
-            .filter(|i| i.node_id.is_none())
-            .map(|i| i.resources)
+            .filter(|a| a.node_id.is_none())
+            .flat_map(|a| std::iter::repeat_n(a.resources, a.count as usize))
             .collect();
         out.push(ZoneSnapshot {
             zone: zone.zone,
@@ -394,6 +388,7 @@ async fn reconcile_once(
             .instances(&InstanceFilter {
                 zone: Some(zone.zone.clone()),
                 live_only: true,
+                without_tags: true,
                 ..Default::default()
             })
             .await?;

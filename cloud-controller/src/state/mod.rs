@@ -15,7 +15,7 @@ mod types;
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
 pub use error::StateError;
-pub use query::InstanceFilter;
+pub use query::{AllocationGroup, InstanceFilter};
 pub use store::Store;
 pub use types::{
     Account, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag, Zone,

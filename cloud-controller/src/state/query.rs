@@ -37,6 +37,8 @@ pub struct InstanceFilter {
     pub reservation_id: Option<ReservationId>,
     /// Leave out terminated instances.
     pub live_only: bool,
+    /// Do not load tags (the desired-state documents have no use for them).
+    pub without_tags: bool,
 }
 
 #[derive(FromRow)]
@@ -189,7 +191,11 @@ impl Store {
             .bind(filter.live_only)
             .fetch_all(&mut *conn)
             .await?;
-        let tags = tags_for(&mut conn, filter.account_id.as_ref(), None).await?;
+        let tags = if filter.without_tags {
+            HashMap::new()
+        } else {
+            tags_for(&mut conn, filter.account_id.as_ref(), None).await?
+        };
         rows_to_instances(rows, tags)
     }
 
@@ -334,5 +340,43 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         row.map(|(id, hash)| Ok((parse(&id)?, hash))).transpose()
+    }
+}
+
+/// What the instances that hold capacity take, grouped: `count` instances of size
+/// `resources` in `zone`, on `node_id` (or not yet placed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationGroup {
+    pub zone: ZoneName,
+    pub node_id: Option<canopy_common::NodeId>,
+    pub resources: Resources,
+    pub count: u64,
+}
+
+impl Store {
+    /// Capacity held by live instances, aggregated in SQL: the scheduler needs sums, not
+    /// rows, and runs on every launch.
+    pub async fn allocations(&self) -> Result<Vec<AllocationGroup>, StateError> {
+        let rows: Vec<(String, Option<String>, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT zone, node_id, vcpus, memory_mib, disk_gib, COUNT(*) FROM instances
+             WHERE state != 'terminated'
+             GROUP BY zone, node_id, vcpus, memory_mib, disk_gib",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(zone, node, vcpus, mem, disk, count)| {
+                Ok(AllocationGroup {
+                    zone: parse(&zone)?,
+                    node_id: node.as_deref().map(parse).transpose()?,
+                    resources: Resources::new(
+                        u32::try_from(vcpus).unwrap_or_default(),
+                        u64::try_from(mem).unwrap_or_default(),
+                        u64::try_from(disk).unwrap_or_default(),
+                    ),
+                    count: u64::try_from(count).unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 }
