@@ -17,6 +17,7 @@ pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, St
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};
 pub use store::Store;
+pub(crate) use store::count_applied;
 pub use types::{
     Account, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag, Zone,
 };

@@ -65,12 +65,7 @@ impl Store {
         let _guard = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let outcome = apply(&mut tx, command).await?;
-        sqlx::query(
-            "INSERT INTO meta(key, value) VALUES ('last_applied', '1')
-             ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
-        )
-        .execute(&mut *tx)
-        .await?;
+        count_applied(&mut tx).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -87,4 +82,16 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Counts one more applied command in `meta.last_applied`, in the caller's transaction:
+/// the single-replica path and the Raft state machine keep the same count.
+pub(crate) async fn count_applied(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO meta(key, value) VALUES ('last_applied', '1')
+         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

@@ -5,6 +5,8 @@
 //! command is committed by a quorum and applied by the local state machine, so nothing
 //! above this module changes.
 
+pub mod raft;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;

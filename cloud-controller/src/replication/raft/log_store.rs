@@ -1,0 +1,250 @@
+//! The Raft log, vote and log pointers in the state's SQLite database.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
+use sqlx::SqlitePool;
+
+use super::types::{Entry, LogId, RaftNodeId, StorageError, TypeConfig};
+use super::{KvTable, RaftStoreError, db_index, read_json, write_json};
+use crate::state::Store;
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged_log_id";
+
+/// The durable Raft log of one replica, in the same database as its state (the
+/// [`Store`]'s pool), so one WAL and one fsync policy cover both.
+///
+/// openraft serializes every write (`&mut self`); reads from replication tasks go through
+/// clones ([`RaftLogStorage::get_log_reader`]), which SQLite's WAL lets run beside writes.
+#[derive(Debug, Clone)]
+pub struct SqliteLogStore {
+    pool: SqlitePool,
+}
+
+impl SqliteLogStore {
+    /// A log store over `store`'s database. The `raft_*` tables come with the store's
+    /// migrations.
+    pub fn new(store: &Store) -> Self {
+        Self {
+            pool: store.pool().clone(),
+        }
+    }
+
+    async fn entries(&self, start: i64, end_inclusive: i64) -> Result<Vec<Entry>, RaftStoreError> {
+        let rows: Vec<(Vec<u8>,)> = sqlx::query_as(
+            "SELECT payload FROM raft_log WHERE log_index >= ? AND log_index <= ?
+             ORDER BY log_index",
+        )
+        .bind(start)
+        .bind(end_inclusive)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(payload,)| Ok(serde_json::from_slice(&payload)?))
+            .collect()
+    }
+
+    async fn log_state(&self) -> Result<LogState<TypeConfig>, RaftStoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let last_purged: Option<LogId> = read_json(&mut conn, KvTable::RaftMeta, LAST_PURGED)
+            .await?
+            .flatten();
+        let last: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT payload FROM raft_log ORDER BY log_index DESC LIMIT 1")
+                .fetch_optional(&mut *conn)
+                .await?;
+        let last_log_id = match last {
+            Some((payload,)) => Some(serde_json::from_slice::<Entry>(&payload)?.log_id),
+            // An empty log (everything purged) ends where the purge did.
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    /// Writes the whole batch in one transaction: one commit, so one fsync (WAL with
+    /// synchronous=FULL), however many entries a leader or a follower appends at once.
+    async fn append_batch<I>(&self, entries: I) -> Result<(), RaftStoreError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let rows = entries
+            .into_iter()
+            .map(|e| {
+                Ok((
+                    db_index(e.log_id.index)?,
+                    db_index(e.log_id.leader_id.term)?,
+                    serde_json::to_vec(&e)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, RaftStoreError>>()?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // IMMEDIATE takes the write lock up front, waiting (busy_timeout) for the state
+        // machine's transaction instead of failing half-way.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (index, term, payload) in rows {
+            // REPLACE: an index openraft appends again after a truncate gets the new entry.
+            sqlx::query(
+                "INSERT OR REPLACE INTO raft_log(log_index, term, payload) VALUES (?, ?, ?)",
+            )
+            .bind(index)
+            .bind(term)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_since(&self, log_id: &LogId) -> Result<(), RaftStoreError> {
+        sqlx::query("DELETE FROM raft_log WHERE log_index >= ?")
+            .bind(db_index(log_id.index)?)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the purge point before deleting, in one transaction, so `get_log_state` never
+    /// sees a log that starts later than the recorded purge point.
+    async fn delete_upto(&self, log_id: &LogId) -> Result<(), RaftStoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        write_json(&mut tx, KvTable::RaftMeta, LAST_PURGED, &Some(*log_id)).await?;
+        sqlx::query("DELETE FROM raft_log WHERE log_index <= ?")
+            .bind(db_index(log_id.index)?)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn write<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<(), RaftStoreError> {
+        let mut conn = self.pool.acquire().await?;
+        write_json(&mut conn, KvTable::RaftMeta, key, value).await
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, RaftStoreError> {
+        let mut conn = self.pool.acquire().await?;
+        read_json(&mut conn, KvTable::RaftMeta, key).await
+    }
+}
+
+/// `range` as inclusive SQLite bounds, or `None` when it is empty.
+fn sql_bounds<RB: RangeBounds<u64>>(range: &RB) -> Option<(i64, i64)> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e,
+        Bound::Excluded(&e) => e.checked_sub(1)?,
+        Bound::Unbounded => u64::MAX,
+    };
+    if start > end {
+        return None;
+    }
+    // Indexes above i64::MAX cannot be stored, so clamping loses nothing.
+    let clamp = |i: u64| i64::try_from(i).unwrap_or(i64::MAX);
+    Some((clamp(start), clamp(end)))
+}
+
+impl RaftLogReader<TypeConfig> for SqliteLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let Some((start, end)) = sql_bounds(&range) else {
+            return Ok(Vec::new());
+        };
+        self.entries(start, end)
+            .await
+            .map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for SqliteLogStore {
+    type LogReader = SqliteLogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        self.log_state()
+            .await
+            .map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<RaftNodeId>) -> Result<(), StorageError> {
+        self.write(VOTE, vote)
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<RaftNodeId>>, StorageError> {
+        self.read(VOTE)
+            .await
+            .map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.write(COMMITTED, &committed)
+            .await
+            .map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.read::<Option<LogId>>(COMMITTED)
+            .await
+            .map(Option::flatten)
+            .map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // The transaction has committed (and so fsynced) when append_batch returns: only then
+        // may openraft count these entries towards a quorum.
+        match self.append_batch(entries).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(&e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.delete_since(&log_id)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.delete_upto(&log_id)
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}

@@ -1,0 +1,134 @@
+//! The openraft type configuration of the cloud controller, and what applying an entry returns.
+
+// `declare_raft_types!` names `Cursor` unqualified for the default `SnapshotData`.
+use std::io::Cursor;
+
+use canopy_common::{InstanceId, InstanceState};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Command, Outcome, StateError};
+
+openraft::declare_raft_types!(
+    /// The cloud controller's Raft types: the log carries [`Command`]s, applying one yields a
+    /// [`RaftResponse`], replicas are numbered by `u64` and addressed by a [`BasicNode`].
+    /// Snapshots are whole SQLite files held in memory (`Cursor<Vec<u8>>`): the state is small.
+    pub TypeConfig:
+        D = Command,
+        R = RaftResponse,
+        NodeId = u64,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A replica's id in the Raft group.
+pub type RaftNodeId = u64;
+/// A log entry of [`TypeConfig`].
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id of [`TypeConfig`].
+pub type LogId = openraft::LogId<RaftNodeId>;
+/// A membership with the log id that set it.
+pub type StoredMembership = openraft::StoredMembership<RaftNodeId, BasicNode>;
+/// What a snapshot covers.
+pub type SnapshotMeta = openraft::SnapshotMeta<RaftNodeId, BasicNode>;
+/// A snapshot with its data.
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+/// The storage error openraft expects from the log store and the state machine.
+pub type StorageError = openraft::StorageError<RaftNodeId>;
+
+/// What applying one committed entry produced. Every replica computes the same value; the
+/// leader hands it back to the caller of `submit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftResponse {
+    /// The entry's command was applied.
+    Applied(Outcome),
+    /// The entry's command was refused given the state at that point of the log. Nothing it
+    /// would have written was kept, but the entry still counts as applied.
+    Rejected(Rejection),
+    /// A blank entry (each new leader appends one) or a membership change: no command ran.
+    NoCommand,
+}
+
+impl RaftResponse {
+    /// The result `CommandLog::submit` returns, the same as applying locally would have
+    /// produced: a rejection turns back into its [`StateError`].
+    pub fn into_result(self) -> Result<Outcome, StateError> {
+        match self {
+            RaftResponse::Applied(outcome) => Ok(outcome),
+            RaftResponse::Rejected(rejection) => Err(rejection.into()),
+            RaftResponse::NoCommand => Ok(Outcome::Done),
+        }
+    }
+}
+
+/// A deterministic refusal of a command: the [`StateError`] variants that depend only on the
+/// state and the command, so every replica refuses the same entry the same way. Unlike
+/// `StateError` it is serializable, because it travels in a [`RaftResponse`].
+///
+/// Store failures (`Db`, `Migrate`, `Corrupt`) are not rejections: they stop the state
+/// machine instead, since a replica that skipped the entry would diverge from the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// See [`StateError::IdempotentParameterMismatch`].
+    IdempotentParameterMismatch,
+    /// See [`StateError::InstancesNotFound`].
+    InstancesNotFound(Vec<InstanceId>),
+    /// See [`StateError::IncorrectInstanceState`].
+    IncorrectInstanceState {
+        /// The instance whose state refused the request.
+        id: InstanceId,
+        /// Its state at that point of the log.
+        state: InstanceState,
+    },
+    /// See [`StateError::ImageNotFound`].
+    ImageNotFound(String),
+    /// See [`StateError::AccountNotFound`].
+    AccountNotFound(String),
+    /// See [`StateError::ZoneNotFound`].
+    ZoneNotFound(String),
+    /// See [`StateError::TagLimitExceeded`].
+    TagLimitExceeded(String),
+    /// See [`StateError::AlreadyExists`].
+    AlreadyExists(String),
+}
+
+impl TryFrom<StateError> for Rejection {
+    /// A store failure, which is not a rejection, comes back unchanged.
+    type Error = StateError;
+
+    fn try_from(error: StateError) -> Result<Self, StateError> {
+        // No wildcard arm: a new `StateError` variant must be classified here.
+        Ok(match error {
+            StateError::IdempotentParameterMismatch => Rejection::IdempotentParameterMismatch,
+            StateError::InstancesNotFound(ids) => Rejection::InstancesNotFound(ids),
+            StateError::IncorrectInstanceState { id, state } => {
+                Rejection::IncorrectInstanceState { id, state }
+            }
+            StateError::ImageNotFound(s) => Rejection::ImageNotFound(s),
+            StateError::AccountNotFound(s) => Rejection::AccountNotFound(s),
+            StateError::ZoneNotFound(s) => Rejection::ZoneNotFound(s),
+            StateError::TagLimitExceeded(s) => Rejection::TagLimitExceeded(s),
+            StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
+            e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
+                return Err(e);
+            }
+        })
+    }
+}
+
+impl From<Rejection> for StateError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::IdempotentParameterMismatch => StateError::IdempotentParameterMismatch,
+            Rejection::InstancesNotFound(ids) => StateError::InstancesNotFound(ids),
+            Rejection::IncorrectInstanceState { id, state } => {
+                StateError::IncorrectInstanceState { id, state }
+            }
+            Rejection::ImageNotFound(s) => StateError::ImageNotFound(s),
+            Rejection::AccountNotFound(s) => StateError::AccountNotFound(s),
+            Rejection::ZoneNotFound(s) => StateError::ZoneNotFound(s),
+            Rejection::TagLimitExceeded(s) => StateError::TagLimitExceeded(s),
+            Rejection::AlreadyExists(s) => StateError::AlreadyExists(s),
+        }
+    }
+}
