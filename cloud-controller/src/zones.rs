@@ -346,7 +346,11 @@ impl CcClients {
     }
 }
 
-/// Pushes each zone's desired state when it changes, and every `resync_interval` anyway.
+/// The shortest pause between two pushes of a zone's desired state.
+const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Pushes each zone's desired state when it changes (at most every `MIN_PUSH_INTERVAL`),
+/// and every `resync_interval` anyway.
 pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut pushed: HashMap<ZoneName, u64> = HashMap::new();
     let mut last_full = Instant::now();
@@ -357,6 +361,13 @@ pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Rec
         }
         if let Err(e) = reconcile_once(&clc, &mut pushed, full).await {
             tracing::warn!(error = %e, "zone reconcile failed");
+        }
+        // A document is the zone's whole desired state, so pushing it on every applied
+        // command would cost O(instances) per command in all three tiers. Pausing lets a
+        // burst of commands ride on one push; the Notify permit keeps the wake-up.
+        tokio::select! {
+            _ = tokio::time::sleep(MIN_PUSH_INTERVAL) => {}
+            _ = shutdown.changed() => return,
         }
         tokio::select! {
             _ = clc.changed.notified() => {}
