@@ -128,6 +128,12 @@ impl From<StateError> for ApiError {
                 "InvalidParameterValue",
                 format!("{what} already exists"),
             ),
+            // A replica that is not the Raft leader: the client (or a load balancer) retries.
+            StateError::NotLeader { .. } => Self::new(
+                503,
+                "ServiceUnavailable",
+                "The service is unavailable on this endpoint. Please try again.",
+            ),
             // Internal detail goes to the log, not to the client.
             e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
                 tracing::error!(error = %e, "state error");

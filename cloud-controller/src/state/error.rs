@@ -2,7 +2,8 @@ use canopy_common::{InstanceId, InstanceState};
 
 /// Why a command or query failed. The first group are deterministic rejections of a
 /// command given the current state (every replica rejects it the same way, and nothing is
-/// written); the last two are failures of the store itself.
+/// written); `NotLeader` means this replica cannot commit commands now; the last three are
+/// failures of the store itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("the client token was already used with different parameters")]
@@ -24,6 +25,11 @@ pub enum StateError {
     TagLimitExceeded(String),
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// This replica is not the Raft leader (or its Raft has stopped), so it cannot commit the
+    /// command. `leader` names the leader it knows of, as "node ID at ADDRESS". Never produced
+    /// by applying a command: only by the replicated log, before anything is appended.
+    #[error("this replica is not the leader; leader: {}", leader.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader: Option<String> },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration error: {0}")]

@@ -8,22 +8,32 @@
 //!   the same transaction as the rows they produced: after a crash a replica resumes exactly
 //!   after the last entry whose effects it kept.
 //! - Snapshots are a copy of the state tables as a small SQLite database file.
+//! - [`GrpcNetworkFactory`] / [`RaftTransportService`] carry the Raft RPCs between replicas
+//!   over gRPC (`canopy.v1.RaftTransport`), each message serde_json-encoded in `RaftBytes`.
+//! - [`RaftLog`] is the replicated [`crate::replication::CommandLog`]; [`start_replica`] starts
+//!   one replica (Raft plus its gRPC endpoint) over a store.
 //!
 //! Nothing here is wired into the binary yet: `LocalLog` remains the command log. Once a
 //! `Raft` runs on a [`crate::state::Store`], `Store::apply` must no longer be called on it.
 
+mod log;
 mod log_store;
+mod network;
 mod state_machine;
 mod types;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cluster;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::SqliteConnection;
 
+pub use log::{RaftLog, RaftServerHandle, RaftTimers, ReplicaError, start_replica};
 pub use log_store::SqliteLogStore;
+pub use network::{GrpcNetwork, GrpcNetworkFactory, RaftTransportService};
 pub use state_machine::{SqliteSnapshotBuilder, SqliteStateMachine};
 pub use types::{
     Entry, LogId, RaftNodeId, RaftResponse, Rejection, Snapshot, SnapshotMeta, StorageError,

@@ -16,11 +16,11 @@ use crate::state::{
     Command, Image, InstanceAction, InstanceFilter, NewInstance, StateError, Store, Tag,
 };
 
-fn t(s: i64) -> chrono::DateTime<Utc> {
+pub(super) fn t(s: i64) -> chrono::DateTime<Utc> {
     Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
 }
 
-async fn temp_store() -> (TempDir, Arc<Store>) {
+pub(super) async fn temp_store() -> (TempDir, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("clc.db")).await.unwrap();
     (dir, Arc::new(store))
@@ -57,14 +57,14 @@ fn entry(index: u64, command: Command) -> Entry {
     }
 }
 
-struct World {
-    account: AccountId,
-    image: ImageId,
-    zone: ZoneName,
+pub(super) struct World {
+    pub(super) account: AccountId,
+    pub(super) image: ImageId,
+    pub(super) zone: ZoneName,
 }
 
 impl World {
-    fn new() -> World {
+    pub(super) fn new() -> World {
         World {
             account: AccountId::parse("123456789012").unwrap(),
             image: ImageId::generate(),
@@ -73,7 +73,7 @@ impl World {
     }
 
     /// Account, image, zone: what a launch needs.
-    fn setup(&self) -> Vec<Command> {
+    pub(super) fn setup(&self) -> Vec<Command> {
         vec![
             Command::CreateAccount {
                 account_id: self.account.clone(),
@@ -104,7 +104,7 @@ impl World {
         ]
     }
 
-    fn launch(&self, n: u32, tags: usize) -> Command {
+    pub(super) fn launch(&self, n: u32, tags: usize) -> Command {
         Command::LaunchInstances {
             reservation_id: ReservationId::generate(),
             account_id: self.account.clone(),
@@ -168,7 +168,7 @@ async fn dump(store: &Store) -> BTreeMap<String, Vec<String>> {
 }
 
 /// `dump` without the state machine's own progress, which every applied entry moves.
-async fn dump_state(store: &Store) -> BTreeMap<String, Vec<String>> {
+pub(super) async fn dump_state(store: &Store) -> BTreeMap<String, Vec<String>> {
     let mut d = dump(store).await;
     for row in d.get_mut("meta").unwrap().iter_mut() {
         if row.starts_with("'raft_last_applied_log_id'") {

@@ -109,7 +109,11 @@ impl TryFrom<StateError> for Rejection {
             StateError::ZoneNotFound(s) => Rejection::ZoneNotFound(s),
             StateError::TagLimitExceeded(s) => Rejection::TagLimitExceeded(s),
             StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
-            e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
+            // `NotLeader` never comes from applying; it is not the state's verdict either.
+            e @ (StateError::NotLeader { .. }
+            | StateError::Db(_)
+            | StateError::Migrate(_)
+            | StateError::Corrupt(_)) => {
                 return Err(e);
             }
         })

@@ -1,0 +1,380 @@
+//! Three in-process replicas talking Raft over gRPC on loopback: election, replication,
+//! refusal on followers, failover, and rejections that match the single-replica log.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use canopy_common::{InstanceId, ZoneName};
+use openraft::BasicNode;
+use tempfile::TempDir;
+
+use super::tests::{World, dump_state, t};
+use super::*;
+use crate::replication::{CommandLog, LocalLog};
+use crate::state::{Command, InstanceAction, InstanceFilter, StateError, Store};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Replica {
+    log: RaftLog,
+    server: Option<RaftServerHandle>,
+    _dir: TempDir,
+}
+
+struct Cluster {
+    replicas: Vec<Replica>,
+}
+
+impl Cluster {
+    /// Three replicas, ids 1..=3, on free loopback ports, initialized as one group.
+    async fn start() -> Cluster {
+        let mut replicas = Vec::new();
+        let mut members = BTreeMap::new();
+        for id in 1..=3u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
+            let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let (log, server) = start_replica(id, store, listen, RaftTimers::default())
+                .await
+                .unwrap();
+            members.insert(id, server.node());
+            replicas.push(Replica {
+                log,
+                server: Some(server),
+                _dir: dir,
+            });
+        }
+        replicas[0].log.initialize(members).await.unwrap();
+        Cluster { replicas }
+    }
+
+    fn replica(&self, id: u64) -> &Replica {
+        &self.replicas[usize::try_from(id - 1).unwrap()]
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().filter(|r| r.server.is_some())
+    }
+
+    /// Waits until every live replica names the same live leader, and returns it.
+    async fn leader(&self) -> u64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let leaders: Vec<Option<u64>> = self
+                .live()
+                .map(|r| r.log.metrics().current_leader)
+                .collect();
+            if let Some(Some(leader)) = leaders.first().copied()
+                && leaders.iter().all(|l| *l == Some(leader))
+                && self.live().any(|r| r.log.id() == leader)
+                && self.replica(leader).log.metrics().state.is_leader()
+            {
+                return leader;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no agreed leader: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every live replica applied all of `id`'s log. (`id`'s own applied index
+    /// in the metrics may lag behind what `submit` already returned.)
+    async fn converge(&self, id: u64) -> u64 {
+        let index = self
+            .replica(id)
+            .log
+            .metrics()
+            .last_log_index
+            .expect("the leader has a log");
+        for r in self.live() {
+            r.log
+                .raft()
+                .wait(Some(WAIT))
+                .applied_index_at_least(Some(index), "converge")
+                .await
+                .unwrap();
+        }
+        index
+    }
+
+    /// Stops replica `id`'s Raft and its RPC endpoint; its store stays readable.
+    async fn stop(&mut self, id: u64) {
+        let replica = &mut self.replicas[usize::try_from(id - 1).unwrap()];
+        replica.log.shutdown().await;
+        if let Some(server) = replica.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for id in 1..=3 {
+            self.stop(id).await;
+        }
+    }
+}
+
+/// What the tests compare between replicas: the typed views and every state row.
+async fn state_of(store: &Store) -> String {
+    let instances = store.instances(&InstanceFilter::default()).await.unwrap();
+    let zones = store.zones().await.unwrap();
+    let accounts = store.accounts().await.unwrap();
+    let rows = dump_state(store).await;
+    format!("{instances:?}\n{zones:?}\n{accounts:?}\n{rows:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_elect_a_leader_and_apply_the_same_commands() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let log = &cluster.replica(leader).log;
+
+    let w = World::new();
+    for command in w.setup() {
+        log.submit(command).await.unwrap();
+    }
+    for n in 1..=3 {
+        log.submit(w.launch(n, 2)).await.unwrap();
+    }
+
+    let index = cluster.converge(leader).await;
+    let expected = state_of(log.store()).await;
+    assert_eq!(
+        log.store()
+            .instances(&InstanceFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+    for r in &cluster.replicas {
+        let metrics = r.log.metrics();
+        assert_eq!(
+            metrics.last_applied.map(|l| l.index),
+            Some(index),
+            "replica {}",
+            r.log.id()
+        );
+        assert_eq!(
+            state_of(r.log.store()).await,
+            expected,
+            "replica {}",
+            r.log.id()
+        );
+        assert_eq!(
+            r.log.store().last_applied().await.unwrap(),
+            log.store().last_applied().await.unwrap()
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_commands_and_names_the_leader() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let leader_addr = cluster.replica(leader).server.as_ref().unwrap().node().addr;
+
+    let w = World::new();
+    let err = cluster
+        .replica(follower)
+        .log
+        .submit(w.setup().remove(0))
+        .await
+        .unwrap_err();
+    match err {
+        StateError::NotLeader { leader: Some(name) } => {
+            assert_eq!(name, format!("node {leader} at {leader_addr}"));
+        }
+        other => panic!("expected NotLeader naming the leader, got {other:?}"),
+    }
+    let (id, node) = cluster.replica(follower).log.leader().unwrap();
+    assert_eq!((id, node.addr), (leader, leader_addr));
+    // Nothing was written anywhere.
+    for r in &cluster.replicas {
+        assert!(r.log.store().accounts().await.unwrap().is_empty());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_stops_the_others_elect_a_new_one_and_accept_writes() {
+    let mut cluster = Cluster::start().await;
+    let old = cluster.leader().await;
+    let w = World::new();
+    for command in w.setup() {
+        cluster.replica(old).log.submit(command).await.unwrap();
+    }
+    cluster
+        .replica(old)
+        .log
+        .submit(w.launch(2, 1))
+        .await
+        .unwrap();
+    cluster.converge(old).await;
+    let before = state_of(cluster.replica(old).log.store()).await;
+
+    cluster.stop(old).await;
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+
+    let log = &cluster.replica(new).log;
+    log.submit(Command::RegisterZone {
+        zone: ZoneName::parse("zone-b").unwrap(),
+        endpoint: "http://cc-b".into(),
+        at: t(5),
+    })
+    .await
+    .unwrap();
+    log.submit(w.launch(1, 0)).await.unwrap();
+    cluster.converge(new).await;
+
+    // The survivors agree, and hold the new writes.
+    let after = state_of(log.store()).await;
+    for r in cluster.live() {
+        assert_eq!(state_of(r.log.store()).await, after);
+    }
+    assert_eq!(log.store().zones().await.unwrap().len(), 2);
+    assert_eq!(
+        log.store()
+            .instances(&InstanceFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // The stopped leader kept everything committed before it stopped.
+    assert_eq!(state_of(cluster.replica(old).log.store()).await, before);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_through_raft_is_the_same_as_through_the_local_log() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let raft_log = &cluster.replica(leader).log;
+    let local = LocalLog::new(Arc::new(Store::in_memory().await.unwrap()));
+
+    let w = World::new();
+    for command in w.setup() {
+        raft_log.submit(command.clone()).await.unwrap();
+        local.submit(command).await.unwrap();
+    }
+    let unknown = InstanceId::generate();
+    let refused = [
+        Command::RequestInstances {
+            account_id: w.account.clone(),
+            instance_ids: vec![unknown],
+            action: InstanceAction::Stop,
+            at: t(2),
+        },
+        // Over the tag limit: refused after writing, so the writes must be undone.
+        w.launch(1, 51),
+    ];
+    for command in refused {
+        let through_raft = raft_log.submit(command.clone()).await.unwrap_err();
+        let through_local = local.submit(command).await.unwrap_err();
+        assert_eq!(format!("{through_raft:?}"), format!("{through_local:?}"));
+        assert!(
+            !matches!(through_raft, StateError::NotLeader { .. }),
+            "{through_raft:?}"
+        );
+    }
+    // Rejections wrote nothing on any replica.
+    cluster.converge(leader).await;
+    for r in &cluster.replicas {
+        assert!(
+            r.log
+                .store()
+                .instances(&InstanceFilter::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[test]
+fn not_leader_is_not_a_deterministic_rejection() {
+    let err = StateError::NotLeader {
+        leader: Some("node 2 at http://127.0.0.1:1".into()),
+    };
+    assert!(matches!(
+        Rejection::try_from(err),
+        Err(StateError::NotLeader { .. })
+    ));
+}
+
+/// A replica named by an address that is not a URI is unreachable, not a panic.
+#[tokio::test]
+async fn a_bad_peer_address_is_unreachable() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let mut factory = GrpcNetworkFactory::new();
+    let mut client = factory.new_client(9, &BasicNode::new("not a uri")).await;
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(1, 1), None);
+    let err = client
+        .vote(vote, RPCOption::new(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, openraft::error::RPCError::Unreachable(_)),
+        "{err:?}"
+    );
+}
+
+/// A replica that joins after the leader purged its log catches up by a snapshot sent over
+/// `InstallSnapshot`, and ends with the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_catches_up_from_a_snapshot_over_grpc() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let log = &cluster.replica(leader).log;
+    let w = World::new();
+    for command in w.setup() {
+        log.submit(command).await.unwrap();
+    }
+    log.submit(w.launch(2, 3)).await.unwrap();
+    let index = cluster.converge(leader).await;
+
+    log.raft().trigger().snapshot().await.unwrap();
+    log.raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= index), "snapshot")
+        .await
+        .unwrap();
+    log.raft().trigger().purge_log(index).await.unwrap();
+    log.raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "purge")
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (learner, server) = start_replica(4, store, listen, RaftTimers::default())
+        .await
+        .unwrap();
+    log.raft()
+        .add_learner(4, server.node(), true)
+        .await
+        .unwrap();
+    let last = log.metrics().last_log_index.unwrap();
+    learner
+        .raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(last), "learner caught up")
+        .await
+        .unwrap();
+
+    assert!(learner.metrics().snapshot.is_some(), "installed a snapshot");
+    assert_eq!(state_of(learner.store()).await, state_of(log.store()).await);
+    learner.shutdown().await;
+    server.shutdown().await;
+    cluster.shutdown().await;
+}
