@@ -3,10 +3,12 @@ wired only by their flags, driven by boto3. Restarting the CC or the CLC must lo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -100,6 +102,22 @@ def wait_zone(ec2, zone: str) -> None:
         time.sleep(0.2)
 
 
+def wait_node(rc_path: Path, node_id: str) -> None:
+    """Until the admin API shows the node healthy: a zone is available as soon as its CC
+    heartbeats, which can be before its first node has registered."""
+    rc = parse_canopyrc(rc_path.read_text())
+    req = urllib.request.Request(rc["CANOPY_ADMIN_ENDPOINT"] + "/v1/nodes",
+                                 headers={"Authorization": "Bearer " + rc["CANOPY_ADMIN_TOKEN"]})
+    deadline = time.time() + 60
+    while True:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            nodes = json.load(resp)
+        if any(n["node_id"] == node_id and n["healthy"] for n in nodes):
+            return
+        assert time.time() < deadline, f"node {node_id} never showed up healthy: {nodes}"
+        time.sleep(0.2)
+
+
 def state_of(ec2, iid: str) -> str:
     return ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]["State"]["Name"]
 
@@ -107,6 +125,7 @@ def state_of(ec2, iid: str) -> str:
 def test_separate_processes_run_an_instance_and_survive_restarts(roles):
     ec2 = ec2_client(roles["rc"])
     wait_zone(ec2, "roles-1a")
+    wait_node(roles["rc"], "hv-1")
     image = ec2.describe_images()["Images"][0]["ImageId"]
     resp = ec2.run_instances(ImageId=image, InstanceType="t2.micro", MinCount=1, MaxCount=1,
                              Placement={"AvailabilityZone": "roles-1a"})

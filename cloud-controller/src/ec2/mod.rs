@@ -52,21 +52,8 @@ impl Ctx {
         &self,
         ids: &[canopy_common::InstanceId],
     ) -> Result<(), ApiError> {
-        let found = self
-            .clc
-            .store
-            .instances_by_id(Some(&self.account), ids)
-            .await?;
-        let missing: Vec<_> = ids
-            .iter()
-            .filter(|id| !found.contains_key(*id))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::instances_not_found(&missing))
-        }
+        self.clc.store.owned_instances(&self.account, ids).await?;
+        Ok(())
     }
 
     pub fn dry_run(&self) -> Result<(), ApiError> {

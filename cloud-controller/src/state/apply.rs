@@ -9,7 +9,7 @@ use sqlx::SqliteConnection;
 
 use super::StateError;
 use super::command::{Command, InstanceAction, Observation, Outcome, StateChange};
-use super::query::{fmt_time, load_instances_by_id};
+use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::types::{Instance, RESOURCE_TYPE_INSTANCE, StateReason};
 
 /// EC2's limit of tags on one resource.
@@ -208,15 +208,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             action,
             at,
         } => {
-            let found = load_instances_by_id(conn, Some(account_id), instance_ids).await?;
-            let missing: Vec<InstanceId> = instance_ids
-                .iter()
-                .filter(|id| !found.contains_key(*id))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                return Err(StateError::InstancesNotFound(missing));
-            }
+            let found = require_instances(conn, account_id, instance_ids).await?;
             let event = match action {
                 InstanceAction::Stop => LifecycleEvent::StopRequested,
                 InstanceAction::Start => LifecycleEvent::StartRequested,
@@ -521,24 +513,6 @@ async fn insert_tag(
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-async fn require_instances(
-    conn: &mut SqliteConnection,
-    account_id: &canopy_common::AccountId,
-    ids: &[InstanceId],
-) -> Result<(), StateError> {
-    let found = load_instances_by_id(conn, Some(account_id), ids).await?;
-    let missing: Vec<InstanceId> = ids
-        .iter()
-        .filter(|id| !found.contains_key(*id))
-        .cloned()
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(StateError::InstancesNotFound(missing))
-    }
 }
 
 /// Adds an access key; a key id already in use is refused rather than reassigned.

@@ -174,6 +174,26 @@ pub(crate) async fn load_instances_by_id(
         .collect())
 }
 
+/// The account's instances named by `ids`, or `InstancesNotFound` listing every id the
+/// account does not own.
+pub(crate) async fn require_instances(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    ids: &[InstanceId],
+) -> Result<HashMap<InstanceId, Instance>, StateError> {
+    let found = load_instances_by_id(conn, Some(account), ids).await?;
+    let missing: Vec<InstanceId> = ids
+        .iter()
+        .filter(|id| !found.contains_key(*id))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        Ok(found)
+    } else {
+        Err(StateError::InstancesNotFound(missing))
+    }
+}
+
 impl Store {
     /// Instances in launch order.
     pub async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, StateError> {
@@ -197,6 +217,16 @@ impl Store {
             tags_for(&mut conn, filter.account_id.as_ref(), None).await?
         };
         rows_to_instances(rows, tags)
+    }
+
+    /// The account's instances named by `ids`; `InstancesNotFound` unless it owns them all.
+    pub async fn owned_instances(
+        &self,
+        account: &AccountId,
+        ids: &[InstanceId],
+    ) -> Result<HashMap<InstanceId, Instance>, StateError> {
+        let mut conn = self.pool().acquire().await?;
+        require_instances(&mut conn, account, ids).await
     }
 
     pub async fn instances_by_id(
