@@ -79,7 +79,8 @@ impl DevCloud {
     }
 }
 
-fn choose_driver(choice: HypervisorChoice) -> Result<()> {
+/// Which driver a node gets; refuses `libvirt` plainly until that driver exists.
+pub fn choose_driver(choice: HypervisorChoice) -> Result<()> {
     match choice {
         HypervisorChoice::Sim => Ok(()),
         HypervisorChoice::Auto => {

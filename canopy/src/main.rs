@@ -362,15 +362,7 @@ async fn run_cc(args: CcArgs) -> Result<()> {
 async fn run_nc(args: NcArgs) -> Result<()> {
     let file: NcFile = config::load(args.config.as_deref(), &args)?;
     let cfg = file.validate()?;
-    match file.hypervisor {
-        HypervisorChoice::Libvirt => anyhow::bail!(
-            "the libvirt driver is not available in this build yet; use --hypervisor sim"
-        ),
-        HypervisorChoice::Auto => {
-            tracing::info!("hypervisor auto: using the simulator (no libvirt driver in this build)")
-        }
-        HypervisorChoice::Sim => {}
-    }
+    dev::choose_driver(file.hypervisor)?;
     let driver: Arc<dyn canopy_node_controller::Hypervisor> = Arc::new(
         canopy_node_controller::SimHypervisor::new(file.sim_config()?),
     );

@@ -15,7 +15,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use canopy_common::Resources;
-use canopy_ec2_wire::sigv4::{self, RequestParts, VerifyConfig};
 use serde::Serialize;
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -215,39 +214,16 @@ fn check_credentials(
             "admin credentials required",
         )));
     }
-    let header_list: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let parts = RequestParts {
-        method: method.as_str(),
-        path: uri.path(),
-        query: uri.query().unwrap_or(""),
-        headers: &header_list,
-        body,
-    };
-    let cfg = VerifyConfig {
-        region: clc.config.region.as_str(),
-        service: ADMIN_SIGV4_SERVICE,
-        now: chrono::Utc::now(),
-        max_skew: clc.config.max_clock_skew,
-    };
-    let key =
-        sigv4::verify(&parts, &cfg, |ak| clc.credentials(ak).map(|(_, s)| s)).map_err(|e| {
+    let (_, account) = clc
+        .verify_sigv4(ADMIN_SIGV4_SERVICE, method, uri, headers, body)
+        .map_err(|e| {
             Box::new(error(
                 StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::FORBIDDEN),
                 e.code(),
                 &e.to_string(),
             ))
         })?;
-    let is_admin = clc
-        .credentials(&key)
-        .is_some_and(|(account, _)| clc.is_admin(&account));
+    let is_admin = clc.is_admin(&account);
     if is_admin {
         Ok(())
     } else {

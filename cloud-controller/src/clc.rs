@@ -108,6 +108,51 @@ impl Clc {
             .contains(account)
     }
 
+    /// Verifies a SigV4-signed HTTP request made for `service`, with this cloud's region,
+    /// clock-skew limit and access keys. Returns the access key and its account.
+    pub fn verify_sigv4(
+        &self,
+        service: &str,
+        method: &axum::http::Method,
+        uri: &axum::http::Uri,
+        headers: &axum::http::HeaderMap,
+        body: &[u8],
+    ) -> Result<(String, AccountId), canopy_ec2_wire::sigv4::AuthError> {
+        use canopy_ec2_wire::sigv4::{self, RequestParts, VerifyConfig};
+        let header_list: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let parts = RequestParts {
+            method: method.as_str(),
+            path: uri.path(),
+            query: uri.query().unwrap_or(""),
+            headers: &header_list,
+            body,
+        };
+        let cfg = VerifyConfig {
+            region: self.config.region.as_str(),
+            service,
+            now: chrono::Utc::now(),
+            max_skew: self.config.max_clock_skew,
+        };
+        let mut account = None;
+        let key = sigv4::verify(&parts, &cfg, |ak| {
+            self.credentials(ak).map(|(a, secret)| {
+                account = Some(a);
+                secret
+            })
+        })?;
+        // verify() succeeds only after the lookup returned a secret, so the account is set.
+        let account = account.ok_or(sigv4::AuthError::AuthFailure)?;
+        Ok((key, account))
+    }
+
     /// The account and secret of an access key.
     pub fn credentials(&self, access_key_id: &str) -> Option<(AccountId, String)> {
         self.keys

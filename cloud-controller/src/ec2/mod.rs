@@ -17,7 +17,6 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use canopy_common::AccountId;
 use canopy_ec2_wire::params::Params;
-use canopy_ec2_wire::sigv4::{self, RequestParts, VerifyConfig};
 use canopy_ec2_wire::xml;
 
 pub use error::ApiError;
@@ -129,28 +128,6 @@ async fn handle_inner(
         ));
     }
 
-    let header_list: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_ascii_lowercase(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let parts = RequestParts {
-        method: method.as_str(),
-        path: uri.path(),
-        query,
-        headers: &header_list,
-        body,
-    };
-    let cfg = VerifyConfig {
-        region: clc.config.region.as_str(),
-        service: "ec2",
-        now: chrono::Utc::now(),
-        max_skew: clc.config.max_clock_skew,
-    };
     // Canopy issues no temporary credentials, so no session token can be valid.
     if headers.contains_key("x-amz-security-token") || params.get("X-Amz-Security-Token").is_some()
     {
@@ -160,12 +137,7 @@ async fn handle_inner(
             "The security token included in the request is invalid.",
         ));
     }
-    let access_key = sigv4::verify(&parts, &cfg, |ak| {
-        clc.credentials(ak).map(|(_, secret)| secret)
-    })?;
-    let (account, _) = clc
-        .credentials(&access_key)
-        .ok_or_else(ApiError::internal)?;
+    let (_, account) = clc.verify_sigv4("ec2", method, uri, headers, body)?;
 
     let host = headers
         .get(header::HOST)
