@@ -45,7 +45,7 @@ impl Default for RaftTimers {
 }
 
 impl RaftTimers {
-    fn config(&self) -> Result<Config, ReplicaError> {
+    pub(crate) fn config(&self) -> Result<Config, ReplicaError> {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let config = Config {
             cluster_name: "canopy-clc".into(),

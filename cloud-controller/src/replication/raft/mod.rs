@@ -26,6 +26,8 @@ mod types;
 mod tests;
 #[cfg(test)]
 mod tests_cluster;
+#[cfg(test)]
+mod tests_faults;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
