@@ -88,8 +88,92 @@ fn env_credentials() -> Result<Option<(String, String)>> {
 }
 
 /// Makes sure the admin account exists with usable keys, and the sim image is registered.
+/// The leader writes what is missing; another replica waits until the log brings it (a
+/// replica that joins an existing group waits until it has been added and caught up).
 pub async fn bootstrap(clc: &Clc) -> Result<AdminCredentials> {
     let wanted = env_credentials()?;
+    let mut waiting_since = std::time::Instant::now();
+    loop {
+        if clc.replica.is_leader() {
+            match bootstrap_as_leader(clc, wanted.clone()).await {
+                Ok(creds) => return Ok(creds),
+                // Leadership moved on mid-way: what was written stays; wait like the others.
+                Err(e) if not_leader(&e) => {}
+                Err(e) => return Err(e),
+            }
+        } else if let Some(creds) = bootstrapped(clc, wanted.as_ref()).await? {
+            return Ok(creds);
+        }
+        if waiting_since.elapsed() >= std::time::Duration::from_secs(10) {
+            tracing::info!(
+                leader = ?clc.replica.leader().map(|(id, _)| id),
+                "waiting for the cloud controller group (a leader, or this replica's addition)"
+            );
+            waiting_since = std::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn not_leader(e: &anyhow::Error) -> bool {
+    use canopy_cloud_controller::state::StateError;
+    matches!(
+        e.downcast_ref::<StateError>(),
+        Some(StateError::NotLeader { .. } | StateError::Unavailable(_))
+    )
+}
+
+/// The admin credentials and image, once the log has brought them to this replica.
+async fn bootstrapped(
+    clc: &Clc,
+    wanted: Option<&(String, String)>,
+) -> Result<Option<AdminCredentials>> {
+    let accounts = clc.store.accounts().await?;
+    let Some(admin) = accounts.into_iter().find(|a| a.name == ADMIN_ACCOUNT) else {
+        return Ok(None);
+    };
+    if !clc
+        .store
+        .images()
+        .await?
+        .iter()
+        .any(|i| i.name == SIM_IMAGE_NAME)
+    {
+        return Ok(None);
+    }
+    let keys: Vec<(String, String)> = clc
+        .store
+        .access_keys()
+        .await?
+        .into_iter()
+        .filter(|(_, a, _)| a == &admin.account_id)
+        .map(|(k, _, s)| (k, s))
+        .collect();
+    let key = match wanted {
+        Some((ak, sk)) => match keys.iter().find(|(k, _)| k == ak) {
+            Some((_, stored)) if stored != sk => {
+                bail!("{ENV_ACCESS_KEY} {ak} already exists with another secret")
+            }
+            Some(found) => found.clone(),
+            // The leader adds it when it bootstraps with the same environment.
+            None => return Ok(None),
+        },
+        None => match keys.into_iter().next() {
+            Some(k) => k,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(AdminCredentials {
+        account_id: admin.account_id,
+        access_key_id: key.0,
+        secret_access_key: key.1,
+    }))
+}
+
+async fn bootstrap_as_leader(
+    clc: &Clc,
+    wanted: Option<(String, String)>,
+) -> Result<AdminCredentials> {
     let accounts = clc.store.accounts().await?;
     let admin = accounts.into_iter().find(|a| a.name == ADMIN_ACCOUNT);
     let creds = match admin {

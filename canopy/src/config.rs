@@ -62,6 +62,24 @@ pub struct ClcFile {
     pub zone_timeout_secs: f64,
     pub resync_interval_secs: f64,
     pub terminated_retention_secs: f64,
+    /// This replica's id in the replicated CLC (unique, positive).
+    pub replica_id: u64,
+    /// Where Raft RPCs and requests forwarded by other replicas are served.
+    pub raft_listen: String,
+    /// URL other replicas use for this one (default: http://RAFT_LISTEN).
+    pub raft_advertise: Option<String>,
+    /// The group's first members, `ID=HOST:PORT` (Raft addresses); empty: this replica alone.
+    pub members: Vec<String>,
+    /// Wait to be added to an existing group (admin API) instead of forming one.
+    pub join: bool,
+    /// Raft timing, milliseconds: leader heartbeat, and the election timeout range.
+    pub raft_heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is taken after this many log entries.
+    pub snapshot_every: u64,
+    /// How long a request waits for a leader or a quorum before the client is told to retry.
+    pub request_wait_secs: f64,
 }
 
 impl Default for ClcFile {
@@ -76,6 +94,16 @@ impl Default for ClcFile {
             zone_timeout_secs: 10.0,
             resync_interval_secs: 5.0,
             terminated_retention_secs: 3600.0,
+            replica_id: 1,
+            raft_listen: "127.0.0.1:8778".into(),
+            raft_advertise: None,
+            members: Vec::new(),
+            join: false,
+            raft_heartbeat_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_every: 5_000,
+            request_wait_secs: 5.0,
         }
     }
 }
@@ -96,7 +124,85 @@ impl ClcFile {
         c.zone_timeout = secs("zone_timeout_secs", self.zone_timeout_secs)?;
         c.resync_interval = secs("resync_interval_secs", self.resync_interval_secs)?;
         c.terminated_retention = secs("terminated_retention_secs", self.terminated_retention_secs)?;
+        c.replica = self.replica()?;
         Ok(c)
+    }
+
+    fn replica(&self) -> Result<canopy_cloud_controller::config::ReplicaConfig> {
+        use canopy_cloud_controller::admin::normalize_raft_url;
+        if self.replica_id == 0 {
+            bail!("replica_id: must be a positive integer");
+        }
+        let mut r = canopy_cloud_controller::config::ReplicaConfig {
+            id: self.replica_id,
+            raft_listen: parse_addr("raft_listen", &self.raft_listen)?,
+            join: self.join,
+            ..Default::default()
+        };
+        if let Some(a) = &self.raft_advertise {
+            r.raft_advertise =
+                Some(normalize_raft_url(a).map_err(|e| anyhow::anyhow!("raft_advertise: {e}"))?);
+        }
+        for m in &self.members {
+            let (id, addr) = m
+                .split_once('=')
+                .with_context(|| format!("members: {m:?} is not ID=HOST:PORT"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|id| *id > 0)
+                .with_context(|| format!("members: {m:?}: the id must be a positive integer"))?;
+            let url = normalize_raft_url(addr.trim())
+                .map_err(|e| anyhow::anyhow!("members: {m:?}: {e}"))?;
+            if r.initial_members.insert(id, url).is_some() {
+                bail!("members: replica {id} is listed twice");
+            }
+        }
+        if !r.initial_members.is_empty() {
+            if self.join {
+                bail!(
+                    "join: a joining replica takes no members list (it is added through the admin API)"
+                );
+            }
+            match r.initial_members.get(&r.id) {
+                None => bail!(
+                    "members: this replica ({}) must be one of the members, or start with --join",
+                    r.id
+                ),
+                Some(url) => match &r.raft_advertise {
+                    Some(adv) if adv != url => bail!(
+                        "raft_advertise {adv} differs from this replica's entry in members ({url})"
+                    ),
+                    _ => r.raft_advertise = Some(url.clone()),
+                },
+            }
+        } else if r.raft_listen.ip().is_unspecified() && r.raft_advertise.is_none() {
+            bail!(
+                "raft_advertise: required when raft_listen is {}",
+                r.raft_listen
+            );
+        }
+        let ms = Duration::from_millis;
+        if self.raft_heartbeat_ms == 0
+            || self.election_timeout_min_ms <= self.raft_heartbeat_ms
+            || self.election_timeout_max_ms <= self.election_timeout_min_ms
+        {
+            bail!(
+                "raft timing: need 0 < raft_heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
+            );
+        }
+        if self.snapshot_every == 0 {
+            bail!("snapshot_every: must be positive");
+        }
+        r.timers = canopy_cloud_controller::replication::raft::RaftTimers {
+            heartbeat: ms(self.raft_heartbeat_ms),
+            election_min: ms(self.election_timeout_min_ms),
+            election_max: ms(self.election_timeout_max_ms),
+            snapshot_every: self.snapshot_every,
+            request_wait: secs("request_wait_secs", self.request_wait_secs)?,
+        };
+        Ok(r)
     }
 }
 
@@ -277,6 +383,54 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("does not exist"), "{err}");
+    }
+
+    fn clc_with(
+        members: &[&str],
+        extra: serde_json::Value,
+    ) -> Result<canopy_cloud_controller::ClcConfig> {
+        let mut o = serde_json::json!({"data_dir": "/tmp/x", "members": members});
+        if let (Some(o), Some(extra)) = (o.as_object_mut(), extra.as_object()) {
+            o.extend(extra.clone());
+        }
+        load::<ClcFile>(None, o)?.validate()
+    }
+
+    #[test]
+    fn replica_settings_are_checked() {
+        let c = clc_with(&[], serde_json::json!({})).unwrap();
+        assert_eq!(c.replica.id, 1);
+        assert!(c.replica.initial_members.is_empty());
+        let c = clc_with(
+            &[
+                "1=127.0.0.1:9001",
+                "2=http://10.0.0.2:9001/",
+                "3=clc-3:9001",
+            ],
+            serde_json::json!({"replica_id": 2}),
+        )
+        .unwrap();
+        assert_eq!(c.replica.initial_members.len(), 3);
+        assert_eq!(
+            c.replica.raft_advertise.as_deref(),
+            Some("http://10.0.0.2:9001")
+        );
+        let err = |m: &[&str], extra| clc_with(m, extra).unwrap_err().to_string();
+        assert!(
+            err(&["1=a:1", "2=b:1"], serde_json::json!({"replica_id": 3}))
+                .contains("must be one of the members")
+        );
+        assert!(err(&["1=a:1", "1=b:1"], serde_json::json!({})).contains("listed twice"));
+        assert!(err(&["x=a:1"], serde_json::json!({})).contains("positive integer"));
+        assert!(err(&["1=a"], serde_json::json!({})).contains("host and a port"));
+        assert!(err(&["1=a:1"], serde_json::json!({"join": true})).contains("join"));
+        assert!(err(&[], serde_json::json!({"replica_id": 0})).contains("replica_id"));
+        assert!(
+            err(&[], serde_json::json!({"raft_listen": "0.0.0.0:8778"})).contains("raft_advertise")
+        );
+        assert!(
+            err(&[], serde_json::json!({"election_timeout_min_ms": 50})).contains("raft timing")
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ impl DevOptions {
         clc.ec2_listen = any;
         clc.admin_listen = any;
         clc.grpc_listen = any;
+        clc.replica.raft_listen = any;
         clc.resync_interval = Duration::from_millis(500);
         clc.zone_timeout = Duration::from_secs(3);
         Self {

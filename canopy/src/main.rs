@@ -122,6 +122,33 @@ struct ClcArgs {
     /// TOML config file.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    replica: ReplicaFlags,
+}
+
+/// The replicated CLC (docs/operations.md). Without them a CLC is a group of one.
+#[derive(clap::Args, Serialize, Default)]
+struct ReplicaFlags {
+    /// This replica's id, unique in the group (default 1).
+    #[arg(long, env = "CANOPY_REPLICA_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica_id: Option<u64>,
+    /// Address for Raft RPCs and forwarded requests (default 127.0.0.1:8778).
+    #[arg(long, env = "CANOPY_RAFT_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft_listen: Option<String>,
+    /// URL other replicas reach this one at (default http://RAFT_LISTEN).
+    #[arg(long, env = "CANOPY_RAFT_ADVERTISE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft_advertise: Option<String>,
+    /// The group's first members as ID=HOST:PORT (repeat or comma-separate), this one included.
+    #[arg(long = "members", env = "CANOPY_MEMBERS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    members: Vec<String>,
+    /// Join an existing group: start empty and wait for `canopy admin add-replica`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    join: bool,
 }
 
 #[derive(clap::Args, Serialize)]
@@ -207,7 +234,7 @@ struct AdminArgs {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CANOPY_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,openraft=warn")
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -228,11 +255,17 @@ async fn shutdown_signal() {
 fn clc_config(
     flags: &ClcFlags,
     grpc_listen: Option<&str>,
+    replica: &ReplicaFlags,
     file: Option<&std::path::Path>,
 ) -> Result<canopy_cloud_controller::ClcConfig> {
     let mut overrides = serde_json::to_value(flags)?;
     if let Some(g) = grpc_listen {
         overrides["grpc_listen"] = g.into();
+    }
+    if let (Some(o), serde_json::Value::Object(r)) =
+        (overrides.as_object_mut(), serde_json::to_value(replica)?)
+    {
+        o.extend(r);
     }
     let cfg: ClcFile = config::load(file, overrides)?;
     cfg.validate()
@@ -287,7 +320,17 @@ async fn main() -> Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> Result<()> {
-    let mut clc = clc_config(&args.clc, Some("127.0.0.1:0"), args.config.as_deref())?;
+    // One process, one replica: its gRPC and Raft ports are internal, so any free port does.
+    let replica = ReplicaFlags {
+        raft_listen: Some("127.0.0.1:0".into()),
+        ..Default::default()
+    };
+    let mut clc = clc_config(
+        &args.clc,
+        Some("127.0.0.1:0"),
+        &replica,
+        args.config.as_deref(),
+    )?;
     clc.data_dir = std::path::absolute(&clc.data_dir)?;
     let zones = args
         .zones
@@ -328,6 +371,7 @@ async fn run_clc(args: ClcArgs) -> Result<()> {
     let mut cfg = clc_config(
         &args.clc,
         args.grpc_listen.as_deref(),
+        &args.replica,
         args.config.as_deref(),
     )?;
     std::fs::create_dir_all(&cfg.data_dir)

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use canopy_common::Resources;
 use serde::Serialize;
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -27,8 +28,8 @@ pub const ADMIN_SIGV4_SERVICE: &str = "canopy-admin";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Canopy admin API", version = "1", description = "Operator API of the Canopy cloud controller."),
-    paths(list_zones, list_nodes, list_instances),
-    components(schemas(ZoneView, NodeView, InstanceView, ResourcesView, ErrorBody)),
+    paths(list_zones, list_nodes, list_instances, cluster_status, replica_status, add_member, remove_member),
+    components(schemas(ZoneView, NodeView, InstanceView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember)),
     modifiers(&BearerAuth),
     security(("bearer" = []), ("sigv4" = []))
 )]
@@ -126,7 +127,7 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         Json(ErrorBody {
@@ -157,15 +158,31 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/zones", get(list_zones))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/instances", get(list_instances))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/members/{id}", delete(remove_member))
+        .route("/v1/replica", get(replica_status))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
+        // Credentials are checked where the request arrives, then it goes to the leader.
+        .layer(middleware::from_fn_with_state(
+            (clc.clone(), crate::forward::Api::Admin),
+            crate::forward::to_leader,
+        ))
         .layer(middleware::from_fn_with_state(clc.clone(), authorize))
         .with_state(clc)
 }
 
 async fn authorize(State(clc): State<Arc<Clc>>, req: Request, next: Next) -> Response {
+    if req
+        .extensions()
+        .get::<crate::forward::Forwarded>()
+        .is_some_and(|f| f.authenticated)
+    {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
         return error(
@@ -315,8 +332,179 @@ async fn list_instances(State(clc): State<Arc<Clc>>) -> Response {
     Json(views).into_response()
 }
 
+/// The replicated cloud controller as one replica sees it.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ClusterView {
+    /// The replica that answered.
+    pub replica_id: u64,
+    /// Its Raft role: leader, follower, candidate, learner.
+    pub role: String,
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// The last log index covered by its latest snapshot.
+    pub snapshot_index: Option<u64>,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct MemberView {
+    pub id: u64,
+    /// The member's Raft URL.
+    pub address: String,
+    /// False for a learner, which receives the log but does not vote.
+    pub voter: bool,
+    /// The last log index the leader knows the member holds (leader's view only).
+    pub matched_index: Option<u64>,
+    /// How many entries the member is behind the leader (leader's view only).
+    pub lag: Option<u64>,
+}
+
+/// A replica to add: it must already run (`canopy clc --join`) at `address`.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct AddMember {
+    pub id: u64,
+    /// Its Raft URL, e.g. `http://10.0.0.4:8778`.
+    pub address: String,
+    /// Promote it to a voter once it has caught up (default true); false keeps a learner.
+    #[serde(default = "yes")]
+    pub voter: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<crate::replication::raft::ClusterStatus> for ClusterView {
+    fn from(s: crate::replication::raft::ClusterStatus) -> Self {
+        Self {
+            replica_id: s.replica_id,
+            role: s.role,
+            term: s.term,
+            leader: s.leader,
+            last_log_index: s.last_log_index,
+            last_applied_index: s.last_applied_index,
+            snapshot_index: s.snapshot_index,
+            members: s
+                .members
+                .into_iter()
+                .map(|m| MemberView {
+                    id: m.id,
+                    address: m.address,
+                    voter: m.voter,
+                    matched_index: m.matched_index,
+                    lag: m.lag,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How long a membership change may take (a new member first catches up).
+const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Leader, term, members and each member's replication lag, from the leader.
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterView), (status = 503, body = ErrorBody)))]
+async fn cluster_status(State(clc): State<Arc<Clc>>) -> Response {
+    Json(ClusterView::from(clc.replica.status())).into_response()
+}
+
+/// The Raft view of the replica that answers (never forwarded; works without a leader).
+#[utoipa::path(get, path = "/v1/replica", responses((status = 200, body = ClusterView)))]
+async fn replica_status(State(clc): State<Arc<Clc>>) -> Response {
+    Json(ClusterView::from(clc.replica.status())).into_response()
+}
+
+/// Adds a replica: as a learner until it has caught up, then as a voter.
+#[utoipa::path(post, path = "/v1/cluster/members", request_body = AddMember, responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn add_member(State(clc): State<Arc<Clc>>, body: Bytes) -> Response {
+    let req: AddMember = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValue",
+                &e.to_string(),
+            );
+        }
+    };
+    let address = match normalize_raft_url(&req.address) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "InvalidParameterValue", &e),
+    };
+    if req.id == 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValue",
+            "id must be positive",
+        );
+    }
+    match clc
+        .replica
+        .add_member(req.id, address, req.voter, MEMBERSHIP_TIMEOUT)
+        .await
+    {
+        Ok(()) => Json(ClusterView::from(clc.replica.status())).into_response(),
+        Err(e) => membership_error(e),
+    }
+}
+
+/// Removes a replica (voter or learner) from the group.
+#[utoipa::path(delete, path = "/v1/cluster/members/{id}", params(("id" = u64, Path, description = "replica id")), responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn remove_member(State(clc): State<Arc<Clc>>, Path(id): Path<u64>) -> Response {
+    match clc.replica.remove_member(id, MEMBERSHIP_TIMEOUT).await {
+        Ok(()) => Json(ClusterView::from(clc.replica.status())).into_response(),
+        Err(e) => membership_error(e),
+    }
+}
+
+fn membership_error(e: crate::replication::raft::MembershipError) -> Response {
+    use crate::replication::raft::MembershipError as E;
+    match e {
+        E::Refused(why) => error(StatusCode::BAD_REQUEST, "InvalidMembershipChange", &why),
+        e @ (E::NotLeader { .. } | E::Timeout(_)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// A replica's Raft address as stored in the membership: `http://HOST:PORT`.
+pub fn normalize_raft_url(address: &str) -> Result<String, String> {
+    let url = if address.starts_with("http://") || address.starts_with("https://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let uri: axum::http::Uri = url
+        .parse()
+        .map_err(|_| format!("{address:?} is not HOST:PORT or an http(s) URL"))?;
+    if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
+        return Err(format!("{address:?} needs a host and a port"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn raft_urls_are_normalized_and_checked() {
+        assert_eq!(
+            super::normalize_raft_url("10.0.0.4:8778").unwrap(),
+            "http://10.0.0.4:8778"
+        );
+        assert_eq!(
+            super::normalize_raft_url("http://clc-2:8778/").unwrap(),
+            "http://clc-2:8778"
+        );
+        assert!(super::normalize_raft_url("clc-2").is_err());
+        assert!(super::normalize_raft_url("http://:80").is_err());
+        assert!(super::normalize_raft_url("not a url:1").is_err());
+    }
+
     #[test]
     fn checked_in_openapi_document_matches_the_code() {
         let path =

@@ -11,7 +11,8 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ClcConfig;
-use crate::replication::{CommandLog, LocalLog};
+use crate::replication::CommandLog;
+use crate::replication::raft::{RaftLog, RaftServerHandle, ReplicaError, start_replica};
 use crate::state::{Command, Outcome, StateError, Store};
 use crate::zones::{self, CcClients, ZoneRegistry, ZoneService};
 
@@ -24,6 +25,8 @@ pub enum StartError {
     },
     #[error("cannot open the state database: {0}")]
     State(#[from] StateError),
+    #[error("cannot start the raft replica: {0}")]
+    Replica(#[from] ReplicaError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -36,9 +39,13 @@ pub enum StartError {
 pub struct Clc {
     pub config: ClcConfig,
     pub store: Arc<Store>,
-    pub log: Arc<dyn CommandLog>,
+    /// This replica of the replicated command log: every change goes through it, and it
+    /// says who leads.
+    pub replica: RaftLog,
     pub zones: ZoneRegistry,
     pub cc_clients: CcClients,
+    /// Clients to the other replicas, for requests forwarded to the leader.
+    pub forward_clients: crate::forward::ForwardClients,
     /// Signalled after every applied command: the zone reconciler wakes up.
     pub changed: Notify,
     /// Access key id → (account, secret), refreshed when accounts change.
@@ -47,24 +54,28 @@ pub struct Clc {
     /// Scheduling reads a capacity snapshot and then commits a launch; one launch at a
     /// time so two launches cannot both take the same free room.
     pub launch_lock: Mutex<()>,
+    /// When this replica last became the leader (`None` while it is not).
+    leader_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Clc {
     pub async fn new(
         config: ClcConfig,
         store: Arc<Store>,
-        log: Arc<dyn CommandLog>,
+        replica: RaftLog,
     ) -> Result<Arc<Clc>, StateError> {
         let clc = Arc::new(Clc {
             config,
             store,
-            log,
+            replica,
             zones: ZoneRegistry::default(),
             cc_clients: CcClients::default(),
+            forward_clients: Default::default(),
             changed: Notify::new(),
             keys: Default::default(),
             admins: Default::default(),
             launch_lock: Mutex::new(()),
+            leader_since: std::sync::Mutex::new(None),
         });
         clc.reload_keys().await?;
         Ok(clc)
@@ -76,12 +87,18 @@ impl Clc {
             command,
             Command::CreateAccount { .. } | Command::AddAccessKey { .. }
         );
-        let out = self.log.submit(command).await?;
+        let out = self.replica.submit(command).await?;
         if reload {
             self.reload_keys().await?;
         }
         self.changed.notify_one();
         Ok(out)
+    }
+
+    /// How long this replica has led without a break; `None` while it does not lead.
+    pub fn leading_for(&self) -> Option<std::time::Duration> {
+        let since = *self.leader_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|t| t.elapsed())
     }
 
     async fn reload_keys(&self) -> Result<(), StateError> {
@@ -169,16 +186,23 @@ pub struct ClcHandle {
     pub ec2_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// Where this replica serves Raft RPCs and forwarded requests.
+    pub raft_addr: SocketAddr,
+    raft_server: Option<RaftServerHandle>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl ClcHandle {
     /// Stops serving and waits for in-flight work to end.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
+        for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        self.clc.replica.shutdown().await;
+        if let Some(server) = self.raft_server.take() {
+            server.shutdown().await;
         }
         self.clc.store.close().await;
     }
@@ -190,41 +214,34 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
-/// Opens the state in `config.data_dir` and serves the EC2 API, the admin API and the
-/// CC-facing gRPC service.
+/// Opens the state in `config.data_dir`, starts this Raft replica (forming the group when
+/// its log is empty, unless it joins an existing one), and serves the EC2 API, the admin API
+/// and the CC-facing gRPC service. Every replica serves all three; followers hand client
+/// requests to the leader.
 pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;
     let store = Arc::new(Store::open(&config.data_dir.join("clc.db")).await?);
-    let log: Arc<dyn CommandLog> = Arc::new(LocalLog::new(store.clone()));
     let ec2_listener = bind("EC2 API", config.ec2_listen).await?;
     let admin_listener = bind("admin API", config.admin_listen).await?;
     let grpc_listener = bind("gRPC", config.grpc_listen).await?;
-    let clc = Clc::new(config, store, log).await?;
+    let rc = &config.replica;
+    let (replica, raft_server) =
+        start_replica(rc.id, store.clone(), rc.raft_listen, rc.timers.clone()).await?;
+    form_group(&config, &replica, &raft_server).await?;
+    let raft_addr = raft_server.local_addr();
+    let clc = Clc::new(config, store, replica).await?;
+    raft_server.serve_forwarded(Arc::new(crate::forward::ForwardServer::new(clc.clone())));
     let (shutdown, rx) = watch::channel(false);
-    let ec2_addr = ec2_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "EC2 API",
-            addr: clc.config.ec2_listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "admin API",
-            addr: clc.config.admin_listen,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "gRPC",
-            addr: clc.config.grpc_listen,
-            source,
-        })?;
+    let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+        l.local_addr()
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let ec2_addr = local(&ec2_listener, "EC2 API", clc.config.ec2_listen)?;
+    let admin_addr = local(&admin_listener, "admin API", clc.config.admin_listen)?;
+    let grpc_addr = local(&grpc_listener, "gRPC", clc.config.grpc_listen)?;
 
     let mut tasks = Vec::new();
     tasks.push(serve_http(
@@ -253,17 +270,129 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
             }
         }));
     }
+    tasks.push(tokio::spawn(follow_raft(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_reconciler(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_purger(clc.clone(), rx.clone())));
-    tracing::info!(%ec2_addr, %admin_addr, %grpc_addr, region = %clc.config.region, "cloud controller started");
+    tracing::info!(%ec2_addr, %admin_addr, %grpc_addr, %raft_addr, replica = clc.replica.id(), region = %clc.config.region, "cloud controller started");
     Ok(ClcHandle {
         clc,
         ec2_addr,
         admin_addr,
         grpc_addr,
+        raft_addr,
+        raft_server: Some(raft_server),
         shutdown,
         tasks,
     })
+}
+
+/// Gives a replica with an empty log its first membership: the configured initial members,
+/// or itself alone. Every initial member does this with the same list, which openraft
+/// allows; a replica that joins waits to be added instead.
+async fn form_group(
+    config: &ClcConfig,
+    replica: &RaftLog,
+    server: &RaftServerHandle,
+) -> Result<(), StartError> {
+    let rc = &config.replica;
+    let initialized = replica
+        .raft()
+        .is_initialized()
+        .await
+        .map_err(ReplicaError::from)?;
+    if initialized || rc.join {
+        if !initialized {
+            tracing::info!(id = rc.id, "empty log: waiting to be added to a group");
+        }
+        return Ok(());
+    }
+    let members: std::collections::BTreeMap<u64, openraft::BasicNode> =
+        if rc.initial_members.is_empty() {
+            let me = rc
+                .raft_advertise
+                .clone()
+                .unwrap_or_else(|| server.node().addr);
+            [(rc.id, openraft::BasicNode::new(me))].into()
+        } else {
+            rc.initial_members
+                .iter()
+                .map(|(id, url)| (*id, openraft::BasicNode::new(url.clone())))
+                .collect()
+        };
+    tracing::info!(id = rc.id, ?members, "forming the raft group");
+    match replica.initialize(members).await {
+        Ok(()) => Ok(()),
+        // Another initial member got there first: the group exists, which is the goal.
+        Err(ReplicaError::Initialize(e))
+            if matches!(
+                *e,
+                openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(
+                    _
+                ))
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Follows this replica's Raft state: notes when it becomes or stops being the leader, wakes
+/// the reconciler when commands were applied (here or by replication), and keeps the access
+/// key cache current with accounts that arrived through the log.
+async fn follow_raft(clc: Arc<Clc>, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = clc.replica.raft().metrics();
+    let mut applied = None;
+    let mut last_reload = std::time::Instant::now();
+    let mut stale_keys = false;
+    loop {
+        let (leading, now_applied) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.state.is_leader() && m.current_leader == Some(clc.replica.id()),
+                m.last_applied,
+            )
+        };
+        let became_leader = {
+            let mut since = clc.leader_since.lock().unwrap_or_else(|e| e.into_inner());
+            let became = leading && since.is_none();
+            match (leading, since.is_some()) {
+                (true, false) => *since = Some(std::time::Instant::now()),
+                (false, true) => *since = None,
+                _ => {}
+            }
+            became
+        };
+        if became_leader {
+            tracing::info!(id = clc.replica.id(), "this replica is now the leader");
+        }
+        if now_applied != applied {
+            applied = now_applied;
+            stale_keys = true;
+            clc.changed.notify_one();
+        }
+        // Reloading reads two small tables; at most four times a second is plenty for keys
+        // that arrive by replication (a leader reloads at once after its own changes).
+        if (stale_keys && last_reload.elapsed() >= std::time::Duration::from_millis(250))
+            || became_leader
+        {
+            if let Err(e) = clc.reload_keys().await {
+                tracing::warn!(error = %e, "reloading access keys failed");
+            }
+            stale_keys = false;
+            last_reload = std::time::Instant::now();
+        }
+        let wake = if stale_keys {
+            std::time::Duration::from_millis(250)
+        } else {
+            std::time::Duration::from_secs(3600)
+        };
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wake) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn serve_http(

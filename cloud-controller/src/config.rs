@@ -1,5 +1,6 @@
 //! The cloud controller's configuration, validated once at start.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +28,40 @@ pub struct ClcConfig {
     pub terminated_retention: Duration,
     /// Bearer token accepted by the admin API, besides SigV4 with an admin account's key.
     pub admin_token: Option<String>,
+    /// This replica's place in the replicated CLC.
+    pub replica: ReplicaConfig,
+}
+
+/// A CLC replica's identity and peers. One replica alone is a valid group.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// This replica's id, unique in the group (1 for a single replica).
+    pub id: u64,
+    /// Where Raft RPCs (and requests forwarded by other replicas) are served.
+    pub raft_listen: SocketAddr,
+    /// The URL other replicas reach this one at; `None`: `http://` + the bound address.
+    pub raft_advertise: Option<String>,
+    /// The group's first members, id → Raft URL. Empty: a group of this replica alone.
+    /// Used once, when the replica's log is empty; later changes go through the admin API.
+    pub initial_members: BTreeMap<u64, String>,
+    /// Start with an empty log and wait to be added through the admin API, instead of
+    /// forming a group.
+    pub join: bool,
+    /// Raft timing and the request wait bound.
+    pub timers: crate::replication::raft::RaftTimers,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self {
+            id: 1,
+            raft_listen: SocketAddr::from(([127, 0, 0, 1], 8778)),
+            raft_advertise: None,
+            initial_members: BTreeMap::new(),
+            join: false,
+            timers: Default::default(),
+        }
+    }
 }
 
 impl ClcConfig {
@@ -43,6 +78,7 @@ impl ClcConfig {
             resync_interval: Duration::from_secs(5),
             terminated_retention: Duration::from_secs(3600),
             admin_token: None,
+            replica: ReplicaConfig::default(),
         }
     }
 }

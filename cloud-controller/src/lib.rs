@@ -3,6 +3,7 @@
 //!
 //! Layers, each calling only downward:
 //! - `ec2`, `admin`, `zones`: the edges (HTTP/XML, HTTP/JSON, gRPC to the CCs);
+//! - `forward`: followers hand client requests to the leader;
 //! - `scheduler`: pure zone choice;
 //! - `replication`: the command log every state change goes through;
 //! - `state`: domain types, commands, `apply`, queries over SQLite.
@@ -12,6 +13,7 @@ pub mod clc;
 pub mod config;
 pub mod console;
 pub mod ec2;
+pub mod forward;
 pub mod replication;
 pub mod scheduler;
 pub mod state;

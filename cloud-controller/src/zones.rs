@@ -75,6 +75,29 @@ impl ZoneRegistry {
     }
 }
 
+/// A new leader knows the zones from the log but hears their CCs only once they find it
+/// (within a heartbeat or two). Until every zone has reported, or `settle` has passed since
+/// the leadership began, scheduling waits rather than calling the zones unavailable.
+pub async fn await_zones(clc: &Clc) -> Result<(), StateError> {
+    let settle = clc.config.zone_timeout.min(Duration::from_secs(3));
+    loop {
+        let Some(leading) = clc.leading_for() else {
+            return Ok(());
+        };
+        if leading >= settle {
+            return Ok(());
+        }
+        let zones = clc.store.zones().await?;
+        if zones
+            .iter()
+            .all(|z| clc.zones.is_available(&z.zone, clc.config.zone_timeout))
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Snapshots of every registered zone for the scheduler: node capacities from the CCs,
 /// allocations from the CLC's own records (which include launches not yet placed).
 pub async fn zone_snapshots(clc: &Clc) -> Result<Vec<ZoneSnapshot>, StateError> {
@@ -129,8 +152,32 @@ impl ZoneService {
 }
 
 fn internal(e: StateError) -> Status {
-    tracing::error!(error = %e, "state error in zone service");
-    Status::internal("internal error")
+    match e {
+        // The CC moves on to the next CLC endpoint on UNAVAILABLE.
+        StateError::NotLeader { .. } | StateError::Unavailable(_) => {
+            Status::unavailable(e.to_string())
+        }
+        e => {
+            tracing::error!(error = %e, "state error in zone service");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// Only the leader talks with the CCs: its view of the zones is the one that schedules, and
+/// it alone can commit what they report. Others send the CC on to its next CLC endpoint.
+fn leader_only(clc: &Clc) -> Result<(), Status> {
+    if clc.replica.is_leader() {
+        return Ok(());
+    }
+    let leader = clc
+        .replica
+        .leader()
+        .map(|(id, node)| format!("replica {id} at {}", node.addr))
+        .unwrap_or_else(|| "unknown".into());
+    Err(Status::unavailable(format!(
+        "this cloud controller replica is not the leader (leader: {leader})"
+    )))
 }
 
 fn parse_zone(s: &str) -> Result<ZoneName, Status> {
@@ -143,6 +190,7 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::RegisterZoneRequest>,
     ) -> Result<Response<pb::RegisterZoneResponse>, Status> {
+        leader_only(&self.clc)?;
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
@@ -179,6 +227,7 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::ZoneHeartbeatRequest>,
     ) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
+        leader_only(&self.clc)?;
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let stored = self.clc.store.zones().await.map_err(internal)?;
@@ -203,6 +252,7 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::ZoneInstanceReports>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        leader_only(&self.clc)?;
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let mut observations = Vec::new();
@@ -359,8 +409,15 @@ pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Rec
         if full {
             last_full = Instant::now();
         }
-        if let Err(e) = reconcile_once(&clc, &mut pushed, full).await {
-            tracing::warn!(error = %e, "zone reconcile failed");
+        // Only the leader pushes, and only what is committed (the state machine holds
+        // nothing else), so no node starts an instance for an entry that could be lost.
+        if clc.replica.is_leader() {
+            if let Err(e) = reconcile_once(&clc, &mut pushed, full).await {
+                tracing::warn!(error = %e, "zone reconcile failed");
+            }
+        } else {
+            // A leader again later pushes everything afresh.
+            pushed.clear();
         }
         // A document is the zone's whole desired state, so pushing it on every applied
         // command would cost O(instances) per command in all three tiers. Pausing lets a
@@ -438,6 +495,9 @@ pub async fn run_purger(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receive
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = shutdown.changed() => return,
+        }
+        if !clc.replica.is_leader() {
+            continue;
         }
         let retention = chrono::Duration::from_std(clc.config.terminated_retention)
             .unwrap_or(chrono::Duration::hours(1));

@@ -52,10 +52,11 @@ class Proc:
 @pytest.fixture
 def roles(tmp_path, request):
     binary = str(find_binary())
-    ec2, admin, grpc, cc_port, nc_port = (free_port() for _ in range(5))
+    ec2, admin, grpc, raft, cc_port, nc_port = (free_port() for _ in range(6))
     data = tmp_path / "clc"
     clc = Proc("clc", [binary, "clc", "--data-dir", str(data), "--ec2-listen", f"127.0.0.1:{ec2}",
-                       "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}"], tmp_path)
+                       "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
+                       "--raft-listen", f"127.0.0.1:{raft}"], tmp_path)
     cc = Proc("cc", [binary, "cc", "--zone", "roles-1a", "--clc", f"http://127.0.0.1:{grpc}",
                      "--listen", f"127.0.0.1:{cc_port}"], tmp_path)
     nc = Proc("nc", [binary, "nc", "--node-id", "hv-1", "--cc", f"http://127.0.0.1:{cc_port}",

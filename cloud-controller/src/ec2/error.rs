@@ -134,6 +134,13 @@ impl From<StateError> for ApiError {
                 "ServiceUnavailable",
                 "The service is unavailable on this endpoint. Please try again.",
             ),
+            // No leader or no quorum within the wait bound. The SDKs retry a 503; a retried
+            // RunInstances carries the same ClientToken, so it cannot launch twice.
+            StateError::Unavailable(why) => Self::new(
+                503,
+                "ServiceUnavailable",
+                format!("The service is unavailable right now ({why}). Please try again."),
+            ),
             // Internal detail goes to the log, not to the client.
             e @ (StateError::Db(_) | StateError::Migrate(_) | StateError::Corrupt(_)) => {
                 tracing::error!(error = %e, "state error");

@@ -219,6 +219,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     {
         Some(r) => r,
         None => {
+            crate::zones::await_zones(&ctx.clc).await?;
             let snapshots = zone_snapshots(&ctx.clc).await?;
             let req = LaunchRequest {
                 zone,

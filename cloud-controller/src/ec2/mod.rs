@@ -30,8 +30,29 @@ const MAX_BODY: usize = 1 << 20;
 pub fn router(clc: Arc<Clc>) -> axum::Router {
     axum::Router::new()
         .fallback(handle)
+        .layer(axum::middleware::from_fn_with_state(
+            (clc.clone(), crate::forward::Api::Ec2),
+            crate::forward::to_leader,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(clc)
+}
+
+/// An EC2 error answer outside a request's normal path (e.g. from the forwarding layer).
+pub fn error_response(status: u16, code: &str, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
+        xml::error_response(code, message, &request_id()),
+    )
+        .into_response()
+}
+
+/// Actions that only read: each is served after a read barrier, so it sees every write
+/// acknowledged before it arrived, on whichever replica that write was made.
+fn is_read(action: &str) -> bool {
+    action.starts_with("Describe") || action == "GetConsoleOutput"
 }
 
 /// One authenticated request.
@@ -148,6 +169,9 @@ async fn handle_inner(
         .action()
         .map(str::to_owned)
         .ok_or_else(|| ApiError::missing("Action"))?;
+    if is_read(&action) {
+        clc.replica.read_barrier().await?;
+    }
     let ctx = Ctx {
         clc,
         account,

@@ -30,6 +30,11 @@ pub enum StateError {
     /// by applying a command: only by the replicated log, before anything is appended.
     #[error("this replica is not the leader; leader: {}", leader.as_deref().unwrap_or("unknown"))]
     NotLeader { leader: Option<String> },
+    /// The replicated log could not confirm a command or a read within the wait bound (no
+    /// leader, or no quorum). A command may still take effect later: retrying it with the
+    /// same idempotency token is safe. Never produced by applying a command.
+    #[error("the cloud controller cannot serve this now: {0}")]
+    Unavailable(String),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration error: {0}")]

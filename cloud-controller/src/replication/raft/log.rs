@@ -4,17 +4,17 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use canopy_proto::v1::raft_transport_server::RaftTransportServer;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, RaftMetrics, SnapshotPolicy};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::network::{GrpcNetworkFactory, RaftTransportService};
-use super::types::{RaftNodeId, TypeConfig};
+use super::network::{ForwardHandler, ForwardSlot, GrpcNetworkFactory, RaftTransportService};
+use super::types::{LogId, RaftNodeId, TypeConfig};
 use super::{SqliteLogStore, SqliteStateMachine};
 use crate::replication::CommandLog;
 use crate::state::{Command, Outcome, StateError, Store};
@@ -31,6 +31,9 @@ pub struct RaftTimers {
     pub election_max: Duration,
     /// A snapshot is built after this many entries since the last one.
     pub snapshot_every: u64,
+    /// How long a command or a linearizable read waits for a leader and a quorum before the
+    /// client is told to retry. Longer than an election, so failovers are waited out.
+    pub request_wait: Duration,
 }
 
 impl Default for RaftTimers {
@@ -40,6 +43,7 @@ impl Default for RaftTimers {
             election_min: Duration::from_millis(300),
             election_max: Duration::from_millis(600),
             snapshot_every: 5_000,
+            request_wait: Duration::from_secs(5),
         }
     }
 }
@@ -106,6 +110,56 @@ pub struct RaftLog {
     id: RaftNodeId,
     raft: Raft<TypeConfig>,
     store: Arc<Store>,
+    /// How long a command or a read waits for a leader and a quorum before giving up.
+    wait: Duration,
+    barrier: Arc<ReadBarrier>,
+}
+
+/// Coalesces leadership checks for linearizable reads (the read-index of the Raft paper):
+/// a read needs a check that *started after it arrived*; every read waiting while one check
+/// runs shares the next one, so a burst of reads costs two heartbeat rounds, not one each.
+#[derive(Default)]
+struct ReadBarrier {
+    /// Held while a check runs; holds the start time and result of the last completed check.
+    last: tokio::sync::Mutex<Option<(Instant, Option<LogId>)>>,
+}
+
+/// What the admin API shows of the Raft group, as one replica sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    pub replica_id: RaftNodeId,
+    /// leader, follower, candidate, learner or shutdown.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<RaftNodeId>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member of the group. Lag is known only on the leader.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberStatus {
+    pub id: RaftNodeId,
+    pub address: String,
+    /// False for a learner (receives the log, does not vote).
+    pub voter: bool,
+    /// The last log index the leader knows this member holds.
+    pub matched_index: Option<u64>,
+    /// Entries this member is behind the leader's log.
+    pub lag: Option<u64>,
+}
+
+/// Why a membership change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("this replica is not the leader; leader: {}", leader.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader: Option<String> },
+    #[error("{0}")]
+    Refused(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl RaftLog {
@@ -151,11 +205,204 @@ impl RaftLog {
         Ok(())
     }
 
+    /// True while this replica is the leader it knows of.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state.is_leader() && m.current_leader == Some(self.id)
+    }
+
+    /// How long requests wait for a leader or a quorum.
+    pub fn wait_bound(&self) -> Duration {
+        self.wait
+    }
+
+    /// Waits (until `deadline`) for a leader other than `not`, and returns it with its
+    /// address; `None` when none appeared in time.
+    pub async fn await_leader(
+        &self,
+        not: Option<RaftNodeId>,
+        deadline: Instant,
+    ) -> Option<(RaftNodeId, BasicNode)> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let _ = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != not,
+                "a leader",
+            )
+            .await;
+        self.leader().filter(|(id, _)| Some(*id) != not)
+    }
+
+    /// Makes the local state at least as new as every write acknowledged anywhere before this
+    /// call (a linearizable read): confirms leadership with a quorum, then waits until the
+    /// state machine applied up to the commit index. Only the leader can do it.
+    pub async fn read_barrier(&self) -> Result<(), StateError> {
+        let arrived = Instant::now();
+        let deadline = arrived + self.wait;
+        let read_log_id = {
+            let mut last = tokio::time::timeout_at(deadline.into(), self.barrier.last.lock())
+                .await
+                .map_err(|_| unavailable("leadership check timed out"))?;
+            match *last {
+                // A check that started after we arrived covers us.
+                Some((started, read_log_id)) if started >= arrived => read_log_id,
+                _ => {
+                    let started = Instant::now();
+                    let checked =
+                        tokio::time::timeout_at(deadline.into(), self.raft.get_read_log_id())
+                            .await
+                            .map_err(|_| unavailable("no quorum confirmed the leader"))?;
+                    let (read_log_id, _) = checked.map_err(|e| match e {
+                        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                            StateError::NotLeader {
+                                leader: f
+                                    .leader_id
+                                    .map(|id| leader_name(id, f.leader_node.as_ref())),
+                            }
+                        }
+                        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => {
+                            unavailable("no quorum confirmed the leader")
+                        }
+                        RaftError::Fatal(f) => unavailable(&format!("raft stopped: {f}")),
+                    })?;
+                    *last = Some((started, read_log_id));
+                    read_log_id
+                }
+            }
+        };
+        if let Some(log_id) = read_log_id {
+            self.raft
+                .wait(Some(deadline.saturating_duration_since(Instant::now())))
+                .applied_index_at_least(Some(log_id.index), "linearizable read")
+                .await
+                .map_err(|_| unavailable("the state machine is behind the commit index"))?;
+        }
+        Ok(())
+    }
+
+    /// The group as this replica sees it.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<RaftNodeId> = membership.voter_ids().collect();
+        let last = m.last_log_index;
+        let replication = m.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if *id == self.id && m.state.is_leader() {
+                    last
+                } else {
+                    replication.get(id).and_then(|l| l.map(|l| l.index))
+                };
+                let lag = m
+                    .state
+                    .is_leader()
+                    .then(|| last.unwrap_or(0).saturating_sub(matched.unwrap_or(0)));
+                MemberStatus {
+                    id: *id,
+                    address: node.addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index: matched,
+                    lag,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            replica_id: self.id,
+            role: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// Adds replica `id` at `address`: first as a learner, which receives the log (or a
+    /// snapshot) until it has caught up, then, if `voter`, as a voting member.
+    pub async fn add_member(
+        &self,
+        id: RaftNodeId,
+        address: String,
+        voter: bool,
+        timeout: Duration,
+    ) -> Result<(), MembershipError> {
+        let fut = async {
+            self.raft
+                .add_learner(id, BasicNode::new(address), true)
+                .await
+                .map_err(membership_error)?;
+            if voter {
+                self.raft
+                    .change_membership(
+                        openraft::ChangeMembers::AddVoterIds([id].into_iter().collect()),
+                        false,
+                    )
+                    .await
+                    .map_err(membership_error)?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| MembershipError::Timeout(timeout))?
+    }
+
+    /// Removes replica `id` from the group (voter or learner).
+    pub async fn remove_member(
+        &self,
+        id: RaftNodeId,
+        timeout: Duration,
+    ) -> Result<(), MembershipError> {
+        let membership = self.metrics().membership_config.membership().clone();
+        if membership.get_node(&id).is_none() {
+            return Err(MembershipError::Refused(format!(
+                "replica {id} is not a member"
+            )));
+        }
+        let ids: std::collections::BTreeSet<RaftNodeId> = [id].into_iter().collect();
+        let is_voter = membership.voter_ids().any(|v| v == id);
+        let change = if is_voter {
+            openraft::ChangeMembers::RemoveVoters(ids)
+        } else {
+            openraft::ChangeMembers::RemoveNodes(ids)
+        };
+        tokio::time::timeout(timeout, self.raft.change_membership(change, false))
+            .await
+            .map_err(|_| MembershipError::Timeout(timeout))?
+            .map_err(membership_error)?;
+        Ok(())
+    }
+
     /// Stops Raft on this replica. Its store stays open and readable.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, id = self.id, "raft did not shut down cleanly");
         }
+    }
+}
+
+fn unavailable(why: &str) -> StateError {
+    StateError::Unavailable(why.to_owned())
+}
+
+fn membership_error(
+    e: RaftError<RaftNodeId, ClientWriteError<RaftNodeId, BasicNode>>,
+) -> MembershipError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MembershipError::NotLeader {
+            leader: f
+                .leader_id
+                .map(|id| leader_name(id, f.leader_node.as_ref())),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            MembershipError::Refused(e.to_string())
+        }
+        RaftError::Fatal(f) => MembershipError::Refused(format!("raft stopped: {f}")),
     }
 }
 
@@ -169,7 +416,13 @@ fn leader_name(id: RaftNodeId, node: Option<&BasicNode>) -> String {
 #[async_trait]
 impl CommandLog for RaftLog {
     async fn submit(&self, command: Command) -> Result<Outcome, StateError> {
-        match self.raft.client_write(command).await {
+        // A leader cut off from its quorum never commits; give up after the bound rather than
+        // hold the client forever. The entry may still commit later (when the partition heals
+        // before another leader overwrites it), which a retry with the same token handles.
+        let written = tokio::time::timeout(self.wait, self.raft.client_write(command))
+            .await
+            .map_err(|_| unavailable("the command was not committed in time"))?;
+        match written {
             Ok(response) => response.data.into_result(),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 Err(StateError::NotLeader {
@@ -195,9 +448,15 @@ pub struct RaftServerHandle {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    forward: ForwardSlot,
 }
 
 impl RaftServerHandle {
+    /// Starts serving requests other replicas forward to this one. Only the first call counts.
+    pub fn serve_forwarded(&self, handler: Arc<dyn ForwardHandler>) {
+        let _ = self.forward.set(handler);
+    }
+
     /// Where the endpoint listens (the real port when started on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -249,9 +508,11 @@ pub async fn start_replica(
     .await?;
 
     let (stop, stopped) = oneshot::channel::<()>();
-    let service = RaftTransportServer::new(RaftTransportService::new(raft.clone()))
-        .max_decoding_message_size(super::network::MAX_MESSAGE)
-        .max_encoding_message_size(super::network::MAX_MESSAGE);
+    let forward = ForwardSlot::default();
+    let service =
+        RaftTransportServer::new(RaftTransportService::new(raft.clone(), forward.clone()))
+            .max_decoding_message_size(super::network::MAX_MESSAGE)
+            .max_encoding_message_size(super::network::MAX_MESSAGE);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
@@ -266,11 +527,18 @@ pub async fn start_replica(
     });
 
     Ok((
-        RaftLog { id, raft, store },
+        RaftLog {
+            id,
+            raft,
+            store,
+            wait: timers.request_wait,
+            barrier: Arc::default(),
+        },
         RaftServerHandle {
             addr,
             stop: Some(stop),
             task,
+            forward,
         },
     ))
 }

@@ -13,7 +13,7 @@
 //! - [`RaftLog`] is the replicated [`crate::replication::CommandLog`]; [`start_replica`] starts
 //!   one replica (Raft plus its gRPC endpoint) over a store.
 //!
-//! Nothing here is wired into the binary yet: `LocalLog` remains the command log. Once a
+//! Every cloud controller runs one replica (a single replica is a group of one). Once a
 //! `Raft` runs on a [`crate::state::Store`], `Store::apply` must no longer be called on it.
 
 mod log;
@@ -33,9 +33,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::SqliteConnection;
 
-pub use log::{RaftLog, RaftServerHandle, RaftTimers, ReplicaError, start_replica};
+pub use log::{
+    ClusterStatus, MemberStatus, MembershipError, RaftLog, RaftServerHandle, RaftTimers,
+    ReplicaError, start_replica,
+};
 pub use log_store::SqliteLogStore;
-pub use network::{GrpcNetwork, GrpcNetworkFactory, RaftTransportService};
+pub use network::{
+    ForwardHandler, ForwardSlot, GrpcNetwork, GrpcNetworkFactory, RaftTransportService,
+};
 pub use state_machine::{SqliteSnapshotBuilder, SqliteStateMachine};
 pub use types::{
     Entry, LogId, RaftNodeId, RaftResponse, Rejection, Snapshot, SnapshotMeta, StorageError,

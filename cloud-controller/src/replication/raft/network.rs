@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use canopy_proto::v1::RaftBytes;
 use canopy_proto::v1::raft_transport_client::RaftTransportClient;
 use canopy_proto::v1::raft_transport_server::RaftTransport;
+use canopy_proto::v1::{ForwardedRequest, ForwardedResponse, RaftBytes};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -217,17 +218,28 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
     }
 }
 
+/// Serves client requests other replicas forward to this one (see [`crate::forward`]).
+#[tonic::async_trait]
+pub trait ForwardHandler: Send + Sync + 'static {
+    async fn forward(&self, request: ForwardedRequest) -> Result<ForwardedResponse, tonic::Status>;
+}
+
+/// Where the [`ForwardHandler`] goes once the replica's APIs exist (they are built after
+/// Raft, which they use). Until then forwarded requests are refused as `Unavailable`.
+pub type ForwardSlot = Arc<OnceLock<Arc<dyn ForwardHandler>>>;
+
 /// The server side: a `RaftTransport` gRPC service handing each request to the local
 /// [`Raft`]. Its answer, success or `RaftError`, is encoded into the reply; a request that does
 /// not decode is `InvalidArgument`.
 #[derive(Clone)]
 pub struct RaftTransportService {
     raft: Raft<TypeConfig>,
+    forward: ForwardSlot,
 }
 
 impl RaftTransportService {
-    pub fn new(raft: Raft<TypeConfig>) -> Self {
-        Self { raft }
+    pub fn new(raft: Raft<TypeConfig>, forward: ForwardSlot) -> Self {
+        Self { raft, forward }
     }
 }
 
@@ -266,5 +278,17 @@ impl RaftTransport for RaftTransportService {
     ) -> Result<tonic::Response<RaftBytes>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         encode(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn forward(
+        &self,
+        request: tonic::Request<ForwardedRequest>,
+    ) -> Result<tonic::Response<ForwardedResponse>, tonic::Status> {
+        let Some(handler) = self.forward.get() else {
+            return Err(tonic::Status::unavailable("this replica is still starting"));
+        };
+        Ok(tonic::Response::new(
+            handler.forward(request.into_inner()).await?,
+        ))
     }
 }

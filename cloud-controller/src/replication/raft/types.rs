@@ -111,6 +111,7 @@ impl TryFrom<StateError> for Rejection {
             StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
             // `NotLeader` never comes from applying; it is not the state's verdict either.
             e @ (StateError::NotLeader { .. }
+            | StateError::Unavailable(_)
             | StateError::Db(_)
             | StateError::Migrate(_)
             | StateError::Corrupt(_)) => {
