@@ -1,10 +1,10 @@
 //! `canopy admin …`: the admin API for people (tables) and scripts (`--json`).
 
 use anyhow::{Context, Result, bail};
-use canopy_cloud_controller::admin::{InstanceView, NodeView, ZoneView};
+use canopy_cloud_controller::admin::{ClusterView, InstanceView, NodeView, ZoneView};
 use serde::de::DeserializeOwned;
 
-#[derive(Debug, Clone, Copy, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum AdminCommand {
     /// Availability zones and their cluster controllers.
     Zones,
@@ -12,6 +12,27 @@ pub enum AdminCommand {
     Nodes,
     /// Instances of every account.
     Instances,
+    /// The replicated cloud controller: leader, term, members and their replication lag.
+    Cluster {
+        /// This replica's own view instead of the leader's (works without a leader).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Adds a replica (started with `canopy clc --join`): a learner until it caught up, then a voter.
+    AddReplica {
+        /// Its replica id.
+        id: u64,
+        /// Its Raft address, HOST:PORT or http://HOST:PORT.
+        address: String,
+        /// Keep it a learner (receives the log, does not vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Removes a replica from the group.
+    RemoveReplica {
+        /// Its replica id.
+        id: u64,
+    },
 }
 
 pub struct AdminClient {
@@ -21,10 +42,23 @@ pub struct AdminClient {
 
 impl AdminClient {
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<(T, serde_json::Value)> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(T, serde_json::Value)> {
         let url = format!("{}{path}", self.endpoint.trim_end_matches('/'));
-        let resp = reqwest::Client::new()
-            .get(&url)
-            .bearer_auth(&self.token)
+        let mut req = reqwest::Client::new()
+            .request(method, &url)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("cannot reach the admin API at {url}"))?;
@@ -145,6 +179,32 @@ impl AdminClient {
                     raw,
                 )
             }
+            AdminCommand::Cluster { local } => {
+                let path = if local { "/v1/replica" } else { "/v1/cluster" };
+                let (view, raw): (ClusterView, _) = self.get(path).await?;
+                (cluster_table(&view), raw)
+            }
+            AdminCommand::AddReplica {
+                id,
+                address,
+                learner,
+            } => {
+                let body = serde_json::json!({"id": id, "address": address, "voter": !learner});
+                let (view, raw): (ClusterView, _) = self
+                    .call(reqwest::Method::POST, "/v1/cluster/members", Some(body))
+                    .await?;
+                (cluster_table(&view), raw)
+            }
+            AdminCommand::RemoveReplica { id } => {
+                let (view, raw): (ClusterView, _) = self
+                    .call(
+                        reqwest::Method::DELETE,
+                        &format!("/v1/cluster/members/{id}"),
+                        None,
+                    )
+                    .await?;
+                (cluster_table(&view), raw)
+            }
         };
         Ok(if json {
             serde_json::to_string_pretty(&raw)? + "\n"
@@ -152,6 +212,46 @@ impl AdminClient {
             rows
         })
     }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// A summary line, then one row per member.
+fn cluster_table(v: &ClusterView) -> String {
+    let mut out = format!(
+        "replica {} ({}), term {}, leader {}, log {}, applied {}, snapshot {}\n",
+        v.replica_id,
+        v.role,
+        v.term,
+        opt(v.leader),
+        opt(v.last_log_index),
+        opt(v.last_applied_index),
+        opt(v.snapshot_index),
+    );
+    let rows = v
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.address.clone(),
+                if Some(m.id) == v.leader {
+                    "leader"
+                } else if m.voter {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                opt(m.matched_index),
+                opt(m.lag),
+            ]
+        })
+        .collect();
+    out += &table(&["ID", "ADDRESS", "ROLE", "MATCHED", "LAG"], rows);
+    out
 }
 
 /// A plain, aligned text table.
