@@ -19,6 +19,10 @@ pub const MAX_TAGS_PER_RESOURCE: i64 = 50;
 /// result depends only on the command and the rows already there.
 pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Outcome, StateError> {
     match command {
+        // One outcome per command: the replicated log's state machine unpacks batches.
+        Command::Batch(_) => Err(StateError::Corrupt(
+            "a command batch can only be applied by the replicated log".into(),
+        )),
         Command::CreateAccount {
             account_id,
             name,

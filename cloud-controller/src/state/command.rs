@@ -10,6 +10,10 @@ use super::types::{Image, StateReason, Tag};
 /// Every change of cloud state. Serializable, because a replicated log stores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// Group commit: commands submitted concurrently, carried by one log entry (one append,
+    /// one fsync) and applied in order, each all-or-nothing on its own. Only the replicated
+    /// log builds and applies batches; they never nest.
+    Batch(Vec<Command>),
     CreateAccount {
         account_id: AccountId,
         name: String,

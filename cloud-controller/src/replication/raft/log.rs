@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::network::{ForwardHandler, ForwardSlot, GrpcNetworkFactory, RaftTransportService};
-use super::types::{LogId, RaftNodeId, TypeConfig};
+use super::types::{LogId, RaftNodeId, RaftResponse, TypeConfig};
 use super::{SqliteLogStore, SqliteStateMachine};
 use crate::replication::CommandLog;
 use crate::state::{Command, Outcome, StateError, Store};
@@ -113,6 +113,113 @@ pub struct RaftLog {
     /// How long a command or a read waits for a leader and a quorum before giving up.
     wait: Duration,
     barrier: Arc<ReadBarrier>,
+    /// Commands waiting for the group-commit task (see [`run_batcher`]).
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+/// A submitted command and where its result goes.
+type Pending = (Command, oneshot::Sender<Result<Outcome, StateError>>);
+
+/// The most commands one log entry carries.
+const MAX_BATCH: usize = 512;
+/// Log entries in flight at once. While they are, new commands queue up and leave together.
+const MAX_IN_FLIGHT: usize = 3;
+
+/// Group commit: takes whatever commands are queued (up to [`MAX_BATCH`]) and appends them as
+/// one log entry, so a burst of concurrent submissions costs one append and one fsync on each
+/// replica instead of one per command. A lone command goes as itself.
+async fn run_batcher(
+    id: RaftNodeId,
+    raft: Raft<TypeConfig>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            write_batch(id, &raft, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn write_batch(id: RaftNodeId, raft: &Raft<TypeConfig>, mut batch: Vec<Pending>) {
+    if batch.len() == 1 {
+        let (command, reply) = batch.remove(0);
+        let result = match raft.client_write(command).await {
+            Ok(response) => response.data.into_result(),
+            Err(e) => Err(write_error(id, e)),
+        };
+        let _ = reply.send(result);
+        return;
+    }
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+    match raft.client_write(Command::Batch(commands)).await {
+        Ok(response) => match response.data {
+            RaftResponse::Batch(each) if each.len() == replies.len() => {
+                for (reply, response) in replies.into_iter().zip(each) {
+                    let _ = reply.send(response.into_result());
+                }
+            }
+            other => {
+                tracing::error!(
+                    ?other,
+                    "a batch entry did not produce one response per command"
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(StateError::Corrupt(
+                        "a batch entry did not produce one response per command".into(),
+                    )));
+                }
+            }
+        },
+        Err(e) => {
+            let message = e.to_string();
+            let first = write_error(id, e);
+            // Every command of the batch shares the fate of its entry.
+            let same = |e: &StateError| match e {
+                StateError::NotLeader { leader } => StateError::NotLeader {
+                    leader: leader.clone(),
+                },
+                StateError::Unavailable(why) => StateError::Unavailable(why.clone()),
+                _ => StateError::Corrupt(message.clone()),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(same(&first)));
+            }
+        }
+    }
+}
+
+fn write_error(
+    id: RaftNodeId,
+    e: RaftError<RaftNodeId, ClientWriteError<RaftNodeId, BasicNode>>,
+) -> StateError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => StateError::NotLeader {
+            leader: forward
+                .leader_id
+                .map(|id| leader_name(id, forward.leader_node.as_ref())),
+        },
+        // Only a membership change can fail this way, and commands do not change it.
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            StateError::Corrupt(format!("unexpected membership error: {e}"))
+        }
+        RaftError::Fatal(fatal) => {
+            tracing::error!(error = %fatal, id, "raft stopped");
+            StateError::NotLeader { leader: None }
+        }
+    }
 }
 
 /// Coalesces leadership checks for linearizable reads (the read-index of the Raft paper):
@@ -416,29 +523,23 @@ fn leader_name(id: RaftNodeId, node: Option<&BasicNode>) -> String {
 #[async_trait]
 impl CommandLog for RaftLog {
     async fn submit(&self, command: Command) -> Result<Outcome, StateError> {
+        if !self.is_leader() {
+            // Refuse at once rather than queue behind commands that will fail the same way.
+            return Err(StateError::NotLeader {
+                leader: self.leader().map(|(id, node)| leader_name(id, Some(&node))),
+            });
+        }
+        let (reply, result) = oneshot::channel();
+        self.queue
+            .send((command, reply))
+            .map_err(|_| unavailable("raft stopped"))?;
         // A leader cut off from its quorum never commits; give up after the bound rather than
         // hold the client forever. The entry may still commit later (when the partition heals
         // before another leader overwrites it), which a retry with the same token handles.
-        let written = tokio::time::timeout(self.wait, self.raft.client_write(command))
-            .await
-            .map_err(|_| unavailable("the command was not committed in time"))?;
-        match written {
-            Ok(response) => response.data.into_result(),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(StateError::NotLeader {
-                    leader: forward
-                        .leader_id
-                        .map(|id| leader_name(id, forward.leader_node.as_ref())),
-                })
-            }
-            // Only a membership change can fail this way, and `submit` does not change it.
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(
-                StateError::Corrupt(format!("unexpected membership error: {e}")),
-            ),
-            Err(RaftError::Fatal(fatal)) => {
-                tracing::error!(error = %fatal, id = self.id, "raft stopped");
-                Err(StateError::NotLeader { leader: None })
-            }
+        match tokio::time::timeout(self.wait, result).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(unavailable("raft stopped")),
+            Err(_) => Err(unavailable("the command was not committed in time")),
         }
     }
 }
@@ -526,6 +627,8 @@ pub async fn start_replica(
         }
     });
 
+    let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(run_batcher(id, raft.clone(), queued));
     Ok((
         RaftLog {
             id,
@@ -533,6 +636,7 @@ pub async fn start_replica(
             store,
             wait: timers.request_wait,
             barrier: Arc::default(),
+            queue,
         },
         RaftServerHandle {
             addr,

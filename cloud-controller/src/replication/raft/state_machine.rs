@@ -83,6 +83,13 @@ impl SqliteStateMachine {
         for entry in entries {
             let response = match entry.payload {
                 EntryPayload::Blank => RaftResponse::NoCommand,
+                EntryPayload::Normal(Command::Batch(commands)) => {
+                    let mut each = Vec::with_capacity(commands.len());
+                    for command in &commands {
+                        each.push(apply_command(&mut tx, command).await?);
+                    }
+                    RaftResponse::Batch(each)
+                }
                 EntryPayload::Normal(command) => apply_command(&mut tx, &command).await?,
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));

@@ -378,3 +378,82 @@ async fn a_new_replica_catches_up_from_a_snapshot_over_grpc() {
     server.shutdown().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commands_share_log_entries_and_keep_their_own_results() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let log = cluster.replica(leader).log.clone();
+    let w = World::new();
+    for command in w.setup() {
+        log.submit(command).await.unwrap();
+    }
+    let before = log.metrics().last_log_index.unwrap();
+
+    // 200 launches at once, every fifth one a ClientToken repeat with other parameters,
+    // which the state refuses: each caller must get its own command's result.
+    const N: u32 = 200;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let log = log.clone();
+        let mut command = w.launch(1, 0);
+        if let Command::LaunchInstances {
+            client_token,
+            request_hash,
+            ..
+        } = &mut command
+        {
+            *client_token = Some(format!("t-{}", i - i % 5));
+            if i % 5 == 4 {
+                *request_hash = "other".into();
+            }
+        }
+        calls.spawn(async move { (i, log.submit(command).await) });
+    }
+    let mut accepted = std::collections::BTreeMap::<u32, Vec<u32>>::new();
+    while let Some(joined) = calls.join_next().await {
+        let (i, result) = joined.unwrap();
+        match result {
+            Ok(_) => accepted.entry(i / 5).or_default().push(i % 5),
+            Err(StateError::IdempotentParameterMismatch) => {}
+            other => panic!("launch {i}: {other:?}"),
+        }
+    }
+    // Calls 0..3 of each group of five share a token and parameters (one reservation); call
+    // 4 conflicts with them, unless it ran first, in which case they conflict with it.
+    assert_eq!(accepted.len(), usize::try_from(N / 5).unwrap());
+    for (group, mut ok) in accepted {
+        ok.sort_unstable();
+        assert!(
+            ok == [0, 1, 2, 3] || ok == [4],
+            "group {group}: {ok:?} accepted"
+        );
+    }
+    let entries = log.metrics().last_log_index.unwrap() - before;
+    assert!(
+        entries < u64::from(N) / 2,
+        "{entries} log entries for {N} concurrent commands: no group commit"
+    );
+
+    let index = cluster.converge(leader).await;
+    assert!(index > before);
+    let expected = state_of(log.store()).await;
+    for r in &cluster.replicas {
+        assert_eq!(
+            state_of(r.log.store()).await,
+            expected,
+            "replica {}",
+            r.log.id()
+        );
+    }
+    let reservations = log
+        .store()
+        .instances(&InstanceFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.reservation_id)
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(reservations.len(), usize::try_from(N / 5).unwrap());
+    cluster.shutdown().await;
+}

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use canopy_common::ZoneName;
+use canopy_common::{InstanceId, ZoneName};
 use openraft::error::{
     ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -499,6 +499,12 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::write_retrying`] for a command not retried after a timeout in practice
+    /// (the network is healthy): what applying it produced.
+    async fn submit(&self, command: Command) -> RaftResponse {
+        self.write_retrying(&command).await.0
+    }
+
     /// Snapshots replica `id` and purges its log up to the snapshot, so that a replica
     /// lagging behind that point can only catch up from a snapshot. Returns the purge point.
     async fn snapshot_and_purge(&self, id: RaftNodeId) -> u64 {
@@ -556,16 +562,6 @@ async fn state_of(store: &Store) -> String {
     format!("{instances:?}\n{zones:?}\n{accounts:?}\n{rows:?}")
 }
 
-/// Writes `command` on `id`, which must lead, and returns what applying it produced.
-async fn write(raft: &Raft<TypeConfig>, command: Command) -> RaftResponse {
-    let what = format!("{command:?}");
-    match tokio::time::timeout(WAIT, raft.client_write(command)).await {
-        Ok(Ok(response)) => response.data,
-        Ok(Err(e)) => panic!("writing {what} failed: {e}"),
-        Err(_) => panic!("writing {what} was not acknowledged within {WAIT:?}"),
-    }
-}
-
 /// Starts writing `command` on `raft` without waiting for the answer.
 fn write_in_background(raft: &Raft<TypeConfig>, command: Command) -> JoinHandle<WriteResult> {
     let raft = raft.clone();
@@ -573,7 +569,7 @@ fn write_in_background(raft: &Raft<TypeConfig>, command: Command) -> JoinHandle<
 }
 
 /// Waits for a background write's answer.
-async fn answer(pending: JoinHandle<WriteResult>) -> WriteResult {
+async fn answer_of(pending: JoinHandle<WriteResult>) -> WriteResult {
     tokio::time::timeout(WAIT, pending)
         .await
         .unwrap_or_else(|_| panic!("the write got no answer within {WAIT:?}"))
@@ -614,10 +610,10 @@ async fn zones_of(store: &Store) -> Vec<ZoneName> {
 /// Starts the cluster and applies the account, image and zone every launch needs.
 async fn start_with_world(seed: u64) -> (Cluster, World) {
     let cluster = Cluster::start(seed).await;
-    let leader = cluster.leader_among(&IDS).await;
+    cluster.leader_among(&IDS).await;
     let w = World::new();
     for command in w.setup() {
-        write(cluster.raft(leader), command).await;
+        cluster.submit(command).await;
     }
     cluster.converge().await;
     (cluster, w)
@@ -668,8 +664,9 @@ async fn partition_minority_cannot_commit_majority_goes_on() {
     // The majority elects one of its own and commits.
     let new = cluster.leader_among(&majority).await;
     assert!(cluster.metrics(new).current_term > cluster.metrics(old).current_term);
-    write(cluster.raft(new), register_zone("zone-majority")).await;
-    let launched = write(cluster.raft(new), launch(&w, "after-partition")).await;
+    // (`submit` picks the leader of the highest term: the majority's, not the old one.)
+    cluster.submit(register_zone("zone-majority")).await;
+    let launched = cluster.submit(launch(&w, "after-partition")).await;
     assert!(
         matches!(
             launched,
@@ -680,6 +677,7 @@ async fn partition_minority_cannot_commit_majority_goes_on() {
         ),
         "{launched:?}"
     );
+    let new = cluster.leader_among(&majority).await;
     let committed = cluster.metrics(new).last_log_index.unwrap();
     for &id in &majority {
         cluster
@@ -698,16 +696,20 @@ async fn partition_minority_cannot_commit_majority_goes_on() {
     cluster.router.heal();
     // The old leader's entry is overwritten by the new leader's log: its writer learns the
     // write did not happen.
-    match answer(pending).await {
+    match answer_of(pending).await {
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {}
         other => panic!("the unacknowledged write should be refused, got {other:?}"),
     }
-    let (leader, _) = cluster.converge().await;
-    assert_ne!(leader, old, "the old leader cannot win with a stale log");
-    assert!(
-        !cluster.metrics(old).state.is_leader(),
-        "the old leader stepped down"
-    );
+    cluster
+        .raft(old)
+        .wait(Some(WAIT))
+        .metrics(
+            |m| !m.state.is_leader() && m.current_leader.is_some_and(|l| l != old),
+            "the old leader steps down and follows the new one",
+        )
+        .await
+        .unwrap();
+    cluster.converge().await;
 
     let state = cluster.same_state().await;
     let zones = zones_of(cluster.store(old)).await;
@@ -730,22 +732,22 @@ async fn a_follower_cut_off_catches_up_after_healing() {
     let (cluster, w) = start_with_world(0x5eed_0002).await;
     let (leader, index) = cluster.converge().await;
     let cut = IDS.into_iter().find(|&id| id != leader).unwrap();
-    let other = IDS
-        .into_iter()
-        .find(|&id| id != leader && id != cut)
-        .unwrap();
+    let connected: Vec<RaftNodeId> = IDS.into_iter().filter(|&id| id != cut).collect();
 
     cluster.router.isolate(cut);
     for n in 0..20 {
-        write(cluster.raft(leader), launch(&w, &format!("cut-off-{n}"))).await;
+        cluster.submit(launch(&w, &format!("cut-off-{n}"))).await;
     }
+    let leader = cluster.leader_among(&connected).await;
     let last = cluster.metrics(leader).last_log_index.unwrap();
-    cluster
-        .raft(other)
-        .wait(Some(WAIT))
-        .applied_index_at_least(Some(last), "the connected follower applies the writes")
-        .await
-        .unwrap();
+    for &id in &connected {
+        cluster
+            .raft(id)
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(last), "the connected replicas apply the writes")
+            .await
+            .unwrap();
+    }
     assert_eq!(
         cluster.applied(cut),
         Some(index),
@@ -754,7 +756,10 @@ async fn a_follower_cut_off_catches_up_after_healing() {
 
     // Both replicas that could lead after healing drop the entries the cut-off one misses,
     // so it can only catch up by installing a snapshot.
-    let purged = index + 1;
+    let mut purged = u64::MAX;
+    for &id in &connected {
+        purged = purged.min(cluster.snapshot_and_purge(id).await);
+    }
     assert!(purged > index);
     assert!(cluster.metrics(cut).snapshot.is_none());
 
@@ -777,8 +782,7 @@ async fn a_follower_cut_off_catches_up_after_healing() {
     );
 
     // And it follows the log again from there.
-    let (leader, _) = cluster.converge().await;
-    write(cluster.raft(leader), launch(&w, "after-healing")).await;
+    cluster.submit(launch(&w, "after-healing")).await;
     cluster.converge().await;
     cluster.same_state().await;
     cluster.shutdown().await;
@@ -791,12 +795,12 @@ async fn lossy_and_slow_links_still_converge() {
 
     let commands: Vec<Command> = (0..50).map(|n| launch(&w, &format!("lossy-{n}"))).collect();
     let mut retried = 0;
-    for command in &commands {
-        let (response, attempts) = cluster.write_retrying(command).await;
-        retried += attempts - 1;
+    for (n, command) in commands.iter().enumerate() {
         let Command::LaunchInstances { reservation_id, .. } = command else {
             unreachable!()
         };
+        let (response, attempts) = cluster.write_retrying(command).await;
+        retried += attempts - 1;
         match response {
             RaftResponse::Applied(Outcome::Launched {
                 reservation_id: got,
@@ -804,29 +808,53 @@ async fn lossy_and_slow_links_still_converge() {
             }) => assert_eq!(&got, reservation_id),
             other => panic!("{command:?} gave {other:?}"),
         }
+        // A client that did not hear the answer sends the same request again: it is in the
+        // log twice, and the second is a replay of the first.
+        if n % 10 == 0 {
+            let (again, _) = cluster.write_retrying(command).await;
+            assert_eq!(
+                again,
+                RaftResponse::Applied(Outcome::Launched {
+                    reservation_id: reservation_id.clone(),
+                    replayed: true,
+                })
+            );
+        }
     }
     let stats = cluster.router.stats();
-    eprintln!("lossy links: {stats:?}, {retried} writes retried");
+    eprintln!("lossy links: {stats:?}, {retried} writes retried after a timeout or refusal");
     assert!(stats.lost > 0, "no message was lost: {stats:?}");
 
     cluster.router.calm();
     cluster.converge().await;
     cluster.same_state().await;
     // Every acknowledged launch is there exactly once, on every replica.
+    let mut expected: Vec<(String, InstanceId)> = commands
+        .iter()
+        .map(|c| match c {
+            Command::LaunchInstances {
+                client_token,
+                instances,
+                ..
+            } => (
+                client_token.clone().unwrap(),
+                instances[0].instance_id.clone(),
+            ),
+            _ => unreachable!(),
+        })
+        .collect();
+    expected.sort();
     for id in IDS {
-        let instances = cluster
+        let mut launched: Vec<(String, InstanceId)> = cluster
             .store(id)
             .instances(&InstanceFilter::default())
             .await
-            .unwrap();
-        let mut tokens: Vec<String> = instances
-            .iter()
-            .map(|i| i.client_token.clone().unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.client_token.unwrap(), i.instance_id))
             .collect();
-        tokens.sort();
-        let mut expected: Vec<String> = (0..50).map(|n| format!("lossy-{n}")).collect();
-        expected.sort();
-        assert_eq!(tokens, expected, "replica {id}");
+        launched.sort();
+        assert_eq!(launched, expected, "replica {id}");
     }
     cluster.shutdown().await;
 }
@@ -875,7 +903,7 @@ async fn with_no_majority_anywhere_nothing_commits_until_healed() {
     // Whoever wins decides the old leader's pending entry: kept if the old leader wins again
     // (its log is the longest), dropped otherwise. Its writer is told which, and the state
     // agrees with what it was told.
-    let acknowledged = match answer(pending).await {
+    let acknowledged = match answer_of(pending).await {
         Ok(response) => {
             assert_eq!(response.data, RaftResponse::Applied(Outcome::Done));
             true
@@ -883,8 +911,8 @@ async fn with_no_majority_anywhere_nothing_commits_until_healed() {
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => false,
         Err(e) => panic!("the pending write failed: {e}"),
     };
-    let (leader, _) = cluster.converge().await;
-    write(cluster.raft(leader), launch(&w, "after-split")).await;
+    cluster.converge().await;
+    cluster.submit(launch(&w, "after-split")).await;
     cluster.converge().await;
     let state = cluster.same_state().await;
     let zones = zones_of(cluster.store(1)).await;

@@ -47,6 +47,8 @@ pub enum RaftResponse {
     Rejected(Rejection),
     /// A blank entry (each new leader appends one) or a membership change: no command ran.
     NoCommand,
+    /// A [`Command::Batch`](crate::state::Command::Batch): one response per command, in order.
+    Batch(Vec<RaftResponse>),
 }
 
 impl RaftResponse {
@@ -57,6 +59,9 @@ impl RaftResponse {
             RaftResponse::Applied(outcome) => Ok(outcome),
             RaftResponse::Rejected(rejection) => Err(rejection.into()),
             RaftResponse::NoCommand => Ok(Outcome::Done),
+            RaftResponse::Batch(_) => Err(StateError::Corrupt(
+                "a batch response where one command's was expected".into(),
+            )),
         }
     }
 }
