@@ -97,6 +97,9 @@ pub struct RunInstancesLoad {
     pub image_id: Option<String>,
     /// Terminate what was launched afterwards (not timed).
     pub cleanup: bool,
+    /// More EC2 endpoints (other replicas of the same cloud): client `i` uses endpoint
+    /// `i mod n`, the target's own first.
+    pub extra_endpoints: Vec<String>,
 }
 
 /// Launches one instance per request, each with its own ClientToken, from `clients`
@@ -124,11 +127,19 @@ pub async fn run_instances(t: &Target, load: &RunInstancesLoad) -> Result<String
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let deadline = start + load.duration;
+    let mut endpoints = vec![t.endpoint.clone()];
+    endpoints.extend(
+        load.extra_endpoints
+            .iter()
+            .map(|e| e.trim_end_matches('/').to_owned()),
+    );
     let mut tasks = Vec::new();
     for client in 0..load.clients {
+        let mut target = t.clone();
+        target.endpoint = endpoints[client % endpoints.len()].clone();
         let (http, t, tally, image, itype) = (
             http.clone(),
-            t.clone(),
+            target,
             tally.clone(),
             image.clone(),
             load.instance_type.clone(),
@@ -185,8 +196,9 @@ pub async fn run_instances(t: &Target, load: &RunInstancesLoad) -> Result<String
     };
     let ok = tally.latencies.len();
     let mut report = format!(
-        "RunInstances: {clients} clients, {secs:.1} s: {ok} acknowledged, {rate:.0}/s; latency p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms\n",
+        "RunInstances: {clients} clients over {endpoints} endpoint(s), {secs:.1} s: {ok} acknowledged, {rate:.0}/s; latency p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms\n",
         clients = load.clients,
+        endpoints = endpoints.len(),
         secs = elapsed.as_secs_f64(),
         rate = ok as f64 / elapsed.as_secs_f64(),
         p50 = pct(0.5).as_secs_f64() * 1e3,

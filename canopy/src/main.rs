@@ -63,6 +63,9 @@ enum BenchWorkload {
         /// Terminate the launched instances afterwards (not timed).
         #[arg(long)]
         cleanup: bool,
+        /// Other replicas' EC2 endpoints to spread the clients over (repeat or comma-separate).
+        #[arg(long = "also-endpoint", value_delimiter = ',')]
+        also_endpoints: Vec<String>,
     },
 }
 
@@ -289,6 +292,7 @@ async fn main() -> Result<()> {
                 instance_type,
                 image_id,
                 cleanup,
+                also_endpoints,
             } => {
                 if clients == 0 || !(seconds.is_finite() && seconds > 0.0) {
                     anyhow::bail!("--clients and --seconds must be positive");
@@ -299,6 +303,7 @@ async fn main() -> Result<()> {
                     instance_type,
                     image_id,
                     cleanup,
+                    extra_endpoints: also_endpoints,
                 };
                 print!(
                     "{}",

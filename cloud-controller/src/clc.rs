@@ -7,12 +7,14 @@ use std::sync::Arc;
 use canopy_common::AccountId;
 use canopy_proto::v1::cloud_controller_server::CloudControllerServer;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ClcConfig;
 use crate::replication::CommandLog;
-use crate::replication::raft::{RaftLog, RaftServerHandle, ReplicaError, start_replica};
+use crate::replication::raft::{
+    RaftLog, RaftServerHandle, ReplicaError, SqliteLogStore, start_replica,
+};
 use crate::state::{Command, Outcome, StateError, Store};
 use crate::zones::{self, CcClients, ZoneRegistry, ZoneService};
 
@@ -51,9 +53,8 @@ pub struct Clc {
     /// Access key id → (account, secret), refreshed when accounts change.
     keys: std::sync::RwLock<HashMap<String, (AccountId, String)>>,
     admins: std::sync::RwLock<std::collections::HashSet<AccountId>>,
-    /// Scheduling reads a capacity snapshot and then commits a launch; one launch at a
-    /// time so two launches cannot both take the same free room.
-    pub launch_lock: Mutex<()>,
+    /// What the zone scheduler counts as taken, including launches still committing.
+    pub launches: crate::launches::LaunchLedger,
     /// When this replica last became the leader (`None` while it is not).
     leader_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -74,7 +75,7 @@ impl Clc {
             changed: Notify::new(),
             keys: Default::default(),
             admins: Default::default(),
-            launch_lock: Mutex::new(()),
+            launches: Default::default(),
             leader_since: std::sync::Mutex::new(None),
         });
         clc.reload_keys().await?;
@@ -227,9 +228,19 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     let ec2_listener = bind("EC2 API", config.ec2_listen).await?;
     let admin_listener = bind("admin API", config.admin_listen).await?;
     let grpc_listener = bind("gRPC", config.grpc_listen).await?;
+    // The Raft log has a database of its own: appends never wait for the state's writer.
+    let log_store = SqliteLogStore::open(&config.data_dir.join("raft-log.db"))
+        .await
+        .map_err(StateError::from)?;
     let rc = &config.replica;
-    let (replica, raft_server) =
-        start_replica(rc.id, store.clone(), rc.raft_listen, rc.timers.clone()).await?;
+    let (replica, raft_server) = start_replica(
+        rc.id,
+        store.clone(),
+        log_store,
+        rc.raft_listen,
+        rc.timers.clone(),
+    )
+    .await?;
     form_group(&config, &replica, &raft_server).await?;
     let raft_addr = raft_server.local_addr();
     let clc = Clc::new(config, store, replica).await?;
@@ -257,7 +268,7 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     {
         let svc = CloudControllerServer::new(ZoneService::new(clc.clone()));
         let mut rx = rx.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let incoming = canopy_proto::incoming_nodelay(grpc_listener);
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .add_service(svc)

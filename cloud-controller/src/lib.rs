@@ -14,6 +14,7 @@ pub mod config;
 pub mod console;
 pub mod ec2;
 pub mod forward;
+pub mod launches;
 pub mod replication;
 pub mod scheduler;
 pub mod state;

@@ -187,7 +187,7 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
     };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = canopy_proto::incoming_nodelay(listener);
     let server = tonic::transport::Server::builder()
         .add_service(ZoneAgentServer::new(svc.clone()))
         .add_service(ClusterControllerServer::new(svc));

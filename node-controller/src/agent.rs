@@ -46,6 +46,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long `NodeHandle::shutdown` waits for a task before aborting it.
+/// The shortest pause between two reconcile passes, and what each instance adds to it.
+const RECONCILE_GAP: Duration = Duration::from_millis(2);
+const RECONCILE_GAP_PER_INSTANCE: Duration = Duration::from_micros(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A running node controller.
@@ -307,6 +310,14 @@ impl Agent {
         let mut events_open = true;
         loop {
             let deadline = self.reconcile_once().await;
+            // A pass looks at every instance; events arriving one by one (a burst of boots)
+            // must not each cost a pass. Pausing in proportion to the node's size lets a
+            // burst ride on one pass and keeps reconciling a bounded share of the CPU.
+            let gap = RECONCILE_GAP + RECONCILE_GAP_PER_INSTANCE * self.instance_count();
+            tokio::select! {
+                _ = stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(gap) => {}
+            }
             let wake_at =
                 deadline.map_or(Instant::now() + resync, |d| d.min(Instant::now() + resync));
             tokio::select! {
@@ -323,6 +334,14 @@ impl Agent {
                 },
             }
         }
+    }
+
+    fn instance_count(&self) -> u32 {
+        let state = self.lock();
+        state
+            .desired
+            .as_ref()
+            .map_or(0, |d| u32::try_from(d.instances.len()).unwrap_or(u32::MAX))
     }
 
     /// One reconcile pass. Returns the earliest stop deadline, when one is pending.

@@ -6,7 +6,6 @@ use canopy_proto::v1 as pb;
 use canopy_proto::v1::node_controller_server::{NodeController, NodeControllerServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::{error, warn};
 
@@ -92,7 +91,7 @@ pub(crate) async fn serve(
     let service = NodeControllerServer::new(NodeService { agent });
     let result = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(canopy_proto::incoming_nodelay(listener), async move {
             stopped(&mut shutdown).await;
         })
         .await;

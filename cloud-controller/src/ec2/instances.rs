@@ -213,21 +213,34 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         hex::encode(h.finalize())
     };
 
-    let _launch = ctx.clc.launch_lock.lock().await;
     let reservation_id = match replayed_reservation(ctx, client_token.as_deref(), &request_hash)
         .await?
     {
         Some(r) => r,
         None => {
             crate::zones::await_zones(&ctx.clc).await?;
-            let snapshots = zone_snapshots(&ctx.clc).await?;
+            let zones = ctx.clc.store.zones().await?;
+            ctx.clc.launches.refresh(&ctx.clc.store).await?;
             let req = LaunchRequest {
                 zone,
                 per_instance: itype.resources,
                 min_count,
                 max_count,
             };
-            let (zone, count) = match scheduler::choose_zone(&snapshots, &req) {
+            // Choosing the zone and counting the launch as taken are one step; the commit
+            // happens outside it, so concurrent launches commit together.
+            let (decision, ticket) = ctx.clc.launches.schedule(|allocations| {
+                let snapshots = zone_snapshots(&ctx.clc, zones, allocations);
+                let decision = scheduler::choose_zone(&snapshots, &req);
+                let launch = match &decision {
+                    Decision::Launch { zone, count } => {
+                        Some((zone.clone(), itype.resources, u64::from(*count)))
+                    }
+                    _ => None,
+                };
+                (decision, launch)
+            });
+            let (zone, count) = match decision {
                 Decision::Launch { zone, count } => (zone, count),
                 Decision::UnknownZone(z) => {
                     return Err(ApiError::invalid(format!(
@@ -271,7 +284,16 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 })
                 .await?;
             match out {
-                Outcome::Launched { reservation_id, .. } => reservation_id,
+                Outcome::Launched {
+                    reservation_id,
+                    replayed,
+                } => {
+                    // A replay (the same token, committed meanwhile) took no new room.
+                    if let (Some(ticket), false) = (ticket, replayed) {
+                        ticket.committed();
+                    }
+                    reservation_id
+                }
                 other => {
                     tracing::error!(?other, "launch produced an unexpected outcome");
                     return Err(ApiError::internal());
@@ -279,7 +301,6 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             }
         }
     };
-    drop(_launch);
     let instances = ctx
         .clc
         .store

@@ -195,7 +195,10 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     )
                     .await?;
                 }
-                check_tag_limit(conn, inst.instance_id.as_str()).await?;
+                // A new instance has no other tags: the limit can only be passed by these.
+                if !tags.is_empty() {
+                    check_tag_limit(conn, inst.instance_id.as_str()).await?;
+                }
                 zones.insert(inst.zone.clone());
             }
             for zone in &zones {

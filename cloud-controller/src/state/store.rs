@@ -65,7 +65,7 @@ impl Store {
         let _guard = self.writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let outcome = apply(&mut tx, command).await?;
-        count_applied(&mut tx).await?;
+        count_applied(&mut tx, 1).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -86,11 +86,15 @@ impl Store {
 
 /// Counts one more applied command in `meta.last_applied`, in the caller's transaction:
 /// the single-replica path and the Raft state machine keep the same count.
-pub(crate) async fn count_applied(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn count_applied(
+    conn: &mut sqlx::SqliteConnection,
+    commands: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO meta(key, value) VALUES ('last_applied', '1')
-         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
+        "INSERT INTO meta(key, value) VALUES ('last_applied', CAST(?1 AS TEXT))
+         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?1 AS TEXT)",
     )
+    .bind(commands)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -164,7 +164,15 @@ async fn write_batch(id: RaftNodeId, raft: &Raft<TypeConfig>, mut batch: Vec<Pen
         return;
     }
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-    match raft.client_write(Command::Batch(commands)).await {
+    let started = Instant::now();
+    let size = commands.len();
+    let written = raft.client_write(Command::Batch(commands)).await;
+    tracing::trace!(
+        size,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "batch committed"
+    );
+    match written {
         Ok(response) => match response.data {
             RaftResponse::Batch(each) if each.len() == replies.len() => {
                 for (reply, response) in replies.into_iter().zip(each) {
@@ -593,6 +601,7 @@ impl Drop for RaftServerHandle {
 pub async fn start_replica(
     id: RaftNodeId,
     store: Arc<Store>,
+    log_store: SqliteLogStore,
     listen: SocketAddr,
     timers: RaftTimers,
 ) -> Result<(RaftLog, RaftServerHandle), ReplicaError> {
@@ -603,7 +612,7 @@ pub async fn start_replica(
         id,
         config,
         GrpcNetworkFactory::new(),
-        SqliteLogStore::new(&store),
+        log_store,
         SqliteStateMachine::new(store.clone()),
     )
     .await?;
@@ -614,7 +623,7 @@ pub async fn start_replica(
         RaftTransportServer::new(RaftTransportService::new(raft.clone(), forward.clone()))
             .max_decoding_message_size(super::network::MAX_MESSAGE)
             .max_encoding_message_size(super::network::MAX_MESSAGE);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = canopy_proto::incoming_nodelay(listener);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(service)

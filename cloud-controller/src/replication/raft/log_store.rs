@@ -16,8 +16,9 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged_log_id";
 
-/// The durable Raft log of one replica, in the same database as its state (the
-/// [`Store`]'s pool), so one WAL and one fsync policy cover both.
+/// The durable Raft log of one replica: in a database of its own ([`SqliteLogStore::open`]),
+/// so appending never waits for the state machine's write lock (SQLite has one writer per
+/// database), or in the state's database ([`SqliteLogStore::new`], for tests).
 ///
 /// openraft serializes every write (`&mut self`); reads from replication tasks go through
 /// clones ([`RaftLogStorage::get_log_reader`]), which SQLite's WAL lets run beside writes.
@@ -33,6 +34,44 @@ impl SqliteLogStore {
         Self {
             pool: store.pool().clone(),
         }
+    }
+
+    /// A log store in its own database file at `path` (created if missing), written with
+    /// the same durability as the state: WAL, every commit fsynced.
+    pub async fn open(path: &std::path::Path) -> Result<Self, sqlx::Error> {
+        use sqlx::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        // The same two tables the state database's migration 0002 has.
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS raft_log (
+                 log_index INTEGER PRIMARY KEY NOT NULL,
+                 term      INTEGER NOT NULL,
+                 payload   BLOB NOT NULL
+             ) STRICT;
+             CREATE TABLE IF NOT EXISTS raft_meta (
+                 key   TEXT PRIMARY KEY NOT NULL,
+                 value TEXT NOT NULL
+             ) STRICT;",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Self { pool })
+    }
+
+    /// Closes the database (the state's, when the log shares it).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     async fn entries(&self, start: i64, end_inclusive: i64) -> Result<Vec<Entry>, RaftStoreError> {
@@ -90,7 +129,9 @@ impl SqliteLogStore {
         }
         // IMMEDIATE takes the write lock up front, waiting (busy_timeout) for the state
         // machine's transaction instead of failing half-way.
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let locked_ms = started.elapsed().as_secs_f64() * 1e3;
         for (index, term, payload) in rows {
             // REPLACE: an index openraft appends again after a truncate gets the new entry.
             sqlx::query(
@@ -103,6 +144,11 @@ impl SqliteLogStore {
             .await?;
         }
         tx.commit().await?;
+        tracing::trace!(
+            locked_ms,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "appended"
+        );
         Ok(())
     }
 

@@ -76,7 +76,9 @@ impl SqliteStateMachine {
         // IMMEDIATE: `apply` reads before it writes, and a deferred transaction whose read
         // snapshot went stale (the log store committed meanwhile) would fail at its first
         // write instead of waiting for the lock.
+        let started = std::time::Instant::now();
         let mut tx = self.store.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let locked_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
@@ -99,11 +101,23 @@ impl SqliteStateMachine {
             last_applied = Some(entry.log_id);
             responses.push(response);
         }
+        // The same count `Store::apply` keeps, so `Store::last_applied` means "commands
+        // applied" on either path and both paths leave identical rows; one statement a batch.
+        let applied = count_commands(&responses);
+        if applied > 0 {
+            crate::state::count_applied(&mut tx, applied).await?;
+        }
         write_json(&mut tx, KvTable::Meta, LAST_APPLIED, &last_applied).await?;
         if let Some(membership) = membership {
             write_json(&mut tx, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
         }
         tx.commit().await?;
+        tracing::trace!(
+            entries = responses.len(),
+            locked_ms,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "applied"
+        );
         Ok(responses)
     }
 
@@ -132,6 +146,18 @@ impl SqliteStateMachine {
     }
 }
 
+/// How many commands were applied (not rejected) in these responses.
+fn count_commands(responses: &[RaftResponse]) -> i64 {
+    responses
+        .iter()
+        .map(|r| match r {
+            RaftResponse::Applied(_) => 1,
+            RaftResponse::Batch(each) => count_commands(each),
+            RaftResponse::Rejected(_) | RaftResponse::NoCommand => 0,
+        })
+        .sum()
+}
+
 /// Applies one command inside a savepoint. A deterministic rejection rolls back whatever the
 /// command wrote before it was refused, and the entry still counts as applied: every replica
 /// rejects it the same way. Any other failure aborts the whole batch.
@@ -147,9 +173,6 @@ async fn apply_command(
             sqlx::query("RELEASE raft_entry")
                 .execute(&mut *conn)
                 .await?;
-            // The same count `Store::apply` keeps, so `Store::last_applied` means "commands
-            // applied" on either path and both paths leave identical rows.
-            crate::state::count_applied(conn).await?;
             Ok(RaftResponse::Applied(outcome))
         }
         Err(error) => match Rejection::try_from(error) {

@@ -36,9 +36,15 @@ impl Cluster {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
             let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-            let (log, server) = start_replica(id, store, listen, RaftTimers::default())
-                .await
-                .unwrap();
+            let (log, server) = start_replica(
+                id,
+                store.clone(),
+                SqliteLogStore::new(&store),
+                listen,
+                RaftTimers::default(),
+            )
+            .await
+            .unwrap();
             members.insert(id, server.node());
             replicas.push(Replica {
                 log,
@@ -357,9 +363,15 @@ async fn a_new_replica_catches_up_from_a_snapshot_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
     let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let (learner, server) = start_replica(4, store, listen, RaftTimers::default())
-        .await
-        .unwrap();
+    let (learner, server) = start_replica(
+        4,
+        store.clone(),
+        SqliteLogStore::new(&store),
+        listen,
+        RaftTimers::default(),
+    )
+    .await
+    .unwrap();
     log.raft()
         .add_learner(4, server.node(), true)
         .await

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# RunInstances throughput through a 3-replica cloud controller (fsync on), one CC, one big
+# simulated node, all on loopback: `bench/throughput.sh [CLIENTS...]` (default: 1 64).
+# Uses target/release/canopy (build it first: cargo build --release -p canopy).
+# Env: SECONDS_PER_RUN (default 10), REPLICAS (1 or 3, default 3), SPREAD=1 to spread the
+# clients over every replica's endpoint (followers forward to the leader) instead of the
+# first replica's only.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${CANOPY_BIN:-$ROOT/target/release/canopy}
+RUN_SECS=${SECONDS_PER_RUN:-10}
+REPLICAS=${REPLICAS:-3}
+CLIENTS=("${@:-1 64}")
+[[ $# -eq 0 ]] && CLIENTS=(1 64)
+WORK=$(mktemp -d /tmp/canopy-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; if [[ -n ${KEEP:-} ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+members=() ; declare -A RAFT EC2 ADMIN GRPC
+for i in $(seq 1 "$REPLICAS"); do
+    RAFT[$i]=$(port); EC2[$i]=$(port); ADMIN[$i]=$(port); GRPC[$i]=$(port)
+    members+=("$i=127.0.0.1:${RAFT[$i]}")
+done
+IFS=, ; MEMBERS="${members[*]}"; unset IFS
+clcs=()
+for i in $(seq 1 "$REPLICAS"); do
+    "$BIN" clc --data-dir "$WORK/clc$i" --replica-id "$i" --raft-listen "127.0.0.1:${RAFT[$i]}" \
+        --members "$MEMBERS" --ec2-listen "127.0.0.1:${EC2[$i]}" --admin-listen "127.0.0.1:${ADMIN[$i]}" \
+        --grpc-listen "127.0.0.1:${GRPC[$i]}" >"$WORK/clc$i.log" 2>&1 &
+    PIDS+=($!); clcs+=("http://127.0.0.1:${GRPC[$i]}")
+done
+IFS=, ; CLCS="${clcs[*]}"; unset IFS
+CC=$(port); NC=$(port)
+"$BIN" cc --zone bench-1a --clc "$CLCS" --listen "127.0.0.1:$CC" >"$WORK/cc.log" 2>&1 & PIDS+=($!)
+"$BIN" nc --node-id hv-1 --cc "http://127.0.0.1:$CC" --listen "127.0.0.1:$NC" --hypervisor sim \
+    --vcpus 1000000 --memory-mib 1000000000 --disk-gib 100000000 >"$WORK/nc.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 1 200); do [[ -f $WORK/clc1/canopyrc ]] && break; sleep 0.1; done
+set -a; . "$WORK/clc1/canopyrc"; set +a
+# Wait for the zone and its node.
+for _ in $(seq 1 100); do
+    "$BIN" admin nodes 2>/dev/null | grep -q hv-1 && break; sleep 0.2
+done
+also=()
+if [[ ${SPREAD:-0} == 1 ]]; then
+    for i in $(seq 2 "$REPLICAS"); do also+=(--also-endpoint "http://127.0.0.1:${EC2[$i]}"); done
+fi
+echo "canopy: $BIN; $REPLICAS replica(s); $(nproc) cores; ${RUN_SECS}s per run"
+for c in "${CLIENTS[@]}"; do
+    "$BIN" bench run-instances --clients "$c" --seconds "$RUN_SECS" --instance-type t2.nano "${also[@]}"
+done
+"$BIN" admin cluster
