@@ -121,16 +121,24 @@ async fn tags_for(
     account: Option<&AccountId>,
     ids_json: Option<&str>,
 ) -> Result<HashMap<String, Vec<Tag>>, StateError> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT resource_id, key, value FROM tags
-         WHERE (?1 IS NULL OR account_id = ?1)
-           AND (?2 IS NULL OR resource_id IN (SELECT value FROM json_each(?2)))
-         ORDER BY resource_id, key",
-    )
-    .bind(account.map(|a| a.as_str()))
-    .bind(ids_json)
-    .fetch_all(&mut *conn)
-    .await?;
+    // Only the conditions that apply, so SQLite can use the index each one has (an
+    // `?1 IS NULL OR …` condition would make it scan the table).
+    let mut sql = String::from("SELECT resource_id, key, value FROM tags WHERE 1");
+    let mut args = Vec::new();
+    if let Some(account) = account {
+        sql.push_str(" AND account_id = ?");
+        args.push(account.as_str());
+    }
+    if let Some(ids) = ids_json {
+        sql.push_str(" AND resource_id IN (SELECT value FROM json_each(?))");
+        args.push(ids);
+    }
+    sql.push_str(" ORDER BY resource_id, key");
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+    for arg in args {
+        query = query.bind(arg);
+    }
+    let rows: Vec<(String, String, String)> = query.fetch_all(&mut *conn).await?;
     let mut out: HashMap<String, Vec<Tag>> = HashMap::new();
     for (rid, key, value) in rows {
         out.entry(rid).or_default().push(Tag { key, value });
@@ -198,21 +206,42 @@ impl Store {
     /// Instances in launch order.
     pub async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, StateError> {
         let mut conn = self.pool().acquire().await?;
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {INSTANCE_COLUMNS} FROM instances
-             WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR zone = ?2)
-               AND (?3 IS NULL OR reservation_id = ?3) AND (?4 = 0 OR state != 'terminated')
-             ORDER BY seq"
-        ));
-        let rows: Vec<InstanceRow> = sqlx::query_as(sql)
-            .bind(filter.account_id.as_ref().map(|a| a.as_str()))
-            .bind(filter.zone.as_ref().map(|z| z.as_str()))
-            .bind(filter.reservation_id.as_ref().map(|r| r.as_str()))
-            .bind(filter.live_only)
-            .fetch_all(&mut *conn)
-            .await?;
-        let tags = if filter.without_tags {
+        // Only the conditions that apply, so SQLite can use their indexes.
+        let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE 1");
+        let mut args = Vec::new();
+        if let Some(account) = &filter.account_id {
+            sql.push_str(" AND account_id = ?");
+            args.push(account.as_str());
+        }
+        if let Some(zone) = &filter.zone {
+            sql.push_str(" AND zone = ?");
+            args.push(zone.as_str());
+        }
+        if let Some(reservation) = &filter.reservation_id {
+            sql.push_str(" AND reservation_id = ?");
+            args.push(reservation.as_str());
+        }
+        if filter.live_only {
+            sql.push_str(" AND state != 'terminated'");
+        }
+        sql.push_str(" ORDER BY seq");
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+        for arg in args {
+            query = query.bind(arg);
+        }
+        let rows: Vec<InstanceRow> = query.fetch_all(&mut *conn).await?;
+        let tags = if filter.without_tags || rows.is_empty() {
             HashMap::new()
+        } else if filter.reservation_id.is_some() {
+            // A handful of instances: their own tags, not the whole account's.
+            let ids = serde_json::to_string(
+                &rows
+                    .iter()
+                    .map(|r| r.instance_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| StateError::Corrupt(e.to_string()))?;
+            tags_for(&mut conn, filter.account_id.as_ref(), Some(&ids)).await?
         } else {
             tags_for(&mut conn, filter.account_id.as_ref(), None).await?
         };
