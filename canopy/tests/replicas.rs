@@ -94,6 +94,38 @@ async fn a_replica_joins_catches_up_serves_through_the_leader_and_leaves() {
         .collect();
     assert_eq!(voters, vec![1, 2]);
 
+    // A replica that does not run (nothing listens there) is not made a voter: it never
+    // catches up, and the change is given up with it left a learner.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_address = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let (status, body) = admin(
+        &r1,
+        "tok1",
+        reqwest::Method::POST,
+        "/v1/cluster/members",
+        Some(json!({"id": 7, "address": dead_address, "catch_up_secs": 1.0})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "InvalidMembershipChange");
+    let view = cluster(&r1, "tok1", "/v1/cluster").await;
+    let seven = view
+        .members
+        .iter()
+        .find(|m| m.id == 7)
+        .expect("7 is a learner");
+    assert!(!seven.voter);
+    let (status, body) = admin(
+        &r1,
+        "tok1",
+        reqwest::Method::DELETE,
+        "/v1/cluster/members/7",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
     // It caught up: the admin account created before it joined is in its own store.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -371,6 +371,10 @@ pub struct AddMember {
     /// Promote it to a voter once it has caught up (default true); false keeps a learner.
     #[serde(default = "yes")]
     pub voter: bool,
+    /// How long it may take to catch up before the change is given up, the replica staying a
+    /// learner (default 45 s).
+    #[serde(default)]
+    pub catch_up_secs: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -441,9 +445,23 @@ async fn add_member(State(clc): State<Arc<Clc>>, body: Bytes) -> Response {
             "id must be positive",
         );
     }
+    let timeout = match req.catch_up_secs {
+        None => MEMBERSHIP_TIMEOUT,
+        // The catch-up gets three quarters of the time; the rest is for the changes.
+        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => {
+            std::time::Duration::from_secs_f64(s * 4.0 / 3.0)
+        }
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValue",
+                "catch_up_secs must be a positive number of seconds, at most 3600",
+            );
+        }
+    };
     match clc
         .replica
-        .add_member(req.id, address, req.voter, MEMBERSHIP_TIMEOUT)
+        .add_member(req.id, address, req.voter, timeout)
         .await
     {
         Ok(()) => Json(ClusterView::from(clc.replica.status())).into_response(),

@@ -343,7 +343,13 @@ impl RaftLog {
             .raft
             .wait(Some(timeout))
             .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != not,
+                // A leader that just removed itself is no member: its address is unknown,
+                // so wait for the next one.
+                |m| {
+                    m.current_leader.is_some_and(|l| {
+                        Some(l) != not && m.membership_config.membership().get_node(&l).is_some()
+                    })
+                },
                 "a leader",
             )
             .await;
@@ -446,12 +452,42 @@ impl RaftLog {
         voter: bool,
         timeout: Duration,
     ) -> Result<(), MembershipError> {
+        let started = Instant::now();
         let fut = async {
-            self.raft
-                .add_learner(id, BasicNode::new(address), true)
+            let added = self
+                .raft
+                .add_learner(id, BasicNode::new(address.clone()), true)
                 .await
                 .map_err(membership_error)?;
             if voter {
+                // Only a replica that holds the log may vote: one that is unreachable, or far
+                // behind, would count towards the quorum without being able to ack. openraft
+                // calls a learner caught up within `replication_lag_threshold`, which a fresh
+                // replica of a young log passes at once; wait for the real thing.
+                let target = added.log_id.index;
+                let bound = timeout.saturating_sub(started.elapsed()) * 3 / 4;
+                let caught_up = self
+                    .raft
+                    .wait(Some(bound))
+                    .metrics(
+                        |m| {
+                            m.replication.as_ref().is_some_and(|r| {
+                                r.get(&id)
+                                    .copied()
+                                    .flatten()
+                                    .is_some_and(|matched| matched.index >= target)
+                            })
+                        },
+                        "the new replica to catch up",
+                    )
+                    .await;
+                if caught_up.is_err() {
+                    return Err(MembershipError::Refused(format!(
+                        "replica {id} at {address} did not catch up within {bound:?}; it stays a \
+                         learner. Check that it runs (canopy clc --join) and that this replica \
+                         reaches it, then add it again"
+                    )));
+                }
                 self.raft
                     .change_membership(
                         openraft::ChangeMembers::AddVoterIds([id].into_iter().collect()),
