@@ -230,6 +230,19 @@ impl ForwardClients {
         Ok(client)
     }
 
+    pub async fn call_zone(
+        &self,
+        addr: &str,
+        call: pb::ForwardedZoneCall,
+    ) -> Result<pb::ForwardedZoneReply, Failure> {
+        let mut client = self.client(addr).map_err(Failure::NotSent)?;
+        match client.forward_zone(call).await {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(status) if never_sent(&status) => Err(Failure::NotSent(status.to_string())),
+            Err(status) => Err(Failure::Unknown(status)),
+        }
+    }
+
     pub async fn call(
         &self,
         addr: &str,
@@ -274,19 +287,28 @@ fn never_sent(status: &tonic::Status) -> bool {
 pub struct ForwardServer {
     ec2: axum::Router,
     admin: axum::Router,
+    zones: crate::zones::ZoneService,
 }
 
 impl ForwardServer {
     pub fn new(clc: Arc<Clc>) -> Self {
         Self {
             ec2: crate::ec2::router(clc.clone()),
-            admin: crate::admin::router(clc),
+            admin: crate::admin::router(clc.clone()),
+            zones: crate::zones::ZoneService::forwarded(clc),
         }
     }
 }
 
 #[tonic::async_trait]
 impl ForwardHandler for ForwardServer {
+    async fn forward_zone(
+        &self,
+        call: pb::ForwardedZoneCall,
+    ) -> Result<pb::ForwardedZoneReply, tonic::Status> {
+        self.zones.serve(call).await
+    }
+
     async fn forward(
         &self,
         request: pb::ForwardedRequest,

@@ -145,12 +145,113 @@ pub fn zone_snapshots(
 
 pub struct ZoneService {
     clc: Arc<Clc>,
+    /// Serving calls another replica forwarded: never forward them again.
+    forwarded: bool,
 }
 
 impl ZoneService {
     pub fn new(clc: Arc<Clc>) -> Self {
-        Self { clc }
+        Self {
+            clc,
+            forwarded: false,
+        }
     }
+
+    /// The service as the leader runs it for calls other replicas forward.
+    pub fn forwarded(clc: Arc<Clc>) -> Self {
+        Self {
+            clc,
+            forwarded: true,
+        }
+    }
+
+    /// Serves a forwarded call here (see [`ZoneService::forwarded`]).
+    pub async fn serve(
+        &self,
+        call: pb::ForwardedZoneCall,
+    ) -> Result<pb::ForwardedZoneReply, Status> {
+        use pb::forwarded_zone_call::Call;
+        use pb::forwarded_zone_reply::Reply;
+        let reply = match call.call {
+            Some(Call::Register(r)) => {
+                Reply::Register(self.register_zone(Request::new(r)).await?.into_inner())
+            }
+            Some(Call::Heartbeat(r)) => {
+                Reply::Heartbeat(self.zone_heartbeat(Request::new(r)).await?.into_inner())
+            }
+            Some(Call::Reports(r)) => {
+                Reply::Reports(self.report_instances(Request::new(r)).await?.into_inner())
+            }
+            None => return Err(Status::invalid_argument("empty forwarded zone call")),
+        };
+        Ok(pb::ForwardedZoneReply { reply: Some(reply) })
+    }
+
+    /// On a replica that does not lead, hands the call to the leader (waiting, within the
+    /// replica's bound, for one to be elected) and returns its reply; `None` when this replica
+    /// should serve the call itself.
+    async fn via_leader(
+        &self,
+        call: pb::forwarded_zone_call::Call,
+    ) -> Result<Option<pb::forwarded_zone_reply::Reply>, Status> {
+        if self.forwarded {
+            leader_only(&self.clc)?;
+            return Ok(None);
+        }
+        let replica = &self.clc.replica;
+        let deadline = std::time::Instant::now() + replica.wait_bound();
+        let mut refused = None;
+        let call = pb::ForwardedZoneCall { call: Some(call) };
+        let no_leader = || Status::unavailable("no cloud controller leader was elected in time");
+        loop {
+            if replica.is_leader() {
+                return Ok(None);
+            }
+            let Some((leader, node)) = replica.await_leader(refused, deadline).await else {
+                return Err(no_leader());
+            };
+            if leader == replica.id() {
+                // Elected meanwhile; the next turn serves it here once the role shows it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if std::time::Instant::now() >= deadline {
+                    return Err(no_leader());
+                }
+                continue;
+            }
+            match self
+                .clc
+                .forward_clients
+                .call_zone(&node.addr, call.clone())
+                .await
+            {
+                Ok(reply) => {
+                    return reply
+                        .reply
+                        .map(Some)
+                        .ok_or_else(|| Status::internal("the leader sent an empty reply"));
+                }
+                Err(crate::forward::Failure::NotSent(_)) => {
+                    refused = Some(leader);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // The CC retries, or moves on to its next CLC endpoint.
+                Err(crate::forward::Failure::Unknown(status)) => {
+                    return Err(Status::unavailable(format!(
+                        "the cloud controller leader did not answer: {}",
+                        status.message()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// The reply of the kind the call asked for.
+fn expect_reply<T>(
+    reply: pb::forwarded_zone_reply::Reply,
+    pick: impl FnOnce(pb::forwarded_zone_reply::Reply) -> Option<T>,
+) -> Result<T, Status> {
+    pick(reply).ok_or_else(|| Status::internal("the leader answered another call"))
 }
 
 fn internal(e: StateError) -> Status {
@@ -166,8 +267,8 @@ fn internal(e: StateError) -> Status {
     }
 }
 
-/// Only the leader talks with the CCs: its view of the zones is the one that schedules, and
-/// it alone can commit what they report. Others send the CC on to its next CLC endpoint.
+/// Only the leader serves the CCs: its view of the zones is the one that schedules, and it
+/// alone can commit what they report. Others forward the CC's calls to it.
 fn leader_only(clc: &Clc) -> Result<(), Status> {
     if clc.replica.is_leader() {
         return Ok(());
@@ -192,7 +293,19 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::RegisterZoneRequest>,
     ) -> Result<Response<pb::RegisterZoneResponse>, Status> {
-        leader_only(&self.clc)?;
+        use pb::forwarded_zone_reply::Reply;
+        if let Some(reply) = self
+            .via_leader(pb::forwarded_zone_call::Call::Register(
+                req.get_ref().clone(),
+            ))
+            .await?
+        {
+            let r = expect_reply(reply, |r| match r {
+                Reply::Register(r) => Some(r),
+                _ => None,
+            })?;
+            return Ok(Response::new(r));
+        }
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
@@ -229,7 +342,19 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::ZoneHeartbeatRequest>,
     ) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
-        leader_only(&self.clc)?;
+        use pb::forwarded_zone_reply::Reply;
+        if let Some(reply) = self
+            .via_leader(pb::forwarded_zone_call::Call::Heartbeat(
+                req.get_ref().clone(),
+            ))
+            .await?
+        {
+            let r = expect_reply(reply, |r| match r {
+                Reply::Heartbeat(r) => Some(r),
+                _ => None,
+            })?;
+            return Ok(Response::new(r));
+        }
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let stored = self.clc.store.zones().await.map_err(internal)?;
@@ -254,7 +379,19 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::ZoneInstanceReports>,
     ) -> Result<Response<pb::ReportAck>, Status> {
-        leader_only(&self.clc)?;
+        use pb::forwarded_zone_reply::Reply;
+        if let Some(reply) = self
+            .via_leader(pb::forwarded_zone_call::Call::Reports(
+                req.get_ref().clone(),
+            ))
+            .await?
+        {
+            let r = expect_reply(reply, |r| match r {
+                Reply::Reports(r) => Some(r),
+                _ => None,
+            })?;
+            return Ok(Response::new(r));
+        }
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let mut observations = Vec::new();

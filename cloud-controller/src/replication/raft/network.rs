@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use canopy_proto::v1::raft_transport_client::RaftTransportClient;
 use canopy_proto::v1::raft_transport_server::RaftTransport;
-use canopy_proto::v1::{ForwardedRequest, ForwardedResponse, RaftBytes};
+use canopy_proto::v1::{
+    ForwardedRequest, ForwardedResponse, ForwardedZoneCall, ForwardedZoneReply, RaftBytes,
+};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -222,6 +224,11 @@ impl RaftNetwork<TypeConfig> for GrpcNetwork {
 #[tonic::async_trait]
 pub trait ForwardHandler: Send + Sync + 'static {
     async fn forward(&self, request: ForwardedRequest) -> Result<ForwardedResponse, tonic::Status>;
+
+    async fn forward_zone(
+        &self,
+        call: ForwardedZoneCall,
+    ) -> Result<ForwardedZoneReply, tonic::Status>;
 }
 
 /// Where the [`ForwardHandler`] goes once the replica's APIs exist (they are built after
@@ -289,6 +296,18 @@ impl RaftTransport for RaftTransportService {
         };
         Ok(tonic::Response::new(
             handler.forward(request.into_inner()).await?,
+        ))
+    }
+
+    async fn forward_zone(
+        &self,
+        request: tonic::Request<ForwardedZoneCall>,
+    ) -> Result<tonic::Response<ForwardedZoneReply>, tonic::Status> {
+        let Some(handler) = self.forward.get() else {
+            return Err(tonic::Status::unavailable("this replica is still starting"));
+        };
+        Ok(tonic::Response::new(
+            handler.forward_zone(request.into_inner()).await?,
         ))
     }
 }
