@@ -360,7 +360,7 @@ async fn follow_raft(clc: Arc<Clc>, mut shutdown: watch::Receiver<bool>) {
         let (leading, now_applied) = {
             let m = metrics.borrow_and_update();
             (
-                m.state.is_leader() && m.current_leader == Some(clc.replica.id()),
+                crate::replication::raft::leads(clc.replica.id(), &m),
                 m.last_applied,
             )
         };

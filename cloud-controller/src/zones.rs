@@ -82,7 +82,8 @@ pub async fn await_zones(clc: &Clc) -> Result<(), StateError> {
     let settle = clc.config.zone_timeout.min(Duration::from_secs(3));
     loop {
         let Some(leading) = clc.leading_for() else {
-            return Ok(());
+            // Stepped down (or never led): its zone view is not the one that schedules.
+            return Err(StateError::NotLeader { leader: None });
         };
         if leading >= settle {
             return Ok(());
@@ -342,24 +343,16 @@ impl CloudController for ZoneService {
         &self,
         req: Request<pb::ZoneHeartbeatRequest>,
     ) -> Result<Response<pb::ZoneHeartbeatResponse>, Status> {
-        use pb::forwarded_zone_reply::Reply;
-        if let Some(reply) = self
-            .via_leader(pb::forwarded_zone_call::Call::Heartbeat(
-                req.get_ref().clone(),
-            ))
-            .await?
-        {
-            let r = expect_reply(reply, |r| match r {
-                Reply::Heartbeat(r) => Some(r),
-                _ => None,
-            })?;
-            return Ok(Response::new(r));
-        }
+        // Heartbeats are not forwarded: CCs send them to every replica, so each keeps its own
+        // view of the zones, and a new leader schedules at once instead of waiting for the
+        // CCs to find it. Only the leader's answer can say the zone is unknown (a follower
+        // may simply not have applied the registration yet).
+        let leader = self.clc.replica.is_leader();
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let stored = self.clc.store.zones().await.map_err(internal)?;
         let Some(stored) = stored.into_iter().find(|z| z.zone == zone) else {
-            return Ok(Response::new(pb::ZoneHeartbeatResponse { known: false }));
+            return Ok(Response::new(pb::ZoneHeartbeatResponse { known: !leader }));
         };
         let nodes = req.nodes.into_iter().filter_map(node_from_proto).collect();
         self.clc.zones.update(&zone, |z| {
@@ -369,7 +362,7 @@ impl CloudController for ZoneService {
             z.nodes = nodes;
             z.applied_generation = req.applied_generation;
         });
-        if req.applied_generation < stored.generation {
+        if leader && req.applied_generation < stored.generation {
             self.clc.changed.notify_one();
         }
         Ok(Response::new(pb::ZoneHeartbeatResponse { known: true }))

@@ -26,23 +26,49 @@ pub(crate) struct ClcLink {
     endpoints: Vec<Endpoint>,
     current: usize,
     client: Option<CloudControllerClient<Channel>>,
+    /// One lazily connected client per endpoint, for heartbeats (sent to every replica).
+    every: Vec<CloudControllerClient<Channel>>,
 }
 
 impl ClcLink {
     /// Endpoints must be non-empty and already validated by `start`.
     pub(crate) fn new(endpoints: Vec<Endpoint>) -> Self {
-        let endpoints = endpoints
+        let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
             .map(|e| {
                 e.connect_timeout(CLC_CONNECT_TIMEOUT)
                     .timeout(CLC_RPC_TIMEOUT)
             })
             .collect();
+        let every = endpoints
+            .iter()
+            .map(|e| CloudControllerClient::new(e.connect_lazy()))
+            .collect();
         Self {
             endpoints,
             current: 0,
             client: None,
+            every,
         }
+    }
+
+    /// Calls every endpoint at once; the answers of those that answered.
+    async fn call_every<T, F, Fut>(&self, f: F) -> Vec<Result<T, tonic::Status>>
+    where
+        T: Send + 'static,
+        F: Fn(CloudControllerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
+    {
+        let mut calls = tokio::task::JoinSet::new();
+        for client in &self.every {
+            let call = f(client.clone());
+            calls.spawn(async move { call.await.map(tonic::Response::into_inner) });
+        }
+        let mut answers = Vec::with_capacity(self.every.len());
+        while let Some(joined) = calls.join_next().await {
+            answers.push(joined.unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string()))));
+        }
+        answers
     }
 
     async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, tonic::Status>
@@ -168,9 +194,10 @@ async fn register(
     }
 }
 
-/// Sends one heartbeat; false when the CLC answered that it does not know the zone.
-/// A failed call counts as known: the CLC may just be restarting, and the next heartbeat
-/// tells.
+/// Sends one heartbeat to every CLC replica, so that whichever leads (or leads next) has
+/// a fresh view of the zone; false when one answered that it does not know the zone (only
+/// the leader answers that). A failed call counts as known: the CLC may just be restarting,
+/// and the next heartbeat tells.
 async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, advertise: &str) -> bool {
     let request = {
         let state = shared.state();
@@ -185,19 +212,19 @@ async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, adverti
             applied_generation: state.applied_generation(),
         }
     };
-    match link
-        .call(|mut c| {
+    let answers = link
+        .call_every(|mut c| {
             let r = request.clone();
             async move { c.zone_heartbeat(r).await }
         })
-        .await
-    {
-        Ok(reply) => reply.known,
-        Err(status) => {
-            tracing::warn!(%status, "zone heartbeat failed");
-            true
+        .await;
+    if answers.iter().all(Result::is_err) {
+        if let Some(Err(status)) = answers.into_iter().next() {
+            tracing::warn!(%status, "zone heartbeat failed on every cloud controller replica");
         }
+        return true;
     }
+    answers.iter().all(|a| a.as_ref().map_or(true, |r| r.known))
 }
 
 async fn send_reports(link: &mut ClcLink, zone: &str, reports: Vec<InstanceReport>) {

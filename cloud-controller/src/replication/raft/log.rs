@@ -322,8 +322,7 @@ impl RaftLog {
 
     /// True while this replica is the leader it knows of.
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.state.is_leader() && m.current_leader == Some(self.id)
+        leads(self.id, &self.raft.metrics().borrow())
     }
 
     /// How long requests wait for a leader or a quorum.
@@ -537,6 +536,13 @@ impl RaftLog {
     }
 }
 
+/// True when `metrics` show replica `id` leading with a quorum behind it. A replica restarted
+/// after leading resumes its old (committed) vote as leader until it hears of the newer term;
+/// it has no quorum ack in that leadership yet, so it does not count.
+pub fn leads(id: RaftNodeId, m: &RaftMetrics<RaftNodeId, BasicNode>) -> bool {
+    m.state.is_leader() && m.current_leader == Some(id) && m.millis_since_quorum_ack.is_some()
+}
+
 fn unavailable(why: &str) -> StateError {
     StateError::Unavailable(why.to_owned())
 }
@@ -567,8 +573,9 @@ fn leader_name(id: RaftNodeId, node: Option<&BasicNode>) -> String {
 #[async_trait]
 impl CommandLog for RaftLog {
     async fn submit(&self, command: Command) -> Result<Outcome, StateError> {
-        if !self.is_leader() {
-            // Refuse at once rather than queue behind commands that will fail the same way.
+        // A follower refuses at once rather than queue behind commands that will fail the
+        // same way. (A leader not yet acked by a quorum may still append: the commit decides.)
+        if !self.raft.metrics().borrow().state.is_leader() {
             return Err(StateError::NotLeader {
                 leader: self.leader().map(|(id, node)| leader_name(id, Some(&node))),
             });

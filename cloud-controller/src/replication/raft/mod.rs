@@ -35,7 +35,7 @@ use sqlx::SqliteConnection;
 
 pub use log::{
     ClusterStatus, MemberStatus, MembershipError, RaftLog, RaftServerHandle, RaftTimers,
-    ReplicaError, start_replica,
+    ReplicaError, leads, start_replica,
 };
 pub use log_store::SqliteLogStore;
 pub use network::{
