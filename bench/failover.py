@@ -330,7 +330,7 @@ def main() -> int:
     print(f"canopy binary: {binary} ({build} build, modified {time.ctime(binary.stat().st_mtime)})")
     print(f"machine: nproc {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), {cpu}, "
           f"{platform.system()} {platform.release()}, python {platform.python_version()}")
-    print("setup: 3 CLC replicas + 1 CC + 1 simulated NC, loopback; Raft heartbeat 100 ms, election timeout 300-600 ms")
+    print("setup: 3 CLC replicas + 1 CC + 1 simulated NC, loopback; Raft heartbeat 100 ms, election timeout 200-300 ms")
     print(f"work dir: {work}")
 
     ok = False

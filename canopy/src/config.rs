@@ -100,8 +100,8 @@ impl Default for ClcFile {
             members: Vec::new(),
             join: false,
             raft_heartbeat_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 300,
             snapshot_every: 5_000,
             request_wait_secs: 5.0,
         }

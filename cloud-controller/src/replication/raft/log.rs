@@ -25,8 +25,8 @@ use crate::state::{Command, Outcome, StateError, Store};
 pub struct RaftTimers {
     /// How often the leader sends heartbeats.
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time in `election_min..election_max`
-    /// starts an election.
+    /// A follower that hears no leader for `election_max` (openraft's leader lease) plus a
+    /// random time in `election_min..election_max` starts an election.
     pub election_min: Duration,
     pub election_max: Duration,
     /// A snapshot is built after this many entries since the last one.
@@ -40,8 +40,8 @@ impl Default for RaftTimers {
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(300),
-            election_max: Duration::from_millis(600),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(300),
             snapshot_every: 5_000,
             request_wait: Duration::from_secs(5),
         }
