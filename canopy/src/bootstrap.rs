@@ -141,33 +141,56 @@ async fn bootstrapped(
     {
         return Ok(None);
     }
-    let keys: Vec<(String, String)> = clc
-        .store
-        .access_keys()
-        .await?
-        .into_iter()
-        .filter(|(_, a, _)| a == &admin.account_id)
-        .map(|(k, _, s)| (k, s))
-        .collect();
-    let key = match wanted {
-        Some((ak, sk)) => match keys.iter().find(|(k, _)| k == ak) {
-            Some((_, stored)) if stored != sk => {
-                bail!("{ENV_ACCESS_KEY} {ak} already exists with another secret")
-            }
-            Some(found) => found.clone(),
-            // The leader adds it when it bootstraps with the same environment.
-            None => return Ok(None),
-        },
-        None => match keys.into_iter().next() {
-            Some(k) => k,
-            None => return Ok(None),
-        },
+    let key = match choose_key(admin_keys(clc, &admin.account_id).await?, wanted)? {
+        KeyChoice::Stored(key) => key,
+        // The leader adds the wanted key when it bootstraps with the same environment.
+        KeyChoice::Missing(_) | KeyChoice::None => return Ok(None),
     };
     Ok(Some(AdminCredentials {
         account_id: admin.account_id,
         access_key_id: key.0,
         secret_access_key: key.1,
     }))
+}
+
+/// The access keys of `account`, with their secrets.
+async fn admin_keys(clc: &Clc, account: &AccountId) -> Result<Vec<(String, String)>> {
+    Ok(clc
+        .store
+        .access_keys()
+        .await?
+        .into_iter()
+        .filter(|(_, a, _)| a == account)
+        .map(|(k, _, s)| (k, s))
+        .collect())
+}
+
+/// Which admin key to use.
+enum KeyChoice {
+    /// A stored key: the wanted one, or the first when none is wanted.
+    Stored((String, String)),
+    /// The wanted key, not stored yet.
+    Missing((String, String)),
+    /// No key is wanted and none is stored.
+    None,
+}
+
+/// Picks the wanted key (from the environment) among the stored ones, or the first stored;
+/// refuses a wanted key stored with another secret.
+fn choose_key(keys: Vec<(String, String)>, wanted: Option<&(String, String)>) -> Result<KeyChoice> {
+    Ok(match wanted {
+        Some((ak, sk)) => match keys.into_iter().find(|(k, _)| k == ak) {
+            Some((_, stored)) if &stored != sk => {
+                bail!("{ENV_ACCESS_KEY} {ak} already exists with another secret")
+            }
+            Some(found) => KeyChoice::Stored(found),
+            None => KeyChoice::Missing((ak.clone(), sk.clone())),
+        },
+        None => keys
+            .into_iter()
+            .next()
+            .map_or(KeyChoice::None, KeyChoice::Stored),
+    })
 }
 
 async fn bootstrap_as_leader(
@@ -208,35 +231,20 @@ async fn bootstrap_as_leader(
             }
         }
         Some(admin) => {
-            let keys: Vec<(String, String)> = clc
-                .store
-                .access_keys()
-                .await?
-                .into_iter()
-                .filter(|(_, a, _)| a == &admin.account_id)
-                .map(|(k, _, s)| (k, s))
-                .collect();
-            let (access_key_id, secret_access_key) = match wanted {
-                Some((ak, sk)) => match keys.iter().find(|(k, _)| k == &ak) {
-                    Some((_, stored)) if stored != &sk => {
-                        bail!("{ENV_ACCESS_KEY} {ak} already exists with another secret")
-                    }
-                    Some(_) => (ak, sk),
-                    None => {
-                        clc.submit(Command::AddAccessKey {
-                            account_id: admin.account_id.clone(),
-                            access_key_id: ak.clone(),
-                            secret_access_key: sk.clone(),
-                            at: Utc::now(),
-                        })
-                        .await?;
-                        (ak, sk)
-                    }
-                },
-                None => keys
-                    .into_iter()
-                    .next()
-                    .context("the admin account has no access key")?,
+            let keys = admin_keys(clc, &admin.account_id).await?;
+            let (access_key_id, secret_access_key) = match choose_key(keys, wanted.as_ref())? {
+                KeyChoice::Stored(key) => key,
+                KeyChoice::Missing((ak, sk)) => {
+                    clc.submit(Command::AddAccessKey {
+                        account_id: admin.account_id.clone(),
+                        access_key_id: ak.clone(),
+                        secret_access_key: sk.clone(),
+                        at: Utc::now(),
+                    })
+                    .await?;
+                    (ak, sk)
+                }
+                KeyChoice::None => bail!("the admin account has no access key"),
             };
             AdminCredentials {
                 account_id: admin.account_id,
