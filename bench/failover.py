@@ -19,219 +19,62 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
-import json
 import os
 import platform
-import shlex
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
-import boto3
 from botocore.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
+# The process and cluster helpers are the HA end-to-end tests' (tests/e2e/ha_cluster.py).
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from ha_cluster import HaCluster, Replica  # noqa: E402
+
 ZONE = "bench-1a"
 # `total_max_attempts` counts sends (`max_attempts` would count retries): one send, no retry.
 PROBE = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=0.5, read_timeout=3)
 PATIENT = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=2, read_timeout=20)
+LEADER_TIMEOUT = 20.0
 
-_PROCS: list["Proc"] = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], work: Path):
-        self.name, self.args = name, args
-        self.log_path = work / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        _PROCS.append(self)
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CANOPY_", "AWS_"))}
-        env["NO_COLOR"] = "1"
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== {' '.join(self.args)}\n".encode())
-            log.flush()
-            # Own session: Ctrl-C reaches this script only, which then stops everything.
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+_CLUSTERS: list["Cluster"] = []
 
 
 def _stop_all() -> None:
-    for p in reversed(_PROCS):
-        try:
-            p.stop()
-        except Exception:
-            pass
+    for c in _CLUSTERS:
+        for p in reversed(c.procs()):
+            try:
+                p.stop()
+            except Exception:
+                pass
 
 
-def parse_rc(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export ") and "=" in line:
-            k, _, v = line[len("export "):].partition("=")
-            words = shlex.split(v)
-            out[k.strip()] = words[0] if words else ""
-    return out
+class Cluster(HaCluster):
+    """3 CLC replicas, a CC and a node big enough for every launch, each process in its own
+    session (Ctrl-C reaches this script only, which then stops everything)."""
 
-
-class Replica:
-    def __init__(self, rid: int, binary: str, work: Path):
-        self.id = rid
-        self.data = work / f"clc{rid}"
-        self.raft, self.ec2, self.admin_port, self.grpc = (free_port() for _ in range(4))
-        self.binary, self.work = binary, work
-        self.rc: dict[str, str] = {}
-        self.proc: Proc | None = None
-        self.client = None
-
-    def configure(self, members: str) -> None:
-        self.proc = Proc(f"clc{self.id}", [
-            self.binary, "clc", "--data-dir", str(self.data), "--replica-id", str(self.id),
-            "--raft-listen", f"127.0.0.1:{self.raft}", "--members", members,
-            "--ec2-listen", f"127.0.0.1:{self.ec2}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--grpc-listen", f"127.0.0.1:{self.grpc}"], self.work)
+    def __init__(self, binary: str, work: Path, keep: bool):
+        super().__init__(binary, work, ZONE, nc_size=(1000000, 1000000000, 100000000), poll=0.05,
+                         status_timeout=1.0, keep=keep, dump_logs=False, stop_timeout=10.0, new_session=True)
+        self.probes: dict[int, object] = {}  # replica id -> EC2 client with PROBE, made once
+        _CLUSTERS.append(self)
 
     def start(self) -> None:
-        (self.data / "canopyrc").unlink(missing_ok=True)
-        self.proc.start()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        rc = self.data / "canopyrc"
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.proc.running:
-                sys.exit(f"clc{self.id} exited; see {self.proc.log_path}")
-            if rc.exists():
-                parsed = parse_rc(rc)
-                if "CANOPY_ADMIN_TOKEN" in parsed and "AWS_SECRET_ACCESS_KEY" in parsed:
-                    self.rc = parsed
-                    break
-            if time.monotonic() > deadline:
-                sys.exit(f"clc{self.id} wrote no canopyrc in {timeout:.0f} s; see {self.proc.log_path}")
-            time.sleep(0.05)
-        if self.client is None:
-            self.client = self.make_client(PROBE)
-
-    def make_client(self, config: Config):
-        return boto3.session.Session().client(
-            "ec2", endpoint_url=f"http://127.0.0.1:{self.ec2}", region_name=self.rc["AWS_DEFAULT_REGION"],
-            aws_access_key_id=self.rc["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.rc["AWS_SECRET_ACCESS_KEY"],
-            config=config)
-
-    def admin(self, path: str, timeout: float = 2.0):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
-                                     headers={"Authorization": "Bearer " + self.rc["CANOPY_ADMIN_TOKEN"]})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.load(resp)
-
-    def status(self) -> dict | None:
-        if not (self.proc and self.proc.running and self.rc):
-            return None
-        try:
-            return self.admin("/v1/replica", timeout=1.0)
-        except (OSError, ValueError):
-            return None
-
-
-class Cluster:
-    def __init__(self, binary: str, work: Path):
-        self.work = work
-        self.replicas = [Replica(i, binary, work) for i in (1, 2, 3)]
-        members = ",".join(f"{r.id}=127.0.0.1:{r.raft}" for r in self.replicas)
-        for r in self.replicas:
-            r.configure(members)
-        cc, nc = free_port(), free_port()
-        clcs = ",".join(f"http://127.0.0.1:{r.grpc}" for r in self.replicas)
-        self.cc = Proc("cc", [binary, "cc", "--zone", ZONE, "--clc", clcs, "--listen", f"127.0.0.1:{cc}"], work)
-        self.nc = Proc("nc", [binary, "nc", "--node-id", "hv-1", "--cc", f"http://127.0.0.1:{cc}",
-                              "--listen", f"127.0.0.1:{nc}", "--hypervisor", "sim", "--vcpus", "1000000",
-                              "--memory-mib", "1000000000", "--disk-gib", "100000000"], work)
-        self.image = ""
-
-    def start(self) -> None:
-        self.nc.start()
-        self.cc.start()
-        for r in self.replicas:
-            r.start()
-        for r in self.replicas:
-            r.wait_ready()
-        ec2 = self.replicas[0].make_client(PATIENT)
-        deadline = time.monotonic() + 60
-        while not any(z["ZoneName"] == ZONE and z["State"] == "available"
-                      for z in ec2.describe_availability_zones()["AvailabilityZones"]):
-            if time.monotonic() > deadline:
-                sys.exit(f"zone {ZONE} never became available")
-            time.sleep(0.2)
-        while not any(n["node_id"] == "hv-1" and n["healthy"] for n in self.replicas[0].admin("/v1/nodes")):
-            if time.monotonic() > deadline:
-                sys.exit("node hv-1 never became healthy")
-            time.sleep(0.2)
-        self.image = ec2.describe_images()["Images"][0]["ImageId"]
-
-    def leader(self, timeout: float = 20) -> Replica:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            views = [v for v in (r.status() for r in self.replicas) if v]
-            leaders = [v for v in views if v["role"] == "leader"]
-            if leaders:
-                top = max(leaders, key=lambda v: v["term"])
-                if sum(1 for v in views if v["leader"] == top["replica_id"] and v["term"] == top["term"]) >= 2:
-                    return self.replicas[top["replica_id"] - 1]
-            time.sleep(0.05)
-        sys.exit(f"no agreed leader within {timeout} s")
+        super().start()
+        self.probes = {r.id: r.client(PROBE) for r in self.replicas}
 
     def wait_healthy(self, timeout: float = 60) -> None:
         """All three up, agreeing on one leader, each having applied what the leader had, and
         a launch going through."""
         deadline = time.monotonic() + timeout
         while True:
-            leader = self.leader()
+            leader = self.leader(LEADER_TIMEOUT)
             target = (leader.status() or {}).get("last_applied_index")
             views = [r.status() for r in self.replicas]
             if target is not None and all(v and v["leader"] == leader.id and (v["last_applied_index"] or 0) >= target
@@ -240,7 +83,7 @@ class Cluster:
             if time.monotonic() > deadline:
                 sys.exit(f"cluster not healthy within {timeout} s: {views}")
             time.sleep(0.1)
-        self.replicas[0].make_client(PATIENT).run_instances(
+        self.replicas[0].client(PATIENT).run_instances(
             ImageId=self.image, InstanceType="t2.nano", MinCount=1, MaxCount=1)
 
 
@@ -257,16 +100,16 @@ def watch_election(survivors: list[Replica], since: float, out: dict, stop: thre
 
 
 def one_round(cluster: Cluster, n: int) -> dict:
-    leader = cluster.leader()
+    leader = cluster.leader(LEADER_TIMEOUT)
     survivors = [r for r in cluster.replicas if r is not leader]
     token = f"failover-{n}-{uuid.uuid4().hex[:12]}"
     seen: dict = {}
     stop = threading.Event()
     errors: dict[str, int] = {}
-    clients = [(r.id, r.client) for r in cluster.replicas]
+    clients = list(cluster.probes.items())
 
     killed_at = time.monotonic()
-    leader.proc.kill()
+    leader.kill()
     watcher = threading.Thread(target=watch_election, args=(survivors, killed_at, seen, stop), daemon=True)
     watcher.start()
     sends, turn = 0, n
@@ -287,11 +130,11 @@ def one_round(cluster: Cluster, n: int) -> dict:
                 sys.exit(f"round {n}: no launch acknowledged within 60 s of the kill: {errors}")
     stop.set()
     watcher.join(1)
-    assert len(resp["Instances"]) == 1
+    assert len(resp["Instances"]) == 1, f"round {n}: one launch acknowledged with {resp['Instances']}"
     # Back to three: restart the victim with the same data dir and flags; wait for catch-up.
     restart_at = time.monotonic()
     leader.start()
-    leader.wait_ready()
+    cluster.wait_rc(leader)
     cluster.wait_healthy()
     return {"victim": leader.id, "acked": acked, "elected": seen.get("elected"), "new_leader": seen.get("leader"),
             "via": via, "sends": sends, "errors": errors, "rejoin": time.monotonic() - restart_at}
@@ -333,9 +176,9 @@ def main() -> int:
     print("setup: 3 CLC replicas + 1 CC + 1 simulated NC, loopback; Raft heartbeat 100 ms, election timeout 200-300 ms")
     print(f"work dir: {work}")
 
+    cluster = Cluster(str(binary), work, keep=args.keep)
     ok = False
     try:
-        cluster = Cluster(str(binary), work)
         t = time.monotonic()
         cluster.start()
         cluster.wait_healthy()
@@ -353,11 +196,12 @@ def main() -> int:
         print(f"\nkill -> first acknowledged RunInstances over {len(samples)} runs: "
               f"median {statistics.median(samples):.3f} s, min {min(samples):.3f} s, max {max(samples):.3f} s")
         ok = True
+    except AssertionError as e:  # a readiness check failed: say which, no traceback
+        sys.exit(f"failover: {e}")
     finally:
         _stop_all()
-        if ok and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
+        cluster.close(failed=not ok)  # removes the work dir after a good run unless --keep
+        if ok and args.keep:
             print(f"logs kept in {work}", file=sys.stderr)
     return 0
 

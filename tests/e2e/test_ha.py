@@ -10,29 +10,18 @@ nor disturbs the instances the node is running.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
-from pathlib import Path
 
-import boto3
 import pytest
 from botocore.config import Config
 
-from conftest import _set_pdeathsig, find_binary, free_port, parse_canopyrc
+from conftest import find_binary
+from ha_cluster import HaCluster, Proc, Replica
 
 ZONE = "ha-1a"
-NODE = "hv-1"
-READY_TIMEOUT = 60.0
-# Clients used for checks: ride out an election with the SDK's own retries (503s).
-CHECK_CONFIG = Config(retries={"max_attempts": 10, "mode": "standard"}, connect_timeout=3, read_timeout=20)
 # The launch loop retries by hand (same token, next replica), so the SDK must not
 # (`max_attempts` counts retries, `total_max_attempts` counts sends).
 LOOP_CONFIG = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=10)
@@ -43,257 +32,20 @@ TRANSIENT = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutErr
              "ServiceUnavailable"}
 
 
-
 # --------------------------------------------------------------------------------------
-# processes
-
-
-class Proc:
-    """One canopy process; its log survives restarts (each start is marked in it)."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path):
-        self.name = name
-        self.args = args
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> "Proc":
-        assert not self.running, f"{self.name} already running"
-        self.starts += 1
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== start #{self.starts}: {' '.join(self.args)}\n".encode())
-            log.flush()
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("CANOPY_", "AWS_"))}
-            env["NO_COLOR"] = "1"
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, preexec_fn=_set_pdeathsig)
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown path runs, exactly like a crash or a power cut."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", self.log_path.read_text(errors="replace")) \
-            if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-
-class Replica:
-    def __init__(self, rid: int, binary: str, root: Path):
-        self.id = rid
-        self.data = root / f"clc{rid}"
-        self.raft, self.ec2_port, self.admin_port, self.grpc = (free_port() for _ in range(4))
-        self.proc: Proc | None = None
-        self.rc: dict[str, str] = {}
-        self._binary = binary
-        self._root = root
-
-    def configure(self, members: str) -> None:
-        self.proc = Proc(f"clc{self.id}", [
-            self._binary, "clc", "--data-dir", str(self.data), "--replica-id", str(self.id),
-            "--raft-listen", f"127.0.0.1:{self.raft}", "--members", members,
-            "--ec2-listen", f"127.0.0.1:{self.ec2_port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--grpc-listen", f"127.0.0.1:{self.grpc}",
-        ], self._root)
-
-    @property
-    def rc_path(self) -> Path:
-        return self.data / "canopyrc"
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ec2_port}"
-
-    def start(self) -> None:
-        # canopyrc appearing is the ready signal; never read last run's.
-        self.rc_path.unlink(missing_ok=True)
-        self.proc.start()
-
-    def kill(self) -> None:
-        self.proc.kill()
-
-    @property
-    def running(self) -> bool:
-        return self.proc.running
-
-    def admin(self, path: str, timeout: float = 5.0):
-        """GET on this replica's admin API with its own token; JSON, or raises."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
-                                     headers={"Authorization": "Bearer " + self.rc["CANOPY_ADMIN_TOKEN"]})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.load(resp)
-
-    def status(self) -> dict | None:
-        """Its own Raft view (/v1/replica, never forwarded); None if it does not answer."""
-        if not self.running:
-            return None
-        try:
-            return self.admin("/v1/replica", timeout=2.0)
-        except (OSError, urllib.error.URLError, ValueError):
-            return None
-
-    def client(self, config: Config = CHECK_CONFIG):
-        return boto3.session.Session().client(
-            "ec2", endpoint_url=self.endpoint, region_name=self.rc["AWS_DEFAULT_REGION"],
-            aws_access_key_id=self.rc["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=self.rc["AWS_SECRET_ACCESS_KEY"], config=config)
-
-
-class HaCluster:
-    def __init__(self, binary: str, root: Path):
-        self.root = root
-        self.replicas = [Replica(i, binary, root) for i in (1, 2, 3)]
-        members = ",".join(f"{r.id}=127.0.0.1:{r.raft}" for r in self.replicas)
-        for r in self.replicas:
-            r.configure(members)
-        cc_port, nc_port = free_port(), free_port()
-        clcs = ",".join(f"http://127.0.0.1:{r.grpc}" for r in self.replicas)
-        self.cc = Proc("cc", [binary, "cc", "--zone", ZONE, "--clc", clcs, "--listen", f"127.0.0.1:{cc_port}"], root)
-        # Big enough for every t2.nano the tests launch (1 vCPU each).
-        self.nc = Proc("nc", [binary, "nc", "--node-id", NODE, "--cc", f"http://127.0.0.1:{cc_port}",
-                              "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "sim", "--vcpus", "4096",
-                              "--memory-mib", str(4096 * 1024), "--disk-gib", "100000"], root)
-        self._image: str | None = None
-
-    def procs(self) -> list[Proc]:
-        return [r.proc for r in self.replicas] + [self.cc, self.nc]
-
-    def deaths(self) -> str:
-        """Processes that exited without the test stopping them, with their exit status
-        (-9: SIGKILLed from outside; other negatives: killed by that signal, e.g. a crash)."""
-        dead = {p.name: p.proc.returncode for p in self.procs() if p.proc is not None and p.proc.poll() is not None}
-        return f"; processes that died on their own: {dead}" if dead else ""
-
-    def r(self, rid: int) -> Replica:
-        return self.replicas[rid - 1]
-
-    # ---- start and readiness
-
-    def start(self) -> None:
-        self.nc.start()
-        self.cc.start()
-        for r in self.replicas:
-            r.start()
-        self.wait_rc(*self.replicas)
-        self.wait_zone(self.replicas[0])
-
-    def wait_rc(self, *replicas: Replica, timeout: float = READY_TIMEOUT) -> None:
-        """Until each has written canopyrc: it has seen a leader and the admin account."""
-        deadline = time.monotonic() + timeout
-        for r in replicas:
-            while True:
-                assert r.running, f"clc{r.id} exited with {r.proc.proc and r.proc.proc.returncode}:\n" \
-                    + r.proc.log_tail(40)
-                if r.rc_path.exists():
-                    rc = parse_canopyrc(r.rc_path.read_text())
-                    if "CANOPY_ADMIN_TOKEN" in rc and "AWS_SECRET_ACCESS_KEY" in rc:
-                        r.rc = rc
-                        break
-                assert time.monotonic() < deadline, f"clc{r.id} wrote no canopyrc within {timeout:.0f} s"
-                time.sleep(0.1)
-        keys = {r.rc["AWS_ACCESS_KEY_ID"] for r in self.replicas if r.rc}
-        assert len(keys) == 1, f"replicas disagree on the admin access key: {keys}"
-
-    def wait_zone(self, via: Replica, timeout: float = READY_TIMEOUT) -> None:
-        ec2 = via.client()
-        deadline = time.monotonic() + timeout
-        while True:
-            zones = ec2.describe_availability_zones()["AvailabilityZones"]
-            if any(z["ZoneName"] == ZONE and z["State"] == "available" for z in zones):
-                break
-            assert time.monotonic() < deadline, f"zone {ZONE} never became available: {zones}"
-            time.sleep(0.2)
-        # A zone is available once its CC heartbeats, possibly before its node registered.
-        while True:
-            nodes = via.admin("/v1/nodes")
-            if any(n["node_id"] == NODE and n["healthy"] for n in nodes):
-                return
-            assert time.monotonic() < deadline, f"node {NODE} never became healthy: {nodes}"
-            time.sleep(0.2)
-
-    @property
-    def image(self) -> str:
-        if self._image is None:
-            self._image = self.replicas[0].client().describe_images()["Images"][0]["ImageId"]
-        return self._image
-
-    # ---- the group
-
-    def leader(self, timeout: float = 15.0, among: list[Replica] | None = None) -> Replica:
-        """The replica that says it leads, once a majority of the running ones agree on it."""
-        deadline = time.monotonic() + timeout
-        views: dict[int, dict | None] = {}
-        while time.monotonic() < deadline:
-            views = {r.id: r.status() for r in (among or self.replicas)}
-            leaders = [v for v in views.values() if v and v["role"] == "leader"]
-            if leaders:
-                top = max(leaders, key=lambda v: v["term"])
-                agree = [v for v in views.values() if v and v["leader"] == top["replica_id"] and v["term"] == top["term"]]
-                if len(agree) >= 2:
-                    return self.r(top["replica_id"])
-            time.sleep(0.1)
-        raise AssertionError(f"no agreed leader within {timeout:.0f} s: {views}{self.deaths()}")
-
-    def wait_caught_up(self, timeout: float = 30.0) -> dict[int, int]:
-        """Until every replica has applied everything the leader had applied when asked."""
-        leader = self.leader()
-        target = leader.status()["last_applied_index"]
-        deadline = time.monotonic() + timeout
-        while True:
-            applied = {r.id: (r.status() or {}).get("last_applied_index") for r in self.replicas}
-            if all(a is not None and a >= target for a in applied.values()):
-                return applied
-            assert time.monotonic() < deadline, \
-                f"replicas did not catch up with leader clc{leader.id} (applied {target}) in {timeout:.0f} s: " \
-                f"{applied}{self.deaths()}"
-            time.sleep(0.2)
-
-    # ---- teardown
-
-    def stop(self) -> None:
-        for p in [self.nc, self.cc] + [r.proc for r in self.replicas]:
-            p.stop()
-
-    def dump_logs(self, lines: int = 150) -> None:
-        for p in self.procs():
-            print(f"----- {p.name} log ({p.log_path}), last {lines} lines -----\n{p.log_tail(lines)}")
+# the cluster (processes and readiness: ha_cluster.py)
 
 
 @pytest.fixture
 def ha(tmp_path, request):
     """Three CLC replicas, a CC for zone ha-1a and a simulated node, all ready."""
-    cluster = HaCluster(str(find_binary()), tmp_path)
+    cluster = HaCluster(str(find_binary()), tmp_path, ZONE)
     failures_before = request.session.testsfailed
     try:
         cluster.start()
         yield cluster
     finally:
-        cluster.stop()
-        if request.session.testsfailed > failures_before or not cluster.replicas[0].rc:
-            print(f"cluster data and full logs kept in {tmp_path}")
-            cluster.dump_logs()
+        cluster.close(failed=request.session.testsfailed > failures_before or not cluster.replicas[0].rc)
 
 
 # --------------------------------------------------------------------------------------

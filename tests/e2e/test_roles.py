@@ -4,9 +4,7 @@ wired only by their flags, driven by boto3. Restarting the CC or the CLC must lo
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -15,38 +13,10 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from conftest import _set_pdeathsig, find_binary, free_port, parse_canopyrc
+from conftest import find_binary, free_port, parse_canopyrc
+from ha_cluster import Proc
 
 WAIT = {"Delay": 1, "MaxAttempts": 60}
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], log_dir: Path):
-        self.name = name
-        self.args = args
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CANOPY_", "AWS_"))}
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_set_pdeathsig)
-        log.close()
-        return self
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture
@@ -56,12 +26,12 @@ def roles(tmp_path, request):
     data = tmp_path / "clc"
     clc = Proc("clc", [binary, "clc", "--data-dir", str(data), "--ec2-listen", f"127.0.0.1:{ec2}",
                        "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
-                       "--raft-listen", f"127.0.0.1:{raft}"], tmp_path)
+                       "--raft-listen", f"127.0.0.1:{raft}"], tmp_path, stop_timeout=20)
     cc = Proc("cc", [binary, "cc", "--zone", "roles-1a", "--clc", f"http://127.0.0.1:{grpc}",
-                     "--listen", f"127.0.0.1:{cc_port}"], tmp_path)
+                     "--listen", f"127.0.0.1:{cc_port}"], tmp_path, stop_timeout=20)
     nc = Proc("nc", [binary, "nc", "--node-id", "hv-1", "--cc", f"http://127.0.0.1:{cc_port}",
                      "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "sim", "--vcpus", "4",
-                     "--memory-mib", "8192", "--disk-gib", "100"], tmp_path)
+                     "--memory-mib", "8192", "--disk-gib", "100"], tmp_path, stop_timeout=20)
     # Start them bottom-up, the reverse of what an operator would do: each must wait for
     # the tier above it on its own.
     procs = {"nc": nc.start(), "cc": cc.start(), "clc": clc.start()}
