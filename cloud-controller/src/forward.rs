@@ -230,26 +230,33 @@ impl ForwardClients {
         Ok(client)
     }
 
+    /// Hands a CC's call to the replica at `addr`.
     pub async fn call_zone(
         &self,
         addr: &str,
         call: pb::ForwardedZoneCall,
     ) -> Result<pb::ForwardedZoneReply, Failure> {
-        let mut client = self.client(addr).map_err(Failure::NotSent)?;
-        match client.forward_zone(call).await {
-            Ok(reply) => Ok(reply.into_inner()),
-            Err(status) if never_sent(&status) => Err(Failure::NotSent(status.to_string())),
-            Err(status) => Err(Failure::Unknown(status)),
-        }
+        self.send(addr, |mut c| async move { c.forward_zone(call).await })
+            .await
     }
 
+    /// Hands an HTTP request to the replica at `addr`.
     pub async fn call(
         &self,
         addr: &str,
         request: pb::ForwardedRequest,
     ) -> Result<pb::ForwardedResponse, Failure> {
-        let mut client = self.client(addr).map_err(Failure::NotSent)?;
-        match client.forward(request).await {
+        self.send(addr, |mut c| async move { c.forward(request).await })
+            .await
+    }
+
+    async fn send<T, F, Fut>(&self, addr: &str, rpc: F) -> Result<T, Failure>
+    where
+        F: FnOnce(RaftTransportClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client(addr).map_err(Failure::NotSent)?;
+        match rpc(client).await {
             Ok(reply) => Ok(reply.into_inner()),
             Err(status) if never_sent(&status) => Err(Failure::NotSent(status.to_string())),
             Err(status) => Err(Failure::Unknown(status)),

@@ -215,9 +215,7 @@ fn write_error(
 ) -> StateError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => StateError::NotLeader {
-            leader: forward
-                .leader_id
-                .map(|id| leader_name(id, forward.leader_node.as_ref())),
+            leader: forwarded_leader(&forward),
         },
         // Only a membership change can fail this way, and commands do not change it.
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
@@ -377,9 +375,7 @@ impl RaftLog {
                     let (read_log_id, _) = checked.map_err(|e| match e {
                         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
                             StateError::NotLeader {
-                                leader: f
-                                    .leader_id
-                                    .map(|id| leader_name(id, f.leader_node.as_ref())),
+                                leader: forwarded_leader(&f),
                             }
                         }
                         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)) => {
@@ -552,15 +548,19 @@ fn membership_error(
 ) -> MembershipError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MembershipError::NotLeader {
-            leader: f
-                .leader_id
-                .map(|id| leader_name(id, f.leader_node.as_ref())),
+            leader: forwarded_leader(&f),
         },
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             MembershipError::Refused(e.to_string())
         }
         RaftError::Fatal(f) => MembershipError::Refused(format!("raft stopped: {f}")),
     }
+}
+
+/// The leader a refusal names, as text.
+fn forwarded_leader(f: &openraft::error::ForwardToLeader<RaftNodeId, BasicNode>) -> Option<String> {
+    f.leader_id
+        .map(|id| leader_name(id, f.leader_node.as_ref()))
 }
 
 fn leader_name(id: RaftNodeId, node: Option<&BasicNode>) -> String {

@@ -489,3 +489,15 @@ fn rejections_convert_back_to_the_same_state_error() {
         Err(StateError::Corrupt(_))
     ));
 }
+
+/// What the tests compare between replicas: the typed views and every state row.
+pub(super) async fn state_of(store: &Store) -> String {
+    let instances = store
+        .instances(&crate::state::InstanceFilter::default())
+        .await
+        .unwrap();
+    let zones = store.zones().await.unwrap();
+    let accounts = store.accounts().await.unwrap();
+    let rows = dump_state(store).await;
+    format!("{instances:?}\n{zones:?}\n{accounts:?}\n{rows:?}")
+}

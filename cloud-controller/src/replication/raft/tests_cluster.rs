@@ -10,7 +10,7 @@ use canopy_common::{InstanceId, ZoneName};
 use openraft::BasicNode;
 use tempfile::TempDir;
 
-use super::tests::{World, dump_state, t};
+use super::tests::{World, state_of, t};
 use super::*;
 use crate::replication::{CommandLog, LocalLog};
 use crate::state::{Command, InstanceAction, InstanceFilter, StateError, Store};
@@ -121,15 +121,6 @@ impl Cluster {
             self.stop(id).await;
         }
     }
-}
-
-/// What the tests compare between replicas: the typed views and every state row.
-async fn state_of(store: &Store) -> String {
-    let instances = store.instances(&InstanceFilter::default()).await.unwrap();
-    let zones = store.zones().await.unwrap();
-    let accounts = store.accounts().await.unwrap();
-    let rows = dump_state(store).await;
-    format!("{instances:?}\n{zones:?}\n{accounts:?}\n{rows:?}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@ use openraft::{BasicNode, Raft, RaftMetrics};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
-use super::tests::{World, dump_state, t};
+use super::tests::{World, state_of, t};
 use super::*;
 use crate::state::{Command, InstanceFilter, Outcome, Store};
 
@@ -551,15 +551,6 @@ fn summary(all: &[RaftMetrics<RaftNodeId, BasicNode>]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// What the tests compare between replicas: the typed views and every state row.
-async fn state_of(store: &Store) -> String {
-    let instances = store.instances(&InstanceFilter::default()).await.unwrap();
-    let zones = store.zones().await.unwrap();
-    let accounts = store.accounts().await.unwrap();
-    let rows = dump_state(store).await;
-    format!("{instances:?}\n{zones:?}\n{accounts:?}\n{rows:?}")
 }
 
 /// Starts writing `command` on `raft` without waiting for the answer.
