@@ -92,49 +92,92 @@ pub async fn to_leader(
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
         return api.unavailable("request body too large to forward");
     };
+    let forwarded = pb::ForwardedRequest {
+        api: api.to_proto() as i32,
+        method: parts.method.to_string(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into()),
+        headers: headers_to_proto(&parts.headers),
+        body: body.to_vec(),
+        authenticated: api == Api::Admin,
+    };
+    let clients = &clc.forward_clients;
+    let routed = via_leader(&clc, |addr| {
+        let forwarded = forwarded.clone();
+        async move { clients.call(&addr, forwarded).await }
+    })
+    .await;
+    match routed {
+        Ok(Routed::Here) => next.run(Request::from_parts(parts, Body::from(body))).await,
+        Ok(Routed::Leader(reply)) => response_from_proto(reply),
+        Err(no_leader) => api.unavailable(&no_leader.to_string()),
+    }
+}
+
+/// Where a request was served.
+pub enum Routed<T> {
+    /// This replica leads: serve it here.
+    Here,
+    /// The leader's answer.
+    Leader(T),
+}
+
+/// Why no leader served a request.
+#[derive(Debug, thiserror::Error)]
+pub enum NoLeader {
+    #[error("no cloud controller leader was elected in time")]
+    NotElected,
+    #[error("the cloud controller leader is unreachable")]
+    Unreachable,
+    /// The request may or may not have been served: it is not sent again.
+    #[error("the cloud controller leader did not answer: {}", .0.message())]
+    NoAnswer(tonic::Status),
+}
+
+/// Routes a request from a replica that may not lead: `Here` while this replica leads,
+/// otherwise what `send` (given the leader's Raft URL) brings back from the leader. While no
+/// leader is known it waits, up to the replica's bound; a leader that never got the request
+/// (connection refused: it just died) is replaced by the next one.
+pub async fn via_leader<T, F, Fut>(clc: &Clc, mut send: F) -> Result<Routed<T>, NoLeader>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let replica = &clc.replica;
     let deadline = Instant::now() + replica.wait_bound();
     let mut refused: Option<u64> = None;
     loop {
         if replica.is_leader() {
-            return next.run(Request::from_parts(parts, Body::from(body))).await;
+            return Ok(Routed::Here);
         }
         let Some((leader, node)) = replica.await_leader(refused, deadline).await else {
-            return api.unavailable("no cloud controller leader was elected in time");
+            return Err(NoLeader::NotElected);
         };
         if leader == replica.id() {
             // Elected meanwhile; the next turn serves it here once the role shows it.
             tokio::time::sleep(Duration::from_millis(10)).await;
             if Instant::now() >= deadline {
-                return api.unavailable("no cloud controller leader was elected in time");
+                return Err(NoLeader::NotElected);
             }
             continue;
         }
-        let forwarded = pb::ForwardedRequest {
-            api: api.to_proto() as i32,
-            method: parts.method.to_string(),
-            uri: parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "/".into()),
-            headers: headers_to_proto(&parts.headers),
-            body: body.to_vec(),
-            authenticated: api == Api::Admin,
-        };
-        match clc.forward_clients.call(&node.addr, forwarded).await {
-            Ok(reply) => return response_from_proto(reply),
+        match send(node.addr).await {
+            Ok(reply) => return Ok(Routed::Leader(reply)),
             Err(Failure::NotSent(why)) => {
                 tracing::debug!(leader, %why, "leader unreachable; waiting for the next one");
                 refused = Some(leader);
                 if Instant::now() >= deadline {
-                    return api.unavailable("the cloud controller leader is unreachable");
+                    return Err(NoLeader::Unreachable);
                 }
                 // The dead leader stays "known" until an election replaces it; do not spin.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(Failure::Unknown(status)) => {
                 tracing::warn!(leader, %status, "forwarding to the leader failed");
-                return api.unavailable("the cloud controller leader did not answer");
+                return Err(NoLeader::NoAnswer(status));
             }
         }
     }

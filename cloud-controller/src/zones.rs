@@ -177,9 +177,6 @@ impl ZoneService {
             Some(Call::Register(r)) => {
                 Reply::Register(self.register_zone(Request::new(r)).await?.into_inner())
             }
-            Some(Call::Heartbeat(r)) => {
-                Reply::Heartbeat(self.zone_heartbeat(Request::new(r)).await?.into_inner())
-            }
             Some(Call::Reports(r)) => {
                 Reply::Reports(self.report_instances(Request::new(r)).await?.into_inner())
             }
@@ -199,50 +196,22 @@ impl ZoneService {
             leader_only(&self.clc)?;
             return Ok(None);
         }
-        let replica = &self.clc.replica;
-        let deadline = std::time::Instant::now() + replica.wait_bound();
-        let mut refused = None;
+        use crate::forward::Routed;
         let call = pb::ForwardedZoneCall { call: Some(call) };
-        let no_leader = || Status::unavailable("no cloud controller leader was elected in time");
-        loop {
-            if replica.is_leader() {
-                return Ok(None);
-            }
-            let Some((leader, node)) = replica.await_leader(refused, deadline).await else {
-                return Err(no_leader());
-            };
-            if leader == replica.id() {
-                // Elected meanwhile; the next turn serves it here once the role shows it.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                if std::time::Instant::now() >= deadline {
-                    return Err(no_leader());
-                }
-                continue;
-            }
-            match self
-                .clc
-                .forward_clients
-                .call_zone(&node.addr, call.clone())
-                .await
-            {
-                Ok(reply) => {
-                    return reply
-                        .reply
-                        .map(Some)
-                        .ok_or_else(|| Status::internal("the leader sent an empty reply"));
-                }
-                Err(crate::forward::Failure::NotSent(_)) => {
-                    refused = Some(leader);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                // The CC retries, or moves on to its next CLC endpoint.
-                Err(crate::forward::Failure::Unknown(status)) => {
-                    return Err(Status::unavailable(format!(
-                        "the cloud controller leader did not answer: {}",
-                        status.message()
-                    )));
-                }
-            }
+        let clients = &self.clc.forward_clients;
+        let routed = crate::forward::via_leader(&self.clc, |addr| {
+            let call = call.clone();
+            async move { clients.call_zone(&addr, call).await }
+        })
+        .await
+        // The CC retries, or moves on to its next CLC endpoint.
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+        match routed {
+            Routed::Here => Ok(None),
+            Routed::Leader(reply) => reply
+                .reply
+                .map(Some)
+                .ok_or_else(|| Status::internal("the leader sent an empty reply")),
         }
     }
 }
