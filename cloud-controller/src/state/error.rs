@@ -42,3 +42,27 @@ pub enum StateError {
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
+
+impl StateError {
+    /// Whether this is a deterministic refusal of a command (the first group above): every
+    /// replica refuses it the same way and it wrote nothing. The rest are not the state's
+    /// verdict, and a replicated state machine must stop on them rather than skip the entry.
+    pub fn is_rejection(&self) -> bool {
+        // No wildcard arm: a new variant must be classified here.
+        match self {
+            StateError::IdempotentParameterMismatch
+            | StateError::InstancesNotFound(_)
+            | StateError::IncorrectInstanceState { .. }
+            | StateError::ImageNotFound(_)
+            | StateError::AccountNotFound(_)
+            | StateError::ZoneNotFound(_)
+            | StateError::TagLimitExceeded(_)
+            | StateError::AlreadyExists(_) => true,
+            StateError::NotLeader { .. }
+            | StateError::Unavailable(_)
+            | StateError::Db(_)
+            | StateError::Migrate(_)
+            | StateError::Corrupt(_) => false,
+        }
+    }
+}

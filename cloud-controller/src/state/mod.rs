@@ -6,6 +6,7 @@
 //! lets a replicated log (openraft, issue 3) feed `apply` unchanged.
 
 mod apply;
+mod bulk;
 mod command;
 mod error;
 mod query;
@@ -13,6 +14,7 @@ mod store;
 mod types;
 
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
+pub use bulk::apply_each;
 pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};

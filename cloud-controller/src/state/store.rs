@@ -63,8 +63,17 @@ impl Store {
     /// A rejected command writes nothing.
     pub async fn apply(&self, command: &Command) -> Result<Outcome, StateError> {
         let _guard = self.writer.lock().await;
-        let mut tx = self.pool.begin().await?;
-        let outcome = apply(&mut tx, command).await?;
+        // IMMEDIATE: `apply` reads before it writes, and a deferred transaction cannot wait
+        // for the write lock once it has read (SQLite answers "database is locked" at once).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let outcome = match apply(&mut tx, command).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Now, not when the pool gets to it: the next command must find the lock free.
+                tx.rollback().await?;
+                return Err(e);
+            }
+        };
         count_applied(&mut tx, 1).await?;
         tx.commit().await?;
         Ok(outcome)

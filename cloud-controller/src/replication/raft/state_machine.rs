@@ -15,7 +15,7 @@ use super::types::{
     TypeConfig,
 };
 use super::{KvTable, RaftStoreError, read_json, write_json};
-use crate::state::{Command, Store, apply};
+use crate::state::{Command, Store, apply_each};
 
 /// `meta` keys of the state machine's progress. They live in the state's own table, so they
 /// are written in the same transaction as the rows they account for, and travel in snapshots.
@@ -86,13 +86,12 @@ impl SqliteStateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => RaftResponse::NoCommand,
                 EntryPayload::Normal(Command::Batch(commands)) => {
-                    let mut each = Vec::with_capacity(commands.len());
-                    for command in &commands {
-                        each.push(apply_command(&mut tx, command).await?);
-                    }
-                    RaftResponse::Batch(each)
+                    RaftResponse::Batch(apply_commands(&mut tx, &commands).await?)
                 }
-                EntryPayload::Normal(command) => apply_command(&mut tx, &command).await?,
+                EntryPayload::Normal(command) => {
+                    let one = std::slice::from_ref(&command);
+                    apply_commands(&mut tx, one).await?.remove(0)
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     RaftResponse::NoCommand
@@ -158,36 +157,25 @@ fn count_commands(responses: &[RaftResponse]) -> i64 {
         .sum()
 }
 
-/// Applies one command inside a savepoint. A deterministic rejection rolls back whatever the
-/// command wrote before it was refused, and the entry still counts as applied: every replica
-/// rejects it the same way. Any other failure aborts the whole batch.
-async fn apply_command(
+/// Applies commands in order (see [`apply_each`]). A deterministic rejection wrote nothing
+/// and still counts as applied: every replica rejects it the same way. Any other failure
+/// aborts the whole batch.
+async fn apply_commands(
     conn: &mut SqliteConnection,
-    command: &Command,
-) -> Result<RaftResponse, RaftStoreError> {
-    sqlx::query("SAVEPOINT raft_entry")
-        .execute(&mut *conn)
-        .await?;
-    match apply(conn, command).await {
-        Ok(outcome) => {
-            sqlx::query("RELEASE raft_entry")
-                .execute(&mut *conn)
-                .await?;
-            Ok(RaftResponse::Applied(outcome))
-        }
-        Err(error) => match Rejection::try_from(error) {
-            Ok(rejection) => {
-                sqlx::query("ROLLBACK TO raft_entry")
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("RELEASE raft_entry")
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(RaftResponse::Rejected(rejection))
-            }
-            Err(error) => Err(RaftStoreError::Apply(error)),
-        },
-    }
+    commands: &[Command],
+) -> Result<Vec<RaftResponse>, RaftStoreError> {
+    let results = apply_each(conn, commands)
+        .await
+        .map_err(RaftStoreError::Apply)?;
+    results
+        .into_iter()
+        .map(|result| match result {
+            Ok(outcome) => Ok(RaftResponse::Applied(outcome)),
+            Err(error) => Rejection::try_from(error)
+                .map(RaftResponse::Rejected)
+                .map_err(RaftStoreError::Apply),
+        })
+        .collect()
 }
 
 impl RaftStateMachine<TypeConfig> for SqliteStateMachine {

@@ -293,6 +293,135 @@ async fn the_raft_path_leaves_the_same_rows_as_the_local_path() {
     assert_eq!(raft_rows, dump(&local).await);
 }
 
+/// A random batch as group commit builds it: launches that replay, mismatch or repeat a
+/// client token (also within the batch), name an unknown image, carry too many or repeated
+/// tag keys, span zones (one of them unregistered), mixed with other commands.
+fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>) -> Vec<Command> {
+    let zones = [
+        w.zone.clone(),
+        ZoneName::parse("zone-b").unwrap(),
+        ZoneName::parse("zone-gone").unwrap(),
+    ];
+    let mut batch = Vec::new();
+    for _ in 0..rng.random_range(1..40) {
+        if rng.random_bool(0.15) && !known.is_empty() {
+            let id = known[rng.random_range(0..known.len())].clone();
+            batch.push(if rng.random_bool(0.5) {
+                Command::CreateTags {
+                    account_id: w.account.clone(),
+                    resource_ids: vec![id],
+                    tags: vec![Tag {
+                        key: "extra".into(),
+                        value: "x".into(),
+                    }],
+                }
+            } else {
+                Command::RequestInstances {
+                    account_id: w.account.clone(),
+                    instance_ids: vec![id],
+                    action: InstanceAction::Terminate,
+                    at: t(3),
+                }
+            });
+            continue;
+        }
+        let image = if rng.random_bool(0.1) {
+            ImageId::generate()
+        } else {
+            w.image.clone()
+        };
+        let tags = match rng.random_range(0..10) {
+            0 => 51,
+            1 => 50,
+            n => n,
+        };
+        let user_data = match rng.random_range(0..3) {
+            0 => None,
+            1 => Some(Vec::new()),
+            _ => Some(vec![0, 10, 255]),
+        };
+        let instances: Vec<NewInstance> = (0..rng.random_range(1..4))
+            .map(|i| NewInstance {
+                instance_id: InstanceId::generate(),
+                launch_index: i,
+                image_id: image.clone(),
+                instance_type: "t2.micro".into(),
+                resources: Resources::new(1, 1024, 8),
+                zone: zones[rng.random_range(0..zones.len())].clone(),
+                key_name: rng.random_bool(0.5).then(|| "key".to_owned()),
+                user_data: user_data.clone(),
+            })
+            .collect();
+        known.extend(instances.iter().map(|i| i.instance_id.clone()));
+        batch.push(Command::LaunchInstances {
+            reservation_id: ReservationId::generate(),
+            account_id: w.account.clone(),
+            client_token: rng
+                .random_bool(0.8)
+                .then(|| format!("token-{}", rng.random_range(0..30))),
+            request_hash: format!("h{}", rng.random_range(0..2)),
+            instances,
+            tags: (0..tags)
+                .map(|i| Tag {
+                    key: format!("k{}", i % 52),
+                    value: format!("v{i}"),
+                })
+                .chain(rng.random_bool(0.3).then(|| Tag {
+                    key: "k0".into(),
+                    value: "again".into(),
+                }))
+                .collect(),
+            at: t(rng.random_range(1..100)),
+        });
+    }
+    batch
+}
+
+#[tokio::test]
+async fn a_batch_applies_as_its_commands_one_by_one() {
+    use rand::SeedableRng;
+    for seed in 0..12 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w = World::new();
+        let mut setup = w.setup();
+        setup.push(Command::RegisterZone {
+            zone: ZoneName::parse("zone-b").unwrap(),
+            endpoint: "http://cc-b".into(),
+            at: t(0),
+        });
+        let (_d1, local) = temp_store().await;
+        let (_d2, replicated) = temp_store().await;
+        let mut sm = SqliteStateMachine::new(replicated.clone());
+        for c in &setup {
+            local.apply(c).await.unwrap();
+        }
+        let mut index = 1;
+        apply_all(&mut sm, index, setup.clone()).await;
+        index += setup.len() as u64;
+
+        let mut known = Vec::new();
+        for _ in 0..4 {
+            let batch = random_batch(&w, &mut rng, &mut known);
+            let mut one_by_one = Vec::new();
+            for c in &batch {
+                one_by_one.push(match local.apply(c).await {
+                    Ok(outcome) => RaftResponse::Applied(outcome),
+                    Err(e) => RaftResponse::Rejected(Rejection::try_from(e).unwrap()),
+                });
+            }
+            let together = apply_all(&mut sm, index, vec![Command::Batch(batch)]).await;
+            index += 1;
+            assert_eq!(together, vec![RaftResponse::Batch(one_by_one)], "seed {seed}");
+        }
+        let mut raft_rows = dump_state(&replicated).await;
+        raft_rows
+            .get_mut("meta")
+            .unwrap()
+            .retain(|r| !r.is_empty() && !r.starts_with("'raft_"));
+        assert_eq!(raft_rows, dump(&local).await, "seed {seed}");
+    }
+}
+
 #[tokio::test]
 async fn a_snapshot_installed_on_a_fresh_store_reproduces_the_state() {
     let w = World::new();
