@@ -88,10 +88,11 @@ pub async fn await_zones(clc: &Clc) -> Result<(), StateError> {
         if leading >= settle {
             return Ok(());
         }
-        let zones = clc.store.zones().await?;
-        if zones
+        let catalog = clc.store.catalog().await?;
+        if catalog
+            .zones
             .iter()
-            .all(|z| clc.zones.is_available(&z.zone, clc.config.zone_timeout))
+            .all(|z| clc.zones.is_available(z, clc.config.zone_timeout))
         {
             return Ok(());
         }
@@ -103,15 +104,15 @@ pub async fn await_zones(clc: &Clc) -> Result<(), StateError> {
 /// allocations from the CLC's own records (which include launches not yet placed).
 pub fn zone_snapshots(
     clc: &Clc,
-    zones: Vec<crate::state::Zone>,
+    zones: &[ZoneName],
     allocations: &[AllocationGroup],
 ) -> Vec<ZoneSnapshot> {
     let mut out = Vec::new();
     for zone in zones {
-        let live = clc.zones.get(&zone.zone);
-        let available = clc.zones.is_available(&zone.zone, clc.config.zone_timeout);
+        let live = clc.zones.get(zone);
+        let available = clc.zones.is_available(zone, clc.config.zone_timeout);
         let in_zone: Vec<&AllocationGroup> =
-            allocations.iter().filter(|a| a.zone == zone.zone).collect();
+            allocations.iter().filter(|a| &a.zone == zone).collect();
         let hosts = live
             .map(|l| l.nodes)
             .unwrap_or_default()
@@ -120,7 +121,7 @@ pub fn zone_snapshots(
                 allocated: in_zone
                     .iter()
                     .filter(|a| a.node_id.as_ref() == Some(&n.node_id))
-                    .flat_map(|a| std::iter::repeat_n(a.resources, a.count as usize))
+                    .map(|a| a.resources.saturating_times(a.count))
                     .sum(),
                 key: n.node_id,
                 capacity: n.capacity,
@@ -133,7 +134,7 @@ pub fn zone_snapshots(
             .flat_map(|a| std::iter::repeat_n(a.resources, a.count as usize))
             .collect();
         out.push(ZoneSnapshot {
-            zone: zone.zone,
+            zone: zone.clone(),
             available,
             hosts,
             unplaced,

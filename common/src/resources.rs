@@ -47,6 +47,15 @@ impl Resources {
         }
     }
 
+    /// What `count` of these take together.
+    pub fn saturating_times(&self, count: u64) -> Resources {
+        Resources {
+            vcpus: u32::try_from(u64::from(self.vcpus).saturating_mul(count)).unwrap_or(u32::MAX),
+            memory_mib: self.memory_mib.saturating_mul(count),
+            disk_gib: self.disk_gib.saturating_mul(count),
+        }
+    }
+
     /// Which axes of `need` do not fit in `self`, for "no capacity" explanations.
     pub fn shortfall(&self, need: &Resources) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -72,6 +81,15 @@ impl std::iter::Sum for Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_is_repeated_addition_and_saturates() {
+        let r = Resources::new(2, 512, 8);
+        assert_eq!(r.saturating_times(3), std::iter::repeat_n(r, 3).sum());
+        assert_eq!(r.saturating_times(0), Resources::ZERO);
+        assert_eq!(r.saturating_times(u64::MAX).vcpus, u32::MAX);
+        assert_eq!(r.saturating_times(u64::MAX).memory_mib, u64::MAX);
+    }
 
     #[test]
     fn fits_checks_every_axis() {

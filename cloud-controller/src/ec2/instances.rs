@@ -176,12 +176,10 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             }
         }
     }
-    let image = ctx
-        .clc
-        .store
-        .images()
-        .await?
-        .into_iter()
+    let catalog = ctx.clc.store.catalog().await?;
+    let image = catalog
+        .images
+        .iter()
         .find(|i| i.image_id == image_id && (i.is_public || i.owner_id == ctx.account))
         .ok_or_else(|| {
             ApiError::new(
@@ -213,13 +211,17 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         hex::encode(h.finalize())
     };
 
-    let reservation_id = match replayed_reservation(ctx, client_token.as_deref(), &request_hash)
-        .await?
+    // The reservation, and its instances when this call launched them (a replay reads them).
+    let (reservation_id, launched) = match replayed_reservation(
+        ctx,
+        client_token.as_deref(),
+        &request_hash,
+    )
+    .await?
     {
-        Some(r) => r,
+        Some(r) => (r, None),
         None => {
             crate::zones::await_zones(&ctx.clc).await?;
-            let zones = ctx.clc.store.zones().await?;
             ctx.clc.launches.refresh(&ctx.clc.store).await?;
             let req = LaunchRequest {
                 zone,
@@ -230,7 +232,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             // Choosing the zone and counting the launch as taken are one step; the commit
             // happens outside it, so concurrent launches commit together.
             let (decision, ticket) = ctx.clc.launches.schedule(|allocations| {
-                let snapshots = zone_snapshots(&ctx.clc, zones, allocations);
+                let snapshots = zone_snapshots(&ctx.clc, &catalog.zones, allocations);
                 let decision = scheduler::choose_zone(&snapshots, &req);
                 let launch = match &decision {
                     Decision::Launch { zone, count } => {
@@ -270,29 +272,46 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                     key_name: key_name.clone(),
                     user_data: user_data.clone(),
                 })
-                .collect();
-            let out = ctx
-                .clc
-                .submit(Command::LaunchInstances {
-                    reservation_id: ReservationId::generate(),
-                    account_id: ctx.account.clone(),
-                    client_token,
-                    request_hash,
-                    instances,
-                    tags,
-                    at: Utc::now(),
-                })
-                .await?;
-            match out {
+                .collect::<Vec<_>>();
+            let launch = Command::LaunchInstances {
+                reservation_id: ReservationId::generate(),
+                account_id: ctx.account.clone(),
+                client_token: client_token.clone(),
+                request_hash,
+                instances: instances.clone(),
+                tags: tags.clone(),
+                at: Utc::now(),
+            };
+            let at = match &launch {
+                Command::LaunchInstances { at, .. } => *at,
+                _ => unreachable!("built just above"),
+            };
+            match ctx.clc.submit(launch).await? {
+                // A replay (the same token, committed meanwhile) took no new room.
                 Outcome::Launched {
                     reservation_id,
-                    replayed,
+                    replayed: true,
+                } => (reservation_id, None),
+                Outcome::Launched {
+                    reservation_id,
+                    replayed: false,
                 } => {
-                    // A replay (the same token, committed meanwhile) took no new room.
-                    if let (Some(ticket), false) = (ticket, replayed) {
+                    if let Some(ticket) = ticket {
                         ticket.committed();
                     }
-                    reservation_id
+                    let launched = instances
+                        .iter()
+                        .map(|i| {
+                            i.launched(
+                                &reservation_id,
+                                &ctx.account,
+                                client_token.as_deref(),
+                                &tags,
+                                at,
+                            )
+                        })
+                        .collect();
+                    (reservation_id, Some(launched))
                 }
                 other => {
                     tracing::error!(?other, "launch produced an unexpected outcome");
@@ -301,15 +320,19 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             }
         }
     };
-    let instances = ctx
-        .clc
-        .store
-        .instances(&InstanceFilter {
-            account_id: Some(ctx.account.clone()),
-            reservation_id: Some(reservation_id.clone()),
-            ..Default::default()
-        })
-        .await?;
+    let instances = match launched {
+        Some(instances) => instances,
+        None => {
+            ctx.clc
+                .store
+                .instances(&InstanceFilter {
+                    account_id: Some(ctx.account.clone()),
+                    reservation_id: Some(reservation_id.clone()),
+                    ..Default::default()
+                })
+                .await?
+        }
+    };
     let mut w = XmlWriter::response("RunInstances", &ctx.request_id);
     w.elem("reservationId", &reservation_id)
         .elem("ownerId", &ctx.account)

@@ -256,13 +256,15 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 };
                 update_instance(
                     conn,
-                    inst,
-                    next,
-                    desired,
-                    reboot_seq,
-                    reason.as_ref(),
-                    &transition_reason,
-                    *at,
+                    StateUpdate {
+                        inst,
+                        state: next,
+                        desired,
+                        reboot_seq,
+                        reason: reason.as_ref(),
+                        transition_reason: &transition_reason,
+                        at: *at,
+                    },
                 )
                 .await?;
                 if desired != inst.desired || reboot_seq != inst.reboot_seq || next != inst.state {
@@ -364,7 +366,13 @@ async fn observe(
     at: DateTime<Utc>,
 ) -> Result<Outcome, StateError> {
     let ids: Vec<InstanceId> = observations.iter().map(|o| o.instance_id.clone()).collect();
-    let found: HashMap<InstanceId, Instance> = load_instances_by_id(conn, None, &ids).await?;
+    let found: HashMap<InstanceId, Instance> =
+        load_instances_by_id(conn, None, &ids, false).await?;
+    // Each observation is judged against the instance as the command found it; what they
+    // change is gathered per instance (a later report of the same instance wins) and
+    // written in one statement.
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut row_of: HashMap<&InstanceId, usize> = HashMap::new();
     let mut changed = 0;
     let mut desired_changed = false;
     for obs in observations {
@@ -373,13 +381,21 @@ async fn observe(
         let Some(inst) = found.get(&obs.instance_id).filter(|i| &i.zone == zone) else {
             continue;
         };
+        let mut row = |update: Option<StateUpdate<'_>>, node: Option<&str>| {
+            let at = *row_of.entry(&inst.instance_id).or_insert_with(|| {
+                rows.push(serde_json::json!([inst.instance_id.as_str(), null, null]));
+                rows.len() - 1
+            });
+            if let Some(node) = node {
+                rows[at][1] = node.into();
+            }
+            if let Some(update) = update {
+                rows[at][2] = update.into_json();
+            }
+        };
         let node_changed = obs.node_id.is_some() && obs.node_id != inst.node_id;
         if node_changed {
-            sqlx::query("UPDATE instances SET node_id = ? WHERE instance_id = ?")
-                .bind(obs.node_id.as_ref().map(|n| n.as_str()))
-                .bind(inst.instance_id.as_str())
-                .execute(&mut *conn)
-                .await?;
+            row(None, obs.node_id.as_ref().map(|n| n.as_str()));
         }
         if obs.state == inst.state {
             changed += usize::from(node_changed);
@@ -432,18 +448,40 @@ async fn observe(
         if next == InstanceState::Running {
             reason = None;
         }
-        update_instance(
-            conn,
-            inst,
-            next,
-            desired,
-            inst.reboot_seq,
-            reason.as_ref(),
-            &transition_reason,
-            at,
-        )
-        .await?;
+        row(
+            Some(StateUpdate {
+                inst,
+                state: next,
+                desired,
+                reboot_seq: inst.reboot_seq,
+                reason: reason.as_ref(),
+                transition_reason: &transition_reason,
+                at,
+            }),
+            None,
+        );
         changed += 1;
+    }
+    if !rows.is_empty() {
+        // Column by column: a row's node (element 1) and state change (element 2) are
+        // each optional, and what is absent stays as it was.
+        sqlx::query(
+            "UPDATE instances SET
+                node_id = coalesce(j.value ->> '$[1]', node_id),
+                state = coalesce(j.value ->> '$[2][0]', state),
+                desired = coalesce(j.value ->> '$[2][1]', desired),
+                reboot_seq = coalesce(j.value ->> '$[2][2]', reboot_seq),
+                state_reason_code = iif(j.value ->> '$[2]' IS NULL, state_reason_code, j.value ->> '$[2][3]'),
+                state_reason_message = iif(j.value ->> '$[2]' IS NULL, state_reason_message, j.value ->> '$[2][4]'),
+                transition_reason = coalesce(j.value ->> '$[2][5]', transition_reason),
+                state_changed_at = coalesce(j.value ->> '$[2][6]', state_changed_at),
+                terminated_at = iif(j.value ->> '$[2]' IS NULL, terminated_at, j.value ->> '$[2][7]')
+             FROM json_each(?) j
+             WHERE instances.instance_id = j.value ->> '$[0]'",
+        )
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *conn)
+        .await?;
     }
     if desired_changed {
         bump_generation(conn, zone).await?;
@@ -454,40 +492,66 @@ async fn observe(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn update_instance(
-    conn: &mut SqliteConnection,
-    inst: &Instance,
+/// The columns of a state change, as [`update_instance`] writes them.
+struct StateUpdate<'a> {
+    inst: &'a Instance,
     state: InstanceState,
     desired: PowerState,
     reboot_seq: u64,
-    reason: Option<&StateReason>,
-    transition_reason: &str,
+    reason: Option<&'a StateReason>,
+    transition_reason: &'a str,
     at: DateTime<Utc>,
+}
+
+impl StateUpdate<'_> {
+    /// The two timestamps the change sets: when the state changed, when it terminated.
+    fn columns(&self) -> (String, Option<String>) {
+        let state_changed_at = if self.state != self.inst.state {
+            self.at
+        } else {
+            self.inst.state_changed_at
+        };
+        let terminated_at = match (self.state, self.inst.terminated_at) {
+            (InstanceState::Terminated, None) => Some(self.at),
+            (_, t) => t,
+        };
+        (fmt_time(state_changed_at), terminated_at.map(fmt_time))
+    }
+
+    fn into_json(self) -> serde_json::Value {
+        let (state_changed_at, terminated_at) = self.columns();
+        serde_json::json!([
+            self.state.name(),
+            self.desired.name(),
+            self.reboot_seq,
+            self.reason.map(|r| r.code.as_str()),
+            self.reason.map(|r| r.message.as_str()),
+            self.transition_reason,
+            state_changed_at,
+            terminated_at,
+        ])
+    }
+}
+
+async fn update_instance(
+    conn: &mut SqliteConnection,
+    update: StateUpdate<'_>,
 ) -> Result<(), StateError> {
-    let state_changed_at = if state != inst.state {
-        at
-    } else {
-        inst.state_changed_at
-    };
-    let terminated_at = match (state, inst.terminated_at) {
-        (InstanceState::Terminated, None) => Some(at),
-        (_, t) => t,
-    };
+    let (state_changed_at, terminated_at) = update.columns();
     sqlx::query(
         "UPDATE instances SET state = ?, desired = ?, reboot_seq = ?, state_reason_code = ?, state_reason_message = ?,
             transition_reason = ?, state_changed_at = ?, terminated_at = ?
          WHERE instance_id = ?",
     )
-    .bind(state.name())
-    .bind(desired.name())
-    .bind(reboot_seq as i64)
-    .bind(reason.map(|r| r.code.as_str()))
-    .bind(reason.map(|r| r.message.as_str()))
-    .bind(transition_reason)
-    .bind(fmt_time(state_changed_at))
-    .bind(terminated_at.map(fmt_time))
-    .bind(inst.instance_id.as_str())
+    .bind(update.state.name())
+    .bind(update.desired.name())
+    .bind(update.reboot_seq as i64)
+    .bind(update.reason.map(|r| r.code.as_str()))
+    .bind(update.reason.map(|r| r.message.as_str()))
+    .bind(update.transition_reason)
+    .bind(state_changed_at)
+    .bind(terminated_at)
+    .bind(update.inst.instance_id.as_str())
     .execute(&mut *conn)
     .await?;
     Ok(())

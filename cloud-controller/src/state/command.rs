@@ -81,6 +81,24 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether applying it may change the images or the zones (see [`super::Catalog`]).
+    pub fn changes_catalog(&self) -> bool {
+        match self {
+            Command::Batch(commands) => commands.iter().any(Command::changes_catalog),
+            Command::RegisterImage { .. } | Command::RegisterZone { .. } => true,
+            Command::CreateAccount { .. }
+            | Command::AddAccessKey { .. }
+            | Command::LaunchInstances { .. }
+            | Command::RequestInstances { .. }
+            | Command::ObserveInstances { .. }
+            | Command::CreateTags { .. }
+            | Command::DeleteTags { .. }
+            | Command::PurgeTerminated { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewInstance {
     pub instance_id: InstanceId,
@@ -91,6 +109,59 @@ pub struct NewInstance {
     pub zone: ZoneName,
     pub key_name: Option<String>,
     pub user_data: Option<Vec<u8>>,
+}
+
+impl NewInstance {
+    /// The instance as applying its launch stores it, for answering the launch without
+    /// reading it back. Only `seq` (the launch order, used for paging) is unknown: it is 0.
+    pub fn launched(
+        &self,
+        reservation_id: &ReservationId,
+        account_id: &AccountId,
+        client_token: Option<&str>,
+        tags: &[Tag],
+        at: DateTime<Utc>,
+    ) -> super::Instance {
+        use chrono::SubsecRound;
+        // Stored to the millisecond.
+        let at = at.trunc_subsecs(3);
+        // Later tags with the same key replace earlier ones, as the inserts do; the store
+        // lists them by key.
+        let tags: std::collections::BTreeMap<&str, &str> = tags
+            .iter()
+            .map(|t| (t.key.as_str(), t.value.as_str()))
+            .collect();
+        super::Instance {
+            seq: 0,
+            instance_id: self.instance_id.clone(),
+            reservation_id: reservation_id.clone(),
+            account_id: account_id.clone(),
+            launch_index: self.launch_index,
+            image_id: self.image_id.clone(),
+            instance_type: self.instance_type.clone(),
+            resources: self.resources,
+            zone: self.zone.clone(),
+            node_id: None,
+            key_name: self.key_name.clone(),
+            user_data: self.user_data.clone(),
+            client_token: client_token.map(str::to_owned),
+            state: InstanceState::Pending,
+            desired: PowerState::Running,
+            reboot_seq: 0,
+            state_reason: None,
+            transition_reason: String::new(),
+            launch_time: at,
+            state_changed_at: at,
+            terminated_at: None,
+            tags: tags
+                .into_iter()
+                .map(|(key, value)| Tag {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

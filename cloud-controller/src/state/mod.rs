@@ -18,8 +18,8 @@ pub use bulk::apply_each;
 pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};
-pub use store::Store;
 pub(crate) use store::count_applied;
+pub use store::{Catalog, Store};
 pub use types::{
     Account, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag, Zone,
 };

@@ -163,6 +163,7 @@ pub(crate) async fn load_instances_by_id(
     conn: &mut SqliteConnection,
     account: Option<&AccountId>,
     ids: &[InstanceId],
+    with_tags: bool,
 ) -> Result<HashMap<InstanceId, Instance>, StateError> {
     let ids_json = serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
         .map_err(|e| StateError::Corrupt(e.to_string()))?;
@@ -175,21 +176,25 @@ pub(crate) async fn load_instances_by_id(
         .bind(account.map(|a| a.as_str()))
         .fetch_all(&mut *conn)
         .await?;
-    let tags = tags_for(conn, account, Some(&ids_json)).await?;
+    let tags = if with_tags {
+        tags_for(conn, account, Some(&ids_json)).await?
+    } else {
+        HashMap::new()
+    };
     Ok(rows_to_instances(rows, tags)?
         .into_iter()
         .map(|i| (i.instance_id.clone(), i))
         .collect())
 }
 
-/// The account's instances named by `ids`, or `InstancesNotFound` listing every id the
-/// account does not own.
+/// The account's instances named by `ids` (without their tags), or `InstancesNotFound`
+/// listing every id the account does not own.
 pub(crate) async fn require_instances(
     conn: &mut SqliteConnection,
     account: &AccountId,
     ids: &[InstanceId],
 ) -> Result<HashMap<InstanceId, Instance>, StateError> {
-    let found = load_instances_by_id(conn, Some(account), ids).await?;
+    let found = load_instances_by_id(conn, Some(account), ids, false).await?;
     let missing: Vec<InstanceId> = ids
         .iter()
         .filter(|id| !found.contains_key(*id))
@@ -264,7 +269,7 @@ impl Store {
         ids: &[InstanceId],
     ) -> Result<HashMap<InstanceId, Instance>, StateError> {
         let mut conn = self.pool().acquire().await?;
-        load_instances_by_id(&mut conn, account, ids).await
+        load_instances_by_id(&mut conn, account, ids, true).await
     }
 
     pub async fn images(&self) -> Result<Vec<Image>, StateError> {

@@ -5,7 +5,8 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::Mutex;
 
-use super::{Command, Outcome, StateError, apply};
+use super::{Command, Image, Outcome, StateError, apply};
+use canopy_common::ZoneName;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -16,6 +17,22 @@ pub struct Store {
     pool: SqlitePool,
     /// Serializes apply: the state machine applies one command after another.
     writer: Mutex<()>,
+    catalog: std::sync::Mutex<CatalogCache>,
+}
+
+/// What every launch reads and almost nothing changes: the images and the zones' names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    pub images: Vec<Image>,
+    pub zones: Vec<ZoneName>,
+}
+
+/// The last [`Catalog`] read, valid until a commit that may change it.
+#[derive(Debug, Default)]
+struct CatalogCache {
+    /// Moves on every such commit; a copy read across a move is not kept.
+    epoch: u64,
+    current: Option<std::sync::Arc<Catalog>>,
 }
 
 impl Store {
@@ -52,6 +69,7 @@ impl Store {
         Ok(Store {
             pool,
             writer: Mutex::new(()),
+            catalog: Default::default(),
         })
     }
 
@@ -76,7 +94,42 @@ impl Store {
         };
         count_applied(&mut tx, 1).await?;
         tx.commit().await?;
+        if command.changes_catalog() {
+            self.catalog_changed();
+        }
         Ok(outcome)
+    }
+
+    /// The images and zones, from memory unless a commit changed them since the last read.
+    pub async fn catalog(&self) -> Result<std::sync::Arc<Catalog>, StateError> {
+        let epoch = {
+            let cache = self.lock_catalog();
+            if let Some(current) = &cache.current {
+                return Ok(current.clone());
+            }
+            cache.epoch
+        };
+        let catalog = std::sync::Arc::new(Catalog {
+            images: self.images().await?,
+            zones: self.zones().await?.into_iter().map(|z| z.zone).collect(),
+        });
+        let mut cache = self.lock_catalog();
+        if cache.epoch == epoch {
+            cache.current = Some(catalog.clone());
+        }
+        Ok(catalog)
+    }
+
+    /// Called after committing anything that may change the [`Catalog`] (a command for
+    /// which [`Command::changes_catalog`] holds, or an installed snapshot).
+    pub(crate) fn catalog_changed(&self) {
+        let mut cache = self.lock_catalog();
+        cache.epoch += 1;
+        cache.current = None;
+    }
+
+    fn lock_catalog(&self) -> std::sync::MutexGuard<'_, CatalogCache> {
+        self.catalog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many commands this store has applied.

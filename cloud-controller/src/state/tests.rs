@@ -1,5 +1,7 @@
 //! Apply tests on an in-memory store: each command's effect and its all-or-nothing refusals.
 
+use std::collections::HashMap;
+
 use canopy_common::{
     AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
     ZoneName,
@@ -473,4 +475,125 @@ async fn no_resource_gets_more_than_fifty_tags() {
     );
     // Replacing an existing key does not count twice.
     f.store.apply(&create(tags(0, 1))).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_launched_instance_is_stored_as_new_instance_launched_describes_it() {
+    let f = fixture().await;
+    let reservation_id = ReservationId::generate();
+    // Nanoseconds the store does not keep, and a tag key given twice (the last one wins).
+    let at = t(5) + chrono::Duration::nanoseconds(123_456_789);
+    let tags = vec![
+        Tag {
+            key: "b".into(),
+            value: "1".into(),
+        },
+        Tag {
+            key: "a".into(),
+            value: "2".into(),
+        },
+        Tag {
+            key: "b".into(),
+            value: "3".into(),
+        },
+    ];
+    let instances: Vec<NewInstance> = (0..2)
+        .map(|i| NewInstance {
+            instance_id: InstanceId::generate(),
+            launch_index: i,
+            image_id: f.image.clone(),
+            instance_type: "t2.micro".into(),
+            resources: Resources::new(1, 1024, 8),
+            zone: f.zone.clone(),
+            key_name: Some("key".into()),
+            user_data: Some(vec![1, 2, 3]),
+        })
+        .collect();
+    f.store
+        .apply(&Command::LaunchInstances {
+            reservation_id: reservation_id.clone(),
+            account_id: f.account.clone(),
+            client_token: Some("tok".into()),
+            request_hash: "h".into(),
+            instances: instances.clone(),
+            tags: tags.clone(),
+            at,
+        })
+        .await
+        .unwrap();
+    let stored: Vec<Instance> = f
+        .all()
+        .await
+        .into_iter()
+        .map(|i| Instance { seq: 0, ..i })
+        .collect();
+    let described: Vec<Instance> = instances
+        .iter()
+        .map(|i| i.launched(&reservation_id, &f.account, Some("tok"), &tags, at))
+        .collect();
+    assert_eq!(stored, described);
+}
+
+#[tokio::test]
+async fn one_report_places_and_moves_many_instances_each_judged_as_the_report_found_it() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 3)).await.unwrap();
+    let ids: Vec<InstanceId> = f.all().await.into_iter().map(|i| i.instance_id).collect();
+    let (a, b, c) = (&ids[0], &ids[1], &ids[2]);
+    let node = |n: &str| Some(NodeId::parse(n).unwrap());
+    let obs = |id: &InstanceId, node_id, state| Observation {
+        instance_id: id.clone(),
+        node_id,
+        state,
+        reason: Some(StateReason {
+            code: "Node.Note".into(),
+            message: "from the node".into(),
+        }),
+    };
+    let out = f
+        .store
+        .apply(&Command::ObserveInstances {
+            zone: f.zone.clone(),
+            observations: vec![
+                // a: placed, then (a second report in the same batch) running.
+                obs(a, node("n-1"), InstanceState::Pending),
+                obs(a, None, InstanceState::Running),
+                // b: placed and running at once.
+                obs(b, node("n-2"), InstanceState::Running),
+                // c: a report that skips the lifecycle is ignored, placement kept.
+                obs(c, node("n-3"), InstanceState::Stopped),
+                // Unknown: noise.
+                obs(&InstanceId::generate(), node("n-4"), InstanceState::Running),
+            ],
+            at: t(10),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome::Observed {
+            changed: 3,
+            desired_changed: false
+        }
+    );
+    let all: HashMap<InstanceId, Instance> = f
+        .all()
+        .await
+        .into_iter()
+        .map(|i| (i.instance_id.clone(), i))
+        .collect();
+    assert_eq!(all[a].node_id, node("n-1"));
+    assert_eq!(all[a].state, InstanceState::Running);
+    assert_eq!(all[a].state_changed_at, t(10));
+    assert_eq!(all[a].state_reason, None, "running clears the reason");
+    assert_eq!(all[b].node_id, node("n-2"));
+    assert_eq!(all[b].state, InstanceState::Running);
+    assert_eq!(all[c].node_id, node("n-3"));
+    assert_eq!(all[c].state, InstanceState::Pending);
+    assert_eq!(
+        all[c].state_changed_at,
+        t(1),
+        "no state change, no new time"
+    );
+    assert_eq!(all[c].launch_time, t(1));
 }

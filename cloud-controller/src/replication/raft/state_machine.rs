@@ -82,7 +82,11 @@ impl SqliteStateMachine {
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
+        let mut catalog_changed = false;
         for entry in entries {
+            if let EntryPayload::Normal(command) = &entry.payload {
+                catalog_changed |= command.changes_catalog();
+            }
             let response = match entry.payload {
                 EntryPayload::Blank => RaftResponse::NoCommand,
                 EntryPayload::Normal(Command::Batch(commands)) => {
@@ -111,6 +115,9 @@ impl SqliteStateMachine {
             write_json(&mut tx, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
         }
         tx.commit().await?;
+        if catalog_changed {
+            self.store.catalog_changed();
+        }
         tracing::trace!(
             entries = responses.len(),
             locked_ms,
@@ -127,6 +134,7 @@ impl SqliteStateMachine {
         attach(&mut conn, &file).await?;
         let result = copy_in(&mut conn, meta, data).await;
         detach(&mut conn).await;
+        self.store.catalog_changed();
         result
     }
 

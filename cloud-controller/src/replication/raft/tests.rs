@@ -411,7 +411,11 @@ async fn a_batch_applies_as_its_commands_one_by_one() {
             }
             let together = apply_all(&mut sm, index, vec![Command::Batch(batch)]).await;
             index += 1;
-            assert_eq!(together, vec![RaftResponse::Batch(one_by_one)], "seed {seed}");
+            assert_eq!(
+                together,
+                vec![RaftResponse::Batch(one_by_one)],
+                "seed {seed}"
+            );
         }
         let mut raft_rows = dump_state(&replicated).await;
         raft_rows
