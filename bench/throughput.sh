@@ -4,7 +4,8 @@
 # Uses target/release/canopy (build it first: cargo build --release -p canopy).
 # Env: SECONDS_PER_RUN (default 10), REPLICAS (1 or 3, default 3), SPREAD=1 to spread the
 # clients over every replica's endpoint (followers forward to the leader) instead of the
-# first replica's only.
+# first replica's only, TARGET=leader to send every request to the leader's endpoint (no
+# forwarding hop; which replica leads is up to the election).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${CANOPY_BIN:-$ROOT/target/release/canopy}
@@ -43,6 +44,11 @@ for _ in $(seq 1 100); do
     "$BIN" admin nodes 2>/dev/null | grep -q hv-1 && break; sleep 0.2
 done
 also=()
+if [[ ${TARGET:-} == leader ]]; then
+    leader=$("$BIN" admin --json cluster | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+    export AWS_ENDPOINT_URL_EC2="http://127.0.0.1:${EC2[$leader]}"
+    echo "clients talk to the leader, replica $leader"
+fi
 if [[ ${SPREAD:-0} == 1 ]]; then
     for i in $(seq 2 "$REPLICAS"); do also+=(--also-endpoint "http://127.0.0.1:${EC2[$i]}"); done
 fi

@@ -19,6 +19,9 @@ use crate::state::{AllocationGroup, StateError, Store};
 /// How old the copy of the committed allocations may get. Launches made since are counted
 /// from the ledger, so this only bounds how late freed room (terminations) is seen.
 const REFRESH: Duration = Duration::from_millis(200);
+/// The copy is also kept at least this many times as long as reading it took: the read is
+/// an aggregate over every live instance, and must stay a small share of the CPU.
+const REFRESH_FACTOR: u32 = 20;
 
 /// Launches scheduled by this replica and not yet in its copy of the committed allocations.
 #[derive(Default)]
@@ -28,9 +31,10 @@ pub struct LaunchLedger {
 
 #[derive(Default)]
 struct Ledger {
-    /// The committed allocations as last read, and when.
+    /// The committed allocations as last read, when, and how long until the next read.
     committed: Vec<AllocationGroup>,
     read_at: Option<Instant>,
+    keep: Duration,
     /// Counts commits of recorded launches; a launch committed at `n` is in every copy whose
     /// read began when the counter was already `n` or more.
     commits: u64,
@@ -84,7 +88,7 @@ impl LaunchLedger {
     pub async fn refresh(&self, store: &Store) -> Result<(), StateError> {
         let began = {
             let l = self.lock();
-            if l.read_at.is_some_and(|t| t.elapsed() < REFRESH) {
+            if l.read_at.is_some_and(|t| t.elapsed() < l.keep.max(REFRESH)) {
                 return Ok(());
             }
             l.commits
@@ -98,6 +102,7 @@ impl LaunchLedger {
         }
         l.committed = committed;
         l.read_at = Some(read_at);
+        l.keep = read_at.elapsed() * REFRESH_FACTOR;
         l.recent
             .retain(|_, r| r.committed_at.is_none_or(|at| at > began));
         Ok(())

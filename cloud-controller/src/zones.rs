@@ -17,9 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::clc::Clc;
 use crate::scheduler::ZoneSnapshot;
-use crate::state::{
-    AllocationGroup, Command, Instance, InstanceFilter, Observation, StateError, StateReason,
-};
+use crate::state::{AllocationGroup, Command, DesiredSpec, Observation, StateError, StateReason};
 
 /// What the CLC knows of a zone from its CC's heartbeats (soft state, not replicated).
 #[derive(Debug, Clone)]
@@ -447,7 +445,7 @@ fn state_from_proto(s: pb::ObservedState) -> Option<InstanceState> {
     })
 }
 
-fn spec_to_proto(i: &Instance) -> pb::InstanceSpec {
+fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
     pb::InstanceSpec {
         instance_id: i.instance_id.to_string(),
         instance_type: i.instance_type.clone(),
@@ -500,10 +498,11 @@ impl CcClients {
 
 /// The shortest pause between two pushes of a zone's desired state.
 const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
-/// Added to the pause per instance pushed: a document costs O(instances) to build, send and
-/// apply in all three tiers, so big zones are pushed less often and the cost stays a bounded
-/// share of the CPU (10,000 instances: 250 ms between pushes) until documents become deltas.
-const PUSH_PAUSE_PER_INSTANCE: Duration = Duration::from_micros(20);
+/// The pause after a round of pushes is at least this many times the round's own duration:
+/// a document costs O(instances) to read, build, send and apply (the CC answers once it has
+/// applied it), so big zones are pushed less often and the cost stays a bounded share of the
+/// CPU until documents become deltas.
+const PUSH_PAUSE_FACTOR: u32 = 8;
 
 /// Pushes each zone's desired state when it changes (at most every `MIN_PUSH_INTERVAL`),
 /// and every `resync_interval` anyway.
@@ -519,14 +518,13 @@ pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Rec
         // nothing else), so no node starts an instance for an entry that could be lost.
         let mut pause = MIN_PUSH_INTERVAL;
         if clc.replica.is_leader() {
-            match reconcile_once(&clc, &mut pushed, full).await {
-                Ok(sent) => {
-                    pause = (MIN_PUSH_INTERVAL
-                        + PUSH_PAUSE_PER_INSTANCE * u32::try_from(sent).unwrap_or(u32::MAX))
-                    .min(clc.config.resync_interval);
-                }
-                Err(e) => tracing::warn!(error = %e, "zone reconcile failed"),
+            let started = Instant::now();
+            if let Err(e) = reconcile_once(&clc, &mut pushed, full).await {
+                tracing::warn!(error = %e, "zone reconcile failed");
             }
+            pause = pause
+                .max(started.elapsed() * PUSH_PAUSE_FACTOR)
+                .min(clc.config.resync_interval);
         } else {
             // A leader again later pushes everything afresh.
             pushed.clear();
@@ -546,13 +544,12 @@ pub async fn run_reconciler(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Rec
     }
 }
 
-/// Pushes what changed (everything when `full`); returns how many instances it sent.
+/// Pushes what changed (everything when `full`).
 async fn reconcile_once(
     clc: &Clc,
     pushed: &mut HashMap<ZoneName, u64>,
     full: bool,
-) -> Result<usize, StateError> {
-    let mut sent = 0;
+) -> Result<(), StateError> {
     for zone in clc.store.zones().await? {
         let live = clc.zones.get(&zone.zone);
         let behind = live
@@ -565,16 +562,7 @@ async fn reconcile_once(
             .map(|l| l.endpoint)
             .filter(|e| !e.is_empty())
             .unwrap_or(zone.endpoint.clone());
-        let instances = clc
-            .store
-            .instances(&InstanceFilter {
-                zone: Some(zone.zone.clone()),
-                live_only: true,
-                without_tags: true,
-                ..Default::default()
-            })
-            .await?;
-        sent += instances.len();
+        let instances = clc.store.desired_specs(&zone.zone).await?;
         let doc = pb::ZoneDesiredState {
             zone: zone.zone.to_string(),
             generation: zone.generation,
@@ -601,7 +589,7 @@ async fn reconcile_once(
             }
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 /// Forgets terminated instances past their retention, once a minute.

@@ -45,10 +45,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Registration backoff: starts small so a CC that comes up a moment later is found fast.
 const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long `NodeHandle::shutdown` waits for a task before aborting it.
-/// The shortest pause between two reconcile passes, and what each instance adds to it.
+/// The shortest pause between two reconcile passes.
 const RECONCILE_GAP: Duration = Duration::from_millis(2);
-const RECONCILE_GAP_PER_INSTANCE: Duration = Duration::from_micros(2);
+/// The pause after a pass is at least this many times the pass's own duration, so passes
+/// take at most a fifth of a core however many instances the node holds.
+const RECONCILE_GAP_FACTOR: u32 = 4;
+/// How long `NodeHandle::shutdown` waits for a task before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A running node controller.
@@ -309,11 +311,12 @@ impl Agent {
     ) {
         let mut events_open = true;
         loop {
+            let started = Instant::now();
             let deadline = self.reconcile_once().await;
             // A pass looks at every instance; events arriving one by one (a burst of boots)
-            // must not each cost a pass. Pausing in proportion to the node's size lets a
+            // must not each cost a pass. Pausing in proportion to what the pass cost lets a
             // burst ride on one pass and keeps reconciling a bounded share of the CPU.
-            let gap = RECONCILE_GAP + RECONCILE_GAP_PER_INSTANCE * self.instance_count();
+            let gap = RECONCILE_GAP.max(started.elapsed() * RECONCILE_GAP_FACTOR);
             tokio::select! {
                 _ = stopped(&mut shutdown) => return,
                 _ = tokio::time::sleep(gap) => {}
@@ -334,14 +337,6 @@ impl Agent {
                 },
             }
         }
-    }
-
-    fn instance_count(&self) -> u32 {
-        let state = self.lock();
-        state
-            .desired
-            .as_ref()
-            .map_or(0, |d| u32::try_from(d.instances.len()).unwrap_or(u32::MAX))
     }
 
     /// One reconcile pass. Returns the earliest stop deadline, when one is pending.

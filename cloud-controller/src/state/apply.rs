@@ -462,9 +462,9 @@ async fn observe(
         );
         changed += 1;
     }
-    if !rows.is_empty() {
-        // Column by column: a row's node (element 1) and state change (element 2) are
-        // each optional, and what is absent stays as it was.
+    if !rows.is_empty() || desired_changed {
+        // One call. Column by column: a row's node (element 1) and state change (element
+        // 2) are each optional, and what is absent stays as it was.
         sqlx::query(
             "UPDATE instances SET
                 node_id = coalesce(j.value ->> '$[1]', node_id),
@@ -477,14 +477,15 @@ async fn observe(
                 state_changed_at = coalesce(j.value ->> '$[2][6]', state_changed_at),
                 terminated_at = iif(j.value ->> '$[2]' IS NULL, terminated_at, j.value ->> '$[2][7]')
              FROM json_each(?) j
-             WHERE instances.instance_id = j.value ->> '$[0]'",
+             WHERE instances.instance_id = j.value ->> '$[0]';
+             UPDATE zones SET generation = generation + 1 WHERE ? AND zone = ?;",
         )
+        // Plain `?` in order: see the note in `bulk` on numbered parameters.
         .bind(serde_json::Value::Array(rows).to_string())
+        .bind(desired_changed)
+        .bind(zone.as_str())
         .execute(&mut *conn)
         .await?;
-    }
-    if desired_changed {
-        bump_generation(conn, zone).await?;
     }
     Ok(Outcome::Observed {
         changed,

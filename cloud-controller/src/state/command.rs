@@ -82,6 +82,25 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether applying it can end in a rejection (a [`super::StateError`] for which
+    /// `is_rejection` holds), so that what it wrote first must be rolled back.
+    pub fn can_be_refused(&self) -> bool {
+        match self {
+            Command::Batch(_)
+            | Command::CreateAccount { .. }
+            | Command::AddAccessKey { .. }
+            | Command::RegisterImage { .. }
+            | Command::LaunchInstances { .. }
+            | Command::RequestInstances { .. }
+            | Command::CreateTags { .. }
+            | Command::DeleteTags { .. } => true,
+            // Stale or unknown reports are skipped one by one, never refused.
+            Command::ObserveInstances { .. }
+            | Command::RegisterZone { .. }
+            | Command::PurgeTerminated { .. } => false,
+        }
+    }
+
     /// Whether applying it may change the images or the zones (see [`super::Catalog`]).
     pub fn changes_catalog(&self) -> bool {
         match self {

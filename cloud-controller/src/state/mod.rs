@@ -21,7 +21,8 @@ pub use query::{AllocationGroup, InstanceFilter};
 pub(crate) use store::count_applied;
 pub use store::{Catalog, Store};
 pub use types::{
-    Account, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag, Zone,
+    Account, DesiredSpec, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag,
+    Zone,
 };
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use canopy_common::{
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::{FromRow, SqliteConnection};
 
-use super::types::{Account, Image, Instance, StateReason, Tag, Zone};
+use super::types::{Account, DesiredSpec, Image, Instance, StateReason, Tag, Zone};
 use super::{StateError, Store};
 
 pub(crate) fn fmt_time(t: DateTime<Utc>) -> String {
@@ -35,8 +35,6 @@ pub struct InstanceFilter {
     pub account_id: Option<AccountId>,
     pub zone: Option<ZoneName>,
     pub reservation_id: Option<ReservationId>,
-    /// Leave out terminated instances.
-    pub live_only: bool,
     /// Do not load tags (the desired-state documents have no use for them).
     pub without_tags: bool,
 }
@@ -208,6 +206,55 @@ pub(crate) async fn require_instances(
 }
 
 impl Store {
+    /// The desired state of every instance of `zone` that is not terminated: only the
+    /// columns a desired-state document carries, since it is read for every push.
+    pub async fn desired_specs(&self, zone: &ZoneName) -> Result<Vec<DesiredSpec>, StateError> {
+        type SpecRow = (
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            String,
+            Option<Vec<u8>>,
+            Option<String>,
+            String,
+            i64,
+            Option<String>,
+        );
+        let rows: Vec<SpecRow> = sqlx::query_as(
+            "SELECT instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id, user_data,
+                key_name, desired, reboot_seq, node_id
+             FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
+        )
+        .bind(zone.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(
+                |(id, itype, vcpus, mem, disk, image, user_data, key, desired, reboot, node)| {
+                    Ok(DesiredSpec {
+                        instance_id: parse(&id)?,
+                        instance_type: itype,
+                        resources: Resources::new(
+                            u32::try_from(vcpus).unwrap_or_default(),
+                            u64::try_from(mem).unwrap_or_default(),
+                            u64::try_from(disk).unwrap_or_default(),
+                        ),
+                        image_id: parse(&image)?,
+                        user_data,
+                        key_name: key,
+                        desired: PowerState::from_name(&desired).ok_or_else(|| {
+                            StateError::Corrupt(format!("desired state {desired:?}"))
+                        })?,
+                        reboot_seq: u64::try_from(reboot).unwrap_or_default(),
+                        node_id: node.as_deref().map(parse).transpose()?,
+                    })
+                },
+            )
+            .collect()
+    }
+
     /// Instances in launch order.
     pub async fn instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, StateError> {
         let mut conn = self.pool().acquire().await?;
@@ -225,9 +272,6 @@ impl Store {
         if let Some(reservation) = &filter.reservation_id {
             sql.push_str(" AND reservation_id = ?");
             args.push(reservation.as_str());
-        }
-        if filter.live_only {
-            sql.push_str(" AND state != 'terminated'");
         }
         sql.push_str(" ORDER BY seq");
         let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));

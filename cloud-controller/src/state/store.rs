@@ -92,7 +92,7 @@ impl Store {
                 return Err(e);
             }
         };
-        count_applied(&mut tx, 1).await?;
+        count_applied(&mut tx, 1, None).await?;
         tx.commit().await?;
         if command.changes_catalog() {
             self.catalog_changed();
@@ -146,17 +146,27 @@ impl Store {
     }
 }
 
-/// Counts one more applied command in `meta.last_applied`, in the caller's transaction:
-/// the single-replica path and the Raft state machine keep the same count.
+/// Counts `commands` more applied commands in `meta.last_applied`, in the caller's
+/// transaction, so that the single-replica path and the Raft state machine keep the same
+/// count; and sets one more `meta` row (`also`: key, value) in the same call.
 pub(crate) async fn count_applied(
     conn: &mut sqlx::SqliteConnection,
     commands: i64,
+    also: Option<(&str, String)>,
 ) -> Result<(), sqlx::Error> {
+    let (key, value) = also.unzip();
     sqlx::query(
-        "INSERT INTO meta(key, value) VALUES ('last_applied', CAST(?1 AS TEXT))
-         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?1 AS TEXT)",
+        "INSERT INTO meta(key, value) SELECT 'last_applied', CAST(? AS TEXT) WHERE ? > 0
+         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + excluded.value AS TEXT);
+         INSERT INTO meta(key, value) SELECT ?, ? WHERE ? IS NOT NULL
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
     )
+    // Plain `?` in order: see the note in `state::bulk` on numbered parameters.
     .bind(commands)
+    .bind(commands)
+    .bind(key)
+    .bind(value)
+    .bind(key)
     .execute(&mut *conn)
     .await?;
     Ok(())

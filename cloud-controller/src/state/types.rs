@@ -84,3 +84,18 @@ pub struct Instance {
     pub terminated_at: Option<DateTime<Utc>>,
     pub tags: Vec<Tag>,
 }
+
+/// What a zone's cluster controller is told about one instance: its desired state, in the
+/// order the instances were launched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredSpec {
+    pub instance_id: InstanceId,
+    pub instance_type: String,
+    pub resources: Resources,
+    pub image_id: ImageId,
+    pub user_data: Option<Vec<u8>>,
+    pub key_name: Option<String>,
+    pub desired: PowerState,
+    pub reboot_seq: u64,
+    pub node_id: Option<NodeId>,
+}

@@ -13,8 +13,10 @@ use super::{KvTable, RaftStoreError, db_index, read_json, write_json};
 use crate::state::Store;
 
 const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged_log_id";
+// The committed log id is not stored (openraft's default `save_committed` does nothing):
+// storing it cost one more fsync per commit on every replica, and a restarted replica
+// learns the commit index from the leader anyway; what it applied is in the state itself.
 
 /// The durable Raft log of one replica: in a database of its own ([`SqliteLogStore::open`]),
 /// so appending never waits for the state machine's write lock (SQLite has one writer per
@@ -244,19 +246,6 @@ impl RaftLogStorage<TypeConfig> for SqliteLogStore {
         self.read(VOTE)
             .await
             .map_err(|e| StorageIOError::read_vote(&e).into())
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write(COMMITTED, &committed)
-            .await
-            .map_err(|e| StorageIOError::write(&e).into())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        self.read::<Option<LogId>>(COMMITTED)
-            .await
-            .map(Option::flatten)
-            .map_err(|e| StorageIOError::read(&e).into())
     }
 
     async fn append<I>(

@@ -105,12 +105,12 @@ impl SqliteStateMachine {
             responses.push(response);
         }
         // The same count `Store::apply` keeps, so `Store::last_applied` means "commands
-        // applied" on either path and both paths leave identical rows; one statement a batch.
+        // applied" on either path and both paths leave identical rows; one call a batch,
+        // with the last applied log id.
         let applied = count_commands(&responses);
-        if applied > 0 {
-            crate::state::count_applied(&mut tx, applied).await?;
-        }
-        write_json(&mut tx, KvTable::Meta, LAST_APPLIED, &last_applied).await?;
+        let last_applied_json = serde_json::to_string(&last_applied)?;
+        crate::state::count_applied(&mut tx, applied, Some((LAST_APPLIED, last_applied_json)))
+            .await?;
         if let Some(membership) = membership {
             write_json(&mut tx, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
         }
