@@ -282,13 +282,13 @@ async fn capacity_is_checked_per_zone_and_launches_what_fits() {
         "a refused launch creates nothing"
     );
 
-    let r = ec2
-        .run(&[
-            ("MinCount", "1"),
-            ("MaxCount", "5"),
-            ("Placement.AvailabilityZone", "zone-b"),
-        ])
-        .await;
+    let fill_b = [
+        ("MinCount", "1"),
+        ("MaxCount", "5"),
+        ("Placement.AvailabilityZone", "zone-b"),
+        ("ClientToken", "fill-b"),
+    ];
+    let r = ec2.run(&fill_b).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.all("instanceId").len(),
@@ -296,6 +296,17 @@ async fn capacity_is_checked_per_zone_and_launches_what_fits() {
         "MaxCount is trimmed to what fits"
     );
     assert!(r.all("availabilityZone").iter().all(|z| z == "zone-b"));
+    // zone-b is full now, yet a retry of that launch gets it back rather than a refusal.
+    let again = ec2.run(&fill_b).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.one("reservationId"), r.one("reservationId"));
+    assert_eq!(again.all("instanceId"), r.all("instanceId"));
+    let mut other = fill_b.to_vec();
+    other[1] = ("MaxCount", "4");
+    assert_eq!(
+        ec2.run(&other).await.error_code(),
+        "IdempotentParameterMismatch"
+    );
     // The least loaded zone is now zone-a.
     let r = ec2.run(&[("MinCount", "1"), ("MaxCount", "1")]).await;
     assert_eq!(r.one("availabilityZone"), "zone-a");

@@ -35,6 +35,8 @@ struct Ledger {
     committed: Vec<AllocationGroup>,
     read_at: Option<Instant>,
     keep: Duration,
+    /// A refresh is reading: the others go on with the current copy.
+    reading: bool,
     /// Counts commits of recorded launches; a launch committed at `n` is in every copy whose
     /// read began when the counter was already `n` or more.
     commits: u64,
@@ -84,15 +86,29 @@ impl LaunchLedger {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Re-reads the committed allocations when the copy is older than [`REFRESH`].
+    /// Re-reads the committed allocations when the copy is older than [`REFRESH`]. One
+    /// caller reads at a time; while it does, the others go on with the current copy (once
+    /// there is one), which the ledger's recent launches keep safe to schedule against.
     pub async fn refresh(&self, store: &Store) -> Result<(), StateError> {
         let began = {
-            let l = self.lock();
+            let mut l = self.lock();
             if l.read_at.is_some_and(|t| t.elapsed() < l.keep.max(REFRESH)) {
                 return Ok(());
             }
+            if l.reading && l.read_at.is_some() {
+                return Ok(());
+            }
+            l.reading = true;
             l.commits
         };
+        // Cleared however the read ends (an error, or the request dropped mid-read).
+        struct Reading<'a>(&'a LaunchLedger);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                self.0.lock().reading = false;
+            }
+        }
+        let _reading = Reading(self);
         let read_at = Instant::now();
         let committed = store.allocations().await?;
         let mut l = self.lock();
@@ -213,6 +229,26 @@ mod tests {
         let began = ledger.commits();
         ledger.install(committed_copy(5), began);
         assert_eq!(seen(&ledger), 5);
+    }
+
+    #[tokio::test]
+    async fn one_refresh_reads_at_a_time_and_the_others_use_the_copy() {
+        let store = Store::in_memory().await.unwrap();
+        let ledger = LaunchLedger::default();
+        ledger.refresh(&store).await.unwrap();
+        let first = ledger.lock().read_at;
+        assert!(first.is_some());
+        // Stale, but another caller is reading: no second read.
+        ledger.lock().read_at = Some(Instant::now() - 2 * REFRESH);
+        ledger.lock().reading = true;
+        let stale = ledger.lock().read_at;
+        ledger.refresh(&store).await.unwrap();
+        assert_eq!(ledger.lock().read_at, stale);
+        // Once that read is over, the next caller reads.
+        ledger.lock().reading = false;
+        ledger.refresh(&store).await.unwrap();
+        assert!(ledger.lock().read_at > stale);
+        assert!(!ledger.lock().reading, "cleared after the read");
     }
 
     #[test]

@@ -212,111 +212,111 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     };
 
     // The reservation, and its instances when this call launched them (a replay reads them).
-    let (reservation_id, launched) = match replayed_reservation(
-        ctx,
-        client_token.as_deref(),
-        &request_hash,
-    )
-    .await?
-    {
-        Some(r) => (r, None),
-        None => {
-            crate::zones::await_zones(&ctx.clc).await?;
-            ctx.clc.launches.refresh(&ctx.clc.store).await?;
-            let req = LaunchRequest {
-                zone,
-                per_instance: itype.resources,
-                min_count,
-                max_count,
-            };
-            // Choosing the zone and counting the launch as taken are one step; the commit
-            // happens outside it, so concurrent launches commit together.
-            let (decision, ticket) = ctx.clc.launches.schedule(|allocations| {
-                let snapshots = zone_snapshots(&ctx.clc, &catalog.zones, allocations);
-                let decision = scheduler::choose_zone(&snapshots, &req);
-                let launch = match &decision {
-                    Decision::Launch { zone, count } => {
-                        Some((zone.clone(), itype.resources, u64::from(*count)))
-                    }
-                    _ => None,
-                };
-                (decision, launch)
-            });
-            let (zone, count) = match decision {
-                Decision::Launch { zone, count } => (zone, count),
-                Decision::UnknownZone(z) => {
-                    return Err(ApiError::invalid(format!(
-                        "Invalid availability zone: [{z}]"
-                    )));
+    // A retry with the same ClientToken is answered by the apply (`replayed`), so it costs no
+    // read up front; only when the launch cannot be scheduled now is the token looked up,
+    // so that a retry of a launch that succeeded earlier gets it back whatever room is left.
+    let (reservation_id, launched) = 'launch: {
+        crate::zones::await_zones(&ctx.clc).await?;
+        ctx.clc.launches.refresh(&ctx.clc.store).await?;
+        let req = LaunchRequest {
+            zone,
+            per_instance: itype.resources,
+            min_count,
+            max_count,
+        };
+        // Choosing the zone and counting the launch as taken are one step; the commit
+        // happens outside it, so concurrent launches commit together.
+        let (decision, ticket) = ctx.clc.launches.schedule(|allocations| {
+            let snapshots = zone_snapshots(&ctx.clc, &catalog.zones, allocations);
+            let decision = scheduler::choose_zone(&snapshots, &req);
+            let launch = match &decision {
+                Decision::Launch { zone, count } => {
+                    Some((zone.clone(), itype.resources, u64::from(*count)))
                 }
-                Decision::NoCapacity { reasons } => {
-                    tracing::info!(?reasons, "launch refused: no capacity");
-                    return Err(ApiError::new(
-                        500,
-                        "InsufficientInstanceCapacity",
-                        format!(
-                            "We currently do not have sufficient {type_name} capacity to launch {min_count} instance(s): {}",
-                            reasons.join(" | ")
-                        ),
-                    ));
-                }
+                _ => None,
             };
-            let instances = (0..count)
-                .map(|i| NewInstance {
-                    instance_id: InstanceId::generate(),
-                    launch_index: i,
-                    image_id: image_id.clone(),
-                    instance_type: itype.name.to_owned(),
-                    resources: itype.resources,
-                    zone: zone.clone(),
-                    key_name: key_name.clone(),
-                    user_data: user_data.clone(),
-                })
-                .collect::<Vec<_>>();
-            let launch = Command::LaunchInstances {
-                reservation_id: ReservationId::generate(),
-                account_id: ctx.account.clone(),
-                client_token: client_token.clone(),
-                request_hash,
-                instances: instances.clone(),
-                tags: tags.clone(),
-                at: Utc::now(),
-            };
-            let at = match &launch {
-                Command::LaunchInstances { at, .. } => *at,
-                _ => unreachable!("built just above"),
-            };
-            match ctx.clc.submit(launch).await? {
-                // A replay (the same token, committed meanwhile) took no new room.
-                Outcome::Launched {
-                    reservation_id,
-                    replayed: true,
-                } => (reservation_id, None),
-                Outcome::Launched {
-                    reservation_id,
-                    replayed: false,
-                } => {
-                    if let Some(ticket) = ticket {
-                        ticket.committed();
-                    }
-                    let launched = instances
-                        .iter()
-                        .map(|i| {
-                            i.launched(
-                                &reservation_id,
-                                &ctx.account,
-                                client_token.as_deref(),
-                                &tags,
-                                at,
-                            )
-                        })
-                        .collect();
-                    (reservation_id, Some(launched))
+            (decision, launch)
+        });
+        if !matches!(decision, Decision::Launch { .. })
+            && let Some(prior) =
+                replayed_reservation(ctx, client_token.as_deref(), &request_hash).await?
+        {
+            break 'launch (prior, None);
+        }
+        let (zone, count) = match decision {
+            Decision::Launch { zone, count } => (zone, count),
+            Decision::UnknownZone(z) => {
+                return Err(ApiError::invalid(format!(
+                    "Invalid availability zone: [{z}]"
+                )));
+            }
+            Decision::NoCapacity { reasons } => {
+                tracing::info!(?reasons, "launch refused: no capacity");
+                return Err(ApiError::new(
+                    500,
+                    "InsufficientInstanceCapacity",
+                    format!(
+                        "We currently do not have sufficient {type_name} capacity to launch {min_count} instance(s): {}",
+                        reasons.join(" | ")
+                    ),
+                ));
+            }
+        };
+        let instances = (0..count)
+            .map(|i| NewInstance {
+                instance_id: InstanceId::generate(),
+                launch_index: i,
+                image_id: image_id.clone(),
+                instance_type: itype.name.to_owned(),
+                resources: itype.resources,
+                zone: zone.clone(),
+                key_name: key_name.clone(),
+                user_data: user_data.clone(),
+            })
+            .collect::<Vec<_>>();
+        let launch = Command::LaunchInstances {
+            reservation_id: ReservationId::generate(),
+            account_id: ctx.account.clone(),
+            client_token: client_token.clone(),
+            request_hash,
+            instances: instances.clone(),
+            tags: tags.clone(),
+            at: Utc::now(),
+        };
+        let at = match &launch {
+            Command::LaunchInstances { at, .. } => *at,
+            _ => unreachable!("built just above"),
+        };
+        match ctx.clc.submit(launch).await? {
+            // A replay (the same token, committed meanwhile) took no new room.
+            Outcome::Launched {
+                reservation_id,
+                replayed: true,
+            } => (reservation_id, None),
+            Outcome::Launched {
+                reservation_id,
+                replayed: false,
+            } => {
+                if let Some(ticket) = ticket {
+                    ticket.committed();
                 }
-                other => {
-                    tracing::error!(?other, "launch produced an unexpected outcome");
-                    return Err(ApiError::internal());
-                }
+                let launched = instances
+                    .iter()
+                    .map(|i| {
+                        i.launched(
+                            &reservation_id,
+                            &ctx.account,
+                            client_token.as_deref(),
+                            &tags,
+                            at,
+                        )
+                    })
+                    .collect();
+                (reservation_id, Some(launched))
+            }
+            other => {
+                tracing::error!(?other, "launch produced an unexpected outcome");
+                return Err(ApiError::internal());
             }
         }
     };
