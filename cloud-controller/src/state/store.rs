@@ -48,6 +48,10 @@ impl Store {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
+            // No ping before each use: the database is a file in this process, so a
+            // connection cannot go stale, and the ping is one more round trip to the
+            // connection's thread on every query and transaction.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         Self::with_pool(pool).await

@@ -52,6 +52,8 @@ impl SqliteLogStore {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // See `Store::open`: an embedded database's connection does not go stale.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         // The same two tables the state database's migration 0002 has.
