@@ -80,11 +80,11 @@ async fn apply_launches(
     let mut asked_tokens = Vec::new();
     let mut asked_images = Vec::new();
     for command in launches {
-        let (_, account_id, client_token, _, instances, _) = launch_fields(command)?;
-        if let Some(token) = client_token {
-            asked_tokens.push((account_id.as_str(), token.as_str()));
+        let launch = launch_fields(command)?;
+        if let Some(token) = launch.client_token {
+            asked_tokens.push((launch.account_id.as_str(), token.as_str()));
         }
-        asked_images.push(first_image(instances));
+        asked_images.push(first_image(launch.instances));
     }
     // One read for both: ('token', account, token, reservation, hash) rows for the earlier
     // launches, ('image', id, NULL, NULL, NULL) rows for the images that exist.
@@ -132,12 +132,16 @@ async fn apply_launches(
     let mut tag_rows = Vec::new();
     let mut bumps: BTreeMap<&str, i64> = BTreeMap::new();
     for command in launches {
-        let (reservation_id, account_id, client_token, request_hash, instances, tags) =
-            launch_fields(command)?;
-        let at = match command {
-            Command::LaunchInstances { at, .. } => fmt_time(*at),
-            _ => unreachable!("launch_fields accepted it"),
-        };
+        let Launch {
+            reservation_id,
+            account_id,
+            client_token,
+            request_hash,
+            instances,
+            tags,
+            at,
+        } = launch_fields(command)?;
+        let at = fmt_time(at);
         if let Some(token) = client_token {
             let key = (account_id.to_string(), token.clone());
             if let Some((prior_id, prior_hash)) = tokens.get(&key) {
@@ -254,16 +258,18 @@ async fn apply_launches(
     Ok(results)
 }
 
-type LaunchFields<'a> = (
-    &'a canopy_common::ReservationId,
-    &'a canopy_common::AccountId,
-    &'a Option<String>,
-    &'a String,
-    &'a [super::command::NewInstance],
-    &'a [super::types::Tag],
-);
+/// The fields of a `LaunchInstances`, borrowed.
+struct Launch<'a> {
+    reservation_id: &'a canopy_common::ReservationId,
+    account_id: &'a canopy_common::AccountId,
+    client_token: &'a Option<String>,
+    request_hash: &'a String,
+    instances: &'a [super::command::NewInstance],
+    tags: &'a [super::types::Tag],
+    at: chrono::DateTime<chrono::Utc>,
+}
 
-fn launch_fields(command: &Command) -> Result<LaunchFields<'_>, StateError> {
+fn launch_fields(command: &Command) -> Result<Launch<'_>, StateError> {
     match command {
         Command::LaunchInstances {
             reservation_id,
@@ -272,15 +278,16 @@ fn launch_fields(command: &Command) -> Result<LaunchFields<'_>, StateError> {
             request_hash,
             instances,
             tags,
-            at: _,
-        } => Ok((
+            at,
+        } => Ok(Launch {
             reservation_id,
             account_id,
             client_token,
             request_hash,
             instances,
             tags,
-        )),
+            at: *at,
+        }),
         _ => Err(StateError::Corrupt(
             "a launch run holds another command".into(),
         )),

@@ -35,8 +35,6 @@ pub struct InstanceFilter {
     pub account_id: Option<AccountId>,
     pub zone: Option<ZoneName>,
     pub reservation_id: Option<ReservationId>,
-    /// Do not load tags (the desired-state documents have no use for them).
-    pub without_tags: bool,
 }
 
 #[derive(FromRow)]
@@ -279,7 +277,7 @@ impl Store {
             query = query.bind(arg);
         }
         let rows: Vec<InstanceRow> = query.fetch_all(&mut *conn).await?;
-        let tags = if filter.without_tags || rows.is_empty() {
+        let tags = if rows.is_empty() {
             HashMap::new()
         } else if filter.reservation_id.is_some() {
             // A handful of instances: their own tags, not the whole account's.
