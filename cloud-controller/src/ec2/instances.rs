@@ -274,6 +274,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 user_data: user_data.clone(),
             })
             .collect::<Vec<_>>();
+        let at = Utc::now();
         let launch = Command::LaunchInstances {
             reservation_id: ReservationId::generate(),
             account_id: ctx.account.clone(),
@@ -281,11 +282,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             request_hash,
             instances: instances.clone(),
             tags: tags.clone(),
-            at: Utc::now(),
-        };
-        let at = match &launch {
-            Command::LaunchInstances { at, .. } => *at,
-            _ => unreachable!("built just above"),
+            at,
         };
         match ctx.clc.submit(launch).await? {
             // A replay (the same token, committed meanwhile) took no new room.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
 use super::StateError;
-use super::command::{Command, InstanceAction, Observation, Outcome, StateChange};
+use super::command::{Command, InstanceAction, Observation, Outcome, StateChange, launch_image};
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::types::{Instance, RESOURCE_TYPE_INSTANCE, StateReason};
 
@@ -137,20 +137,13 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             }
             let image_ok: Option<(String,)> =
                 sqlx::query_as("SELECT image_id FROM images WHERE image_id = ?")
-                    .bind(
-                        instances
-                            .first()
-                            .map(|i| i.image_id.as_str())
-                            .unwrap_or_default(),
-                    )
+                    .bind(launch_image(instances))
                     .fetch_optional(&mut *conn)
                     .await?;
             if image_ok.is_none() {
-                let id = instances
-                    .first()
-                    .map(|i| i.image_id.to_string())
-                    .unwrap_or_default();
-                return Err(StateError::ImageNotFound(id));
+                return Err(StateError::ImageNotFound(
+                    launch_image(instances).to_owned(),
+                ));
             }
             sqlx::query("INSERT INTO reservations(reservation_id, account_id, client_token, request_hash, created_at) VALUES (?, ?, ?, ?, ?)")
                 .bind(reservation_id.as_str())

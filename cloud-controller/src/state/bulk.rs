@@ -15,7 +15,7 @@ use sqlx::SqliteConnection;
 
 use super::StateError;
 use super::apply::{MAX_TAGS_PER_RESOURCE, apply};
-use super::command::{Command, Outcome};
+use super::command::{Command, Outcome, launch_image};
 use super::query::fmt_time;
 use super::types::RESOURCE_TYPE_INSTANCE;
 
@@ -84,7 +84,7 @@ async fn apply_launches(
         if let Some(token) = launch.client_token {
             asked_tokens.push((launch.account_id.as_str(), token.as_str()));
         }
-        asked_images.push(first_image(launch.instances));
+        asked_images.push(launch_image(launch.instances));
     }
     // One read for both: ('token', account, token, reservation, hash) rows for the earlier
     // launches, ('image', id, NULL, NULL, NULL) rows for the images that exist.
@@ -159,7 +159,7 @@ async fn apply_launches(
                 continue;
             }
         }
-        let image = first_image(instances);
+        let image = launch_image(instances);
         if !images.contains(image) {
             results.push(Err(StateError::ImageNotFound(image.to_owned())));
             continue;
@@ -292,14 +292,6 @@ fn launch_fields(command: &Command) -> Result<Launch<'_>, StateError> {
             "a launch run holds another command".into(),
         )),
     }
-}
-
-/// The image a launch checks: its first instance's ([`apply`] checks the same one).
-fn first_image(instances: &[super::command::NewInstance]) -> &str {
-    instances
-        .first()
-        .map(|i| i.image_id.as_str())
-        .unwrap_or_default()
 }
 
 fn corrupt(e: serde_json::Error) -> StateError {

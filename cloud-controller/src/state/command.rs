@@ -130,6 +130,15 @@ pub struct NewInstance {
     pub user_data: Option<Vec<u8>>,
 }
 
+/// The image a launch of `instances` is checked against: its first instance's (all of a
+/// launch's instances share one image). Empty when there is none.
+pub(crate) fn launch_image(instances: &[NewInstance]) -> &str {
+    instances
+        .first()
+        .map(|i| i.image_id.as_str())
+        .unwrap_or_default()
+}
+
 impl NewInstance {
     /// The instance as applying its launch stores it, for answering the launch without
     /// reading it back. Only `seq` (the launch order, used for paging) is unknown: it is 0.
