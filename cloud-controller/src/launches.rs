@@ -7,6 +7,14 @@
 //! copy was read — in flight, or committed after the read began. Choosing a zone and
 //! recording the launch happen in one critical section without I/O, so two concurrent
 //! launches can never both take the same free room, and many commit together.
+//!
+//! The ledger also keeps the zones as the scheduler last saw them, with everything it
+//! counts already placed on their nodes ([`ZoneSnapshot::settle`]). A launch is decided on
+//! that view and then placed into it, so scheduling costs the launch's own instances rather
+//! than re-placing every instance not yet on a node each time. The view is rebuilt when the
+//! committed copy is re-read, when a counted launch is forgotten, when the zones' live state
+//! changes (a heartbeat), and at least every [`VIEW_MAX_AGE`] (a zone that stops
+//! heartbeating becomes unavailable by time alone).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use canopy_common::{Resources, ZoneName};
 
+use crate::scheduler::ZoneSnapshot;
 use crate::state::{AllocationGroup, StateError, Store};
 
 /// How old the copy of the committed allocations may get. Launches made since are counted
@@ -22,6 +31,8 @@ const REFRESH: Duration = Duration::from_millis(200);
 /// The copy is also kept at least this many times as long as reading it took: the read is
 /// an aggregate over every live instance, and must stay a small share of the CPU.
 const REFRESH_FACTOR: u32 = 20;
+/// The longest the scheduler's view of the zones is reused.
+const VIEW_MAX_AGE: Duration = Duration::from_millis(250);
 
 /// Launches scheduled by this replica and not yet in its copy of the committed allocations.
 #[derive(Default)]
@@ -42,6 +53,17 @@ struct Ledger {
     commits: u64,
     next_ticket: u64,
     recent: HashMap<u64, Recent>,
+    /// The zones with everything above placed, while still valid.
+    view: Option<View>,
+}
+
+struct View {
+    /// What the view was built from, besides the ledger: the caller's version of the zones'
+    /// live state and the registered zones.
+    version: u64,
+    zone_names: Vec<ZoneName>,
+    built: Instant,
+    zones: Vec<ZoneSnapshot>,
 }
 
 struct Recent {
@@ -76,7 +98,10 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.ledger.lock().recent.remove(&self.id);
+            let mut l = self.ledger.lock();
+            l.recent.remove(&self.id);
+            // Its instances are placed in the view: build it again without them.
+            l.view = None;
         }
     }
 }
@@ -121,26 +146,52 @@ impl LaunchLedger {
         l.keep = read_at.elapsed() * REFRESH_FACTOR;
         l.recent
             .retain(|_, r| r.committed_at.is_none_or(|at| at > began));
+        l.view = None;
         Ok(())
     }
 
-    /// Runs `decide` over everything allocated — committed, or launched by this replica and
-    /// not yet in the copy (counted as not placed on a node yet) — and records the launch it
-    /// chooses, `(zone, per-instance resources, count)`, in the same critical section.
+    /// Runs `decide` over the zones with everything allocated placed on their nodes —
+    /// committed, or launched by this replica and not yet in the copy — and records the
+    /// launch it chooses, `(zone, per-instance resources, count)`, in the same critical
+    /// section. `build` makes the zones' snapshots from the allocations when the view must
+    /// be rebuilt; `version` changes whenever what `build` reads besides them changes.
     pub fn schedule<T>(
         &self,
-        decide: impl FnOnce(&[AllocationGroup]) -> (T, Option<(ZoneName, Resources, u64)>),
+        version: u64,
+        zone_names: &[ZoneName],
+        build: impl FnOnce(&[AllocationGroup]) -> Vec<ZoneSnapshot>,
+        decide: impl FnOnce(&[ZoneSnapshot]) -> (T, Option<(ZoneName, Resources, u64)>),
     ) -> (T, Option<Ticket<'_>>) {
         let mut l = self.lock();
-        let mut all = l.committed.clone();
-        all.extend(l.recent.values().map(|r| AllocationGroup {
-            zone: r.zone.clone(),
-            node_id: None,
-            resources: r.resources,
-            count: r.count,
-        }));
-        let (decision, launch) = decide(&all);
+        let l = &mut *l;
+        let stale = l.view.as_ref().is_none_or(|v| {
+            v.version != version || v.zone_names != zone_names || v.built.elapsed() > VIEW_MAX_AGE
+        });
+        if stale {
+            let mut all = l.committed.clone();
+            all.extend(l.recent.values().map(|r| AllocationGroup {
+                zone: r.zone.clone(),
+                node_id: None,
+                resources: r.resources,
+                count: r.count,
+            }));
+            let mut zones = build(&all);
+            zones.iter_mut().for_each(ZoneSnapshot::settle);
+            l.view = Some(View {
+                version,
+                zone_names: zone_names.to_vec(),
+                built: Instant::now(),
+                zones,
+            });
+        }
+        let view = l.view.as_mut().expect("built above");
+        let (decision, launch) = decide(&view.zones);
         let ticket = launch.map(|(zone, resources, count)| {
+            if let Some(z) = view.zones.iter_mut().find(|z| z.zone == zone) {
+                z.unplaced
+                    .extend(std::iter::repeat_n(resources, count as usize));
+                z.settle();
+            }
             l.next_ticket += 1;
             let id = l.next_ticket;
             l.recent.insert(
@@ -168,6 +219,7 @@ impl LaunchLedger {
         l.read_at = Some(Instant::now());
         l.recent
             .retain(|_, r| r.committed_at.is_none_or(|at| at > began));
+        l.view = None;
     }
 
     #[cfg(test)]
@@ -179,6 +231,8 @@ impl LaunchLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use canopy_common::NodeId;
+    use canopy_common::placement::HostSnapshot;
 
     fn zone() -> ZoneName {
         ZoneName::parse("z-1a").unwrap()
@@ -188,16 +242,42 @@ mod tests {
         Resources::new(1, 512, 1)
     }
 
-    /// Total instances the ledger shows for the zone.
+    /// The zone as the tests' scheduler sees it: one node with room for a million.
+    fn build(all: &[AllocationGroup]) -> Vec<ZoneSnapshot> {
+        vec![ZoneSnapshot {
+            zone: zone(),
+            available: true,
+            hosts: vec![HostSnapshot {
+                key: NodeId::parse("n1").unwrap(),
+                capacity: Resources::new(1_000_000, 1 << 40, 1 << 40),
+                allocated: Resources::ZERO,
+                healthy: true,
+            }],
+            unplaced: all
+                .iter()
+                .flat_map(|a| std::iter::repeat_n(a.resources, a.count as usize))
+                .collect(),
+        }]
+    }
+
+    /// Total instances the ledger shows for the zone (each takes one vCPU).
     fn seen(ledger: &LaunchLedger) -> u64 {
+        seen_at(ledger, 0)
+    }
+
+    fn seen_at(ledger: &LaunchLedger, version: u64) -> u64 {
         ledger
-            .schedule(|all| (all.iter().map(|a| a.count).sum::<u64>(), None))
+            .schedule(version, &[zone()], build, |zones| {
+                (u64::from(zones[0].hosts[0].allocated.vcpus), None)
+            })
             .0
     }
 
     fn launch(ledger: &LaunchLedger, count: u64) -> Ticket<'_> {
         ledger
-            .schedule(|_| ((), Some((zone(), small(), count))))
+            .schedule(0, &[zone()], build, |_| {
+                ((), Some((zone(), small(), count)))
+            })
             .1
             .unwrap()
     }
@@ -261,13 +341,46 @@ mod tests {
     }
 
     #[test]
+    fn the_view_is_rebuilt_when_what_it_was_built_from_changes() {
+        let ledger = LaunchLedger::default();
+        let builds = std::cell::Cell::new(0);
+        let counting = |all: &[AllocationGroup]| {
+            builds.set(builds.get() + 1);
+            build(all)
+        };
+        let look = |version| {
+            ledger
+                .schedule(version, &[zone()], counting, |zones| {
+                    (u64::from(zones[0].hosts[0].allocated.vcpus), None)
+                })
+                .0
+        };
+        assert_eq!(look(0), 0);
+        let _a = launch(&ledger, 2);
+        // Placed into the view as it was recorded: no rebuild.
+        assert_eq!(look(0), 2);
+        assert_eq!(builds.get(), 1);
+        // The zones' live state changed: rebuilt, and the launch is still counted.
+        assert_eq!(look(1), 2);
+        assert_eq!(builds.get(), 2);
+        // A forgotten launch leaves the view.
+        drop(launch(&ledger, 3));
+        assert_eq!(look(1), 2);
+        assert_eq!(builds.get(), 3);
+        // A new committed copy: rebuilt from it.
+        ledger.install(committed_copy(7), ledger.commits());
+        assert_eq!(look(1), 9);
+        assert_eq!(builds.get(), 4);
+    }
+
+    #[test]
     fn deciding_and_recording_are_one_step() {
         // Room for 3: the first launch of 2 fits, the second sees it and does not.
         let ledger = LaunchLedger::default();
         let room = 3;
         let try_launch = |n: u64| {
-            ledger.schedule(|all| {
-                let used: u64 = all.iter().map(|a| a.count).sum();
+            ledger.schedule(0, &[zone()], build, |zones| {
+                let used = u64::from(zones[0].hosts[0].allocated.vcpus);
                 let fits = used + n <= room;
                 (fits, fits.then(|| (zone(), small(), n)))
             })

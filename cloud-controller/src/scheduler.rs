@@ -4,7 +4,7 @@
 //! zone was passed over) out. The cluster controller later picks the node inside the zone
 //! with the same placement function, so a zone accepted here has room for the launch.
 
-use canopy_common::placement::{HostSnapshot, Placement, place_all};
+use canopy_common::placement::{HostSnapshot, Placement, place, place_all};
 use canopy_common::{NodeId, Resources, ZoneName};
 
 #[derive(Debug, Clone)]
@@ -16,6 +16,17 @@ pub struct ZoneSnapshot {
     pub hosts: Vec<HostSnapshot<NodeId>>,
     /// Instances in the zone not yet placed on a node, which will take room first.
     pub unplaced: Vec<Resources>,
+}
+
+impl ZoneSnapshot {
+    /// Places the unplaced instances on the hosts (those that fit), as [`choose_zone`]
+    /// does before it decides, so that deciding on the settled snapshot gives the same
+    /// answer without placing them again.
+    pub fn settle(&mut self) {
+        for need in std::mem::take(&mut self.unplaced) {
+            place(&mut self.hosts, &need);
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

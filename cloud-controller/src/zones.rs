@@ -43,6 +43,8 @@ pub struct NodeLive {
 #[derive(Debug, Default)]
 pub struct ZoneRegistry {
     zones: std::sync::RwLock<HashMap<ZoneName, ZoneLive>>,
+    /// Grows with every update, so a view built from the registry knows when it is stale.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl ZoneRegistry {
@@ -52,6 +54,11 @@ impl ZoneRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .get(zone)
             .cloned()
+    }
+
+    /// Changes whenever any zone's live state does.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn update(&self, zone: &ZoneName, f: impl FnOnce(&mut ZoneLive)) {
@@ -64,11 +71,16 @@ impl ZoneRegistry {
             applied_generation: 0,
         });
         f(live);
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// True when the zone's CC heartbeated within `timeout`.
     pub fn is_available(&self, zone: &ZoneName, timeout: Duration) -> bool {
-        self.get(zone)
+        self.zones
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(zone)
             .is_some_and(|z| z.last_heartbeat.elapsed() <= timeout)
     }
 }
@@ -320,7 +332,10 @@ impl CloudController for ZoneService {
         let zone = parse_zone(&req.zone)?;
         let stored = self.clc.store.zones().await.map_err(internal)?;
         let Some(stored) = stored.into_iter().find(|z| z.zone == zone) else {
-            return Ok(Response::new(pb::ZoneHeartbeatResponse { known: !leader }));
+            return Ok(Response::new(pb::ZoneHeartbeatResponse {
+                known: !leader,
+                leader,
+            }));
         };
         let nodes = req.nodes.into_iter().filter_map(node_from_proto).collect();
         self.clc.zones.update(&zone, |z| {
@@ -333,7 +348,10 @@ impl CloudController for ZoneService {
         if leader && req.applied_generation < stored.generation {
             self.clc.changed.notify_one();
         }
-        Ok(Response::new(pb::ZoneHeartbeatResponse { known: true }))
+        Ok(Response::new(pb::ZoneHeartbeatResponse {
+            known: true,
+            leader,
+        }))
     }
 
     async fn report_instances(
@@ -391,12 +409,7 @@ impl CloudController for ZoneService {
         }
         // Periodic full reports repeat what we know: only what differs goes to the log.
         let ids: Vec<_> = observations.iter().map(|o| o.instance_id.clone()).collect();
-        let known = self
-            .clc
-            .store
-            .instances_by_id(None, &ids)
-            .await
-            .map_err(internal)?;
+        let known = self.clc.store.whereabouts(&ids).await.map_err(internal)?;
         observations.retain(|o| {
             known.get(&o.instance_id).is_some_and(|i| {
                 i.zone == zone

@@ -52,7 +52,7 @@ impl ClcLink {
         }
     }
 
-    /// Calls every endpoint at once; the answers of those that answered.
+    /// Calls every endpoint at once; the answers, in the order of the endpoints.
     async fn call_every<T, F, Fut>(&self, f: F) -> Vec<Result<T, tonic::Status>>
     where
         T: Send + 'static,
@@ -60,15 +60,27 @@ impl ClcLink {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
     {
         let mut calls = tokio::task::JoinSet::new();
-        for client in &self.every {
+        for (i, client) in self.every.iter().enumerate() {
             let call = f(client.clone());
-            calls.spawn(async move { call.await.map(tonic::Response::into_inner) });
+            calls.spawn(async move { (i, call.await.map(tonic::Response::into_inner)) });
         }
-        let mut answers = Vec::with_capacity(self.every.len());
+        let mut answers: Vec<Result<T, tonic::Status>> = (0..self.every.len())
+            .map(|_| Err(tonic::Status::cancelled("no answer")))
+            .collect();
         while let Some(joined) = calls.join_next().await {
-            answers.push(joined.unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string()))));
+            if let Ok((i, answer)) = joined {
+                answers[i] = answer;
+            }
         }
         answers
+    }
+
+    /// Sends the next calls to endpoint `i` (the replica that says it leads).
+    fn prefer(&mut self, i: usize) {
+        if i != self.current && i < self.endpoints.len() {
+            self.current = i;
+            self.client = None;
+        }
     }
 
     async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, tonic::Status>
@@ -223,6 +235,12 @@ async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, adverti
             tracing::warn!(%status, "zone heartbeat failed on every cloud controller replica");
         }
         return true;
+    }
+    if let Some(leader) = answers
+        .iter()
+        .position(|a| a.as_ref().is_ok_and(|r| r.leader))
+    {
+        link.prefer(leader);
     }
     answers.iter().all(|a| a.as_ref().map_or(true, |r| r.known))
 }

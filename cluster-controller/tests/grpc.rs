@@ -36,6 +36,8 @@ struct FakeClc {
     /// When set, the CLC has "lost its state": heartbeats answer known=false until the zone
     /// registers again.
     amnesia: Arc<AtomicBool>,
+    /// Whether this replica answers heartbeats as the leader.
+    leader: Arc<AtomicBool>,
 }
 
 impl FakeClc {
@@ -77,6 +79,7 @@ impl CloudController for FakeClc {
         self.log().heartbeats.push(request.into_inner());
         Ok(Response::new(pb::ZoneHeartbeatResponse {
             known: !self.amnesia.load(Ordering::SeqCst),
+            leader: self.leader.load(Ordering::SeqCst),
         }))
     }
 
@@ -512,6 +515,54 @@ async fn node_reports_are_forwarded_with_the_node_id_and_re_reported() {
         .await
         .expect_err("unknown node");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    cc.shutdown().await;
+}
+
+#[tokio::test]
+async fn reports_go_to_the_replica_that_says_it_leads() {
+    let (a, b) = (FakeClc::default(), FakeClc::default());
+    let (a_srv, b_srv) = (serve_clc(a.clone()).await, serve_clc(b.clone()).await);
+    let mut cfg = config(&a_srv.endpoint());
+    cfg.clc_endpoints.push(b_srv.endpoint());
+    let cc = start(cfg).await.expect("start");
+    let mut nc_link = agent(&cc).await;
+    let nc_srv = serve_nc(FakeNc::new("node-1")).await;
+    register(&mut nc_link, "node-1", &nc_srv.endpoint(), 4096).await;
+    let report = |n| {
+        let mut nc_link = nc_link.clone();
+        async move {
+            nc_link
+                .report_instances(pb::NodeInstanceReports {
+                    node_id: "node-1".into(),
+                    reports: vec![pb::InstanceReport {
+                        instance_id: iid(n),
+                        state: pb::ObservedState::Running.into(),
+                        ..Default::default()
+                    }],
+                })
+                .await
+                .expect("report");
+        }
+    };
+    // Nobody claims to lead: the first endpoint gets them.
+    report(1).await;
+    eventually("the report reaches the first replica", || {
+        a.report_for(&iid(1)).is_some()
+    })
+    .await;
+    // The second says it leads; after its next heartbeat answer, reports go there.
+    b.leader.store(true, Ordering::SeqCst);
+    let beats = b.log().heartbeats.len();
+    eventually("a heartbeat reaches the leader", || {
+        b.log().heartbeats.len() > beats + 1
+    })
+    .await;
+    report(2).await;
+    eventually("the report reaches the leader", || {
+        b.report_for(&iid(2)).is_some()
+    })
+    .await;
+    assert!(a.report_for(&iid(2)).is_none(), "not sent to the follower");
     cc.shutdown().await;
 }
 

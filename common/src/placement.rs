@@ -47,35 +47,40 @@ pub fn place_all<K: Clone>(
 }
 
 fn place_one<K: Clone>(hosts: &mut [HostSnapshot<K>], need: &Resources) -> Placement<K> {
-    let mut rejections = Vec::new();
-    let mut best: Option<usize> = None;
+    match place(hosts, need) {
+        Some(i) => Placement::Placed(hosts[i].key.clone()),
+        None => Placement::NoCapacity(
+            hosts
+                .iter()
+                .map(|host| Rejection {
+                    key: host.key.clone(),
+                    reason: if host.healthy {
+                        format!("not enough {}", host.free().shortfall(need).join(", "))
+                    } else {
+                        "host is not healthy".into()
+                    },
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Places one request as [`place_all`] does and returns the index of the host that took
+/// it, or `None` when none can (without saying why, which costs more than placing).
+pub fn place<K>(hosts: &mut [HostSnapshot<K>], need: &Resources) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
     for (i, host) in hosts.iter().enumerate() {
         if !host.healthy {
-            rejections.push(Rejection {
-                key: host.key.clone(),
-                reason: "host is not healthy".into(),
-            });
             continue;
         }
         let free = host.free();
-        if !free.fits(need) {
-            rejections.push(Rejection {
-                key: host.key.clone(),
-                reason: format!("not enough {}", free.shortfall(need).join(", ")),
-            });
-            continue;
-        }
-        if best.is_none_or(|b| free.memory_mib > hosts[b].free().memory_mib) {
-            best = Some(i);
+        if free.fits(need) && best.is_none_or(|(_, m)| free.memory_mib > m) {
+            best = Some((i, free.memory_mib));
         }
     }
-    match best {
-        Some(i) => {
-            hosts[i].allocated = hosts[i].allocated.saturating_add(need);
-            Placement::Placed(hosts[i].key.clone())
-        }
-        None => Placement::NoCapacity(rejections),
-    }
+    let (i, _) = best?;
+    hosts[i].allocated = hosts[i].allocated.saturating_add(need);
+    Some(i)
 }
 
 #[cfg(test)]

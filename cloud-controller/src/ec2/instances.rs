@@ -226,17 +226,21 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         };
         // Choosing the zone and counting the launch as taken are one step; the commit
         // happens outside it, so concurrent launches commit together.
-        let (decision, ticket) = ctx.clc.launches.schedule(|allocations| {
-            let snapshots = zone_snapshots(&ctx.clc, &catalog.zones, allocations);
-            let decision = scheduler::choose_zone(&snapshots, &req);
-            let launch = match &decision {
-                Decision::Launch { zone, count } => {
-                    Some((zone.clone(), itype.resources, u64::from(*count)))
-                }
-                _ => None,
-            };
-            (decision, launch)
-        });
+        let (decision, ticket) = ctx.clc.launches.schedule(
+            ctx.clc.zones.version(),
+            &catalog.zones,
+            |allocations| zone_snapshots(&ctx.clc, &catalog.zones, allocations),
+            |snapshots| {
+                let decision = scheduler::choose_zone(snapshots, &req);
+                let launch = match &decision {
+                    Decision::Launch { zone, count } => {
+                        Some((zone.clone(), itype.resources, u64::from(*count)))
+                    }
+                    _ => None,
+                };
+                (decision, launch)
+            },
+        );
         if !matches!(decision, Decision::Launch { .. })
             && let Some(prior) =
                 replayed_reservation(ctx, client_token.as_deref(), &request_hash).await?

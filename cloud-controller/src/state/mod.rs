@@ -22,7 +22,7 @@ pub(crate) use store::count_applied;
 pub use store::{Catalog, Store};
 pub use types::{
     Account, DesiredSpec, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag,
-    Zone,
+    Whereabouts, Zone,
 };
 
 #[cfg(test)]

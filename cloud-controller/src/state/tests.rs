@@ -597,3 +597,62 @@ async fn one_report_places_and_moves_many_instances_each_judged_as_the_report_fo
     );
     assert_eq!(all[c].launch_time, t(1));
 }
+
+#[tokio::test]
+async fn folded_reads_give_back_what_was_written() {
+    let f = fixture().await;
+    let mut cmd = f.launch(None, "h", 2);
+    let Command::LaunchInstances { instances, .. } = &mut cmd else {
+        unreachable!()
+    };
+    // Every byte value, so the hex round trip is exercised in full.
+    instances[0].user_data = Some((0..=255u8).collect());
+    let ids: Vec<InstanceId> = instances.iter().map(|i| i.instance_id.clone()).collect();
+    f.store.apply(&cmd).await.unwrap();
+    f.observe(&ids[1], InstanceState::Running).await;
+
+    let specs = f.store.desired_specs(&f.zone).await.unwrap();
+    assert_eq!(
+        specs.iter().map(|s| &s.instance_id).collect::<Vec<_>>(),
+        ids.iter().collect::<Vec<_>>(),
+        "in launch order"
+    );
+    assert_eq!(specs[0].user_data, Some((0..=255u8).collect()));
+    assert_eq!(specs[1].user_data, None);
+    assert_eq!(specs[1].node_id, Some(NodeId::parse("node-1").unwrap()));
+
+    let by_id = f.store.instances_by_id(None, &ids).await.unwrap();
+    assert_eq!(by_id[&ids[0]].user_data, specs[0].user_data);
+    assert_eq!(by_id[&ids[0]].tags.len(), 1);
+
+    let unknown = InstanceId::generate();
+    let seen = f
+        .store
+        .whereabouts(&[ids[0].clone(), ids[1].clone(), unknown.clone()])
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), 2, "unknown ids are absent");
+    assert_eq!(
+        seen[&ids[0]],
+        Whereabouts {
+            zone: f.zone.clone(),
+            node_id: None,
+            state: InstanceState::Pending
+        }
+    );
+    assert_eq!(
+        seen[&ids[1]],
+        Whereabouts {
+            zone: f.zone.clone(),
+            node_id: Some(NodeId::parse("node-1").unwrap()),
+            state: InstanceState::Running
+        }
+    );
+    assert!(
+        f.store
+            .desired_specs(&ZoneName::parse("zone-b").unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

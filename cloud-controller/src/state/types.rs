@@ -85,6 +85,15 @@ pub struct Instance {
     pub tags: Vec<Tag>,
 }
 
+/// Where an instance runs and in which state, as the CLC last recorded it: what a node's
+/// report is compared with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Whereabouts {
+    pub zone: ZoneName,
+    pub node_id: Option<NodeId>,
+    pub state: InstanceState,
+}
+
 /// What a zone's cluster controller is told about one instance: its desired state, in the
 /// order the instances were launched.
 #[derive(Debug, Clone, PartialEq, Eq)]
