@@ -1,8 +1,10 @@
 //! The Raft log, vote and log pointers in the state's SQLite database.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -24,10 +26,20 @@ const LAST_PURGED: &str = "last_purged_log_id";
 ///
 /// openraft serializes every write (`&mut self`); reads from replication tasks go through
 /// clones ([`RaftLogStorage::get_log_reader`]), which SQLite's WAL lets run beside writes.
+///
+/// The last [`RECENT_ENTRIES`] entries appended are also kept in memory, shared by the
+/// clones: almost every read is of entries just appended (the leader sending them to the
+/// followers, every replica applying them once committed), and serving those from memory
+/// saves a query and a JSON parse per entry per read.
 #[derive(Debug, Clone)]
 pub struct SqliteLogStore {
     pool: SqlitePool,
+    recent: Arc<Mutex<BTreeMap<u64, Entry>>>,
 }
+
+/// How many of the last appended entries [`SqliteLogStore`] keeps in memory. An entry is a
+/// batch of up to 512 commands, so this bounds the memory to a few megabytes.
+const RECENT_ENTRIES: usize = 256;
 
 impl SqliteLogStore {
     /// A log store over `store`'s database. The `raft_*` tables come with the store's
@@ -35,7 +47,12 @@ impl SqliteLogStore {
     pub fn new(store: &Store) -> Self {
         Self {
             pool: store.pool().clone(),
+            recent: Arc::default(),
         }
+    }
+
+    fn recent(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A log store in its own database file at `path` (created if missing), written with
@@ -70,7 +87,10 @@ impl SqliteLogStore {
         )
         .execute(&pool)
         .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            recent: Arc::default(),
+        })
     }
 
     /// Closes the database (the state's, when the log shares it).
@@ -79,6 +99,18 @@ impl SqliteLogStore {
     }
 
     async fn entries(&self, start: i64, end_inclusive: i64) -> Result<Vec<Entry>, RaftStoreError> {
+        {
+            // From memory when it holds the whole range.
+            let recent = self.recent();
+            let held = (start..=end_inclusive).try_fold(Vec::new(), |mut out, i| {
+                let entry = recent.get(&u64::try_from(i).ok()?)?;
+                out.push(entry.clone());
+                Some(out)
+            });
+            if let Some(entries) = held {
+                return Ok(entries);
+            }
+        }
         let rows: Vec<(Vec<u8>,)> = sqlx::query_as(
             "SELECT payload FROM raft_log WHERE log_index >= ? AND log_index <= ?
              ORDER BY log_index",
@@ -118,8 +150,9 @@ impl SqliteLogStore {
     where
         I: IntoIterator<Item = Entry>,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let rows = entries
-            .into_iter()
+            .iter()
             .map(|e| {
                 Ok((
                     db_index(e.log_id.index)?,
@@ -148,6 +181,14 @@ impl SqliteLogStore {
             .await?;
         }
         tx.commit().await?;
+        let mut recent = self.recent();
+        for entry in entries {
+            recent.insert(entry.log_id.index, entry);
+        }
+        while recent.len() > RECENT_ENTRIES {
+            recent.pop_first();
+        }
+        drop(recent);
         tracing::trace!(
             locked_ms,
             took_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -157,6 +198,8 @@ impl SqliteLogStore {
     }
 
     async fn delete_since(&self, log_id: &LogId) -> Result<(), RaftStoreError> {
+        // Before the rows: a read never finds in memory what the log no longer holds.
+        self.recent().retain(|&i, _| i < log_id.index);
         sqlx::query("DELETE FROM raft_log WHERE log_index >= ?")
             .bind(db_index(log_id.index)?)
             .execute(&self.pool)
@@ -167,6 +210,7 @@ impl SqliteLogStore {
     /// Records the purge point before deleting, in one transaction, so `get_log_state` never
     /// sees a log that starts later than the recorded purge point.
     async fn delete_upto(&self, log_id: &LogId) -> Result<(), RaftStoreError> {
+        self.recent().retain(|&i, _| i > log_id.index);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         write_json(&mut tx, KvTable::RaftMeta, LAST_PURGED, &Some(*log_id)).await?;
         sqlx::query("DELETE FROM raft_log WHERE log_index <= ?")
