@@ -214,6 +214,36 @@ mod tests {
     }
 
     #[test]
+    fn a_settled_snapshot_decides_as_the_unsettled_one() {
+        let mut a = zone("a", true, &[(4, 8192, true), (4, 4096, true)]);
+        a.unplaced = vec![Resources::new(1, 1024, 10); 5];
+        let b = zone("b", true, &[(8, 6144, true)]);
+        let mut settled = [a.clone(), b.clone()];
+        settled.iter_mut().for_each(ZoneSnapshot::settle);
+        assert!(settled[0].unplaced.is_empty());
+        assert_eq!(
+            settled[0]
+                .hosts
+                .iter()
+                .map(|h| h.allocated.vcpus)
+                .sum::<u32>(),
+            5
+        );
+        for r in [
+            req(None, 1, 1),
+            req(None, 2, 6),
+            req(Some("a"), 1, 4),
+            req(None, 9, 9),
+        ] {
+            assert_eq!(
+                choose_zone(&settled, &r),
+                choose_zone(&[a.clone(), b.clone()], &r),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn unavailable_zones_and_unhealthy_nodes_take_nothing() {
         let zones = [
             zone("a", false, &[(8, 8192, true)]),

@@ -115,6 +115,12 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
      launch_time, state_changed_at, terminated_at";
 
+/// Strings as a JSON array, for `json_each(?)`.
+fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
+    serde_json::to_string(&items.collect::<Vec<_>>())
+        .map_err(|e| StateError::Corrupt(e.to_string()))
+}
+
 /// A BLOB column read as `hex(...)` by [`fetch_folded`].
 fn hex_blob<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
     let hex: Option<String> = serde::Deserialize::deserialize(d)?;
@@ -196,8 +202,7 @@ pub(crate) async fn load_instances_by_id(
     ids: &[InstanceId],
     with_tags: bool,
 ) -> Result<HashMap<InstanceId, Instance>, StateError> {
-    let ids_json = serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
-        .map_err(|e| StateError::Corrupt(e.to_string()))?;
+    let ids_json = json_list(ids.iter().map(InstanceId::as_str))?;
     let rows: Vec<InstanceRow> = match account {
         Some(account) => {
             fetch_folded(
@@ -337,13 +342,7 @@ impl Store {
             HashMap::new()
         } else if filter.reservation_id.is_some() {
             // A handful of instances: their own tags, not the whole account's.
-            let ids = serde_json::to_string(
-                &rows
-                    .iter()
-                    .map(|r| r.instance_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let ids = json_list(rows.iter().map(|r| r.instance_id.as_str()))?;
             tags_for(&mut conn, filter.account_id.as_ref(), Some(&ids)).await?
         } else {
             tags_for(&mut conn, filter.account_id.as_ref(), None).await?
@@ -376,8 +375,7 @@ impl Store {
         &self,
         ids: &[InstanceId],
     ) -> Result<HashMap<InstanceId, Whereabouts>, StateError> {
-        let ids_json = serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
-            .map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let ids_json = json_list(ids.iter().map(InstanceId::as_str))?;
         let mut conn = self.pool().acquire().await?;
         let rows: Vec<(String, String, Option<String>, String)> = fetch_folded(
             &mut conn,
