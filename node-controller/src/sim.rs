@@ -71,6 +71,9 @@ struct SimInner {
 #[derive(Debug, Default)]
 struct SimState {
     domains: BTreeMap<InstanceId, SimDomain>,
+    /// What the defined domains take, kept as they are defined and undefined (summing
+    /// them on every define made defining O(domains)).
+    used: Resources,
     /// Instances whose boots stay in `Booting` until released. Kept apart from the domains
     /// so a test can hold an instance before the agent defines it.
     held: HashSet<InstanceId>,
@@ -268,14 +271,14 @@ impl Hypervisor for SimHypervisor {
         if state.domains.contains_key(&spec.instance_id) {
             return Err(HypervisorError::AlreadyExists(spec.instance_id.clone()));
         }
-        let used: Resources = state.domains.values().map(|d| d.spec.resources).sum();
-        let available = self.inner.config.capacity.saturating_sub(&used);
+        let available = self.inner.config.capacity.saturating_sub(&state.used);
         if !available.fits(&spec.resources) {
             return Err(HypervisorError::InsufficientCapacity {
                 needed: spec.resources,
                 available,
             });
         }
+        state.used = state.used.saturating_add(&spec.resources);
         state.domains.insert(
             spec.instance_id.clone(),
             SimDomain {
@@ -353,7 +356,9 @@ impl Hypervisor for SimHypervisor {
         if current != DomainState::ShutOff {
             return Err(invalid(id, current, "undefine"));
         }
-        state.domains.remove(id);
+        if let Some(gone) = state.domains.remove(id) {
+            state.used = state.used.saturating_sub(&gone.spec.resources);
+        }
         self.inner.emit(id, None, Some("undefined"));
         Ok(())
     }
