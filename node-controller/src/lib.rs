@@ -2,6 +2,8 @@
 //!
 //! * [`hypervisor`]: the driver trait, shaped after libvirt, and its types.
 //! * [`sim`]: [`SimHypervisor`], a simulated host that tests can step and break.
+//! * [`domain_xml`]: libvirt domain XML from a typed, validated description (for the
+//!   libvirt driver).
 //! * [`plan`]: the pure reconcile planner (desired + observed → actions, reports).
 //! * [`start`]: runs the agent — the `NodeController` gRPC service, registration and
 //!   heartbeats to the CC, the reconciler and the reporter.
@@ -12,6 +14,7 @@
 mod agent;
 pub mod config;
 mod convert;
+pub mod domain_xml;
 pub mod error;
 pub mod hypervisor;
 pub mod model;
