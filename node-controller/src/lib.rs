@@ -4,6 +4,7 @@
 //! * [`sim`]: [`SimHypervisor`], a simulated host that tests can step and break.
 //! * [`domain_xml`]: libvirt domain XML from a typed, validated description (for the
 //!   libvirt driver).
+//! * [`accel`]: whether guests get KVM or software emulation, by a bounded firmware boot.
 //! * [`plan`]: the pure reconcile planner (desired + observed → actions, reports).
 //! * [`start`]: runs the agent — the `NodeController` gRPC service, registration and
 //!   heartbeats to the CC, the reconciler and the reporter.
@@ -11,6 +12,7 @@
 //! Prost types stay at the edge (`convert`, `service`); the rest works with the typed
 //! values of `canopy-common` and [`model`].
 
+pub mod accel;
 mod agent;
 pub mod config;
 mod convert;
