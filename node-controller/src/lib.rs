@@ -5,6 +5,7 @@
 //! * [`domain_xml`]: libvirt domain XML from a typed, validated description (for the
 //!   libvirt driver).
 //! * [`accel`]: whether guests get KVM or software emulation, by a bounded firmware boot.
+//! * `libvirt` (cargo feature `libvirt`): the libvirt driver.
 //! * [`plan`]: the pure reconcile planner (desired + observed → actions, reports).
 //! * [`start`]: runs the agent — the `NodeController` gRPC service, registration and
 //!   heartbeats to the CC, the reconciler and the reporter.
@@ -19,6 +20,8 @@ mod convert;
 pub mod domain_xml;
 pub mod error;
 pub mod hypervisor;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod model;
 pub mod plan;
 mod service;

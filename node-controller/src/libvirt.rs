@@ -1,0 +1,395 @@
+//! The libvirt driver (cargo feature `libvirt`): real guests under QEMU, through the `virt`
+//! crate. Every libvirt call blocks, so each runs on `spawn_blocking`.
+//!
+//! * A domain per instance, persistent, named by the instance id; its XML comes from
+//!   [`domain_xml`](crate::domain_xml). Domains whose names are not instance ids are not
+//!   Canopy's and are never listed or touched.
+//! * Files: `instances_dir/<instance>/root.qcow2` (a qcow2 overlay on the machine image)
+//!   and `console.log` (the serial console, written by virtlogd). Images are read from
+//!   `images_dir/<image id>` (the NC image cache fills it in a later step; until then an
+//!   operator places them there).
+//! * Events: libvirt's event API needs an event loop thread and unsafe callbacks, so the
+//!   driver polls the domain list every [`POLL`] and announces what changed; the agent uses
+//!   events only as wake-ups anyway.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use canopy_common::{ImageId, InstanceId, Resources};
+use tokio::sync::broadcast;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as VirState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use crate::domain_xml::{Accelerator, Boot, DomainDescription};
+use crate::error::HypervisorError;
+use crate::hypervisor::{
+    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
+};
+
+/// How often the domain list is polled for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Where and how the driver runs guests.
+#[derive(Debug, Clone)]
+pub struct LibvirtConfig {
+    /// libvirt's connection URI, e.g. `qemu:///system`.
+    pub uri: String,
+    pub accelerator: Accelerator,
+    /// Per-instance files (root overlay, console log).
+    pub instances_dir: PathBuf,
+    /// Images by id: machine images (qcow2 or raw), kernels and ramdisks.
+    pub images_dir: PathBuf,
+    /// The libvirt network instances join; none when `None`.
+    pub network: Option<String>,
+    /// Disk offered to instances (libvirt does not say how much a host has for them).
+    pub disk_gib: u64,
+}
+
+pub struct LibvirtHypervisor {
+    conn: Arc<Connect>,
+    config: LibvirtConfig,
+    capacity: Resources,
+    events: broadcast::Sender<DomainEvent>,
+    /// What each domain was at the last poll, to announce changes.
+    seen: Mutex<HashMap<InstanceId, DomainState>>,
+}
+
+fn failed(e: impl std::fmt::Display) -> HypervisorError {
+    HypervisorError::Failed(e.to_string())
+}
+
+fn is(e: &virt::error::Error, n: ErrorNumber) -> bool {
+    matches!(e.code(), Enum::Known(code) if code == n)
+}
+
+fn map_state(s: VirState) -> DomainState {
+    match s {
+        VirState::Running | VirState::Blocked | VirState::Paused | VirState::PMSuspended => {
+            DomainState::Running
+        }
+        VirState::Shutdown => DomainState::ShuttingDown,
+        VirState::Crashed => DomainState::Crashed,
+        VirState::Shutoff | VirState::NoState => DomainState::ShutOff,
+    }
+}
+
+fn domain_state(d: &Domain) -> Result<DomainState, virt::error::Error> {
+    let (state, _reason) = d.state()?;
+    Ok(match state {
+        Enum::Known(s) => map_state(s),
+        Enum::Unknown(_) => DomainState::ShutOff,
+    })
+}
+
+/// A file that holds a qcow2 image starts with `QFI\xfb`; anything else is taken as raw.
+fn image_format(path: &Path) -> std::io::Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)?.read(&mut magic)?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+impl LibvirtHypervisor {
+    /// Connects, reads the host's CPUs and memory, and starts watching domains.
+    pub async fn connect(config: LibvirtConfig) -> Result<Arc<Self>, HypervisorError> {
+        let uri = config.uri.clone();
+        let (conn, info) = tokio::task::spawn_blocking(move || {
+            // Without this libvirt also prints every error on stderr.
+            virt::error::clear_error_callback();
+            let conn = Connect::open(Some(&uri))?;
+            let info = conn.node_info()?;
+            Ok::<_, virt::error::Error>((conn, info))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(|e| failed(format!("cannot connect to libvirt at {}: {e}", config.uri)))?;
+        std::fs::create_dir_all(&config.instances_dir).map_err(|e| {
+            failed(format!(
+                "cannot create {}: {e}",
+                config.instances_dir.display()
+            ))
+        })?;
+        let capacity = Resources::new(info.cpus, info.memory / 1024, config.disk_gib);
+        let (events, _) = broadcast::channel(1024);
+        let driver = Arc::new(Self {
+            conn: Arc::new(conn),
+            config,
+            capacity,
+            events,
+            seen: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&driver);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(POLL).await;
+                let Some(driver) = weak.upgrade() else { return };
+                driver.poll().await;
+            }
+        });
+        Ok(driver)
+    }
+
+    /// Runs `f` on the connection on a blocking thread.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, HypervisorError> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(failed)?
+    }
+
+    /// Runs `f` on the instance's domain; `NotFound` when there is none.
+    async fn with_domain<T: Send + 'static>(
+        &self,
+        id: &InstanceId,
+        f: impl FnOnce(&Domain) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let id = id.clone();
+        self.with_conn(move |conn| {
+            let d = conn.lookup_domain_by_name(id.as_str()).map_err(|e| {
+                if is(&e, ErrorNumber::NoDomain) {
+                    HypervisorError::NotFound(id.clone())
+                } else {
+                    failed(e)
+                }
+            })?;
+            f(&d).map_err(|e| {
+                if is(&e, ErrorNumber::OperationInvalid) {
+                    HypervisorError::InvalidState {
+                        instance_id: id.clone(),
+                        state: domain_state(&d).unwrap_or(DomainState::ShutOff),
+                        operation: "change",
+                    }
+                } else {
+                    failed(e)
+                }
+            })
+        })
+        .await
+    }
+
+    fn instance_dir(&self, id: &InstanceId) -> PathBuf {
+        self.config.instances_dir.join(id.as_str())
+    }
+
+    fn image(&self, id: &ImageId) -> Result<PathBuf, HypervisorError> {
+        let path = self.config.images_dir.join(id.as_str());
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(failed(format!(
+                "image {id} is not in {}",
+                self.config.images_dir.display()
+            )))
+        }
+    }
+
+    /// The domain's description, creating its root overlay on the machine image.
+    async fn prepare(&self, spec: &DomainSpec) -> Result<DomainDescription, HypervisorError> {
+        let dir = self.instance_dir(&spec.instance_id);
+        let base = self.image(&spec.image_id)?;
+        let format = image_format(&base).map_err(failed)?;
+        tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
+        let root_disk = dir.join("root.qcow2");
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+            .arg(&base)
+            .arg(&root_disk)
+            .arg(format!("{}G", spec.resources.disk_gib.max(1)))
+            .output()
+            .await
+            .map_err(|e| failed(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(failed(format!(
+                "qemu-img create {}: {}",
+                root_disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let boot = match &spec.kernel_id {
+            Some(kernel) => Boot::Kernel {
+                kernel: self.image(kernel)?,
+                initrd: spec
+                    .ramdisk_id
+                    .as_ref()
+                    .map(|r| self.image(r))
+                    .transpose()?,
+                cmdline: format!("console=ttyS0 {}", spec.kernel_cmdline_extra),
+            },
+            None => Boot::Disk,
+        };
+        Ok(DomainDescription {
+            instance_id: spec.instance_id.clone(),
+            accelerator: self.config.accelerator,
+            vcpus: spec.resources.vcpus,
+            memory_mib: spec.resources.memory_mib,
+            boot,
+            root_disk,
+            nic: None,
+            console_log: dir.join("console.log"),
+        })
+    }
+
+    /// Announces every domain whose state changed since the last poll.
+    async fn poll(&self) {
+        let Ok(now) = self.list().await else { return };
+        let now: HashMap<InstanceId, DomainState> =
+            now.into_iter().map(|d| (d.instance_id, d.state)).collect();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, state) in &now {
+            if seen.get(id) != Some(state) {
+                let _ = self.events.send(DomainEvent {
+                    instance_id: id.clone(),
+                    state: Some(*state),
+                    reason: None,
+                });
+            }
+        }
+        for id in seen.keys().filter(|id| !now.contains_key(*id)) {
+            let _ = self.events.send(DomainEvent {
+                instance_id: id.clone(),
+                state: None,
+                reason: Some("undefined".into()),
+            });
+        }
+        *seen = now;
+    }
+}
+
+#[async_trait]
+impl Hypervisor for LibvirtHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        match self.config.accelerator {
+            Accelerator::Kvm => HypervisorKind::Kvm,
+            Accelerator::Tcg => HypervisorKind::Qemu,
+        }
+    }
+
+    fn capacity(&self) -> Resources {
+        self.capacity
+    }
+
+    fn events(&self) -> broadcast::Receiver<DomainEvent> {
+        self.events.subscribe()
+    }
+
+    async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        if self.state(&spec.instance_id).await?.is_some() {
+            return Err(HypervisorError::AlreadyExists(spec.instance_id.clone()));
+        }
+        let used: Resources = self.list().await?.iter().map(|d| d.resources).sum();
+        let available = self.capacity.saturating_sub(&used);
+        if !available.fits(&spec.resources) {
+            return Err(HypervisorError::InsufficientCapacity {
+                needed: spec.resources,
+                available,
+            });
+        }
+        let xml = self.prepare(spec).await?.to_xml().map_err(failed)?;
+        self.with_conn(move |conn| conn.define_domain_xml(&xml).map(|_| ()).map_err(failed))
+            .await
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        self.with_domain(id, |d| d.create().map(|_| ())).await
+    }
+
+    async fn shutdown(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        self.with_domain(id, |d| {
+            d.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        self.with_domain(id, |d| d.destroy().map(|_| ())).await
+    }
+
+    async fn reboot(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        self.with_domain(id, |d| {
+            d.reboot(virt::sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn undefine(&self, id: &InstanceId) -> Result<(), HypervisorError> {
+        let state = self
+            .state(id)
+            .await?
+            .ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
+        if state != DomainState::ShutOff {
+            return Err(HypervisorError::InvalidState {
+                instance_id: id.clone(),
+                state,
+                operation: "undefine",
+            });
+        }
+        self.with_domain(id, |d| d.undefine().map(|_| ())).await?;
+        match tokio::fs::remove_dir_all(self.instance_dir(id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed(format!(
+                "removing {}: {e}",
+                self.instance_dir(id).display()
+            ))),
+        }
+    }
+
+    async fn state(&self, id: &InstanceId) -> Result<Option<DomainState>, HypervisorError> {
+        match self.with_domain(id, domain_state).await {
+            Ok(s) => Ok(Some(s)),
+            Err(HypervisorError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<DomainInfo>, HypervisorError> {
+        self.with_conn(move |conn| {
+            let domains = conn
+                .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+                .map_err(failed)?;
+            let mut out = Vec::new();
+            for d in domains {
+                let Ok(name) = d.name() else { continue };
+                let Ok(instance_id) = InstanceId::parse(&name) else {
+                    continue; // not Canopy's
+                };
+                let info = d.info().map_err(failed)?;
+                out.push(DomainInfo {
+                    // libvirt knows vCPUs and memory; the root disk's size would cost a
+                    // qemu-img call per domain per list, so disk is not counted here.
+                    resources: Resources::new(info.nr_virt_cpu, info.max_mem / 1024, 0),
+                    state: domain_state(&d).map_err(failed)?,
+                    instance_id,
+                });
+            }
+            out.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {
+        if self.state(id).await?.is_none() {
+            return Err(HypervisorError::NotFound(id.clone()));
+        }
+        match tokio::fs::read(self.instance_dir(id).join("console.log")).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
