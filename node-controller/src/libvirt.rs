@@ -149,10 +149,12 @@ impl LibvirtHypervisor {
             .map_err(failed)?
     }
 
-    /// Runs `f` on the instance's domain; `NotFound` when there is none.
+    /// Runs `f` (the `operation`) on the instance's domain; `NotFound` when there is none,
+    /// `InvalidState` when libvirt says the domain's state does not allow it.
     async fn with_domain<T: Send + 'static>(
         &self,
         id: &InstanceId,
+        operation: &'static str,
         f: impl FnOnce(&Domain) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> Result<T, HypervisorError> {
         let id = id.clone();
@@ -169,7 +171,7 @@ impl LibvirtHypervisor {
                     HypervisorError::InvalidState {
                         instance_id: id.clone(),
                         state: domain_state(&d).unwrap_or(DomainState::ShutOff),
-                        operation: "change",
+                        operation,
                     }
                 } else {
                     failed(e)
@@ -195,11 +197,24 @@ impl LibvirtHypervisor {
         }
     }
 
-    /// The domain's description, creating its root overlay on the machine image.
+    /// The domain's description, creating its root overlay on the machine image. Every
+    /// image is found before anything is written.
     async fn prepare(&self, spec: &DomainSpec) -> Result<DomainDescription, HypervisorError> {
         let dir = self.instance_dir(&spec.instance_id);
         let base = self.image(&spec.image_id)?;
         let format = image_format(&base).map_err(failed)?;
+        let boot = match &spec.kernel_id {
+            Some(kernel) => Boot::Kernel {
+                kernel: self.image(kernel)?,
+                initrd: spec
+                    .ramdisk_id
+                    .as_ref()
+                    .map(|r| self.image(r))
+                    .transpose()?,
+                cmdline: format!("console=ttyS0 {}", spec.kernel_cmdline_extra),
+            },
+            None => Boot::Disk,
+        };
         tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
         let root_disk = dir.join("root.qcow2");
         let out = tokio::process::Command::new("qemu-img")
@@ -217,18 +232,6 @@ impl LibvirtHypervisor {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let boot = match &spec.kernel_id {
-            Some(kernel) => Boot::Kernel {
-                kernel: self.image(kernel)?,
-                initrd: spec
-                    .ramdisk_id
-                    .as_ref()
-                    .map(|r| self.image(r))
-                    .transpose()?,
-                cmdline: format!("console=ttyS0 {}", spec.kernel_cmdline_extra),
-            },
-            None => Boot::Disk,
-        };
         Ok(DomainDescription {
             instance_id: spec.instance_id.clone(),
             accelerator: self.config.accelerator,
@@ -296,17 +299,32 @@ impl Hypervisor for LibvirtHypervisor {
                 available,
             });
         }
-        let xml = self.prepare(spec).await?.to_xml().map_err(failed)?;
-        self.with_conn(move |conn| conn.define_domain_xml(&xml).map(|_| ()).map_err(failed))
-            .await
+        let defined = match self.prepare(spec).await {
+            Ok(description) => match description.to_xml() {
+                Ok(xml) => {
+                    self.with_conn(move |conn| {
+                        conn.define_domain_xml(&xml).map(|_| ()).map_err(failed)
+                    })
+                    .await
+                }
+                Err(e) => Err(failed(e)),
+            },
+            Err(e) => Err(e),
+        };
+        if defined.is_err() {
+            // Nothing half-made stays behind.
+            let _ = tokio::fs::remove_dir_all(self.instance_dir(&spec.instance_id)).await;
+        }
+        defined
     }
 
     async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        self.with_domain(id, |d| d.create().map(|_| ())).await
+        self.with_domain(id, "start", |d| d.create().map(|_| ()))
+            .await
     }
 
     async fn shutdown(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        self.with_domain(id, |d| {
+        self.with_domain(id, "shut down", |d| {
             d.shutdown_flags(virt::sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
                 .map(|_| ())
         })
@@ -314,11 +332,12 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn destroy(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        self.with_domain(id, |d| d.destroy().map(|_| ())).await
+        self.with_domain(id, "destroy", |d| d.destroy().map(|_| ()))
+            .await
     }
 
     async fn reboot(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        self.with_domain(id, |d| {
+        self.with_domain(id, "reboot", |d| {
             d.reboot(virt::sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
                 .map(|_| ())
         })
@@ -337,7 +356,8 @@ impl Hypervisor for LibvirtHypervisor {
                 operation: "undefine",
             });
         }
-        self.with_domain(id, |d| d.undefine().map(|_| ())).await?;
+        self.with_domain(id, "undefine", |d| d.undefine().map(|_| ()))
+            .await?;
         match tokio::fs::remove_dir_all(self.instance_dir(id)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -349,7 +369,10 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn state(&self, id: &InstanceId) -> Result<Option<DomainState>, HypervisorError> {
-        match self.with_domain(id, domain_state).await {
+        match self
+            .with_domain(id, "read the state of", domain_state)
+            .await
+        {
             Ok(s) => Ok(Some(s)),
             Err(HypervisorError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),

@@ -88,6 +88,27 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     .expect("connect");
     assert!(hv.capacity().vcpus >= 1 && hv.capacity().memory_mib >= 256);
 
+    // An image that is not there: refused, and nothing is left behind.
+    let lost = InstanceId::generate();
+    let mut bad = DomainSpec::new(
+        lost.clone(),
+        Resources::new(1, 256, 1),
+        emi.clone(),
+        Vec::new(),
+    );
+    bad.kernel_id = Some(ImageId::generate());
+    assert!(
+        matches!(hv.define(&bad).await, Err(HypervisorError::Failed(m)) if m.contains("is not in"))
+    );
+    assert_eq!(hv.state(&lost).await.unwrap(), None);
+    assert!(
+        !scratch
+            .path()
+            .join("instances")
+            .join(lost.as_str())
+            .exists()
+    );
+
     let id = InstanceId::generate();
     let mut spec = DomainSpec::new(id.clone(), Resources::new(1, 256, 1), emi, Vec::new());
     spec.kernel_id = Some(eki);
