@@ -44,8 +44,6 @@ pub struct LibvirtConfig {
     pub instances_dir: PathBuf,
     /// Images by id: machine images (qcow2 or raw), kernels and ramdisks.
     pub images_dir: PathBuf,
-    /// The libvirt network instances join; none when `None`.
-    pub network: Option<String>,
     /// Disk offered to instances (libvirt does not say how much a host has for them).
     pub disk_gib: u64,
 }
@@ -288,10 +286,11 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
-        if self.state(&spec.instance_id).await?.is_some() {
+        let defined = self.list().await?;
+        if defined.iter().any(|d| d.instance_id == spec.instance_id) {
             return Err(HypervisorError::AlreadyExists(spec.instance_id.clone()));
         }
-        let used: Resources = self.list().await?.iter().map(|d| d.resources).sum();
+        let used: Resources = defined.iter().map(|d| d.resources).sum();
         let available = self.capacity.saturating_sub(&used);
         if !available.fits(&spec.resources) {
             return Err(HypervisorError::InsufficientCapacity {
@@ -345,19 +344,21 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn undefine(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        let state = self
-            .state(id)
-            .await?
-            .ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
-        if state != DomainState::ShutOff {
+        // libvirt would undefine an active domain too (it goes on, transient): refuse it,
+        // in the same call as the undefine.
+        let active = self
+            .with_domain(id, "undefine", |d| match domain_state(d)? {
+                DomainState::ShutOff => d.undefine().map(|_| None),
+                state => Ok(Some(state)),
+            })
+            .await?;
+        if let Some(state) = active {
             return Err(HypervisorError::InvalidState {
                 instance_id: id.clone(),
                 state,
                 operation: "undefine",
             });
         }
-        self.with_domain(id, "undefine", |d| d.undefine().map(|_| ()))
-            .await?;
         match tokio::fs::remove_dir_all(self.instance_dir(id)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

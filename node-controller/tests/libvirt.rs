@@ -81,7 +81,6 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         accelerator: Accelerator::Tcg,
         instances_dir: scratch.path().join("instances"),
         images_dir: images,
-        network: None,
         disk_gib: 100,
     })
     .await
