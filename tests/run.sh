@@ -84,11 +84,12 @@ e2e() {
     return $rc
 }
 
-# The libvirt driver (cargo feature) builds against libvirt's C library: checked and tested
-# when its headers are installed (Debian: libvirt-dev), which CI requires (.ci/run sets CI).
+# The libvirt driver (cargo feature `libvirt` of the canopy crate) builds against libvirt's
+# C library: checked, tested and built into the e2e binary when its headers are installed
+# (Debian: libvirt-dev), which CI requires (.ci/run sets CI).
 FEATURES=()
 if pkg-config --exists libvirt 2>/dev/null; then
-    FEATURES=(--features canopy-node-controller/libvirt)
+    FEATURES=(--features canopy/libvirt)
 elif [[ -n ${CI:-} ]]; then
     echo "libvirt-dev is missing under CI: the libvirt driver would go unchecked" >&2
     FAILED=1
@@ -101,7 +102,7 @@ if [[ "${SKIP_RUST_CHECKS:-0}" != 1 ]]; then
     run "cargo clippy" cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings || true
     run "cargo test" cargo test --workspace "${FEATURES[@]}" || true
 fi
-if run "cargo build" cargo build -p canopy; then
+if run "cargo build" cargo build -p canopy "${FEATURES[@]}"; then
     run "python venv" ensure_venv && run "e2e (pytest)" e2e "$@" || true
 else
     E2E_RESULT="not run: the build failed"

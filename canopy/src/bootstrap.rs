@@ -266,6 +266,12 @@ async fn bootstrap_as_leader(
                 is_public: true,
                 state: "available".into(),
                 created_at: Utc::now(),
+                kind: canopy_common::ImageKind::Machine,
+                kernel_id: None,
+                ramdisk_id: None,
+                sha256: None,
+                size_bytes: 0,
+                disk_format: None,
             },
         })
         .await?;

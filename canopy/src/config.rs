@@ -285,6 +285,15 @@ pub struct NcFile {
     pub heartbeat_interval_secs: f64,
     pub resync_interval_secs: f64,
     pub stop_timeout_secs: f64,
+    /// libvirt: the connection URI.
+    pub libvirt_uri: String,
+    /// libvirt: auto (probe), kvm or qemu (software emulation).
+    pub accelerator: String,
+    /// libvirt: instances' files under `state_dir/instances`, the image cache under
+    /// `state_dir/images`.
+    pub state_dir: String,
+    /// libvirt: the image cache's bound.
+    pub image_cache_gib: u64,
 }
 
 impl Default for NcFile {
@@ -303,6 +312,10 @@ impl Default for NcFile {
             heartbeat_interval_secs: 2.0,
             resync_interval_secs: 5.0,
             stop_timeout_secs: 30.0,
+            libvirt_uri: "qemu:///system".into(),
+            accelerator: "auto".into(),
+            state_dir: "/var/lib/canopy/nc".into(),
+            image_cache_gib: 20,
         }
     }
 }
@@ -326,6 +339,30 @@ impl NcFile {
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
             stop_timeout: secs("stop_timeout_secs", self.stop_timeout_secs)?,
+        })
+    }
+
+    /// The libvirt driver's settings (`cc` is where images come from).
+    pub fn libvirt_options(&self) -> Result<canopy_node_controller::host::LibvirtNodeOptions> {
+        if self.disk_gib == 0 || self.image_cache_gib == 0 {
+            bail!("disk_gib and image_cache_gib must be positive");
+        }
+        if self.libvirt_uri.is_empty() {
+            bail!("libvirt_uri: must not be empty");
+        }
+        let state_dir = std::path::absolute(&self.state_dir)
+            .with_context(|| format!("state_dir: {:?} is not a usable path", self.state_dir))?;
+        Ok(canopy_node_controller::host::LibvirtNodeOptions {
+            uri: self.libvirt_uri.clone(),
+            accelerator: self
+                .accelerator
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?,
+            instances_dir: state_dir.join("instances"),
+            image_cache_dir: state_dir.join("images"),
+            image_cache_max_bytes: self.image_cache_gib << 30,
+            disk_gib: self.disk_gib,
+            cc_endpoint: parse_url("cc", &self.cc)?,
         })
     }
 
@@ -464,5 +501,14 @@ mod example_tests {
         let nc: NcFile = load(Some(&example("nc.toml")), serde_json::json!({})).unwrap();
         nc.validate().unwrap();
         assert_eq!(nc.sim_config().unwrap().capacity.vcpus, 16);
+        let libvirt = nc.libvirt_options().unwrap();
+        assert_eq!(libvirt.image_cache_max_bytes, 20 << 30);
+        let bad: NcFile = load(None, serde_json::json!({"accelerator": "xen"})).unwrap();
+        assert!(
+            bad.libvirt_options()
+                .unwrap_err()
+                .to_string()
+                .contains("accelerator")
+        );
     }
 }

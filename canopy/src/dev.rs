@@ -11,11 +11,11 @@ use canopy_cloud_controller::{ClcConfig, ClcHandle};
 use canopy_cluster_controller::{CcConfig, ClusterHandle};
 use canopy_common::{NodeId, ZoneName};
 use canopy_node_controller::{
-    Hypervisor, NcConfig, NodeHandle, SimConfig, SimControl, SimHypervisor,
+    Hypervisor, NcConfig, NodeHandle, SimConfig, SimControl, SimHypervisor, host,
 };
 
 use crate::bootstrap::{self, AdminCredentials};
-use crate::config::HypervisorChoice;
+use crate::config::{HypervisorChoice, NcFile};
 
 #[derive(Debug, Clone)]
 pub struct DevOptions {
@@ -23,6 +23,8 @@ pub struct DevOptions {
     pub zones: Vec<ZoneName>,
     pub nodes_per_zone: u32,
     pub hypervisor: HypervisorChoice,
+    /// With libvirt: the accelerator (auto, kvm, qemu).
+    pub accelerator: String,
     pub sim: SimConfig,
     pub heartbeat_interval: Duration,
     /// Write `DIR/canopyrc` once the cloud answers.
@@ -45,6 +47,7 @@ impl DevOptions {
             zones: vec![ZoneName::parse("canopy-1a").expect("valid zone")],
             nodes_per_zone: 1,
             hypervisor: HypervisorChoice::Sim,
+            accelerator: "auto".into(),
             sim: SimConfig {
                 boot_delay: Duration::from_millis(200),
                 shutdown_delay: Duration::from_millis(100),
@@ -80,24 +83,38 @@ impl DevCloud {
     }
 }
 
-/// Which driver a node gets; refuses `libvirt` plainly until that driver exists.
-pub fn choose_driver(choice: HypervisorChoice) -> Result<()> {
+/// The driver a node gets. `libvirt` checks the host and fails with everything it lacks;
+/// `auto` takes libvirt when this build has it and the host passes, else the simulator.
+pub async fn node_driver(choice: HypervisorChoice, nc: &NcFile) -> Result<Arc<dyn Hypervisor>> {
+    let sim =
+        || -> Result<Arc<dyn Hypervisor>> { Ok(Arc::new(SimHypervisor::new(nc.sim_config()?))) };
     match choice {
-        HypervisorChoice::Sim => Ok(()),
-        HypervisorChoice::Auto => {
-            tracing::info!(
-                "hypervisor auto: the libvirt driver is not available in this build; using the simulator"
-            );
-            Ok(())
-        }
+        HypervisorChoice::Sim => sim(),
         HypervisorChoice::Libvirt => {
-            bail!("the libvirt driver is not available in this build yet; use --hypervisor sim")
+            let opts = nc.libvirt_options()?;
+            host::connect_libvirt(&opts).await.map_err(|problems| {
+                anyhow::anyhow!("this host cannot run guests with libvirt:\n{problems}")
+            })
+        }
+        HypervisorChoice::Auto => {
+            if !host::libvirt_compiled() {
+                tracing::info!(
+                    "hypervisor auto: this build has no libvirt driver; using the simulator"
+                );
+                return sim();
+            }
+            match host::connect_libvirt(&nc.libvirt_options()?).await {
+                Ok(driver) => Ok(driver),
+                Err(problems) => {
+                    tracing::info!(%problems, "hypervisor auto: libvirt is not usable here; using the simulator");
+                    sim()
+                }
+            }
         }
     }
 }
 
 pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
-    choose_driver(opts.hypervisor)?;
     if opts.zones.is_empty() {
         bail!("at least one availability zone is needed");
     }
@@ -118,6 +135,14 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
     let mut ccs = Vec::new();
     let mut ncs = Vec::new();
     let mut sims = Vec::new();
+    // Real guests: one node on this host (several would each claim the whole host).
+    let one_host = opts.zones.len() == 1 && opts.nodes_per_zone == 1;
+    if opts.hypervisor == HypervisorChoice::Libvirt && !one_host {
+        bail!(
+            "--hypervisor libvirt runs one node on this host: use one zone and one node per zone"
+        );
+    }
+    let mut real_guests = false;
     for zone in &opts.zones {
         let mut cc_config = CcConfig::new(zone.clone(), any, vec![clc_url.clone()]);
         cc_config.heartbeat_interval = opts.heartbeat_interval;
@@ -126,13 +151,27 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
         let cc = canopy_cluster_controller::start(cc_config).await?;
         let cc_url = bootstrap::client_url(cc.local_addr());
         for n in 0..opts.nodes_per_zone {
-            let sim = Arc::new(SimHypervisor::new(opts.sim.clone()));
-            sims.push(sim.control());
             let node_id = NodeId::parse(&format!("{zone}-node-{}", n + 1))?;
             let mut nc_config = NcConfig::new(node_id, any, cc_url.clone());
             nc_config.heartbeat_interval = opts.heartbeat_interval;
             nc_config.resync_interval = opts.clc.resync_interval;
-            let driver: Arc<dyn Hypervisor> = sim;
+            let driver: Arc<dyn Hypervisor> =
+                if opts.hypervisor != HypervisorChoice::Sim && one_host {
+                    let nc = NcFile {
+                        cc: cc_url.clone(),
+                        hypervisor: opts.hypervisor,
+                        accelerator: opts.accelerator.clone(),
+                        state_dir: opts.clc.data_dir.join("nc").display().to_string(),
+                        disk_gib: opts.sim.capacity.disk_gib,
+                        ..NcFile::default()
+                    };
+                    node_driver(opts.hypervisor, &nc).await?
+                } else {
+                    let sim = Arc::new(SimHypervisor::new(opts.sim.clone()));
+                    sims.push(sim.control());
+                    sim
+                };
+            real_guests |= driver.kind() != canopy_node_controller::HypervisorKind::Sim;
             ncs.push(canopy_node_controller::start(nc_config, driver).await?);
         }
         ccs.push(cc);
@@ -147,6 +186,10 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
         canopyrc: None,
     };
     wait_ready(&cloud, &opts).await?;
+    if real_guests {
+        crate::test_guest::register_if_buildable(&cloud.clc.clc, &cloud.admin, &opts.clc.data_dir)
+            .await;
+    }
     let canopyrc = if opts.write_canopyrc {
         Some(bootstrap::write_canopyrc(
             &opts.clc.data_dir,

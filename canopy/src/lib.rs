@@ -6,3 +6,4 @@ pub mod bench;
 pub mod bootstrap;
 pub mod config;
 pub mod dev;
+pub mod test_guest;

@@ -1,7 +1,6 @@
 //! The `canopy` binary: one executable, one role per subcommand.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use canopy::admin_cli::{AdminClient, AdminCommand};
@@ -103,9 +102,13 @@ struct DevArgs {
     /// Simulated nodes per zone.
     #[arg(long, default_value_t = 1)]
     nodes_per_zone: u32,
-    /// Which hypervisor driver the nodes use.
+    /// Which hypervisor driver the nodes use. libvirt (or auto on a host that can) runs
+    /// one node with real guests and registers the test guest image.
     #[arg(long, value_enum, default_value_t = HypervisorChoice::Auto)]
     hypervisor: HypervisorChoice,
+    /// Guest accelerator with libvirt: auto (probe), kvm or qemu (software emulation).
+    #[arg(long, default_value = "auto")]
+    accelerator: String,
     /// Size of each simulated node (benchmarks want big ones).
     #[arg(long, default_value_t = 16)]
     node_vcpus: u32,
@@ -214,6 +217,22 @@ struct NcArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     disk_gib: Option<u64>,
+    /// libvirt connection URI (default qemu:///system).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    libvirt_uri: Option<String>,
+    /// Guest accelerator: auto (probe), kvm or qemu (software emulation).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accelerator: Option<String>,
+    /// Where instance disks, console logs and the image cache live (libvirt).
+    #[arg(long, env = "CANOPY_NC_STATE_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<String>,
+    /// Bound of the image cache, in GiB (libvirt).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_cache_gib: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -355,6 +374,7 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         zones,
         nodes_per_zone: args.nodes_per_zone.max(1),
         hypervisor: args.hypervisor,
+        accelerator: args.accelerator,
         sim: nc.sim_config()?,
         heartbeat_interval: std::time::Duration::from_secs(1),
         write_canopyrc: true,
@@ -411,10 +431,7 @@ async fn run_cc(args: CcArgs) -> Result<()> {
 async fn run_nc(args: NcArgs) -> Result<()> {
     let file: NcFile = config::load(args.config.as_deref(), &args)?;
     let cfg = file.validate()?;
-    dev::choose_driver(file.hypervisor)?;
-    let driver: Arc<dyn canopy_node_controller::Hypervisor> = Arc::new(
-        canopy_node_controller::SimHypervisor::new(file.sim_config()?),
-    );
+    let driver = dev::node_driver(file.hypervisor, &file).await?;
     let handle = canopy_node_controller::start(cfg, driver).await?;
     tracing::info!(addr = %handle.local_addr(), "node controller ready");
     shutdown_signal().await;

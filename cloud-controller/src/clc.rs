@@ -55,6 +55,8 @@ pub struct Clc {
     admins: std::sync::RwLock<std::collections::HashSet<AccountId>>,
     /// What the zone scheduler counts as taken, including launches still committing.
     pub launches: crate::launches::LaunchLedger,
+    /// Image bytes this replica holds (`DATA_DIR/images`).
+    pub images: crate::images::ImageStore,
     /// When this replica last became the leader (`None` while it is not).
     leader_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -65,7 +67,9 @@ impl Clc {
         store: Arc<Store>,
         replica: RaftLog,
     ) -> Result<Arc<Clc>, StateError> {
+        let images = crate::images::ImageStore::open(config.data_dir.join("images"));
         let clc = Arc::new(Clc {
+            images,
             config,
             store,
             replica,

@@ -5,6 +5,7 @@
 //! - `ec2`, `admin`, `zones`: the edges (HTTP/XML, HTTP/JSON, gRPC to the CCs);
 //! - `forward`: followers hand client requests to the leader;
 //! - `scheduler`: pure zone choice;
+//! - `images`: the content-addressed store of image bytes;
 //! - `replication`: the command log every state change goes through;
 //! - `state`: domain types, commands, `apply`, queries over SQLite.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod ec2;
 pub mod forward;
+pub mod images;
 pub mod launches;
 pub mod replication;
 pub mod scheduler;

@@ -264,6 +264,9 @@ fn leader_only(clc: &Clc) -> Result<(), Status> {
     )))
 }
 
+type ImageChunks =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
+
 fn parse_zone(s: &str) -> Result<ZoneName, Status> {
     ZoneName::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -428,6 +431,50 @@ impl CloudController for ZoneService {
         }
         Ok(Response::new(pb::ReportAck {}))
     }
+
+    type FetchImageStream = ImageChunks;
+
+    /// Image bytes this replica holds, in 1 MiB chunks. NOT_FOUND when it holds none for
+    /// the digest (the CC asks the next replica).
+    async fn fetch_image(
+        &self,
+        req: Request<pb::FetchImageRequest>,
+    ) -> Result<Response<ImageChunks>, Status> {
+        use tokio::io::AsyncReadExt;
+        let digest = canopy_common::Sha256Digest::parse(&req.get_ref().sha256)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let path = self.clc.images.path(&digest);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found(format!(
+                    "this replica holds no image bytes {digest}"
+                )));
+            }
+            Err(e) => return Err(Status::internal(format!("image {digest}: {e}"))),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ImageChunk, Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut data = vec![0u8; 1 << 20];
+                let chunk = match file.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        data.truncate(n);
+                        Ok(pb::ImageChunk { data })
+                    }
+                    Err(e) => Err(Status::internal(format!("reading image {digest}: {e}"))),
+                };
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 fn node_from_proto(n: pb::NodeSummary) -> Option<NodeLive> {
@@ -459,7 +506,7 @@ fn state_from_proto(s: pb::ObservedState) -> Option<InstanceState> {
 }
 
 fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
-    pb::InstanceSpec {
+    let mut spec = pb::InstanceSpec {
         instance_id: i.instance_id.to_string(),
         instance_type: i.instance_type.clone(),
         resources: Some(pb::Resources {
@@ -481,7 +528,10 @@ fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
             .as_ref()
             .map(|n| n.to_string())
             .unwrap_or_default(),
-    }
+        ..Default::default()
+    };
+    canopy_proto::convert::boot_to_proto(&i.boot, &mut spec);
+    spec
 }
 
 // ---------- clients to the CCs ----------

@@ -99,8 +99,10 @@ fn observed_to_proto(s: InstanceState) -> pb::ObservedState {
 
 /// An instance spec from the CLC. Missing resources are taken from the instance-type
 /// catalogue; an unknown type without resources cannot be placed and is refused.
-pub fn instance_spec_from_proto(s: pb::InstanceSpec) -> Result<InstanceSpec, CcError> {
+pub fn instance_spec_from_proto(mut s: pb::InstanceSpec) -> Result<InstanceSpec, CcError> {
     let id = instance_id(&s.instance_id)?;
+    let boot = canopy_proto::convert::boot_from_proto(&mut s)
+        .map_err(|e| CcError::InvalidArgument(format!("instance {id}: {e}")))?;
     let resources = match s.resources {
         Some(r) => resources_from_proto(r),
         None => canopy_common::InstanceType::lookup(&s.instance_type)
@@ -127,12 +129,13 @@ pub fn instance_spec_from_proto(s: pb::InstanceSpec) -> Result<InstanceSpec, CcE
         key_name: non_empty(s.key_name),
         reboot_seq: s.reboot_seq,
         id,
+        boot,
     })
 }
 
 /// An instance spec for the wire (node documents).
 pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
-    pb::InstanceSpec {
+    let mut spec = pb::InstanceSpec {
         instance_id: s.id.to_string(),
         instance_type: s.instance_type.clone(),
         resources: Some(resources_to_proto(s.resources)),
@@ -146,7 +149,10 @@ pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
         desired: power_to_proto(s.desired).into(),
         reboot_seq: s.reboot_seq,
         node_id: s.node.as_ref().map(ToString::to_string).unwrap_or_default(),
-    }
+        ..Default::default()
+    };
+    canopy_proto::convert::boot_to_proto(&s.boot, &mut spec);
+    spec
 }
 
 /// The CLC's zone document. Duplicate instance ids are refused: which one would win?

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use canopy_common::ZoneName;
+use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use canopy_proto::v1::cluster_controller_server::ClusterControllerServer;
 use canopy_proto::v1::zone_agent_server::ZoneAgentServer;
 use tokio::net::TcpListener;
@@ -184,6 +185,16 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
     ));
     let svc = service::CcService {
         shared: Arc::clone(&shared),
+        clc_images: clc
+            .iter()
+            .map(|e| {
+                CloudControllerClient::new(
+                    e.clone()
+                        .connect_timeout(Duration::from_secs(2))
+                        .connect_lazy(),
+                )
+            })
+            .collect(),
     };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

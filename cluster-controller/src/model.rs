@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use canopy_common::{ImageId, InstanceId, InstanceState, NodeId, PowerState, Resources, ZoneName};
+use canopy_common::{
+    BootImages, ImageId, InstanceId, InstanceState, NodeId, PowerState, Resources, ZoneName,
+};
 
 /// EC2's reason code for an instance that no node could take.
 pub const INSUFFICIENT_CAPACITY: &str = "Server.InsufficientInstanceCapacity";
@@ -60,6 +62,8 @@ pub struct InstanceSpec {
     /// Towards the CC: the node the CLC last saw the instance on (a hint). Towards a node:
     /// the node it is assigned to.
     pub node: Option<NodeId>,
+    /// What it boots from, passed on to the node as the CLC sent it.
+    pub boot: BootImages,
 }
 
 /// The whole desired state of the zone, stamped with the CLC's generation.

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 use canopy_proto::v1 as pb;
+use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use canopy_proto::v1::cluster_controller_server::ClusterController;
 use canopy_proto::v1::zone_agent_server::ZoneAgent;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
@@ -19,7 +21,12 @@ use crate::zone::ApplyOutcome;
 #[derive(Clone)]
 pub(crate) struct CcService {
     pub shared: Arc<Shared>,
+    /// One client per CLC replica, for image bytes: tried in order until one holds them.
+    pub clc_images: Vec<CloudControllerClient<Channel>>,
 }
+
+pub(crate) type ImageChunks =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
 
 impl CcService {
     /// Pushes in the background: the caller's reply does not wait for slow nodes, and a
@@ -74,6 +81,31 @@ impl ZoneAgent for CcService {
         let reports = self.shared.state().observe(&node, reports, Moment::now())?;
         self.shared.forward(reports);
         Ok(Response::new(pb::ReportAck {}))
+    }
+
+    type FetchImageStream = ImageChunks;
+
+    /// Relays image bytes from the first CLC replica that holds them (the one that imported
+    /// an image always does).
+    async fn fetch_image(
+        &self,
+        request: Request<pb::FetchImageRequest>,
+    ) -> Result<Response<ImageChunks>, Status> {
+        let request = request.into_inner();
+        let mut last = Status::unavailable("no cloud controller endpoint configured");
+        for client in &self.clc_images {
+            match client.clone().fetch_image(request.clone()).await {
+                Ok(stream) => {
+                    let stream: ImageChunks = Box::pin(stream.into_inner());
+                    return Ok(Response::new(stream));
+                }
+                Err(status) => {
+                    tracing::debug!(sha256 = %request.sha256, %status, "image not from this replica");
+                    last = status;
+                }
+            }
+        }
+        Err(last)
     }
 }
 

@@ -558,6 +558,7 @@ mod tests {
             desired: PowerState::Running,
             reboot_seq: 0,
             node: None,
+            boot: Default::default(),
         }
     }
 

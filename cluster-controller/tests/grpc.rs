@@ -38,6 +38,8 @@ struct FakeClc {
     amnesia: Arc<AtomicBool>,
     /// Whether this replica answers heartbeats as the leader.
     leader: Arc<AtomicBool>,
+    /// Image bytes this replica holds, by sha256.
+    images: Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>,
 }
 
 impl FakeClc {
@@ -91,6 +93,29 @@ impl CloudController for FakeClc {
         assert_eq!(request.zone, ZONE);
         self.log().reports.extend(request.reports);
         Ok(Response::new(pb::ReportAck {}))
+    }
+
+    type FetchImageStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
+
+    async fn fetch_image(
+        &self,
+        request: Request<pb::FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        let sha = request.into_inner().sha256;
+        let bytes = self
+            .images
+            .lock()
+            .expect("images")
+            .get(&sha)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no image {sha} here")))?;
+        // Three-byte chunks: the relay must pass every chunk on, in order.
+        let chunks: Vec<Result<pb::ImageChunk, Status>> = bytes
+            .chunks(3)
+            .map(|c| Ok(pb::ImageChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }
 
@@ -563,6 +588,42 @@ async fn reports_go_to_the_replica_that_says_it_leads() {
     })
     .await;
     assert!(a.report_for(&iid(2)).is_none(), "not sent to the follower");
+    cc.shutdown().await;
+}
+
+#[tokio::test]
+async fn image_bytes_are_relayed_from_the_replica_that_holds_them() {
+    use tokio_stream::StreamExt;
+    let (a, b) = (FakeClc::default(), FakeClc::default());
+    let bytes: Vec<u8> = (0..100u8).collect();
+    b.images
+        .lock()
+        .unwrap()
+        .insert("ab".repeat(32), bytes.clone());
+    let (a_srv, b_srv) = (serve_clc(a.clone()).await, serve_clc(b.clone()).await);
+    let mut cfg = config(&a_srv.endpoint());
+    cfg.clc_endpoints.push(b_srv.endpoint());
+    let cc = start(cfg).await.expect("start");
+    let mut nc_link = agent(&cc).await;
+    let mut stream = nc_link
+        .fetch_image(pb::FetchImageRequest {
+            sha256: "ab".repeat(32),
+        })
+        .await
+        .expect("the second replica has it")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        got.extend(chunk.expect("chunk").data);
+    }
+    assert_eq!(got, bytes);
+    let missing = nc_link
+        .fetch_image(pb::FetchImageRequest {
+            sha256: "cd".repeat(32),
+        })
+        .await
+        .expect_err("nobody has it");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     cc.shutdown().await;
 }
 

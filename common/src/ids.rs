@@ -132,10 +132,57 @@ hex_id!(
     /// A reservation (one RunInstances call), `r-` and 17 hex digits.
     ReservationId, "r-", "reservation", 17
 );
-hex_id!(
-    /// A machine image, `ami-` and 17 hex digits.
-    ImageId, "ami-", "image", 17
-);
+/// An image: `ami-` (machine), `eki-` (kernel) or `eri-` (ramdisk) and 17 hex digits, as
+/// Canopy generates them. Parsing also accepts Eucalyptus's `emi-` and AWS's `aki-`/`ari-`
+/// spellings (8 or 17 digits), so ids a user types from either world are well-formed; they
+/// are then simply not found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageId(String);
+
+impl ImageId {
+    pub const PREFIX: &'static str = "ami-";
+    pub const KIND: &'static str = "image";
+    const PREFIXES: [&'static str; 6] = ["ami-", "eki-", "eri-", "emi-", "aki-", "ari-"];
+
+    /// A new machine image id (`ami-`).
+    pub fn generate() -> Self {
+        Self::generate_with_prefix("ami-")
+    }
+
+    /// A new id with `prefix` (one of `ami-`, `eki-`, `eri-`) and 17 time-ordered hex digits.
+    pub fn generate_with_prefix(prefix: &str) -> Self {
+        let bits = time_ordered();
+        let mut s = String::with_capacity(prefix.len() + 17);
+        s.push_str(prefix);
+        for i in (0..17).rev() {
+            let d = ((bits >> (4 * i)) & 0xf) as u32;
+            s.push(char::from_digit(d, 16).expect("digit below 16"));
+        }
+        Self(s)
+    }
+
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        let ok = Self::PREFIXES.iter().any(|p| {
+            value.strip_prefix(p).is_some_and(|rest| {
+                (rest.len() == 8 || rest.len() == 17)
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            })
+        });
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(IdError {
+                kind: Self::KIND,
+                value: value.to_owned(),
+            })
+        }
+    }
+}
+
+string_id_impls!(ImageId);
 
 /// Generates a free-form name type: non-empty, at most 255 bytes of `[A-Za-z0-9._-]`.
 macro_rules! name_id {

@@ -4,6 +4,7 @@
 //! instance lifecycle state machine and the pure placement function.
 
 pub mod ids;
+pub mod images;
 pub mod instance_types;
 pub mod lifecycle;
 pub mod placement;
@@ -13,6 +14,7 @@ pub use ids::{
     AccessKeyId, AccountId, IdError, ImageId, InstanceId, NodeId, RegionName, ReservationId,
     ZoneName,
 };
+pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};
 pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState};
 pub use resources::Resources;

@@ -43,8 +43,10 @@ fn power_state_from_proto(value: i32, id: &InstanceId) -> Result<PowerState, NcE
 }
 
 /// One instance of a desired-state document.
-pub fn instance_from_proto(spec: pb::InstanceSpec) -> Result<DesiredInstance, NcError> {
+pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance, NcError> {
     let id = instance_id(&spec.instance_id)?;
+    let boot = canopy_proto::convert::boot_from_proto(&mut spec)
+        .map_err(|e| invalid(format!("instance {id}: {e}")))?;
     let resources = spec
         .resources
         .map(resources_from_proto)
@@ -61,6 +63,7 @@ pub fn instance_from_proto(spec: pb::InstanceSpec) -> Result<DesiredInstance, Nc
         key_name: Some(spec.key_name).filter(|k| !k.is_empty()),
         desired,
         reboot_seq: spec.reboot_seq,
+        boot,
     })
 }
 
@@ -140,6 +143,13 @@ mod tests {
             desired: pb::PowerState::Running as i32,
             reboot_seq: 3,
             node_id: "node-1".into(),
+            image: Some(pb::ImageRef {
+                image_id: AMI.into(),
+                sha256: "ab".repeat(32),
+                size: 42,
+            }),
+            kernel: None,
+            ramdisk: None,
         }
     }
 
@@ -158,6 +168,12 @@ mod tests {
             format!("canopy.instance_id={ID}")
         );
         assert_eq!(domain.user_data, b"#!/bin/sh\n");
+        let disk = domain.boot.disk.expect("the image's bytes");
+        assert_eq!(
+            (disk.sha256.as_str(), disk.size),
+            ("ab".repeat(32).as_str(), 42)
+        );
+        assert_eq!(domain.boot.kernel, None);
     }
 
     #[test]
@@ -181,6 +197,17 @@ mod tests {
                 "resources",
                 pb::InstanceSpec {
                     resources: None,
+                    ..spec()
+                },
+            ),
+            (
+                "sha256",
+                pb::InstanceSpec {
+                    kernel: Some(pb::ImageRef {
+                        image_id: "eki-0123456789abcdef0".into(),
+                        sha256: "not hex".into(),
+                        size: 1,
+                    }),
                     ..spec()
                 },
             ),

@@ -14,7 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use canopy_common::{ImageId, InstanceId, Resources};
+use canopy_common::{BootImages, ImageId, InstanceId, Resources};
 use tokio::sync::broadcast;
 
 use crate::error::HypervisorError;
@@ -72,12 +72,10 @@ pub struct DomainSpec {
     pub resources: Resources,
     /// The machine image the root disk is made from.
     pub image_id: ImageId,
-    /// A kernel to boot directly instead of the image's boot loader. Canopy registers
-    /// kernels and ramdisks as images; the NC contract does not carry them yet, so the
-    /// agent leaves these `None`.
-    pub kernel_id: Option<ImageId>,
-    /// The initial ramdisk to go with `kernel_id`.
-    pub ramdisk_id: Option<ImageId>,
+    /// The bytes it boots from: the machine image's, and a kernel (with its ramdisk) to
+    /// boot directly instead of the image's boot loader. Images without content have none;
+    /// drivers of real guests refuse those.
+    pub boot: BootImages,
     /// EC2 user data, handed to the guest by the metadata service / config drive.
     pub user_data: Vec<u8>,
     /// Appended to the kernel command line, e.g. `canopy.instance_id=i-…`, so a guest (and
@@ -98,8 +96,7 @@ impl DomainSpec {
             instance_id,
             resources,
             image_id,
-            kernel_id: None,
-            ramdisk_id: None,
+            boot: BootImages::default(),
             user_data,
             kernel_cmdline_extra,
         }

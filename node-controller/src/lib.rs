@@ -4,6 +4,9 @@
 //! * [`sim`]: [`SimHypervisor`], a simulated host that tests can step and break.
 //! * [`domain_xml`]: libvirt domain XML from a typed, validated description (for the
 //!   libvirt driver).
+//! * [`image_cache`]: the node's verified, size-bounded LRU cache of image bytes.
+//! * [`host`]: the checks a node host passes before it runs guests, and the libvirt
+//!   driver put together from the node's configuration.
 //! * [`accel`]: whether guests get KVM or software emulation, by a bounded firmware boot.
 //! * `libvirt` (cargo feature `libvirt`): the libvirt driver.
 //! * [`plan`]: the pure reconcile planner (desired + observed → actions, reports).
@@ -19,7 +22,10 @@ pub mod config;
 mod convert;
 pub mod domain_xml;
 pub mod error;
+pub mod host;
 pub mod hypervisor;
+pub mod image_cache;
+pub mod image_fetch;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod model;

@@ -4,21 +4,21 @@
 //! * A domain per instance, persistent, named by the instance id; its XML comes from
 //!   [`domain_xml`](crate::domain_xml). Domains whose names are not instance ids are not
 //!   Canopy's and are never listed or touched.
-//! * Files: `instances_dir/<instance>/root.qcow2` (a qcow2 overlay on the machine image)
-//!   and `console.log` (the serial console, written by virtlogd). Images are read from
-//!   `images_dir/<image id>` (the NC image cache fills it in a later step; until then an
-//!   operator places them there).
+//! * Files: `instances_dir/<instance>/root.qcow2` (a qcow2 overlay on the machine image),
+//!   `console.log` (the serial console, written by virtlogd) and `images` (the digests of
+//!   the cached images the domain uses, which the cache must keep). Images come from the
+//!   node's [`ImageCache`], filled through an [`ImageFetcher`] and verified by digest.
 //! * Events: libvirt's event API needs an event loop thread and unsafe callbacks, so the
 //!   driver polls the domain list every [`POLL`] and announces what changed; the agent uses
 //!   events only as wake-ups anyway.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use canopy_common::{ImageId, InstanceId, Resources};
+use canopy_common::{ImageRef, InstanceId, Resources, Sha256Digest};
 use tokio::sync::broadcast;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirState};
@@ -30,6 +30,7 @@ use crate::error::HypervisorError;
 use crate::hypervisor::{
     DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
 };
+use crate::image_cache::{ImageCache, ImageFetcher};
 
 /// How often the domain list is polled for changes.
 const POLL: Duration = Duration::from_secs(1);
@@ -42,15 +43,21 @@ pub struct LibvirtConfig {
     pub accelerator: Accelerator,
     /// Per-instance files (root overlay, console log).
     pub instances_dir: PathBuf,
-    /// Images by id: machine images (qcow2 or raw), kernels and ramdisks.
-    pub images_dir: PathBuf,
     /// Disk offered to instances (libvirt does not say how much a host has for them).
     pub disk_gib: u64,
+}
+
+/// Where a driver gets image files: the node's cache, and what fills it.
+#[derive(Clone)]
+pub struct ImageSource {
+    pub cache: Arc<ImageCache>,
+    pub fetcher: Arc<dyn ImageFetcher>,
 }
 
 pub struct LibvirtHypervisor {
     conn: Arc<Connect>,
     config: LibvirtConfig,
+    images: ImageSource,
     capacity: Resources,
     events: broadcast::Sender<DomainEvent>,
     /// What each domain was at the last poll, to announce changes.
@@ -98,7 +105,10 @@ fn image_format(path: &Path) -> std::io::Result<&'static str> {
 
 impl LibvirtHypervisor {
     /// Connects, reads the host's CPUs and memory, and starts watching domains.
-    pub async fn connect(config: LibvirtConfig) -> Result<Arc<Self>, HypervisorError> {
+    pub async fn connect(
+        config: LibvirtConfig,
+        images: ImageSource,
+    ) -> Result<Arc<Self>, HypervisorError> {
         let uri = config.uri.clone();
         let (conn, info) = tokio::task::spawn_blocking(move || {
             // Without this libvirt also prints every error on stderr.
@@ -121,10 +131,12 @@ impl LibvirtHypervisor {
         let driver = Arc::new(Self {
             conn: Arc::new(conn),
             config,
+            images,
             capacity,
             events,
             seen: Mutex::new(HashMap::new()),
         });
+        driver.remove_leftovers().await?;
         let weak = Arc::downgrade(&driver);
         tokio::spawn(async move {
             loop {
@@ -183,37 +195,64 @@ impl LibvirtHypervisor {
         self.config.instances_dir.join(id.as_str())
     }
 
-    fn image(&self, id: &ImageId) -> Result<PathBuf, HypervisorError> {
-        let path = self.config.images_dir.join(id.as_str());
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(failed(format!(
-                "image {id} is not in {}",
-                self.config.images_dir.display()
-            )))
+    /// The digests every defined domain's files depend on (from each instance's `images`
+    /// file): the cache never evicts these.
+    fn pinned(&self) -> HashSet<Sha256Digest> {
+        let mut pinned = HashSet::new();
+        let Ok(dirs) = std::fs::read_dir(&self.config.instances_dir) else {
+            return pinned;
+        };
+        for dir in dirs.flatten() {
+            if let Ok(list) = std::fs::read_to_string(dir.path().join("images")) {
+                pinned.extend(list.lines().filter_map(|l| Sha256Digest::parse(l).ok()));
+            }
         }
+        pinned
     }
 
-    /// The domain's description, creating its root overlay on the machine image. Every
-    /// image is found before anything is written.
+    /// The cached file of `image`, fetched (and verified) if the cache lacks it.
+    async fn image(&self, image: &ImageRef) -> Result<PathBuf, HypervisorError> {
+        let pinned = self.pinned();
+        self.images
+            .cache
+            .ensure(image, self.images.fetcher.as_ref(), &pinned)
+            .await
+            .map_err(failed)
+    }
+
+    /// The domain's description, creating its root overlay on the machine image. The
+    /// images are pinned (the instance's `images` file) before they are fetched, so a
+    /// concurrent eviction cannot take them.
     async fn prepare(&self, spec: &DomainSpec) -> Result<DomainDescription, HypervisorError> {
         let dir = self.instance_dir(&spec.instance_id);
-        let base = self.image(&spec.image_id)?;
+        let Some(disk) = &spec.boot.disk else {
+            return Err(failed(format!(
+                "image {} has no content: real nodes launch images registered with their bytes (RegisterImage with an ImageLocation)",
+                spec.image_id
+            )));
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
+        let digests: String = spec
+            .boot
+            .iter()
+            .map(|r| format!("{}\n", r.sha256))
+            .collect();
+        tokio::fs::write(dir.join("images"), digests)
+            .await
+            .map_err(failed)?;
+        let base = self.image(disk).await?;
         let format = image_format(&base).map_err(failed)?;
-        let boot = match &spec.kernel_id {
+        let boot = match &spec.boot.kernel {
             Some(kernel) => Boot::Kernel {
-                kernel: self.image(kernel)?,
-                initrd: spec
-                    .ramdisk_id
-                    .as_ref()
-                    .map(|r| self.image(r))
-                    .transpose()?,
+                kernel: self.image(kernel).await?,
+                initrd: match &spec.boot.ramdisk {
+                    Some(ramdisk) => Some(self.image(ramdisk).await?),
+                    None => None,
+                },
                 cmdline: format!("console=ttyS0 {}", spec.kernel_cmdline_extra),
             },
             None => Boot::Disk,
         };
-        tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
         let root_disk = dir.join("root.qcow2");
         let out = tokio::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
@@ -240,6 +279,30 @@ impl LibvirtHypervisor {
             nic: None,
             console_log: dir.join("console.log"),
         })
+    }
+
+    /// Removes instance directories that no defined domain owns: what a terminate or a
+    /// failed define interrupted by a crash of the agent left behind.
+    async fn remove_leftovers(&self) -> Result<(), HypervisorError> {
+        let defined: HashSet<InstanceId> = self
+            .list()
+            .await?
+            .into_iter()
+            .map(|d| d.instance_id)
+            .collect();
+        let Ok(dirs) = std::fs::read_dir(&self.config.instances_dir) else {
+            return Ok(());
+        };
+        for dir in dirs.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if let Ok(id) = InstanceId::parse(&name)
+                && !defined.contains(&id)
+            {
+                tracing::info!(instance = %id, "removing the files of an instance with no domain");
+                let _ = tokio::fs::remove_dir_all(dir.path()).await;
+            }
+        }
+        Ok(())
     }
 
     /// Announces every domain whose state changed since the last poll.

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use canopy_common::{ImageId, InstanceId, InstanceState, PowerState, Resources};
+use canopy_common::{BootImages, ImageId, InstanceId, InstanceState, PowerState, Resources};
 
 use crate::hypervisor::DomainSpec;
 
@@ -33,17 +33,21 @@ pub struct DesiredInstance {
     pub desired: PowerState,
     /// Bumped by every RebootInstances; the node reboots when it sees a larger value.
     pub reboot_seq: u64,
+    /// The image bytes it boots from.
+    pub boot: BootImages,
 }
 
 impl DesiredInstance {
     /// The domain the hypervisor defines for this instance.
     pub fn domain_spec(&self) -> DomainSpec {
-        DomainSpec::new(
+        let mut spec = DomainSpec::new(
             self.instance_id.clone(),
             self.resources,
             self.image_id.clone(),
             self.user_data.clone(),
-        )
+        );
+        spec.boot = self.boot.clone();
+        spec
     }
 }
 

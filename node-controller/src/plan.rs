@@ -354,6 +354,7 @@ mod tests {
             key_name: None,
             desired,
             reboot_seq,
+            boot: Default::default(),
         }
     }
 

@@ -32,6 +32,8 @@ struct CcState {
     /// Every report received, in order.
     reports: Vec<pb::InstanceReport>,
     known: HashSet<String>,
+    /// Image bytes it relays, by sha256.
+    images: std::collections::HashMap<String, Vec<u8>>,
 }
 
 #[derive(Clone, Default)]
@@ -72,6 +74,23 @@ impl ZoneAgent for FakeCc {
         assert_eq!(request.node_id, NODE);
         self.state.lock().unwrap().reports.extend(request.reports);
         Ok(Response::new(pb::ReportAck {}))
+    }
+
+    type FetchImageStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
+
+    async fn fetch_image(
+        &self,
+        request: Request<pb::FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        let sha = request.into_inner().sha256;
+        let bytes = self.state.lock().unwrap().images.get(&sha).cloned();
+        let bytes = bytes.ok_or_else(|| Status::not_found(format!("no image {sha}")))?;
+        let chunks: Vec<Result<pb::ImageChunk, Status>> = bytes
+            .chunks(5)
+            .map(|c| Ok(pb::ImageChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 }
 
@@ -257,7 +276,47 @@ fn spec(id: &InstanceId, desired: pb::PowerState, reboot_seq: u64) -> pb::Instan
         desired: desired as i32,
         reboot_seq,
         node_id: NODE.into(),
+        ..Default::default()
     }
+}
+
+#[tokio::test]
+async fn images_are_fetched_through_the_cc_into_the_verified_cache() {
+    use canopy_common::{ImageKind, ImageRef, Sha256Digest};
+    use canopy_node_controller::image_cache::ImageCache;
+    use canopy_node_controller::image_fetch::CcImageFetcher;
+    use sha2::Digest;
+    let (cc, addr) = FakeCc::start().await;
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    let image = ImageRef {
+        image_id: ImageKind::Kernel.generate_id(),
+        sha256: Sha256Digest::from_bytes(&digest),
+        size: bytes.len() as u64,
+    };
+    cc.state
+        .lock()
+        .unwrap()
+        .images
+        .insert(image.sha256.to_string(), bytes.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::open(dir.path(), 1 << 20).unwrap();
+    let fetcher = CcImageFetcher::new(&format!("http://{addr}")).unwrap();
+    let path = cache
+        .ensure(&image, &fetcher, &Default::default())
+        .await
+        .expect("fetched through the CC");
+    assert_eq!(std::fs::read(path).unwrap(), bytes);
+    // Bytes the CC does not have: the CC's NOT_FOUND, named.
+    let missing = ImageRef {
+        sha256: Sha256Digest::from_bytes(&[1; 32]),
+        ..image
+    };
+    let err = cache
+        .ensure(&missing, &fetcher, &Default::default())
+        .await
+        .expect_err("not there");
+    assert!(err.to_string().contains("NotFound"), "{err}");
 }
 
 fn running(id: &InstanceId) -> pb::InstanceSpec {

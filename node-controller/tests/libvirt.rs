@@ -4,13 +4,17 @@
 //! .ci/run installs and starts it.
 #![cfg(feature = "libvirt")]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use canopy_common::{ImageId, InstanceId, Resources};
+use canopy_common::{ImageKind, ImageRef, InstanceId, Resources, Sha256Digest};
 use canopy_node_controller::domain_xml::Accelerator;
-use canopy_node_controller::libvirt::{LibvirtConfig, LibvirtHypervisor};
+use canopy_node_controller::image_cache::{ImageCache, ImageFetcher, ImageStream};
+use canopy_node_controller::libvirt::{ImageSource, LibvirtConfig, LibvirtHypervisor};
 use canopy_node_controller::{DomainSpec, DomainState, Hypervisor, HypervisorError};
+use sha2::{Digest, Sha256};
 
 const BOOT_LINE: &str = "is up";
 
@@ -30,6 +34,45 @@ fn guest() -> PathBuf {
         .expect("run build-test-guest.sh");
     assert!(status.success(), "build-test-guest.sh failed");
     out
+}
+
+/// Serves image files by digest and counts the fetches.
+#[derive(Default)]
+struct FileFetcher {
+    files: Mutex<HashMap<Sha256Digest, PathBuf>>,
+    fetches: Mutex<usize>,
+}
+
+impl FileFetcher {
+    fn add(&self, kind: ImageKind, path: &Path) -> ImageRef {
+        let bytes = std::fs::read(path).unwrap();
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        let image = ImageRef {
+            image_id: kind.generate_id(),
+            sha256: Sha256Digest::from_bytes(&digest),
+            size: bytes.len() as u64,
+        };
+        self.files
+            .lock()
+            .unwrap()
+            .insert(image.sha256.clone(), path.to_owned());
+        image
+    }
+
+    fn count(&self) -> usize {
+        *self.fetches.lock().unwrap()
+    }
+}
+
+#[async_trait::async_trait]
+impl ImageFetcher for FileFetcher {
+    async fn fetch(&self, image: &ImageRef) -> Result<ImageStream, String> {
+        *self.fetches.lock().unwrap() += 1;
+        let path = self.files.lock().unwrap().get(&image.sha256).cloned();
+        let path = path.ok_or_else(|| format!("no such image {}", image.image_id))?;
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        Ok(Box::pin(tokio_stream::iter(vec![Ok(bytes)])))
+    }
 }
 
 fn libvirt_available() -> bool {
@@ -65,39 +108,55 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     }
     let guest = guest();
     let scratch = tempfile::tempdir_in(repo().join("target")).unwrap();
-    let images = scratch.path().join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let (emi, eki, eri) = (
-        ImageId::generate(),
-        ImageId::generate(),
-        ImageId::generate(),
-    );
-    for (id, file) in [(&emi, "disk.qcow2"), (&eki, "vmlinuz"), (&eri, "initrd.gz")] {
-        std::fs::copy(guest.join(file), images.join(id.as_str())).unwrap();
-    }
-    let hv = LibvirtHypervisor::connect(LibvirtConfig {
-        uri: "qemu:///system".into(),
-        // Software emulation: works on every host, nested included.
-        accelerator: Accelerator::Tcg,
-        instances_dir: scratch.path().join("instances"),
-        images_dir: images,
-        disk_gib: 100,
-    })
+    let fetcher = Arc::new(FileFetcher::default());
+    let emi = fetcher.add(ImageKind::Machine, &guest.join("disk.qcow2"));
+    let eki = fetcher.add(ImageKind::Kernel, &guest.join("vmlinuz"));
+    let eri = fetcher.add(ImageKind::Ramdisk, &guest.join("initrd.gz"));
+    let cache = Arc::new(ImageCache::open(scratch.path().join("cache"), 1 << 30).unwrap());
+    let hv = LibvirtHypervisor::connect(
+        LibvirtConfig {
+            uri: "qemu:///system".into(),
+            // Software emulation: works on every host, nested included.
+            accelerator: Accelerator::Tcg,
+            instances_dir: scratch.path().join("instances"),
+            disk_gib: 100,
+        },
+        ImageSource {
+            cache: cache.clone(),
+            fetcher: fetcher.clone(),
+        },
+    )
     .await
     .expect("connect");
     assert!(hv.capacity().vcpus >= 1 && hv.capacity().memory_mib >= 256);
 
-    // An image that is not there: refused, and nothing is left behind.
+    // An image the fetcher cannot deliver: refused, and nothing is left behind.
     let lost = InstanceId::generate();
     let mut bad = DomainSpec::new(
         lost.clone(),
         Resources::new(1, 256, 1),
-        emi.clone(),
+        emi.image_id.clone(),
         Vec::new(),
     );
-    bad.kernel_id = Some(ImageId::generate());
+    bad.boot.disk = Some(emi.clone());
+    bad.boot.kernel = Some(ImageRef {
+        image_id: ImageKind::Kernel.generate_id(),
+        sha256: Sha256Digest::from_bytes(&[7; 32]),
+        size: 10,
+    });
     assert!(
-        matches!(hv.define(&bad).await, Err(HypervisorError::Failed(m)) if m.contains("is not in"))
+        matches!(hv.define(&bad).await, Err(HypervisorError::Failed(m)) if m.contains("no such image")),
+    );
+    // An image without content cannot be launched on a real node.
+    let mut empty = DomainSpec::new(
+        lost.clone(),
+        Resources::new(1, 256, 1),
+        emi.image_id.clone(),
+        Vec::new(),
+    );
+    empty.boot.disk = None;
+    assert!(
+        matches!(hv.define(&empty).await, Err(HypervisorError::Failed(m)) if m.contains("no content")),
     );
     assert_eq!(hv.state(&lost).await.unwrap(), None);
     assert!(
@@ -109,10 +168,22 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     );
 
     let id = InstanceId::generate();
-    let mut spec = DomainSpec::new(id.clone(), Resources::new(1, 256, 1), emi, Vec::new());
-    spec.kernel_id = Some(eki);
-    spec.ramdisk_id = Some(eri);
+    let mut spec = DomainSpec::new(
+        id.clone(),
+        Resources::new(1, 256, 1),
+        emi.image_id.clone(),
+        Vec::new(),
+    );
+    spec.boot.disk = Some(emi.clone());
+    spec.boot.kernel = Some(eki.clone());
+    spec.boot.ramdisk = Some(eri.clone());
+    let fetched = fetcher.count();
     hv.define(&spec).await.expect("define");
+    // Fetched once into the cache (the failed define above had fetched the disk already).
+    assert_eq!(fetcher.count(), fetched + 2);
+    for image in [&emi, &eki, &eri] {
+        assert!(cache.contains(&image.sha256));
+    }
     assert_eq!(hv.state(&id).await.unwrap(), Some(DomainState::ShutOff));
     assert!(matches!(
         hv.define(&spec).await,

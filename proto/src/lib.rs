@@ -8,6 +8,47 @@ pub mod v1 {
     tonic::include_proto!("canopy.v1");
 }
 
+/// Conversions every tier shares for messages that carry only `canopy-common` types.
+pub mod convert {
+    use canopy_common::{BootImages, ImageId, ImageRef, Sha256Digest};
+
+    use crate::v1 as pb;
+
+    pub fn image_ref_to_proto(r: &ImageRef) -> pb::ImageRef {
+        pb::ImageRef {
+            image_id: r.image_id.to_string(),
+            sha256: r.sha256.to_string(),
+            size: r.size,
+        }
+    }
+
+    /// Errors name the field, for the receiver's `INVALID_ARGUMENT`.
+    pub fn image_ref_from_proto(r: pb::ImageRef) -> Result<ImageRef, String> {
+        Ok(ImageRef {
+            image_id: ImageId::parse(&r.image_id).map_err(|e| format!("image ref: {e}"))?,
+            sha256: Sha256Digest::parse(&r.sha256).map_err(|e| format!("image ref: {e}"))?,
+            size: r.size,
+        })
+    }
+
+    /// The `image`, `kernel` and `ramdisk` fields of an `InstanceSpec`.
+    pub fn boot_from_proto(spec: &mut pb::InstanceSpec) -> Result<BootImages, String> {
+        let take = |r: Option<pb::ImageRef>| r.map(image_ref_from_proto).transpose();
+        Ok(BootImages {
+            disk: take(spec.image.take())?,
+            kernel: take(spec.kernel.take())?,
+            ramdisk: take(spec.ramdisk.take())?,
+        })
+    }
+
+    /// Sets the `image`, `kernel` and `ramdisk` fields of an `InstanceSpec`.
+    pub fn boot_to_proto(boot: &BootImages, spec: &mut pb::InstanceSpec) {
+        spec.image = boot.disk.as_ref().map(image_ref_to_proto);
+        spec.kernel = boot.kernel.as_ref().map(image_ref_to_proto);
+        spec.ramdisk = boot.ramdisk.as_ref().map(image_ref_to_proto);
+    }
+}
+
 /// The connections a gRPC server accepts on `listener`, with Nagle's algorithm off.
 ///
 /// tonic sets `TCP_NODELAY` only on listeners it binds itself; on one handed to it, a small

@@ -1,13 +1,13 @@
 //! What there is to launch and where: DescribeImages, DescribeAvailabilityZones,
 //! DescribeRegions, DescribeInstanceTypes.
 
-use canopy_common::{INSTANCE_TYPES, ImageId, InstanceType};
+use canopy_common::{INSTANCE_TYPES, ImageId, ImageKind, InstanceType};
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 
 use super::filters::{self, Filterable};
 use super::paging::{self, paginate};
 use super::{ApiError, Ctx};
-use crate::state::{Image, Zone};
+use crate::state::{Command, Image, Zone};
 
 impl Filterable for Image {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
@@ -20,7 +20,9 @@ impl Filterable for Image {
             "architecture" => one(self.architecture.clone()),
             "owner-id" => one(self.owner_id.to_string()),
             "is-public" => one(self.is_public.to_string()),
-            "image-type" => one("machine".into()),
+            "image-type" => one(self.kind.name().into()),
+            "kernel-id" => Some(self.kernel_id.iter().map(|i| i.to_string()).collect()),
+            "ramdisk-id" => Some(self.ramdisk_id.iter().map(|i| i.to_string()).collect()),
             "root-device-type" => one("instance-store".into()),
             "virtualization-type" => one("hvm".into()),
             "manifest-location" => one(self.location.clone()),
@@ -53,6 +55,7 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .await?
         .into_iter()
         .filter(|i| i.is_public || i.owner_id == ctx.account)
+        .filter(|i| i.state != "deregistered")
         .collect();
     if let Some(first) = visible.first() {
         filters::validate(&filters, first)?;
@@ -90,7 +93,9 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
             .elem("creationDate", timestamp(i.created_at))
             .bool_elem("isPublic", i.is_public)
             .elem("architecture", &i.architecture)
-            .elem("imageType", "machine")
+            .elem("imageType", i.kind.name())
+            .opt_elem("kernelId", i.kernel_id.as_ref())
+            .opt_elem("ramdiskId", i.ramdisk_id.as_ref())
             .elem("name", &i.name)
             .elem("description", &i.description)
             .elem("rootDeviceType", "instance-store")
@@ -100,6 +105,176 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
             .elem("hypervisor", "xen")
             .list("tagSet", std::iter::empty::<()>(), |_, _| {});
     });
+    Ok(w.finish())
+}
+
+/// An image id parameter: malformed ids get EC2's `InvalidAMIID.Malformed`.
+fn image_id_param(name: &str, raw: &str) -> Result<ImageId, ApiError> {
+    ImageId::parse(raw).map_err(|_| {
+        ApiError::new(
+            400,
+            "InvalidAMIID.Malformed",
+            format!("Invalid id: \"{raw}\" for {name} (expecting \"ami-...\")"),
+        )
+    })
+}
+
+/// EC2's rule for AMI names: 3 to 128 characters of letters, digits, spaces and `()[]./-'@_`.
+fn valid_image_name(name: &str) -> bool {
+    (3..=128).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ()[]./-'@_".contains(c))
+}
+
+/// RegisterImage: the bytes at `ImageLocation` (a file this CLC reads, or an http URL) go
+/// into the image store; what they are (machine disk, kernel, ramdisk) is read from them.
+pub async fn register_image(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let name = p.required("Name")?.to_owned();
+    if !valid_image_name(&name) {
+        return Err(ApiError::new(
+            400,
+            "InvalidAMIName.Malformed",
+            format!(
+                "AMI names must be between 3 and 128 characters long, and may contain letters, numbers, '(', ')', '.', '-', '/' and '_': {name:?}"
+            ),
+        ));
+    }
+    let location = p
+        .get("ImageLocation")
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| ApiError::missing("ImageLocation"))?
+        .to_owned();
+    let description = p.get("Description").unwrap_or_default().to_owned();
+    if description.len() > 255 {
+        return Err(ApiError::invalid(
+            "Description must be at most 255 characters long",
+        ));
+    }
+    let architecture = p.get("Architecture").unwrap_or("x86_64").to_owned();
+    if architecture != "x86_64" {
+        return Err(ApiError::invalid(format!(
+            "Architecture {architecture:?} is not supported: Canopy runs x86_64 guests"
+        )));
+    }
+    if let Some(v) = p.get("VirtualizationType")
+        && v != "hvm"
+    {
+        return Err(ApiError::invalid(format!(
+            "VirtualizationType {v:?} is not supported: Canopy runs hvm guests"
+        )));
+    }
+    let kernel_id = p
+        .get("KernelId")
+        .filter(|v| !v.is_empty())
+        .map(|v| image_id_param("KernelId", v))
+        .transpose()?;
+    let ramdisk_id = p
+        .get("RamdiskId")
+        .filter(|v| !v.is_empty())
+        .map(|v| image_id_param("RamdiskId", v))
+        .transpose()?;
+    if ramdisk_id.is_some() && kernel_id.is_none() {
+        return Err(ApiError::combination("A RamdiskId needs a KernelId"));
+    }
+    let catalog = ctx.clc.store.catalog().await?;
+    for (param, id, kind) in [
+        ("KernelId", &kernel_id, ImageKind::Kernel),
+        ("RamdiskId", &ramdisk_id, ImageKind::Ramdisk),
+    ] {
+        let Some(id) = id else { continue };
+        let found = catalog
+            .images
+            .iter()
+            .find(|i| {
+                &i.image_id == id
+                    && i.state == "available"
+                    && (i.is_public || i.owner_id == ctx.account)
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "InvalidAMIID.NotFound",
+                    format!("The image id '[{id}]' does not exist"),
+                )
+            })?;
+        if found.kind != kind {
+            return Err(ApiError::invalid(format!(
+                "{param}: {id} is a {} image, not a {} image",
+                found.kind,
+                kind.name()
+            )));
+        }
+    }
+    if catalog
+        .images
+        .iter()
+        .any(|i| i.owner_id == ctx.account && i.name == name && i.state != "deregistered")
+    {
+        return Err(ApiError::new(
+            400,
+            "InvalidAMIName.Duplicate",
+            format!("AMI name {name} is already in use by AMI owned by this account"),
+        ));
+    }
+    ctx.dry_run()?;
+
+    let imported = ctx.clc.images.import(&location).await?;
+    if imported.kind != ImageKind::Machine && (kernel_id.is_some() || ramdisk_id.is_some()) {
+        return Err(ApiError::combination(format!(
+            "{location} holds a {} image: KernelId and RamdiskId belong to machine images",
+            imported.kind
+        )));
+    }
+    let image_id = imported.kind.generate_id();
+    tracing::info!(
+        image = %image_id,
+        kind = %imported.kind,
+        sha256 = %imported.sha256,
+        size = imported.size,
+        %location,
+        "image registered"
+    );
+    ctx.clc
+        .submit(Command::RegisterImage {
+            image: Image {
+                image_id: image_id.clone(),
+                owner_id: ctx.account.clone(),
+                name,
+                description,
+                location,
+                architecture,
+                is_public: false,
+                state: "available".into(),
+                created_at: chrono::Utc::now(),
+                kind: imported.kind,
+                kernel_id,
+                ramdisk_id,
+                sha256: Some(imported.sha256),
+                size_bytes: imported.size,
+                disk_format: imported.disk_format.map(str::to_owned),
+            },
+        })
+        .await?;
+    let mut w = XmlWriter::response("RegisterImage", &ctx.request_id);
+    w.elem("imageId", &image_id);
+    Ok(w.finish())
+}
+
+/// DeregisterImage: the image can no longer be launched. Instances launched from it keep
+/// running, stop and start: its bytes stay until none of them needs them.
+pub async fn deregister_image(ctx: &Ctx) -> Result<String, ApiError> {
+    let image_id = image_id_param("ImageId", ctx.params.required("ImageId")?)?;
+    ctx.dry_run()?;
+    ctx.clc
+        .submit(Command::DeregisterImage {
+            image_id,
+            account_id: ctx.account.clone(),
+        })
+        .await?;
+    let mut w = XmlWriter::response("DeregisterImage", &ctx.request_id);
+    w.bool_elem("return", true);
     Ok(w.finish())
 }
 

@@ -86,6 +86,20 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<crate::images::ImageStoreError> for ApiError {
+    fn from(e: crate::images::ImageStoreError) -> Self {
+        match e {
+            crate::images::ImageStoreError::Location(why) => {
+                Self::invalid(format!("ImageLocation: {why}"))
+            }
+            e @ crate::images::ImageStoreError::Io { .. } => {
+                tracing::error!(error = %e, "image store error");
+                Self::internal()
+            }
+        }
+    }
+}
+
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
         match e {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use canopy_common::instance_types::DEFAULT_INSTANCE_TYPE;
-use canopy_common::{ImageId, InstanceId, InstanceState, InstanceType, ReservationId, ZoneName};
+use canopy_common::{
+    ImageId, ImageKind, InstanceId, InstanceState, InstanceType, ReservationId, ZoneName,
+};
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -189,10 +191,62 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             )
         })?;
     if image.state != "available" {
+        // EC2's code for a deregistered (or not yet available) image.
+        return Err(ApiError::new(
+            400,
+            "InvalidAMIID.Unavailable",
+            format!(
+                "The image {image_id} is not available (it is {})",
+                image.state
+            ),
+        ));
+    }
+    if image.kind != ImageKind::Machine {
         return Err(ApiError::invalid(format!(
-            "Image {image_id} is not available (it is {})",
-            image.state
+            "Image {image_id} is a {} image; instances launch from machine images",
+            image.kind
         )));
+    }
+    // The kernel and ramdisk: RunInstances' own, else the image's.
+    let boot_image = |param: &str, kind: ImageKind, default: &Option<ImageId>| {
+        let id = match p.get(param).filter(|v| !v.is_empty()) {
+            Some(raw) => Some(ImageId::parse(raw).map_err(|_| {
+                ApiError::new(
+                    400,
+                    "InvalidAMIID.Malformed",
+                    format!("Invalid id: \"{raw}\" for {param}"),
+                )
+            })?),
+            None => default.clone(),
+        };
+        let Some(id) = id else { return Ok(None) };
+        let found = catalog
+            .images
+            .iter()
+            .find(|i| i.image_id == id && (i.is_public || i.owner_id == ctx.account))
+            .filter(|i| i.state == "available")
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "InvalidAMIID.NotFound",
+                    format!("The {} image id '[{id}]' does not exist", kind.name()),
+                )
+            })?;
+        if found.kind != kind {
+            return Err(ApiError::invalid(format!(
+                "{param}: {id} is a {} image, not a {} image",
+                found.kind,
+                kind.name()
+            )));
+        }
+        Ok(Some(id))
+    };
+    let kernel_id = boot_image("KernelId", ImageKind::Kernel, &image.kernel_id)?;
+    let ramdisk_id = boot_image("RamdiskId", ImageKind::Ramdisk, &image.ramdisk_id)?;
+    if ramdisk_id.is_some() && kernel_id.is_none() {
+        return Err(ApiError::invalid(
+            "A ramdisk needs a kernel: give KernelId too",
+        ));
     }
     ctx.dry_run()?;
 
@@ -276,6 +330,8 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 zone: zone.clone(),
                 key_name: key_name.clone(),
                 user_data: user_data.clone(),
+                kernel_id: kernel_id.clone(),
+                ramdisk_id: ramdisk_id.clone(),
             })
             .collect::<Vec<_>>();
         let at = Utc::now();
@@ -495,6 +551,8 @@ fn probe_instance() -> Instance {
         state_changed_at: Utc::now(),
         terminated_at: None,
         tags: vec![],
+        kernel_id: None,
+        ramdisk_id: None,
     }
 }
 

@@ -197,6 +197,8 @@ async fn handle_inner(
         "DescribeInstanceStatus" => instances::describe_instance_status(&ctx).await,
         "GetConsoleOutput" => instances::get_console_output(&ctx).await,
         "DescribeImages" => catalog::describe_images(&ctx).await,
+        "RegisterImage" => catalog::register_image(&ctx).await,
+        "DeregisterImage" => catalog::deregister_image(&ctx).await,
         "DescribeAvailabilityZones" => catalog::describe_availability_zones(&ctx).await,
         "DescribeRegions" => catalog::describe_regions(&ctx).await,
         "DescribeInstanceTypes" => catalog::describe_instance_types(&ctx).await,

@@ -39,6 +39,8 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .elem("amiLaunchIndex", i.launch_index)
         .list("productCodes", std::iter::empty::<()>(), |_, _| {})
         .elem("instanceType", &i.instance_type)
+        .opt_elem("kernelId", i.kernel_id.as_ref())
+        .opt_elem("ramdiskId", i.ramdisk_id.as_ref())
         .elem("launchTime", timestamp(i.launch_time))
         .nested("placement", |w| {
             w.elem("availabilityZone", &i.zone)

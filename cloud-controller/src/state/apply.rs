@@ -71,8 +71,9 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
         }
         Command::RegisterImage { image } => {
             let done = sqlx::query(
-                "INSERT INTO images(image_id, owner_id, name, description, location, architecture, is_public, state, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO NOTHING",
+                "INSERT INTO images(image_id, owner_id, name, description, location, architecture, is_public, state,
+                    created_at, image_type, kernel_id, ramdisk_id, sha256, size_bytes, disk_format)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(image_id) DO NOTHING",
             )
             .bind(image.image_id.as_str())
             .bind(image.owner_id.as_str())
@@ -83,6 +84,12 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .bind(image.is_public)
             .bind(&image.state)
             .bind(fmt_time(image.created_at))
+            .bind(image.kind.name())
+            .bind(image.kernel_id.as_ref().map(|i| i.as_str()))
+            .bind(image.ramdisk_id.as_ref().map(|i| i.as_str()))
+            .bind(image.sha256.as_ref().map(|d| d.as_str()))
+            .bind(image.size_bytes as i64)
+            .bind(&image.disk_format)
             .execute(&mut *conn)
             .await?;
             if done.rows_affected() == 0 {
@@ -90,6 +97,24 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     "image {}",
                     image.image_id
                 )));
+            }
+            Ok(Outcome::Done)
+        }
+        Command::DeregisterImage {
+            image_id,
+            account_id,
+        } => {
+            // Only the owner deregisters; to anyone else the image is not there to remove.
+            let done = sqlx::query(
+                "UPDATE images SET state = 'deregistered'
+                 WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
+            )
+            .bind(image_id.as_str())
+            .bind(account_id.as_str())
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StateError::ImageNotFound(image_id.to_string()));
             }
             Ok(Outcome::Done)
         }
@@ -135,11 +160,12 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     });
                 }
             }
-            let image_ok: Option<(String,)> =
-                sqlx::query_as("SELECT image_id FROM images WHERE image_id = ?")
-                    .bind(launch_image(instances))
-                    .fetch_optional(&mut *conn)
-                    .await?;
+            let image_ok: Option<(String,)> = sqlx::query_as(
+                "SELECT image_id FROM images WHERE image_id = ? AND state = 'available'",
+            )
+            .bind(launch_image(instances))
+            .fetch_optional(&mut *conn)
+            .await?;
             if image_ok.is_none() {
                 return Err(StateError::ImageNotFound(
                     launch_image(instances).to_owned(),
@@ -158,8 +184,8 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 sqlx::query(
                     "INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
                         vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
-                        launch_time, state_changed_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?)",
+                        launch_time, state_changed_at, kernel_id, ramdisk_id)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?, ?, ?)",
                 )
                 .bind(inst.instance_id.as_str())
                 .bind(reservation_id.as_str())
@@ -176,6 +202,8 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .bind(client_token)
                 .bind(fmt_time(*at))
                 .bind(fmt_time(*at))
+                .bind(inst.kernel_id.as_ref().map(|i| i.as_str()))
+                .bind(inst.ramdisk_id.as_ref().map(|i| i.as_str()))
                 .execute(&mut *conn)
                 .await?;
                 for tag in tags {

@@ -101,7 +101,7 @@ async fn apply_launches(
                ON r.account_id = j.value ->> 0 AND r.client_token = j.value ->> 1
              UNION ALL
              SELECT 'image', image_id, NULL, NULL, NULL FROM images
-             WHERE image_id IN (SELECT value FROM json_each(?2))",
+             WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))",
     )
     .bind(serde_json::to_string(&asked_tokens).map_err(corrupt)?)
     .bind(serde_json::to_string(&asked_images).map_err(corrupt)?)
@@ -204,6 +204,8 @@ async fn apply_launches(
                 inst.user_data.as_ref().map(hex::encode),
                 client_token,
                 at,
+                inst.kernel_id.as_ref().map(|i| i.as_str()),
+                inst.ramdisk_id.as_ref().map(|i| i.as_str()),
             ]));
             for tag in tags {
                 tag_rows.push(serde_json::json!([
@@ -236,10 +238,10 @@ async fn apply_launches(
          FROM json_each(?) ORDER BY key;
          INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
             vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
-            launch_time, state_changed_at)
+            launch_time, state_changed_at, kernel_id, ramdisk_id)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, unhex(value ->> 11),
-            value ->> 12, 'pending', 'running', value ->> 13, value ->> 13
+            value ->> 12, 'pending', 'running', value ->> 13, value ->> 13, value ->> 14, value ->> 15
          FROM json_each(?) ORDER BY key;
          INSERT INTO tags(resource_id, resource_type, account_id, key, value)
          SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3

@@ -32,6 +32,12 @@ pub enum Command {
     RegisterImage {
         image: Image,
     },
+    /// The image can no longer be launched. Its row (and bytes) stay while instances
+    /// launched from it still need them.
+    DeregisterImage {
+        image_id: ImageId,
+        account_id: AccountId,
+    },
     /// A CC announced itself (or moved to a new endpoint).
     RegisterZone {
         zone: ZoneName,
@@ -90,6 +96,7 @@ impl Command {
             | Command::CreateAccount { .. }
             | Command::AddAccessKey { .. }
             | Command::RegisterImage { .. }
+            | Command::DeregisterImage { .. }
             | Command::LaunchInstances { .. }
             | Command::RequestInstances { .. }
             | Command::CreateTags { .. }
@@ -105,7 +112,9 @@ impl Command {
     pub fn changes_catalog(&self) -> bool {
         match self {
             Command::Batch(commands) => commands.iter().any(Command::changes_catalog),
-            Command::RegisterImage { .. } | Command::RegisterZone { .. } => true,
+            Command::RegisterImage { .. }
+            | Command::DeregisterImage { .. }
+            | Command::RegisterZone { .. } => true,
             Command::CreateAccount { .. }
             | Command::AddAccessKey { .. }
             | Command::LaunchInstances { .. }
@@ -128,6 +137,11 @@ pub struct NewInstance {
     pub zone: ZoneName,
     pub key_name: Option<String>,
     pub user_data: Option<Vec<u8>>,
+    /// The kernel and ramdisk it boots with (RunInstances' or its image's).
+    #[serde(default)]
+    pub kernel_id: Option<ImageId>,
+    #[serde(default)]
+    pub ramdisk_id: Option<ImageId>,
 }
 
 /// The image a launch of `instances` is checked against: its first instance's (all of a
@@ -181,6 +195,8 @@ impl NewInstance {
             launch_time: at,
             state_changed_at: at,
             terminated_at: None,
+            kernel_id: self.kernel_id.clone(),
+            ramdisk_id: self.ramdisk_id.clone(),
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {

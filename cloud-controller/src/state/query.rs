@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use canopy_common::{
-    AccountId, InstanceId, InstanceState, PowerState, ReservationId, Resources, ZoneName,
+    AccountId, BootImages, ImageKind, ImageRef, InstanceId, InstanceState, PowerState,
+    ReservationId, Resources, Sha256Digest, ZoneName,
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
@@ -66,6 +67,8 @@ struct InstanceRow {
     launch_time: String,
     state_changed_at: String,
     terminated_at: Option<String>,
+    kernel_id: Option<String>,
+    ramdisk_id: Option<String>,
 }
 
 impl InstanceRow {
@@ -105,6 +108,8 @@ impl InstanceRow {
             state_changed_at: parse_time(&self.state_changed_at)?,
             terminated_at: self.terminated_at.as_deref().map(parse_time).transpose()?,
             tags,
+            kernel_id: self.kernel_id.as_deref().map(parse).transpose()?,
+            ramdisk_id: self.ramdisk_id.as_deref().map(parse).transpose()?,
         })
     }
 }
@@ -113,7 +118,7 @@ impl InstanceRow {
 const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, launch_index, image_id, instance_type, \
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, iif(user_data IS NULL, NULL, hex(user_data)), \
      client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
-     launch_time, state_changed_at, terminated_at";
+     launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -271,13 +276,49 @@ impl Store {
             String,
             i64,
             Option<String>,
+            Option<String>,
+            i64,
+            Option<String>,
+            Option<String>,
+            i64,
+            Option<String>,
+            Option<String>,
+            i64,
         );
+        // An image's content, or `None` for an id without bytes (or without a row).
+        fn content(
+            id: Option<&str>,
+            sha256: Option<String>,
+            size: i64,
+        ) -> Result<Option<ImageRef>, StateError> {
+            match (id, sha256) {
+                (Some(id), Some(sha)) => Ok(Some(ImageRef {
+                    image_id: parse(id)?,
+                    sha256: Sha256Digest::parse(&sha)
+                        .map_err(|e| StateError::Corrupt(e.to_string()))?,
+                    size: u64::try_from(size).unwrap_or_default(),
+                })),
+                _ => Ok(None),
+            }
+        }
         let mut conn = self.pool().acquire().await?;
         let rows: Vec<SpecRow> = fetch_folded(
             &mut conn,
             "instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id,
-             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, node_id",
-            "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
+             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq,
+             node_id, image_sha, image_size, kernel_id, kernel_sha, kernel_size, ramdisk_id,
+             ramdisk_sha, ramdisk_size",
+            // The images' content comes along; a document is one read.
+            "FROM (SELECT i.instance_id, i.instance_type, i.vcpus, i.memory_mib, i.disk_gib,
+                i.image_id, i.user_data, i.key_name, i.desired, i.reboot_seq, i.node_id,
+                m.sha256 AS image_sha, coalesce(m.size_bytes, 0) AS image_size, i.kernel_id,
+                k.sha256 AS kernel_sha, coalesce(k.size_bytes, 0) AS kernel_size, i.ramdisk_id,
+                r.sha256 AS ramdisk_sha, coalesce(r.size_bytes, 0) AS ramdisk_size
+             FROM instances i
+             LEFT JOIN images m ON m.image_id = i.image_id
+             LEFT JOIN images k ON k.image_id = i.kernel_id
+             LEFT JOIN images r ON r.image_id = i.ramdisk_id
+             WHERE i.zone = ? AND i.state != 'terminated' ORDER BY i.seq)",
             &[zone.as_str()],
         )
         .await?;
@@ -295,6 +336,14 @@ impl Store {
                     desired,
                     reboot,
                     node,
+                    image_sha,
+                    image_size,
+                    kernel,
+                    kernel_sha,
+                    kernel_size,
+                    ramdisk,
+                    ramdisk_sha,
+                    ramdisk_size,
                 )| {
                     Ok(DesiredSpec {
                         instance_id: parse(&id)?,
@@ -304,6 +353,11 @@ impl Store {
                             u64::try_from(mem).unwrap_or_default(),
                             u64::try_from(disk).unwrap_or_default(),
                         ),
+                        boot: BootImages {
+                            disk: content(Some(&image), image_sha, image_size)?,
+                            kernel: content(kernel.as_deref(), kernel_sha, kernel_size)?,
+                            ramdisk: content(ramdisk.as_deref(), ramdisk_sha, ramdisk_size)?,
+                        },
                         image_id: parse(&image)?,
                         user_data,
                         key_name: key,
@@ -400,8 +454,10 @@ impl Store {
             .collect()
     }
 
+    /// Every image, deregistered ones included (callers that show images filter those).
     pub async fn images(&self) -> Result<Vec<Image>, StateError> {
-        type ImageRow = (
+        #[derive(serde::Deserialize)]
+        struct ImageRow(
             String,
             String,
             String,
@@ -411,16 +467,25 @@ impl Store {
             bool,
             String,
             String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+            Option<String>,
         );
-        let rows: Vec<ImageRow> = sqlx::query_as(
-            "SELECT image_id, owner_id, name, description, location, architecture, is_public, state, created_at
-             FROM images ORDER BY created_at, image_id",
+        let mut conn = self.pool().acquire().await?;
+        let rows: Vec<ImageRow> = fetch_folded(
+            &mut conn,
+            "image_id, owner_id, name, description, location, architecture, json(iif(is_public, 'true', 'false')),
+             state, created_at, image_type, kernel_id, ramdisk_id, sha256, size_bytes, disk_format",
+            "FROM images ORDER BY created_at, image_id",
+            &[],
         )
-        .fetch_all(self.pool())
         .await?;
         rows.into_iter()
             .map(
-                |(
+                |ImageRow(
                     id,
                     owner,
                     name,
@@ -430,6 +495,12 @@ impl Store {
                     is_public,
                     state,
                     created,
+                    kind,
+                    kernel,
+                    ramdisk,
+                    sha256,
+                    size,
+                    disk_format,
                 )| {
                     Ok(Image {
                         image_id: parse(&id)?,
@@ -442,6 +513,17 @@ impl Store {
                         is_public,
                         state,
                         created_at: parse_time(&created)?,
+                        kind: ImageKind::parse(&kind)
+                            .ok_or_else(|| StateError::Corrupt(format!("image type {kind:?}")))?,
+                        kernel_id: kernel.as_deref().map(parse).transpose()?,
+                        ramdisk_id: ramdisk.as_deref().map(parse).transpose()?,
+                        sha256: sha256
+                            .as_deref()
+                            .map(Sha256Digest::parse)
+                            .transpose()
+                            .map_err(|e| StateError::Corrupt(e.to_string()))?,
+                        size_bytes: u64::try_from(size).unwrap_or_default(),
+                        disk_format,
                     })
                 },
             )

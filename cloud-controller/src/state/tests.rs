@@ -49,6 +49,12 @@ async fn fixture() -> Fixture {
                 is_public: true,
                 state: "available".into(),
                 created_at: t(0),
+                kind: canopy_common::ImageKind::Machine,
+                kernel_id: None,
+                ramdisk_id: None,
+                sha256: None,
+                size_bytes: 0,
+                disk_format: None,
             },
         })
         .await
@@ -86,6 +92,8 @@ impl Fixture {
                     zone: self.zone.clone(),
                     key_name: None,
                     user_data: None,
+                    kernel_id: None,
+                    ramdisk_id: None,
                 })
                 .collect(),
             tags: vec![Tag {
@@ -507,6 +515,8 @@ async fn a_launched_instance_is_stored_as_new_instance_launched_describes_it() {
             zone: f.zone.clone(),
             key_name: Some("key".into()),
             user_data: Some(vec![1, 2, 3]),
+            kernel_id: None,
+            ramdisk_id: None,
         })
         .collect();
     f.store

@@ -1,6 +1,6 @@
 use canopy_common::{
-    AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
-    ZoneName,
+    AccountId, BootImages, ImageId, ImageKind, ImageRef, InstanceId, InstanceState, NodeId,
+    PowerState, ReservationId, Resources, Sha256Digest, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -24,8 +24,37 @@ pub struct Image {
     pub location: String,
     pub architecture: String,
     pub is_public: bool,
+    /// EC2's `imageState`: `available`, or `deregistered` (kept while instances need it).
     pub state: String,
     pub created_at: DateTime<Utc>,
+    /// Machine, kernel or ramdisk. Images logged before issue 4 are machine images.
+    #[serde(default)]
+    pub kind: ImageKind,
+    /// The kernel and ramdisk a machine image boots with unless RunInstances names others.
+    #[serde(default)]
+    pub kernel_id: Option<ImageId>,
+    #[serde(default)]
+    pub ramdisk_id: Option<ImageId>,
+    /// The bytes in the CLC's image store; `None` for an image without content (simulated
+    /// nodes only).
+    #[serde(default)]
+    pub sha256: Option<Sha256Digest>,
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// `qcow2` or `raw` for a machine image with content.
+    #[serde(default)]
+    pub disk_format: Option<String>,
+}
+
+impl Image {
+    /// An image whose bytes nodes can fetch, or `None` for one without content.
+    pub fn content(&self) -> Option<ImageRef> {
+        self.sha256.clone().map(|sha256| ImageRef {
+            image_id: self.image_id.clone(),
+            sha256,
+            size: self.size_bytes,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +112,8 @@ pub struct Instance {
     pub state_changed_at: DateTime<Utc>,
     pub terminated_at: Option<DateTime<Utc>>,
     pub tags: Vec<Tag>,
+    pub kernel_id: Option<ImageId>,
+    pub ramdisk_id: Option<ImageId>,
 }
 
 /// Where an instance runs and in which state, as the CLC last recorded it: what a node's
@@ -107,4 +138,6 @@ pub struct DesiredSpec {
     pub desired: PowerState,
     pub reboot_seq: u64,
     pub node_id: Option<NodeId>,
+    /// The bytes the instance boots from, where the images have content.
+    pub boot: BootImages,
 }

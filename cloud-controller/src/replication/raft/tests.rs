@@ -94,6 +94,12 @@ impl World {
                     is_public: true,
                     state: "available".into(),
                     created_at: t(0),
+                    kind: canopy_common::ImageKind::Machine,
+                    kernel_id: None,
+                    ramdisk_id: None,
+                    sha256: None,
+                    size_bytes: 0,
+                    disk_format: None,
                 },
             },
             Command::RegisterZone {
@@ -120,6 +126,8 @@ impl World {
                     zone: self.zone.clone(),
                     key_name: None,
                     user_data: Some(vec![0, 1, 2, 255]),
+                    kernel_id: None,
+                    ramdisk_id: None,
                 })
                 .collect(),
             tags: (0..tags)
@@ -350,6 +358,8 @@ fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>
                 zone: zones[rng.random_range(0..zones.len())].clone(),
                 key_name: rng.random_bool(0.5).then(|| "key".to_owned()),
                 user_data: user_data.clone(),
+                kernel_id: None,
+                ramdisk_id: None,
             })
             .collect();
         known.extend(instances.iter().map(|i| i.instance_id.clone()));
