@@ -235,3 +235,51 @@ def test_registered_images_boot_real_guests_through_their_whole_life(real):
     assert a not in names and b not in names
     for iid in (a, b):
         assert not (real["state"] / "instances" / iid).exists()
+
+
+def test_the_all_in_one_cloud_with_libvirt_boots_its_test_guest():
+    """What the README promises a new user: `canopy dev --hypervisor libvirt`, then
+    run-instances of the test guest it registered, and its boot line in the console."""
+    if not Path("/run/libvirt/libvirt-sock").exists():
+        skip_or_fail("libvirtd is not running")
+    binary = str(find_binary())
+    data = Path(tempfile.mkdtemp(prefix="e2e-dev-libvirt-", dir=REPO / "target"))
+    data.chmod(0o755)
+    ec2_port, admin_port = free_port(), free_port()
+    dev = Proc("dev", [binary, "dev", "--data-dir", str(data), "--hypervisor", "libvirt", "--accelerator", "qemu",
+                       "--ec2-listen", f"127.0.0.1:{ec2_port}", "--admin-listen", f"127.0.0.1:{admin_port}"],
+               data.parent, stop_timeout=30)
+    dev.log_path = data.parent / f"{data.name}.log"
+    dev.start()
+    launched: list[str] = []
+    try:
+        deadline = time.time() + 600  # the first start builds the test guest
+        while not (data / "canopyrc").exists():
+            if not dev.running:
+                if "without the libvirt driver" in dev.log():
+                    skip_or_fail("this canopy was built without the libvirt driver")
+                pytest.fail(f"canopy dev exited:\n{dev.log()}")
+            assert time.time() < deadline, f"canopy dev did not come up:\n{dev.log_tail(40)}"
+            time.sleep(0.5)
+        real = {"rc": parse_canopyrc((data / "canopyrc").read_text())}
+        images = aws(real, "ec2", "describe-images", "--filters", "Name=name,Values=canopy-test-guest")["Images"]
+        assert len(images) == 1, images
+        assert images[0]["KernelId"].startswith("eki-") and images[0]["RamdiskId"].startswith("eri-")
+        out = aws(real, "ec2", "run-instances", "--image-id", images[0]["ImageId"], "--instance-type", "t2.micro",
+                  "--count", "1")
+        iid = out["Instances"][0]["InstanceId"]
+        launched.append(iid)
+        wait_boots(real, iid, 1)
+        aws(real, "ec2", "terminate-instances", "--instance-ids", iid)
+        deadline = time.time() + 60
+        while iid in virsh("list", "--all", "--name").split():
+            assert time.time() < deadline, "the terminated guest's domain is still defined"
+            time.sleep(0.5)
+    finally:
+        dev.stop()
+        for iid in launched:
+            virsh("destroy", iid)
+            virsh("undefine", iid)
+        if dev.log_path.exists():
+            print(f"----- dev log (tail) -----\n{dev.log_tail(40)}")
+        shutil.rmtree(data, ignore_errors=True)

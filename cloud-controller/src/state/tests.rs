@@ -666,3 +666,99 @@ async fn folded_reads_give_back_what_was_written() {
             .is_empty()
     );
 }
+
+/// A machine image with bytes, booting with a kernel and a ramdisk: what RegisterImage
+/// stores, what a launch records, what the zone's document carries, and deregistration.
+#[tokio::test]
+async fn images_with_content_reach_the_zone_document_and_outlive_deregistration() {
+    use canopy_common::{ImageKind, ImageRef, Sha256Digest};
+    let f = fixture().await;
+    let image = |kind: ImageKind, byte: u8, kernel: Option<ImageId>, ramdisk: Option<ImageId>| Image {
+        image_id: kind.generate_id(),
+        owner_id: f.account.clone(),
+        name: format!("{kind}"),
+        description: String::new(),
+        location: format!("/images/{kind}"),
+        architecture: "x86_64".into(),
+        is_public: false,
+        state: "available".into(),
+        created_at: t(0),
+        kind,
+        kernel_id: kernel,
+        ramdisk_id: ramdisk,
+        sha256: Some(Sha256Digest::from_bytes(&[byte; 32])),
+        size_bytes: u64::from(byte) * 1000,
+        disk_format: (kind == ImageKind::Machine).then(|| "qcow2".into()),
+    };
+    let eki = image(ImageKind::Kernel, 1, None, None);
+    let eri = image(ImageKind::Ramdisk, 2, None, None);
+    let emi = image(
+        ImageKind::Machine,
+        3,
+        Some(eki.image_id.clone()),
+        Some(eri.image_id.clone()),
+    );
+    for i in [&eki, &eri, &emi] {
+        f.store
+            .apply(&Command::RegisterImage { image: i.clone() })
+            .await
+            .unwrap();
+    }
+    let stored = f.store.images().await.unwrap();
+    assert!(stored.contains(&emi) && stored.contains(&eki) && stored.contains(&eri));
+
+    let mut cmd = f.launch(None, "h", 1);
+    let Command::LaunchInstances { instances, .. } = &mut cmd else {
+        unreachable!()
+    };
+    instances[0].image_id = emi.image_id.clone();
+    instances[0].kernel_id = Some(eki.image_id.clone());
+    instances[0].ramdisk_id = Some(eri.image_id.clone());
+    let id = instances[0].instance_id.clone();
+    f.store.apply(&cmd).await.unwrap();
+    let spec = &f.store.desired_specs(&f.zone).await.unwrap()[0];
+    let content = |i: &Image| {
+        Some(ImageRef {
+            image_id: i.image_id.clone(),
+            sha256: i.sha256.clone().unwrap(),
+            size: i.size_bytes,
+        })
+    };
+    assert_eq!(spec.boot.disk, content(&emi));
+    assert_eq!(spec.boot.kernel, content(&eki));
+    assert_eq!(spec.boot.ramdisk, content(&eri));
+    let all = f.all().await;
+    assert_eq!(all[0].kernel_id.as_ref(), Some(&eki.image_id));
+
+    // Only the owner deregisters; then nothing launches from it, but the running instance
+    // keeps its image's bytes in the document.
+    let other = AccountId::parse("999999999999").unwrap();
+    assert!(matches!(
+        f.store
+            .apply(&Command::DeregisterImage {
+                image_id: emi.image_id.clone(),
+                account_id: other,
+            })
+            .await,
+        Err(StateError::ImageNotFound(_))
+    ));
+    f.store
+        .apply(&Command::DeregisterImage {
+            image_id: emi.image_id.clone(),
+            account_id: f.account.clone(),
+        })
+        .await
+        .unwrap();
+    let mut again = f.launch(None, "h2", 1);
+    let Command::LaunchInstances { instances, .. } = &mut again else {
+        unreachable!()
+    };
+    instances[0].image_id = emi.image_id.clone();
+    assert!(matches!(
+        f.store.apply(&again).await,
+        Err(StateError::ImageNotFound(_))
+    ));
+    let spec = &f.store.desired_specs(&f.zone).await.unwrap()[0];
+    assert_eq!(spec.instance_id, id);
+    assert_eq!(spec.boot.disk, content(&emi));
+}
