@@ -68,6 +68,8 @@ pub struct DevCloud {
     pub admin: AdminCredentials,
     pub admin_token: String,
     pub canopyrc: Option<PathBuf>,
+    /// A node runs real guests (libvirt), and the test guest image is registered.
+    pub real_guests: bool,
 }
 
 impl DevCloud {
@@ -184,6 +186,7 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
         admin,
         admin_token,
         canopyrc: None,
+        real_guests,
     };
     wait_ready(&cloud, &opts).await?;
     if real_guests {

@@ -381,8 +381,13 @@ async fn run_dev(args: DevArgs) -> Result<()> {
     };
     let cloud = dev::start(opts).await?;
     let rc = cloud.canopyrc.clone().unwrap_or_default();
+    let image_query = if cloud.real_guests {
+        "--filters Name=name,Values=canopy-test-guest --query 'Images[0].ImageId'"
+    } else {
+        "--query 'Images[0].ImageId'"
+    };
     eprintln!(
-        "\nCanopy is up: EC2 API http://{}  admin API http://{}\n  source {}\n  aws ec2 describe-images\n  aws ec2 run-instances --image-id $(aws ec2 describe-images --query 'Images[0].ImageId' --output text) --instance-type t2.micro --count 1\nCtrl-C stops it; the same --data-dir keeps state and keys.\n",
+        "\nCanopy is up: EC2 API http://{}  admin API http://{}\n  source {}\n  aws ec2 describe-images\n  aws ec2 run-instances --image-id $(aws ec2 describe-images {image_query} --output text) --instance-type t2.micro --count 1\nCtrl-C stops it; the same --data-dir keeps state and keys.\n",
         cloud.clc.ec2_addr,
         cloud.clc.admin_addr,
         rc.display()

@@ -180,16 +180,29 @@ impl ImageStore {
         })
     }
 
-    /// Removes the bytes of every digest not in `keep`; returns what it removed.
-    pub fn remove_unreferenced(&self, keep: &HashSet<Sha256Digest>) -> Vec<Sha256Digest> {
+    /// Removes the bytes of every digest not in `keep` whose file is older than `min_age`
+    /// (an import renames its file into place before its image row commits); returns what it
+    /// removed.
+    pub fn remove_unreferenced(
+        &self,
+        keep: &HashSet<Sha256Digest>,
+        min_age: std::time::Duration,
+    ) -> Vec<Sha256Digest> {
         let mut removed = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return removed;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            let old_enough = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= min_age);
             if let Ok(digest) = Sha256Digest::parse(&name)
                 && !keep.contains(&digest)
+                && old_enough
                 && std::fs::remove_file(entry.path()).is_ok()
             {
                 tracing::info!(sha256 = %digest, "image bytes no longer referenced: removed");
@@ -333,13 +346,17 @@ mod tests {
             .collect();
         assert_eq!(names, vec![a.sha256.to_string()]);
 
+        let now = std::time::Duration::ZERO;
         assert!(
             store
-                .remove_unreferenced(&HashSet::from([a.sha256.clone()]))
+                .remove_unreferenced(&HashSet::from([a.sha256.clone()]), now)
                 .is_empty()
         );
+        // Too young: its image row may still be committing.
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(store.remove_unreferenced(&HashSet::new(), hour).is_empty());
         assert_eq!(
-            store.remove_unreferenced(&HashSet::new()),
+            store.remove_unreferenced(&HashSet::new(), now),
             vec![a.sha256.clone()]
         );
         assert!(!store.contains(&a.sha256));

@@ -662,6 +662,15 @@ pub async fn run_purger(clc: Arc<Clc>, mut shutdown: tokio::sync::watch::Receive
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = shutdown.changed() => return,
         }
+        // Every replica drops the image bytes its committed state no longer needs. Files
+        // younger than an import's commit could take are kept: their row may be on its way.
+        match clc.store.referenced_image_digests().await {
+            Ok(keep) => {
+                clc.images
+                    .remove_unreferenced(&keep, Duration::from_secs(600));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the image bytes in use"),
+        }
         if !clc.replica.is_leader() {
             continue;
         }

@@ -454,6 +454,24 @@ impl Store {
             .collect()
     }
 
+    /// The digests of the image bytes the cloud still needs: those of images that can be
+    /// launched, and of the images, kernels and ramdisks of every instance not terminated.
+    pub async fn referenced_image_digests(
+        &self,
+    ) -> Result<std::collections::HashSet<Sha256Digest>, StateError> {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT sha256 FROM images WHERE sha256 IS NOT NULL AND (state != 'deregistered'
+                OR image_id IN (SELECT image_id FROM instances WHERE state != 'terminated'
+                    UNION SELECT kernel_id FROM instances WHERE state != 'terminated'
+                    UNION SELECT ramdisk_id FROM instances WHERE state != 'terminated'))",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(d,)| Sha256Digest::parse(&d).map_err(|e| StateError::Corrupt(e.to_string())))
+            .collect()
+    }
+
     /// Every image, deregistered ones included (callers that show images filter those).
     pub async fn images(&self) -> Result<Vec<Image>, StateError> {
         #[derive(serde::Deserialize)]

@@ -673,23 +673,24 @@ async fn folded_reads_give_back_what_was_written() {
 async fn images_with_content_reach_the_zone_document_and_outlive_deregistration() {
     use canopy_common::{ImageKind, ImageRef, Sha256Digest};
     let f = fixture().await;
-    let image = |kind: ImageKind, byte: u8, kernel: Option<ImageId>, ramdisk: Option<ImageId>| Image {
-        image_id: kind.generate_id(),
-        owner_id: f.account.clone(),
-        name: format!("{kind}"),
-        description: String::new(),
-        location: format!("/images/{kind}"),
-        architecture: "x86_64".into(),
-        is_public: false,
-        state: "available".into(),
-        created_at: t(0),
-        kind,
-        kernel_id: kernel,
-        ramdisk_id: ramdisk,
-        sha256: Some(Sha256Digest::from_bytes(&[byte; 32])),
-        size_bytes: u64::from(byte) * 1000,
-        disk_format: (kind == ImageKind::Machine).then(|| "qcow2".into()),
-    };
+    let image =
+        |kind: ImageKind, byte: u8, kernel: Option<ImageId>, ramdisk: Option<ImageId>| Image {
+            image_id: kind.generate_id(),
+            owner_id: f.account.clone(),
+            name: format!("{kind}"),
+            description: String::new(),
+            location: format!("/images/{kind}"),
+            architecture: "x86_64".into(),
+            is_public: false,
+            state: "available".into(),
+            created_at: t(0),
+            kind,
+            kernel_id: kernel,
+            ramdisk_id: ramdisk,
+            sha256: Some(Sha256Digest::from_bytes(&[byte; 32])),
+            size_bytes: u64::from(byte) * 1000,
+            disk_format: (kind == ImageKind::Machine).then(|| "qcow2".into()),
+        };
     let eki = image(ImageKind::Kernel, 1, None, None);
     let eri = image(ImageKind::Ramdisk, 2, None, None);
     let emi = image(
@@ -761,4 +762,17 @@ async fn images_with_content_reach_the_zone_document_and_outlive_deregistration(
     let spec = &f.store.desired_specs(&f.zone).await.unwrap()[0];
     assert_eq!(spec.instance_id, id);
     assert_eq!(spec.boot.disk, content(&emi));
+    // Its bytes are still needed while the instance lives, and no longer once it is gone.
+    let digests = |i: &[&Image]| -> std::collections::HashSet<Sha256Digest> {
+        i.iter().map(|i| i.sha256.clone().unwrap()).collect()
+    };
+    assert_eq!(
+        f.store.referenced_image_digests().await.unwrap(),
+        digests(&[&emi, &eki, &eri])
+    );
+    f.observe(&id, InstanceState::Terminated).await;
+    assert_eq!(
+        f.store.referenced_image_digests().await.unwrap(),
+        digests(&[&eki, &eri])
+    );
 }
