@@ -1,7 +1,7 @@
 //! `canopy admin …`: the admin API for people (tables) and scripts (`--json`).
 
 use anyhow::{Context, Result, bail};
-use canopy_cloud_controller::admin::{ClusterView, InstanceView, NodeView, ZoneView};
+use canopy_cloud_controller::admin::{ClusterView, ImageView, InstanceView, NodeView, ZoneView};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -12,6 +12,28 @@ pub enum AdminCommand {
     Nodes,
     /// Instances of every account.
     Instances,
+    /// Images of every account: kind, size, content digest, state.
+    Images,
+    /// Uploads an image file (a qcow2 or raw disk, a kernel, or an initramfs: told apart by
+    /// its bytes) and registers it, owned by the admin account.
+    UploadImage {
+        /// The file to upload.
+        file: std::path::PathBuf,
+        /// Its name (DescribeImages' `name`).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// The kernel (eki-…) a machine image boots with.
+        #[arg(long)]
+        kernel_id: Option<String>,
+        /// The ramdisk (eri-…) that goes with the kernel.
+        #[arg(long)]
+        ramdisk_id: Option<String>,
+        /// Every account may launch it.
+        #[arg(long)]
+        public: bool,
+    },
     /// The replicated cloud controller: leader, term, members and their replication lag.
     Cluster {
         /// This replica's own view instead of the leader's (works without a leader).
@@ -59,6 +81,54 @@ impl AdminClient {
             req = req.json(&body);
         }
         let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {url}"))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .with_context(|| format!("{url}: not a JSON answer"))?;
+        if !status.is_success() {
+            bail!(
+                "{url}: {status}: {}",
+                body.get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("error")
+            );
+        }
+        Ok((serde_json::from_value(body.clone())?, body))
+    }
+
+    /// Streams `file` to the admin API's upload (never whole in memory).
+    async fn upload(
+        &self,
+        file: &std::path::Path,
+        query: &[(&str, String)],
+    ) -> Result<(ImageView, serde_json::Value)> {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in query {
+            q.append_pair(k, v);
+        }
+        let url = format!(
+            "{}/v1/images?{}",
+            self.endpoint.trim_end_matches('/'),
+            q.finish()
+        );
+        let opened = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let size = opened.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            opened,
+            1 << 20,
+        ));
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(body)
             .send()
             .await
             .with_context(|| format!("cannot reach the admin API at {url}"))?;
@@ -179,6 +249,31 @@ impl AdminClient {
                     raw,
                 )
             }
+            AdminCommand::Images => {
+                let (images, raw): (Vec<ImageView>, _) = self.get("/v1/images").await?;
+                (images_table(&images), raw)
+            }
+            AdminCommand::UploadImage {
+                file,
+                name,
+                description,
+                kernel_id,
+                ramdisk_id,
+                public,
+            } => {
+                let mut query = vec![("name", name), ("public", public.to_string())];
+                for (key, value) in [
+                    ("description", description),
+                    ("kernel_id", kernel_id),
+                    ("ramdisk_id", ramdisk_id),
+                ] {
+                    if let Some(v) = value {
+                        query.push((key, v));
+                    }
+                }
+                let (image, raw) = self.upload(&file, &query).await?;
+                (images_table(&[image]), raw)
+            }
             AdminCommand::Cluster { local } => {
                 let path = if local { "/v1/replica" } else { "/v1/cluster" };
                 let (view, raw): (ClusterView, _) = self.get(path).await?;
@@ -212,6 +307,33 @@ impl AdminClient {
             rows
         })
     }
+}
+
+fn images_table(images: &[ImageView]) -> String {
+    let rows = images
+        .iter()
+        .map(|i| {
+            vec![
+                i.image_id.clone(),
+                i.name.clone(),
+                i.kind.clone(),
+                i.state.clone(),
+                i.size_bytes.to_string(),
+                i.kernel_id.clone().unwrap_or_else(|| "-".into()),
+                i.ramdisk_id.clone().unwrap_or_else(|| "-".into()),
+                i.sha256
+                    .as_deref()
+                    .map(|d| d[..12].to_owned())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "IMAGE", "NAME", "KIND", "STATE", "BYTES", "KERNEL", "RAMDISK", "SHA256",
+        ],
+        rows,
+    )
 }
 
 fn opt(v: Option<u64>) -> String {

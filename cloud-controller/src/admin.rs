@@ -28,8 +28,8 @@ pub const ADMIN_SIGV4_SERVICE: &str = "canopy-admin";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Canopy admin API", version = "1", description = "Operator API of the Canopy cloud controller."),
-    paths(list_zones, list_nodes, list_instances, cluster_status, replica_status, add_member, remove_member),
-    components(schemas(ZoneView, NodeView, InstanceView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember)),
+    paths(list_zones, list_nodes, list_instances, list_images, upload_image, cluster_status, replica_status, add_member, remove_member),
+    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember)),
     modifiers(&BearerAuth),
     security(("bearer" = []), ("sigv4" = []))
 )]
@@ -121,6 +121,40 @@ pub struct InstanceView {
     pub launch_time: String,
 }
 
+/// An image and its bytes, deregistered ones included (their bytes stay while instances
+/// need them).
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ImageView {
+    pub image_id: String,
+    pub name: String,
+    /// machine, kernel or ramdisk.
+    pub kind: String,
+    pub state: String,
+    pub owner_id: String,
+    pub public: bool,
+    pub kernel_id: Option<String>,
+    pub ramdisk_id: Option<String>,
+    /// Content address of the bytes; none for an image without content.
+    pub sha256: Option<String>,
+    pub size_bytes: u64,
+    pub disk_format: Option<String>,
+    pub location: String,
+}
+
+/// Query parameters of an upload.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct UploadParams {
+    /// Name (as EC2's: 3 to 128 characters of letters, digits, spaces and `()[]./-'@_`).
+    pub name: String,
+    pub description: Option<String>,
+    /// The kernel a machine image boots with.
+    pub kernel_id: Option<String>,
+    pub ramdisk_id: Option<String>,
+    /// Every account may launch it.
+    #[serde(default)]
+    pub public: bool,
+}
+
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
@@ -158,6 +192,7 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/zones", get(list_zones))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/instances", get(list_instances))
+        .route(UPLOAD_PATH, get(list_images).post(upload_image))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", delete(remove_member))
@@ -175,12 +210,41 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .with_state(clc)
 }
 
+/// Images: listed with GET, uploaded with POST.
+pub const UPLOAD_PATH: &str = "/v1/images";
+
+/// An image upload: its body is streamed into the store, never held in memory.
+pub fn is_upload(method: &axum::http::Method, uri: &axum::http::Uri) -> bool {
+    method == axum::http::Method::POST && uri.path() == UPLOAD_PATH
+}
+
 async fn authorize(State(clc): State<Arc<Clc>>, req: Request, next: Next) -> Response {
     if req
         .extensions()
         .get::<crate::forward::Forwarded>()
         .is_some_and(|f| f.authenticated)
     {
+        return next.run(req).await;
+    }
+    if is_upload(req.method(), req.uri()) {
+        // SigV4 signs the body's hash, which would mean reading the whole image first:
+        // uploads take the admin token.
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.starts_with("Bearer "));
+        if !bearer {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "MissingAuthenticationToken",
+                "image uploads authenticate with the admin token (Authorization: Bearer)",
+            );
+        }
+        let empty = Bytes::new();
+        if let Err(resp) = check_credentials(&clc, req.method(), req.uri(), req.headers(), &empty) {
+            return *resp;
+        }
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -304,6 +368,106 @@ async fn list_nodes(State(clc): State<Arc<Clc>>) -> Response {
         }
     }
     Json(views).into_response()
+}
+
+/// Every image, with its kind, its bytes' digest and size, and its state.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = [ImageView]), (status = 401, body = ErrorBody)))]
+async fn list_images(State(clc): State<Arc<Clc>>) -> Response {
+    let images = match clc.store.images().await {
+        Ok(i) => i,
+        Err(e) => return internal(e),
+    };
+    Json(images.into_iter().map(image_view).collect::<Vec<_>>()).into_response()
+}
+
+fn image_view(i: crate::state::Image) -> ImageView {
+    ImageView {
+        image_id: i.image_id.to_string(),
+        name: i.name,
+        kind: i.kind.name().into(),
+        state: i.state,
+        owner_id: i.owner_id.to_string(),
+        public: i.is_public,
+        kernel_id: i.kernel_id.map(|k| k.to_string()),
+        ramdisk_id: i.ramdisk_id.map(|r| r.to_string()),
+        sha256: i.sha256.map(|d| d.to_string()),
+        size_bytes: i.size_bytes,
+        disk_format: i.disk_format,
+        location: i.location,
+    }
+}
+
+/// Uploads an image (the request body, `application/octet-stream`) and registers it, owned
+/// by the admin account. Its kind (machine disk, kernel, ramdisk) is read from its bytes, as
+/// RegisterImage does. Served by the leader only; authenticates with the admin token.
+#[utoipa::path(post, path = "/v1/images", params(UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = ImageView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn upload_image(
+    State(clc): State<Arc<Clc>>,
+    axum::extract::Query(params): axum::extract::Query<UploadParams>,
+    body: axum::body::Body,
+) -> Response {
+    use crate::image_registry::{Registration, RegistrationError as R};
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, "InvalidParameterValue", &m);
+    let Some(owner) = clc.an_admin_account() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "no admin account yet",
+        );
+    };
+    let id = |v: Option<String>| {
+        v.filter(|v| !v.is_empty())
+            .map(|v| {
+                canopy_common::ImageId::parse(&v).map_err(|_| format!("not an image id: {v:?}"))
+            })
+            .transpose()
+    };
+    let (kernel_id, ramdisk_id) = match (id(params.kernel_id), id(params.ramdisk_id)) {
+        (Ok(k), Ok(r)) => (k, r),
+        (Err(e), _) | (_, Err(e)) => return bad(e),
+    };
+    let registration = Registration {
+        name: params.name,
+        description: params.description.unwrap_or_default(),
+        architecture: "x86_64".into(),
+        kernel_id,
+        ramdisk_id,
+        is_public: params.public,
+    };
+    let result = async {
+        registration.check(&clc, &owner).await?;
+        let imported = clc.images.import_stream(body.into_data_stream()).await?;
+        let location = format!("upload:{}", imported.sha256);
+        registration.commit(&clc, &owner, location, imported).await
+    }
+    .await;
+    match result {
+        Ok(image_id) => {
+            let image = clc
+                .store
+                .images()
+                .await
+                .ok()
+                .and_then(|all| all.into_iter().find(|i| i.image_id == image_id));
+            match image {
+                Some(i) => Json(image_view(i)).into_response(),
+                None => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "the image vanished",
+                ),
+            }
+        }
+        Err(R::State(e)) if !e.is_rejection() => internal(e),
+        Err(R::Store(crate::images::ImageStoreError::Io { .. })) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "the image store failed",
+        ),
+        Err(e) => bad(e.to_string()),
+    }
 }
 
 /// Every instance of every account, in launch order.

@@ -100,6 +100,17 @@ impl Clc {
         Ok(out)
     }
 
+    /// The admin account that owns what operators register (the first, when there are
+    /// several).
+    pub fn an_admin_account(&self) -> Option<AccountId> {
+        self.admins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .min()
+            .cloned()
+    }
+
     /// How long this replica has led without a break; `None` while it does not lead.
     pub fn leading_for(&self) -> Option<std::time::Duration> {
         let since = *self.leader_since.lock().unwrap_or_else(|e| e.into_inner());

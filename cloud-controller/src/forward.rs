@@ -88,6 +88,12 @@ pub async fn to_leader(
     if replica.is_leader() {
         return next.run(request).await;
     }
+    if api == Api::Admin && crate::admin::is_upload(request.method(), request.uri()) {
+        // An image is too big to carry in one forwarded message.
+        return api.unavailable(
+            "image uploads are served by the leader replica only: send it there (`canopy admin cluster` names it)",
+        );
+    }
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
         return api.unavailable("request body too large to forward");

@@ -145,6 +145,23 @@ impl ImageStore {
         sink.finish(self).await
     }
 
+    /// Imports bytes as they arrive (an upload's body).
+    pub async fn import_stream<S, B, E>(&self, mut body: S) -> Result<Imported, ImageStoreError>
+    where
+        S: tokio_stream::Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        use tokio_stream::StreamExt;
+        let mut sink = self.sink().await?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| ImageStoreError::Location(format!("the upload broke off: {e}")))?;
+            sink.write(chunk.as_ref()).await?;
+        }
+        sink.finish(self).await
+    }
+
     async fn import_url(&self, url: &str) -> Result<Imported, ImageStoreError> {
         let failed = |e: reqwest::Error| ImageStoreError::Location(format!("{url}: {e}"));
         let mut response = self.http.get(url).send().await.map_err(failed)?;

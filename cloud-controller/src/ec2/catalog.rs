@@ -1,12 +1,13 @@
 //! What there is to launch and where: DescribeImages, DescribeAvailabilityZones,
 //! DescribeRegions, DescribeInstanceTypes.
 
-use canopy_common::{INSTANCE_TYPES, ImageId, ImageKind, InstanceType};
+use canopy_common::{INSTANCE_TYPES, ImageId, InstanceType};
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 
 use super::filters::{self, Filterable};
 use super::paging::{self, paginate};
 use super::{ApiError, Ctx};
+use crate::image_registry::Registration;
 use crate::state::{Command, Image, Zone};
 
 impl Filterable for Image {
@@ -119,45 +120,15 @@ fn image_id_param(name: &str, raw: &str) -> Result<ImageId, ApiError> {
     })
 }
 
-/// EC2's rule for AMI names: 3 to 128 characters of letters, digits, spaces and `()[]./-'@_`.
-fn valid_image_name(name: &str) -> bool {
-    (3..=128).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || " ()[]./-'@_".contains(c))
-}
-
 /// RegisterImage: the bytes at `ImageLocation` (a file this CLC reads, or an http URL) go
 /// into the image store; what they are (machine disk, kernel, ramdisk) is read from them.
 pub async fn register_image(ctx: &Ctx) -> Result<String, ApiError> {
     let p = &ctx.params;
-    let name = p.required("Name")?.to_owned();
-    if !valid_image_name(&name) {
-        return Err(ApiError::new(
-            400,
-            "InvalidAMIName.Malformed",
-            format!(
-                "AMI names must be between 3 and 128 characters long, and may contain letters, numbers, '(', ')', '.', '-', '/' and '_': {name:?}"
-            ),
-        ));
-    }
     let location = p
         .get("ImageLocation")
         .filter(|l| !l.is_empty())
         .ok_or_else(|| ApiError::missing("ImageLocation"))?
         .to_owned();
-    let description = p.get("Description").unwrap_or_default().to_owned();
-    if description.len() > 255 {
-        return Err(ApiError::invalid(
-            "Description must be at most 255 characters long",
-        ));
-    }
-    let architecture = p.get("Architecture").unwrap_or("x86_64").to_owned();
-    if architecture != "x86_64" {
-        return Err(ApiError::invalid(format!(
-            "Architecture {architecture:?} is not supported: Canopy runs x86_64 guests"
-        )));
-    }
     if let Some(v) = p.get("VirtualizationType")
         && v != "hvm"
     {
@@ -165,97 +136,25 @@ pub async fn register_image(ctx: &Ctx) -> Result<String, ApiError> {
             "VirtualizationType {v:?} is not supported: Canopy runs hvm guests"
         )));
     }
-    let kernel_id = p
-        .get("KernelId")
-        .filter(|v| !v.is_empty())
-        .map(|v| image_id_param("KernelId", v))
-        .transpose()?;
-    let ramdisk_id = p
-        .get("RamdiskId")
-        .filter(|v| !v.is_empty())
-        .map(|v| image_id_param("RamdiskId", v))
-        .transpose()?;
-    if ramdisk_id.is_some() && kernel_id.is_none() {
-        return Err(ApiError::combination("A RamdiskId needs a KernelId"));
-    }
-    let catalog = ctx.clc.store.catalog().await?;
-    for (param, id, kind) in [
-        ("KernelId", &kernel_id, ImageKind::Kernel),
-        ("RamdiskId", &ramdisk_id, ImageKind::Ramdisk),
-    ] {
-        let Some(id) = id else { continue };
-        let found = catalog
-            .images
-            .iter()
-            .find(|i| {
-                &i.image_id == id
-                    && i.state == "available"
-                    && (i.is_public || i.owner_id == ctx.account)
-            })
-            .ok_or_else(|| {
-                ApiError::new(
-                    400,
-                    "InvalidAMIID.NotFound",
-                    format!("The image id '[{id}]' does not exist"),
-                )
-            })?;
-        if found.kind != kind {
-            return Err(ApiError::invalid(format!(
-                "{param}: {id} is a {} image, not a {} image",
-                found.kind,
-                kind.name()
-            )));
-        }
-    }
-    if catalog
-        .images
-        .iter()
-        .any(|i| i.owner_id == ctx.account && i.name == name && i.state != "deregistered")
-    {
-        return Err(ApiError::new(
-            400,
-            "InvalidAMIName.Duplicate",
-            format!("AMI name {name} is already in use by AMI owned by this account"),
-        ));
-    }
+    let boot_id = |param: &str| {
+        p.get(param)
+            .filter(|v| !v.is_empty())
+            .map(|v| image_id_param(param, v))
+            .transpose()
+    };
+    let registration = Registration {
+        name: p.required("Name")?.to_owned(),
+        description: p.get("Description").unwrap_or_default().to_owned(),
+        architecture: p.get("Architecture").unwrap_or("x86_64").to_owned(),
+        kernel_id: boot_id("KernelId")?,
+        ramdisk_id: boot_id("RamdiskId")?,
+        is_public: false,
+    };
+    registration.check(&ctx.clc, &ctx.account).await?;
     ctx.dry_run()?;
-
     let imported = ctx.clc.images.import(&location).await?;
-    if imported.kind != ImageKind::Machine && (kernel_id.is_some() || ramdisk_id.is_some()) {
-        return Err(ApiError::combination(format!(
-            "{location} holds a {} image: KernelId and RamdiskId belong to machine images",
-            imported.kind
-        )));
-    }
-    let image_id = imported.kind.generate_id();
-    tracing::info!(
-        image = %image_id,
-        kind = %imported.kind,
-        sha256 = %imported.sha256,
-        size = imported.size,
-        %location,
-        "image registered"
-    );
-    ctx.clc
-        .submit(Command::RegisterImage {
-            image: Image {
-                image_id: image_id.clone(),
-                owner_id: ctx.account.clone(),
-                name,
-                description,
-                location,
-                architecture,
-                is_public: false,
-                state: "available".into(),
-                created_at: chrono::Utc::now(),
-                kind: imported.kind,
-                kernel_id,
-                ramdisk_id,
-                sha256: Some(imported.sha256),
-                size_bytes: imported.size,
-                disk_format: imported.disk_format.map(str::to_owned),
-            },
-        })
+    let image_id = registration
+        .commit(&ctx.clc, &ctx.account, location, imported)
         .await?;
     let mut w = XmlWriter::response("RegisterImage", &ctx.request_id);
     w.elem("imageId", &image_id);

@@ -100,6 +100,21 @@ impl From<crate::images::ImageStoreError> for ApiError {
     }
 }
 
+impl From<crate::image_registry::RegistrationError> for ApiError {
+    fn from(e: crate::image_registry::RegistrationError) -> Self {
+        use crate::image_registry::RegistrationError as R;
+        match e {
+            R::InvalidName(_) => Self::new(400, "InvalidAMIName.Malformed", e.to_string()),
+            R::DuplicateName(_) => Self::new(400, "InvalidAMIName.Duplicate", e.to_string()),
+            R::ImageNotFound(_) => Self::new(400, "InvalidAMIID.NotFound", e.to_string()),
+            R::Invalid(_) | R::WrongKind { .. } => Self::invalid(e.to_string()),
+            R::BootImagesOnNonMachine(_) => Self::combination(e.to_string()),
+            R::Store(e) => e.into(),
+            R::State(e) => e.into(),
+        }
+    }
+}
+
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
         match e {

@@ -1,0 +1,94 @@
+"""Images with content on the simulated cloud: RegisterImage from a file the cloud
+controller reads, `canopy admin upload-image` from the operator's machine, what DescribeImages
+and `canopy admin images` show, launches from them, and deregistration. (Real guests booting
+these images: test_libvirt.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import error_code
+
+
+def fake_kernel(path):
+    """Bytes with the x86 Linux boot header's signature, as a bzImage has at 0x202."""
+    data = bytearray(4096)
+    data[0x202:0x206] = b"HdrS"
+    data[0x300:0x310] = uuid.uuid4().bytes  # distinct content per test run
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def fake_qcow2(path):
+    data = b"QFI\xfb" + uuid.uuid4().bytes * 64
+    path.write_bytes(data)
+    return data
+
+
+def test_register_upload_describe_launch_and_deregister(cloud, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    kernel_bytes = fake_kernel(tmp_path / "vmlinuz")
+    disk_bytes = fake_qcow2(tmp_path / "disk.qcow2")
+
+    # The operator uploads the kernel from where the CLI runs.
+    proc = cloud.admin_run("--json", "upload-image", str(tmp_path / "vmlinuz"), "--name", f"k-{tag}")
+    assert proc.returncode == 0, proc.stderr
+    kernel = json.loads(proc.stdout)
+    assert kernel["kind"] == "kernel" and kernel["image_id"].startswith("eki-")
+    assert kernel["size_bytes"] == len(kernel_bytes)
+    assert kernel["sha256"] == hashlib.sha256(kernel_bytes).hexdigest()
+
+    # A machine image naming it, through EC2 RegisterImage (a file the CLC reads).
+    emi = cloud.ec2.register_image(Name=f"disk-{tag}", ImageLocation=str(tmp_path / "disk.qcow2"),
+                                   KernelId=kernel["image_id"], Description="uploaded")["ImageId"]
+    (img,) = cloud.ec2.describe_images(ImageIds=[emi])["Images"]
+    assert (img["ImageType"], img["KernelId"], img["State"]) == ("machine", kernel["image_id"], "available")
+    kinds = {i["ImageId"]: i["ImageType"] for i in cloud.ec2.describe_images(
+        Filters=[{"Name": "image-type", "Values": ["kernel"]}])["Images"]}
+    assert kinds.get(kernel["image_id"]) == "kernel" and emi not in kinds
+
+    listed = json.loads(cloud.admin_run("--json", "images").stdout)
+    (row,) = [i for i in listed if i["image_id"] == emi]
+    assert (row["size_bytes"], row["disk_format"]) == (len(disk_bytes), "qcow2")
+    assert row["sha256"] == hashlib.sha256(disk_bytes).hexdigest()
+    table = cloud.admin_run("images")
+    assert table.returncode == 0 and emi in table.stdout
+
+    # Instances launch from it and carry its kernel.
+    iid = cloud.ec2.run_instances(ImageId=emi, InstanceType="t2.micro", MinCount=1,
+                                  MaxCount=1)["Instances"][0]["InstanceId"]
+    cloud.wait("instance_running", InstanceIds=[iid])
+    inst = cloud.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert inst["KernelId"] == kernel["image_id"]
+
+    # Bad uploads: a duplicate name, a ramdisk id that is a kernel, no token.
+    dup = cloud.admin_run("upload-image", str(tmp_path / "vmlinuz"), "--name", f"k-{tag}")
+    assert dup.returncode != 0 and "already in use" in dup.stderr
+    wrong = cloud.admin_run("upload-image", str(tmp_path / "disk.qcow2"), "--name", f"w-{tag}",
+                            "--kernel-id", kernel["image_id"], "--ramdisk-id", kernel["image_id"])
+    assert wrong.returncode != 0 and "not a ramdisk image" in wrong.stderr
+    req = urllib.request.Request(f"{cloud.admin_endpoint}/v1/images?name=anon-{tag}", data=kernel_bytes,
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401
+
+    # Deregistered: gone from DescribeImages, no new launches, the running instance stays.
+    cloud.ec2.deregister_image(ImageId=emi)
+    assert not cloud.ec2.describe_images(Filters=[{"Name": "name", "Values": [f"disk-{tag}"]}])["Images"]
+    with pytest.raises(ClientError) as e:
+        cloud.ec2.run_instances(ImageId=emi, MinCount=1, MaxCount=1)
+    assert error_code(e.value) == "InvalidAMIID.Unavailable"
+    with pytest.raises(ClientError) as e:
+        cloud.ec2.deregister_image(ImageId=emi)
+    assert error_code(e.value) == "InvalidAMIID.NotFound"
+    inst = cloud.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert inst["State"]["Name"] == "running"
+    cloud.ec2.terminate_instances(InstanceIds=[iid])
