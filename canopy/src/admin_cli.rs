@@ -74,7 +74,7 @@ impl AdminClient {
         body: Option<serde_json::Value>,
     ) -> Result<(T, serde_json::Value)> {
         let url = format!("{}{path}", self.endpoint.trim_end_matches('/'));
-        let mut req = reqwest::Client::new()
+        let mut req = canopy_cloud_controller::http::client()
             .request(method, &url)
             .bearer_auth(&self.token);
         if let Some(body) = body {
@@ -123,7 +123,7 @@ impl AdminClient {
             opened,
             1 << 20,
         ));
-        let resp = reqwest::Client::new()
+        let resp = canopy_cloud_controller::http::client()
             .post(&url)
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")

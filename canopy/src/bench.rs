@@ -105,7 +105,7 @@ pub struct RunInstancesLoad {
 /// Launches one instance per request, each with its own ClientToken, from `clients`
 /// concurrent loops for `duration`; prints a report and returns it.
 pub async fn run_instances(t: &Target, load: &RunInstancesLoad) -> Result<String> {
-    let http = reqwest::Client::builder()
+    let http = canopy_cloud_controller::http::builder()
         .pool_max_idle_per_host(load.clients)
         .tcp_nodelay(true)
         .build()?;

@@ -52,7 +52,7 @@ impl Ec2 {
             host: addr.to_string(),
             key: cloud.admin.access_key_id.clone(),
             secret: cloud.admin.secret_access_key.clone(),
-            http: reqwest::Client::new(),
+            http: canopy_cloud_controller::http::client(),
         }
     }
 
@@ -170,7 +170,7 @@ async fn instances_converge_through_all_three_tiers() {
         ec2.wait_state(id, "running").await;
     }
     // The CC spread the two instances over both nodes (most free memory first).
-    let instances: Vec<serde_json::Value> = reqwest::Client::new()
+    let instances: Vec<serde_json::Value> = canopy_cloud_controller::http::client()
         .get(format!("http://{}/v1/instances", cloud.clc.admin_addr))
         .bearer_auth(&cloud.admin_token)
         .send()
@@ -375,7 +375,7 @@ async fn the_admin_api_needs_admin_credentials() {
         .unwrap();
     let addr = cloud.clc.admin_addr;
     let url = format!("http://{addr}/v1/nodes");
-    let http = reqwest::Client::new();
+    let http = canopy_cloud_controller::http::client();
 
     let ok = http
         .get(&url)

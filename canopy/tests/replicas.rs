@@ -31,7 +31,7 @@ async fn admin(
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
     let url = format!("http://{}{path}", handle.admin_addr);
-    let mut req = reqwest::Client::new()
+    let mut req = canopy_cloud_controller::http::client()
         .request(method, &url)
         .bearer_auth(token);
     if let Some(body) = body {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod ec2;
 pub mod forward;
+pub mod http;
 pub mod image_registry;
 pub mod images;
 pub mod launches;

@@ -92,3 +92,65 @@ def test_register_upload_describe_launch_and_deregister(cloud, tmp_path):
     inst = cloud.ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
     assert inst["State"]["Name"] == "running"
     cloud.ec2.terminate_instances(InstanceIds=[iid])
+
+
+@pytest.fixture
+def https_server(tmp_path):
+    """Serves tmp_path/www over HTTPS on loopback with a certificate for 127.0.0.1 from a
+    throwaway CA; yields (base URL, the CA's certificate file, the served directory)."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    # A CA, and the server's certificate signed by it (webpki refuses a CA as end entity).
+    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    cert, key, csr, ext = (tmp_path / n for n in ("cert.pem", "key.pem", "leaf.csr", "leaf.ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for cmd in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+         "-subj", "/CN=canopy-e2e-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1",
+         "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(www), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", ca, www
+    server.shutdown()
+
+
+def test_images_register_from_https_urls_with_the_servers_certificate_checked(new_cloud, https_server, cloud):
+    base, cert, www = https_server
+    tag = uuid.uuid4().hex[:8]
+    kernel_bytes = fake_kernel(www / "vmlinuz")
+
+    # A cloud controller that trusts the server's certificate (SSL_CERT_FILE) takes it.
+    trusting = new_cloud(zones=("canopy-1a",), extra_env={"SSL_CERT_FILE": str(cert)}).start()
+    eki = trusting.ec2.register_image(Name=f"https-{tag}", ImageLocation=f"{base}/vmlinuz")["ImageId"]
+    (img,) = trusting.ec2.describe_images(ImageIds=[eki])["Images"]
+    assert (img["ImageType"], img["ImageLocation"]) == ("kernel", f"{base}/vmlinuz")
+    listed = json.loads(trusting.admin_run("--json", "images").stdout)
+    (row,) = [i for i in listed if i["image_id"] == eki]
+    assert row["sha256"] == hashlib.sha256(kernel_bytes).hexdigest()
+    # A missing file is the server's 404, in EC2's terms.
+    with pytest.raises(ClientError) as e:
+        trusting.ec2.register_image(Name=f"gone-{tag}", ImageLocation=f"{base}/no-such-image")
+    assert error_code(e.value) == "InvalidParameterValue" and "404" in str(e.value)
+
+    # One that does not trust it refuses, and says why.
+    with pytest.raises(ClientError) as e:
+        cloud.ec2.register_image(Name=f"untrusted-{tag}", ImageLocation=f"{base}/vmlinuz")
+    assert error_code(e.value) == "InvalidParameterValue"
+    assert "certificate" in str(e.value).lower(), str(e.value)
