@@ -83,9 +83,21 @@ fn map_state(s: VirState) -> DomainState {
     }
 }
 
+/// The domain's state. A domain that is off because its QEMU died (libvirt's shut-off
+/// reasons `crashed` and `failed`: a guest panic, a killed or crashed QEMU) counts as
+/// crashed, so the instance is reported with `Server.InternalError` rather than as a guest
+/// that shut itself down.
 fn domain_state(d: &Domain) -> Result<DomainState, virt::error::Error> {
-    let (state, _reason) = d.state()?;
+    use virt::domain::{DomainShutoffReason, DomainStateReason};
+    let (state, reason) = d.state()?;
+    let died = matches!(
+        reason,
+        Enum::Known(DomainStateReason::Shutoff(Enum::Known(
+            DomainShutoffReason::Crashed | DomainShutoffReason::Failed
+        )))
+    );
     Ok(match state {
+        Enum::Known(VirState::Shutoff) if died => DomainState::Crashed,
         Enum::Known(s) => map_state(s),
         Enum::Unknown(_) => DomainState::ShutOff,
     })
@@ -394,8 +406,15 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn destroy(&self, id: &InstanceId) -> Result<(), HypervisorError> {
-        self.with_domain(id, "destroy", |d| d.destroy().map(|_| ()))
-            .await
+        // A domain whose QEMU already died is off: nothing to force (libvirt would refuse).
+        self.with_domain(id, "destroy", |d| {
+            if d.is_active()? {
+                d.destroy().map(|_| ())
+            } else {
+                Ok(())
+            }
+        })
+        .await
     }
 
     async fn reboot(&self, id: &InstanceId) -> Result<(), HypervisorError> {
@@ -410,9 +429,12 @@ impl Hypervisor for LibvirtHypervisor {
         // libvirt would undefine an active domain too (it goes on, transient): refuse it,
         // in the same call as the undefine.
         let active = self
-            .with_domain(id, "undefine", |d| match domain_state(d)? {
-                DomainState::ShutOff => d.undefine().map(|_| None),
-                state => Ok(Some(state)),
+            .with_domain(id, "undefine", |d| {
+                if d.is_active()? {
+                    Ok(Some(domain_state(d)?))
+                } else {
+                    d.undefine().map(|_| None)
+                }
             })
             .await?;
         if let Some(state) = active {
