@@ -80,24 +80,7 @@ impl AdminClient {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the admin API at {url}"))?;
-        let status = resp.status();
-        let body: serde_json::Value = resp
-            .json()
-            .await
-            .with_context(|| format!("{url}: not a JSON answer"))?;
-        if !status.is_success() {
-            bail!(
-                "{url}: {status}: {}",
-                body.get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("error")
-            );
-        }
-        Ok((serde_json::from_value(body.clone())?, body))
+        answer(&url, req.send().await).await
     }
 
     /// Streams `file` to the admin API's upload (never whole in memory).
@@ -123,29 +106,15 @@ impl AdminClient {
             opened,
             1 << 20,
         ));
-        let resp = canopy_cloud_controller::http::client()
+        let sent = canopy_cloud_controller::http::client()
             .post(&url)
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .header(reqwest::header::CONTENT_LENGTH, size)
             .body(body)
             .send()
-            .await
-            .with_context(|| format!("cannot reach the admin API at {url}"))?;
-        let status = resp.status();
-        let body: serde_json::Value = resp
-            .json()
-            .await
-            .with_context(|| format!("{url}: not a JSON answer"))?;
-        if !status.is_success() {
-            bail!(
-                "{url}: {status}: {}",
-                body.get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("error")
-            );
-        }
-        Ok((serde_json::from_value(body.clone())?, body))
+            .await;
+        answer(&url, sent).await
     }
 
     pub async fn run(&self, cmd: AdminCommand, json: bool) -> Result<String> {
@@ -307,6 +276,28 @@ impl AdminClient {
             rows
         })
     }
+}
+
+/// The admin API's JSON answer, or its error message.
+async fn answer<T: DeserializeOwned>(
+    url: &str,
+    sent: reqwest::Result<reqwest::Response>,
+) -> Result<(T, serde_json::Value)> {
+    let resp = sent.with_context(|| format!("cannot reach the admin API at {url}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{url}: not a JSON answer"))?;
+    if !status.is_success() {
+        bail!(
+            "{url}: {status}: {}",
+            body.get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("error")
+        );
+    }
+    Ok((serde_json::from_value(body.clone())?, body))
 }
 
 fn images_table(images: &[ImageView]) -> String {
