@@ -445,3 +445,55 @@ async fn the_admin_api_needs_admin_credentials() {
     );
     cloud.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_administrators_register_images_from_the_controllers_files() {
+    use canopy_cloud_controller::state::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = dev::start(DevOptions::for_tests(dir.path().join("data")))
+        .await
+        .unwrap();
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, [0u8; 4096]).unwrap();
+    let location = file.display().to_string();
+
+    let user = canopy_common::AccountId::generate();
+    cloud
+        .clc
+        .clc
+        .submit(Command::CreateAccount {
+            account_id: user.clone(),
+            name: "alice".into(),
+            is_admin: false,
+            access_key_id: "AKIAALICE0000000000A".into(),
+            secret_access_key: "alice-secret".into(),
+            at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let mut alice = Ec2::new(&cloud);
+    alice.key = "AKIAALICE0000000000A".into();
+    alice.secret = "alice-secret".into();
+    let refused = alice
+        .call(
+            "RegisterImage",
+            &[("Name", "alices-disk"), ("ImageLocation", &location)],
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.error_code(), "UnauthorizedOperation");
+    let described = alice.call("DescribeImages", &[("Owner.1", "self")]).await;
+    assert!(described.all("imageId").is_empty(), "{}", described.body);
+
+    // The operator may.
+    let admin = Ec2::new(&cloud);
+    let ok = admin
+        .call(
+            "RegisterImage",
+            &[("Name", "operator-disk"), ("ImageLocation", &location)],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(ok.one("imageId").starts_with("ami-"));
+    cloud.shutdown().await;
+}

@@ -129,6 +129,16 @@ pub async fn register_image(ctx: &Ctx) -> Result<String, ApiError> {
         .filter(|l| !l.is_empty())
         .ok_or_else(|| ApiError::missing("ImageLocation"))?
         .to_owned();
+    // A file on the cloud controller is the operator's to hand out: any file the CLC can
+    // read (its keys among them) would otherwise reach a guest's disk.
+    let is_url = location.starts_with("http://") || location.starts_with("https://");
+    if !is_url && !ctx.clc.is_admin(&ctx.account) {
+        return Err(ApiError::new(
+            403,
+            "UnauthorizedOperation",
+            "Only administrators register images from files on the cloud controller: use an http(s) ImageLocation",
+        ));
+    }
     if let Some(v) = p.get("VirtualizationType")
         && v != "hvm"
     {
