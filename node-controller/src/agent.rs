@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::config::NcConfig;
 use crate::convert;
 use crate::error::{HypervisorError, NcError};
-use crate::hypervisor::{DomainEvent, DomainState, Hypervisor};
+use crate::hypervisor::{DomainEvent, DomainSpec, DomainState, Hypervisor};
 use crate::model::{DesiredState, InstanceReport, PutOutcome, StateReason, reason};
 use crate::plan::{self, Action, Failure, InstanceMemory};
 
@@ -187,6 +187,8 @@ struct AgentState {
     reports: BTreeMap<InstanceId, InstanceReport>,
     /// Unmanaged domains already logged, so each is logged once.
     unmanaged: BTreeSet<InstanceId>,
+    /// Instances whose preparation (image downloads) runs in the background.
+    preparing: BTreeSet<InstanceId>,
 }
 
 impl Agent {
@@ -340,7 +342,7 @@ impl Agent {
     }
 
     /// One reconcile pass. Returns the earliest stop deadline, when one is pending.
-    async fn reconcile_once(&self) -> Option<Instant> {
+    async fn reconcile_once(self: &Arc<Self>) -> Option<Instant> {
         let observed = match self.observe_domains().await {
             Ok(observed) => observed,
             Err(e) => {
@@ -366,10 +368,11 @@ impl Agent {
             plan
         };
 
-        let observed = if plan.actions.is_empty() {
+        let actions = self.defer_unprepared(plan.actions);
+        let observed = if actions.is_empty() {
             observed
         } else {
-            self.execute(plan.actions).await;
+            self.execute(actions).await;
             match self.observe_domains().await {
                 Ok(observed) => observed,
                 Err(e) => {
@@ -387,6 +390,59 @@ impl Agent {
             self.report.notify_one();
         }
         plan::next_deadline(state.memory.values())
+    }
+
+    /// Takes out the defines of instances whose images are not on the host yet (and the
+    /// actions that follow them), and prepares those instances in the background: a long
+    /// download must not hold up the node's other instances. They are defined by a later
+    /// pass, once prepared.
+    fn defer_unprepared(self: &Arc<Self>, actions: Vec<Action>) -> Vec<Action> {
+        let mut deferred: BTreeSet<InstanceId> = BTreeSet::new();
+        let mut kept = Vec::with_capacity(actions.len());
+        for action in actions {
+            if let Action::Define(spec) = &action
+                && !self.hypervisor.is_prepared(spec)
+            {
+                deferred.insert(spec.instance_id.clone());
+                self.prepare_in_background(spec);
+                continue;
+            }
+            if !deferred.contains(action.instance_id()) {
+                kept.push(action);
+            }
+        }
+        kept
+    }
+
+    fn prepare_in_background(self: &Arc<Self>, spec: &DomainSpec) {
+        if !self.lock().preparing.insert(spec.instance_id.clone()) {
+            return; // already under way
+        }
+        let agent = Arc::clone(self);
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            let id = &spec.instance_id;
+            info!(instance = %id, "preparing the instance (fetching its images)");
+            let result = agent.hypervisor.prepare(&spec).await;
+            agent.lock().preparing.remove(id);
+            match result {
+                Ok(()) => info!(instance = %id, "instance prepared"),
+                Err(error) => {
+                    warn!(instance = %id, %error, "preparing the instance failed");
+                    agent.latch_failure(
+                        id,
+                        Failure {
+                            reason: StateReason::new(
+                                reason::INTERNAL_ERROR,
+                                format!("preparing the instance failed: {error}"),
+                            ),
+                            terminal: true,
+                        },
+                    );
+                }
+            }
+            agent.reconcile.notify_one();
+        });
     }
 
     /// Applies the plan's actions in order. After an action of an instance fails, the

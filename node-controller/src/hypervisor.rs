@@ -183,6 +183,21 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// (`RecvError::Lagged`); the agent only uses them as wake-ups and re-reads `list`.
     fn events(&self) -> broadcast::Receiver<DomainEvent>;
 
+    /// Whether `define` of `spec` would find everything it needs on the host (its images
+    /// cached). The agent defines only prepared specs, and prepares the others in the
+    /// background, so a long image download never holds up the node's other instances.
+    fn is_prepared(&self, spec: &DomainSpec) -> bool {
+        let _ = spec;
+        true
+    }
+
+    /// Gets what `define` of `spec` needs onto the host (fetches its images). May take
+    /// long; runs beside the reconciler.
+    async fn prepare(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        let _ = spec;
+        Ok(())
+    }
+
     /// Defines a (shut off) domain. Fails with `AlreadyExists` or `InsufficientCapacity`.
     async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError>;
 

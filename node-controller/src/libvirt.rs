@@ -360,6 +360,19 @@ impl Hypervisor for LibvirtHypervisor {
         self.events.subscribe()
     }
 
+    fn is_prepared(&self, spec: &DomainSpec) -> bool {
+        spec.boot
+            .iter()
+            .all(|image| self.images.cache.contains(&image.sha256))
+    }
+
+    async fn prepare(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        for image in spec.boot.iter() {
+            self.image(image).await?;
+        }
+        Ok(())
+    }
+
     async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
         let defined = self.list().await?;
         if defined.iter().any(|d| d.instance_id == spec.instance_id) {

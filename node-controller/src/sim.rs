@@ -78,6 +78,10 @@ struct SimState {
     /// so a test can hold an instance before the agent defines it.
     held: HashSet<InstanceId>,
     fail_next_start: Option<String>,
+    /// Instances whose preparation (an image download on a real host) waits until released.
+    held_prepares: HashSet<InstanceId>,
+    /// How many preparations ran, per instance.
+    prepares: BTreeMap<InstanceId, u32>,
 }
 
 #[derive(Debug)]
@@ -266,6 +270,23 @@ impl Hypervisor for SimHypervisor {
         self.inner.events.subscribe()
     }
 
+    fn is_prepared(&self, spec: &DomainSpec) -> bool {
+        !self.inner.lock().held_prepares.contains(&spec.instance_id)
+    }
+
+    async fn prepare(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        loop {
+            {
+                let mut state = self.inner.lock();
+                if !state.held_prepares.contains(&spec.instance_id) {
+                    *state.prepares.entry(spec.instance_id.clone()).or_default() += 1;
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
         let mut state = self.inner.lock();
         if state.domains.contains_key(&spec.instance_id) {
@@ -392,6 +413,21 @@ impl Hypervisor for SimHypervisor {
 }
 
 impl SimControl {
+    /// Makes `id` unprepared (as an instance whose image is still downloading) until
+    /// [`release_prepare`](Self::release_prepare).
+    pub fn hold_prepare(&self, id: &InstanceId) {
+        self.inner.lock().held_prepares.insert(id.clone());
+    }
+
+    pub fn release_prepare(&self, id: &InstanceId) {
+        self.inner.lock().held_prepares.remove(id);
+    }
+
+    /// How many times the agent prepared `id`.
+    pub fn prepares(&self, id: &InstanceId) -> u32 {
+        self.inner.lock().prepares.get(id).copied().unwrap_or(0)
+    }
+
     /// Keeps every boot of `id` (including ones that start later) in `Booting` until
     /// [`release_boot`](Self::release_boot).
     pub fn hold_boot(&self, id: &InstanceId) {

@@ -797,3 +797,40 @@ async fn bad_configuration_is_refused_at_start() {
         .unwrap_err();
     assert!(err.to_string().contains("resync_interval"), "{err}");
 }
+
+#[tokio::test]
+async fn a_slow_preparation_holds_up_only_its_own_instance() {
+    let mut h = Harness::start().await;
+    let (slow, other) = (InstanceId::generate(), InstanceId::generate());
+    launch(&mut h, 1, &other).await;
+
+    // The new instance's images are still "downloading": it stays pending and undefined,
+    // while the node goes on driving the other one (a stop, then a terminate).
+    let control = h.sim.control();
+    control.hold_prepare(&slow);
+    h.put(2, vec![running(&other), running(&slow)]).await;
+    h.cc.wait_report(&slow, O::Pending).await;
+    h.put(
+        3,
+        vec![spec(&other, pb::PowerState::Stopped, 0), running(&slow)],
+    )
+    .await;
+    h.cc.wait_report(&other, O::Stopped).await;
+    h.put(
+        4,
+        vec![spec(&other, pb::PowerState::Terminated, 0), running(&slow)],
+    )
+    .await;
+    h.cc.wait_report(&other, O::Terminated).await;
+    assert_eq!(
+        h.domain(&slow).await,
+        None,
+        "not defined before it is prepared"
+    );
+
+    // Prepared: defined, started, running; prepared once however many passes looked.
+    control.release_prepare(&slow);
+    h.cc.wait_report(&slow, O::Running).await;
+    assert_eq!(control.prepares(&slow), 1);
+    h.nc.shutdown().await;
+}
