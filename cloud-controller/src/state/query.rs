@@ -277,48 +277,24 @@ impl Store {
             i64,
             Option<String>,
             Option<String>,
-            i64,
             Option<String>,
-            Option<String>,
-            i64,
-            Option<String>,
-            Option<String>,
-            i64,
         );
-        // An image's content, or `None` for an id without bytes (or without a row).
-        fn content(
-            id: Option<&str>,
-            sha256: Option<String>,
-            size: i64,
-        ) -> Result<Option<ImageRef>, StateError> {
-            match (id, sha256) {
-                (Some(id), Some(sha)) => Ok(Some(ImageRef {
-                    image_id: parse(id)?,
-                    sha256: Sha256Digest::parse(&sha)
-                        .map_err(|e| StateError::Corrupt(e.to_string()))?,
-                    size: u64::try_from(size).unwrap_or_default(),
-                })),
-                _ => Ok(None),
-            }
-        }
+        // The images' content comes from the cached catalogue, not from a join per row: a
+        // document is read many times a second under load.
+        let catalog = self.catalog().await?;
+        let content: HashMap<&str, ImageRef> = catalog
+            .images
+            .iter()
+            .filter_map(|i| i.content().map(|c| (i.image_id.as_str(), c)))
+            .collect();
+        let lookup = |id: Option<&str>| id.and_then(|id| content.get(id).cloned());
         let mut conn = self.pool().acquire().await?;
         let rows: Vec<SpecRow> = fetch_folded(
             &mut conn,
             "instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id,
-             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq,
-             node_id, image_sha, image_size, kernel_id, kernel_sha, kernel_size, ramdisk_id,
-             ramdisk_sha, ramdisk_size",
-            // The images' content comes along; a document is one read.
-            "FROM (SELECT i.instance_id, i.instance_type, i.vcpus, i.memory_mib, i.disk_gib,
-                i.image_id, i.user_data, i.key_name, i.desired, i.reboot_seq, i.node_id,
-                m.sha256 AS image_sha, coalesce(m.size_bytes, 0) AS image_size, i.kernel_id,
-                k.sha256 AS kernel_sha, coalesce(k.size_bytes, 0) AS kernel_size, i.ramdisk_id,
-                r.sha256 AS ramdisk_sha, coalesce(r.size_bytes, 0) AS ramdisk_size
-             FROM instances i
-             LEFT JOIN images m ON m.image_id = i.image_id
-             LEFT JOIN images k ON k.image_id = i.kernel_id
-             LEFT JOIN images r ON r.image_id = i.ramdisk_id
-             WHERE i.zone = ? AND i.state != 'terminated' ORDER BY i.seq)",
+             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, node_id,
+             kernel_id, ramdisk_id",
+            "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
         )
         .await?;
@@ -336,14 +312,8 @@ impl Store {
                     desired,
                     reboot,
                     node,
-                    image_sha,
-                    image_size,
                     kernel,
-                    kernel_sha,
-                    kernel_size,
                     ramdisk,
-                    ramdisk_sha,
-                    ramdisk_size,
                 )| {
                     Ok(DesiredSpec {
                         instance_id: parse(&id)?,
@@ -354,9 +324,9 @@ impl Store {
                             u64::try_from(disk).unwrap_or_default(),
                         ),
                         boot: BootImages {
-                            disk: content(Some(&image), image_sha, image_size)?,
-                            kernel: content(kernel.as_deref(), kernel_sha, kernel_size)?,
-                            ramdisk: content(ramdisk.as_deref(), ramdisk_sha, ramdisk_size)?,
+                            disk: lookup(Some(&image)),
+                            kernel: lookup(kernel.as_deref()),
+                            ramdisk: lookup(ramdisk.as_deref()),
                         },
                         image_id: parse(&image)?,
                         user_data,
