@@ -101,6 +101,9 @@ pub struct NodeView {
     pub zone: String,
     pub node_id: String,
     pub hypervisor: String,
+    /// How the node runs guests (e.g. why KVM or software emulation); empty for the
+    /// simulator.
+    pub hypervisor_detail: String,
     pub capacity: ResourcesView,
     pub allocated: ResourcesView,
     pub healthy: bool,
@@ -359,6 +362,7 @@ async fn list_nodes(State(clc): State<Arc<Clc>>) -> Response {
                 zone: z.zone.to_string(),
                 node_id: n.node_id.to_string(),
                 hypervisor: n.hypervisor,
+                hypervisor_detail: n.hypervisor_detail,
                 capacity: n.capacity.into(),
                 allocated: n.allocated.into(),
                 healthy: n.healthy,

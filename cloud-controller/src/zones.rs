@@ -33,6 +33,7 @@ pub struct ZoneLive {
 pub struct NodeLive {
     pub node_id: NodeId,
     pub hypervisor: String,
+    pub hypervisor_detail: String,
     pub capacity: Resources,
     pub allocated: Resources,
     pub healthy: bool,
@@ -485,6 +486,7 @@ fn node_from_proto(n: pb::NodeSummary) -> Option<NodeLive> {
     Some(NodeLive {
         node_id: NodeId::parse(&n.node_id).ok()?,
         hypervisor: n.hypervisor,
+        hypervisor_detail: n.hypervisor_detail,
         capacity: res(n.capacity),
         allocated: res(n.allocated),
         healthy: n.healthy,

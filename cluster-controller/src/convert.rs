@@ -260,6 +260,7 @@ pub fn registration_from_proto(r: pb::RegisterNodeRequest) -> Result<NodeRegistr
         endpoint: r.endpoint,
         capacity,
         hypervisor: r.hypervisor,
+        hypervisor_detail: r.hypervisor_detail,
     })
 }
 
@@ -268,6 +269,7 @@ pub fn summary_to_proto(s: &NodeSummary) -> pb::NodeSummary {
     pb::NodeSummary {
         node_id: s.node.to_string(),
         hypervisor: s.hypervisor.clone(),
+        hypervisor_detail: s.hypervisor_detail.clone(),
         capacity: Some(resources_to_proto(s.capacity)),
         allocated: Some(resources_to_proto(s.allocated)),
         healthy: s.healthy,

@@ -109,6 +109,7 @@ pub struct NodeRegistration {
     pub endpoint: String,
     pub capacity: Resources,
     pub hypervisor: String,
+    pub hypervisor_detail: String,
     /// What the node already runs, so a restarted CC rebuilds its assignments.
     pub instances: Vec<InstanceReport>,
 }
@@ -118,6 +119,7 @@ pub struct NodeRegistration {
 pub struct NodeSummary {
     pub node: NodeId,
     pub hypervisor: String,
+    pub hypervisor_detail: String,
     pub capacity: Resources,
     /// Resources of the instances assigned to the node that are not terminated.
     pub allocated: Resources,

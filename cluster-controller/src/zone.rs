@@ -80,6 +80,7 @@ struct NodeEntry {
     endpoint: String,
     capacity: Resources,
     hypervisor: String,
+    hypervisor_detail: String,
     last_seen: Moment,
     /// The newest generation the node is known to hold (from push replies and heartbeats);
     /// below the applied one means the resync loop pushes again.
@@ -268,6 +269,7 @@ impl ZoneState {
                 endpoint: reg.endpoint,
                 capacity: reg.capacity,
                 hypervisor: reg.hypervisor,
+                hypervisor_detail: reg.hypervisor_detail,
                 last_seen: now,
                 // Whatever it held before, a (re)registering node may have restarted empty.
                 generation: 0,
@@ -361,6 +363,7 @@ impl ZoneState {
             .map(|(node, e)| NodeSummary {
                 node: node.clone(),
                 hypervisor: e.hypervisor.clone(),
+                hypervisor_detail: e.hypervisor_detail.clone(),
                 capacity: e.capacity,
                 allocated: self.allocated(node),
                 healthy: self.is_healthy(e, now),
@@ -580,6 +583,7 @@ mod tests {
             endpoint: format!("http://{name}:1"),
             capacity: Resources::new(8, memory_mib, 1000),
             hypervisor: "sim".into(),
+            hypervisor_detail: String::new(),
             instances,
         }
     }

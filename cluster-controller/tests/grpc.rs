@@ -284,6 +284,7 @@ async fn register(
                 disk_gib: 500,
             }),
             hypervisor: "sim".into(),
+            hypervisor_detail: format!("{node} simulates its guests"),
             instances: Vec::new(),
         })
         .await
@@ -680,6 +681,10 @@ async fn a_silent_node_shows_as_unhealthy_in_the_zone_heartbeat() {
         .expect("summary");
     assert!(silent.last_heartbeat_ms < alive.last_heartbeat_ms);
     assert_eq!(silent.hypervisor, "sim");
+    assert_eq!(
+        silent.hypervisor_detail,
+        format!("{} simulates its guests", silent.node_id)
+    );
     heartbeats.abort();
     cc.shutdown().await;
 }

@@ -701,6 +701,7 @@ impl Agent {
             endpoint: advertise.to_owned(),
             capacity: Some(convert::resources_to_proto(self.hypervisor.capacity())),
             hypervisor: self.hypervisor.kind().name().to_owned(),
+            hypervisor_detail: self.hypervisor.detail(),
             instances: reports
                 .values()
                 .map(|r| convert::report_to_proto(r, &self.node_id))

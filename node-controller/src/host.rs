@@ -187,18 +187,27 @@ pub fn host_problems(
     problems
 }
 
-/// The accelerator to use: the configured one, or the probe's choice (logged with why).
-pub async fn choose_accelerator(choice: AcceleratorChoice, scratch: &Path) -> Accelerator {
+/// The accelerator to use and why: the configured one, or the probe's choice.
+pub async fn choose_accelerator(
+    choice: AcceleratorChoice,
+    scratch: &Path,
+) -> (Accelerator, String) {
     match choice {
-        AcceleratorChoice::Kvm => Accelerator::Kvm,
-        AcceleratorChoice::Qemu => Accelerator::Tcg,
+        AcceleratorChoice::Kvm => (Accelerator::Kvm, "KVM, as configured".into()),
+        AcceleratorChoice::Qemu => (
+            Accelerator::Tcg,
+            "software emulation (TCG), as configured".into(),
+        ),
         AcceleratorChoice::Auto => {
             let Some(qemu) = find_qemu() else {
-                return Accelerator::Tcg;
+                return (
+                    Accelerator::Tcg,
+                    "software emulation: no QEMU to probe".into(),
+                );
             };
             let probe = crate::accel::probe(&qemu, scratch).await;
             tracing::info!(chosen = ?probe.chosen, reason = %probe.reason, "accelerator probed");
-            probe.chosen
+            (probe.chosen, probe.reason)
         }
     }
 }
@@ -230,7 +239,8 @@ pub async fn connect_libvirt(opts: &LibvirtNodeOptions) -> Result<Arc<dyn Hyperv
     if let Some(problem) = kvm_device_problem(Path::new("/dev/kvm")) {
         tracing::warn!("{problem}");
     }
-    let accelerator = choose_accelerator(opts.accelerator, &opts.instances_dir).await;
+    let (accelerator, accelerator_reason) =
+        choose_accelerator(opts.accelerator, &opts.instances_dir).await;
     let cache = ImageCache::open(&opts.image_cache_dir, opts.image_cache_max_bytes)
         .map_err(|e| e.to_string())?;
     let fetcher = CcImageFetcher::new(&opts.cc_endpoint)?;
@@ -238,6 +248,7 @@ pub async fn connect_libvirt(opts: &LibvirtNodeOptions) -> Result<Arc<dyn Hyperv
         LibvirtConfig {
             uri: opts.uri.clone(),
             accelerator,
+            accelerator_reason,
             instances_dir: opts.instances_dir.clone(),
             disk_gib: opts.disk_gib,
         },

@@ -176,6 +176,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Which virtualisation this is.
     fn kind(&self) -> HypervisorKind;
 
+    /// How this driver runs guests, in a sentence for operators (e.g. why KVM or software
+    /// emulation); shown with the node in the admin views.
+    fn detail(&self) -> String {
+        String::new()
+    }
+
     /// What the host offers to instances. Drivers read it once when they connect.
     fn capacity(&self) -> Resources;
 

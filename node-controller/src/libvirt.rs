@@ -41,6 +41,9 @@ pub struct LibvirtConfig {
     /// libvirt's connection URI, e.g. `qemu:///system`.
     pub uri: String,
     pub accelerator: Accelerator,
+    /// Why that accelerator (the probe's finding, or "configured"), for the node's
+    /// registration.
+    pub accelerator_reason: String,
     /// Per-instance files (root overlay, console log).
     pub instances_dir: PathBuf,
     /// Disk offered to instances (libvirt does not say how much a host has for them).
@@ -354,6 +357,10 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn capacity(&self) -> Resources {
         self.capacity
+    }
+
+    fn detail(&self) -> String {
+        self.config.accelerator_reason.clone()
     }
 
     fn events(&self) -> broadcast::Receiver<DomainEvent> {

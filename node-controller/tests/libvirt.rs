@@ -118,6 +118,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
             uri: "qemu:///system".into(),
             // Software emulation: works on every host, nested included.
             accelerator: Accelerator::Tcg,
+            accelerator_reason: "software emulation, for the test".into(),
             instances_dir: scratch.path().join("instances"),
             disk_gib: 100,
         },

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,13 @@ def register(ec2, name: str, path: Path, **extra) -> str:
 
 def test_registered_images_boot_real_guests_through_their_whole_life(real):
     ec2 = real["ec2"]
+    # The node says how it runs guests: QEMU, and why not KVM.
+    req = urllib.request.Request(real["rc"]["CANOPY_ADMIN_ENDPOINT"] + "/v1/nodes",
+                                 headers={"Authorization": "Bearer " + real["rc"]["CANOPY_ADMIN_TOKEN"]})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        (node,) = [n for n in json.load(resp) if n["node_id"] == NODE]
+    assert node["hypervisor"] == "qemu"
+    assert "software emulation" in node["hypervisor_detail"], node
     # Kernel and ramdisk are told apart by their bytes; the machine image names them.
     eki = register(ec2, "guest-kernel", GUEST_DIR / "vmlinuz")
     eri = register(ec2, "guest-ramdisk", GUEST_DIR / "initrd.gz")
