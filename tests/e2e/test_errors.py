@@ -223,11 +223,24 @@ def test_user_data_is_accepted(cloud, launcher):
     assert f"user-data {len(user_data.encode())} bytes" in out, out
 
 
-@pytest.mark.skip(reason="UserData is not readable through the API yet (DescribeInstanceAttribute userData)")
 def test_user_data_round_trip(cloud, launcher):
     (iid,) = launcher.run_ids(1, UserData="hello")
     attr = cloud.ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+    assert attr["InstanceId"] == iid
     assert attr["UserData"]["Value"] == "aGVsbG8="
+    # The other attributes a user reads, with EC2's shapes.
+    get = lambda name: cloud.ec2.describe_instance_attribute(InstanceId=iid, Attribute=name)  # noqa: E731
+    assert get("instanceType")["InstanceType"]["Value"] == "t2.micro"
+    assert get("disableApiTermination")["DisableApiTermination"]["Value"] is False
+    assert get("instanceInitiatedShutdownBehavior")["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+    assert get("kernel")["KernelId"] == {}, "the simulated image boots without a kernel of its own"
+    assert get("groupSet")["Groups"] == []
+    (other,) = launcher.run_ids(1)
+    assert cloud.ec2.describe_instance_attribute(InstanceId=other, Attribute="userData")["UserData"] == {}
+    expect_error(cloud.ec2.describe_instance_attribute, "InvalidParameterValue", InstanceId=iid,
+                 Attribute="noSuchAttribute")
+    expect_error(cloud.ec2.describe_instance_attribute, "InvalidInstanceID.NotFound",
+                 InstanceId="i-0123456789abcdef0", Attribute="userData")
 
 
 def test_unknown_zone_in_placement(cloud, launcher):

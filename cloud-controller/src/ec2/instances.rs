@@ -695,3 +695,77 @@ pub async fn get_console_output(ctx: &Ctx) -> Result<String, ApiError> {
     }
     Ok(w.finish())
 }
+
+/// DescribeInstanceAttribute: one attribute of an instance. Canopy has no API termination
+/// protection, security groups or volumes yet, so those attributes show EC2's defaults.
+pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
+    let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
+    let attribute = ctx.params.required("Attribute")?.to_owned();
+    const KNOWN: [&str; 14] = [
+        "instanceType",
+        "kernel",
+        "ramdisk",
+        "userData",
+        "disableApiTermination",
+        "disableApiStop",
+        "instanceInitiatedShutdownBehavior",
+        "rootDeviceName",
+        "blockDeviceMapping",
+        "productCodes",
+        "sourceDestCheck",
+        "groupSet",
+        "ebsOptimized",
+        "enaSupport",
+    ];
+    if !KNOWN.contains(&attribute.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "Value ({attribute}) for parameter attribute is invalid. Unknown attribute."
+        )));
+    }
+    let found = ctx
+        .clc
+        .store
+        .instances_by_id(Some(&ctx.account), std::slice::from_ref(&id))
+        .await?;
+    let inst = found
+        .get(&id)
+        .ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
+    ctx.dry_run()?;
+    let mut w = XmlWriter::response("DescribeInstanceAttribute", &ctx.request_id);
+    w.elem("instanceId", &id);
+    let value = |w: &mut XmlWriter, name: &str, v: Option<String>| {
+        w.nested(name, |w| {
+            if let Some(v) = &v {
+                w.elem("value", v);
+            }
+        });
+    };
+    match attribute.as_str() {
+        "instanceType" => value(&mut w, "instanceType", Some(inst.instance_type.clone())),
+        "kernel" => value(
+            &mut w,
+            "kernel",
+            inst.kernel_id.as_ref().map(|k| k.to_string()),
+        ),
+        "ramdisk" => value(
+            &mut w,
+            "ramdisk",
+            inst.ramdisk_id.as_ref().map(|r| r.to_string()),
+        ),
+        "userData" => value(
+            &mut w,
+            "userData",
+            inst.user_data.as_ref().map(|u| STANDARD.encode(u)),
+        ),
+        "disableApiTermination" | "disableApiStop" | "ebsOptimized" | "enaSupport" => {
+            value(&mut w, &attribute, Some("false".into()))
+        }
+        "sourceDestCheck" => value(&mut w, "sourceDestCheck", Some("true".into())),
+        "instanceInitiatedShutdownBehavior" => value(&mut w, &attribute, Some("stop".into())),
+        "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/sda1".into())),
+        list => {
+            w.list(list, std::iter::empty::<()>(), |_, _| {});
+        }
+    }
+    Ok(w.finish())
+}

@@ -196,6 +196,7 @@ async fn handle_inner(
         }
         "DescribeInstanceStatus" => instances::describe_instance_status(&ctx).await,
         "GetConsoleOutput" => instances::get_console_output(&ctx).await,
+        "DescribeInstanceAttribute" => instances::describe_instance_attribute(&ctx).await,
         "DescribeImages" => catalog::describe_images(&ctx).await,
         "RegisterImage" => catalog::register_image(&ctx).await,
         "DeregisterImage" => catalog::deregister_image(&ctx).await,
