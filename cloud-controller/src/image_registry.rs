@@ -6,7 +6,7 @@ use canopy_common::{AccountId, ImageId, ImageKind};
 
 use crate::clc::Clc;
 use crate::images::{ImageStoreError, Imported};
-use crate::state::{Command, Image, StateError};
+use crate::state::{BootImageError, Command, Image, StateError};
 
 /// What a registration asks for, besides the bytes.
 #[derive(Debug, Clone)]
@@ -84,23 +84,15 @@ impl Registration {
             ("RamdiskId", &self.ramdisk_id, ImageKind::Ramdisk),
         ] {
             let Some(id) = id else { continue };
-            let found = catalog
-                .images
-                .iter()
-                .find(|i| {
-                    &i.image_id == id
-                        && i.state == "available"
-                        && (i.is_public || &i.owner_id == account)
-                })
-                .ok_or_else(|| RegistrationError::ImageNotFound(id.clone()))?;
-            if found.kind != want {
-                return Err(RegistrationError::WrongKind {
+            catalog.boot_image(id, account, want).map_err(|e| match e {
+                BootImageError::NotFound => RegistrationError::ImageNotFound(id.clone()),
+                BootImageError::WrongKind(found) => RegistrationError::WrongKind {
                     param,
                     id: id.clone(),
-                    found: found.kind,
+                    found,
                     want,
-                });
-            }
+                },
+            })?;
         }
         if catalog
             .images

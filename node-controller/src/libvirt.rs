@@ -225,12 +225,16 @@ impl LibvirtHypervisor {
         pinned
     }
 
-    /// The cached file of `image`, fetched (and verified) if the cache lacks it.
-    async fn image(&self, image: &ImageRef) -> Result<PathBuf, HypervisorError> {
-        let pinned = self.pinned();
+    /// The cached file of `image`, fetched (and verified) if the cache lacks it; `pinned`
+    /// is [`Self::pinned`], read once per define or preparation.
+    async fn image(
+        &self,
+        image: &ImageRef,
+        pinned: &HashSet<Sha256Digest>,
+    ) -> Result<PathBuf, HypervisorError> {
         self.images
             .cache
-            .ensure(image, self.images.fetcher.as_ref(), &pinned)
+            .ensure(image, self.images.fetcher.as_ref(), pinned)
             .await
             .map_err(failed)
     }
@@ -238,7 +242,7 @@ impl LibvirtHypervisor {
     /// The domain's description, creating its root overlay on the machine image. The
     /// images are pinned (the instance's `images` file) before they are fetched, so a
     /// concurrent eviction cannot take them.
-    async fn prepare(&self, spec: &DomainSpec) -> Result<DomainDescription, HypervisorError> {
+    async fn build_domain(&self, spec: &DomainSpec) -> Result<DomainDescription, HypervisorError> {
         let dir = self.instance_dir(&spec.instance_id);
         let Some(disk) = &spec.boot.disk else {
             return Err(failed(format!(
@@ -255,13 +259,14 @@ impl LibvirtHypervisor {
         tokio::fs::write(dir.join("images"), digests)
             .await
             .map_err(failed)?;
-        let base = self.image(disk).await?;
+        let pinned = self.pinned();
+        let base = self.image(disk, &pinned).await?;
         let format = image_format(&base).map_err(failed)?;
         let boot = match &spec.boot.kernel {
             Some(kernel) => Boot::Kernel {
-                kernel: self.image(kernel).await?,
+                kernel: self.image(kernel, &pinned).await?,
                 initrd: match &spec.boot.ramdisk {
-                    Some(ramdisk) => Some(self.image(ramdisk).await?),
+                    Some(ramdisk) => Some(self.image(ramdisk, &pinned).await?),
                     None => None,
                 },
                 cmdline: format!("console=ttyS0 {}", spec.kernel_cmdline_extra),
@@ -374,8 +379,9 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn prepare(&self, spec: &DomainSpec) -> Result<(), HypervisorError> {
+        let pinned = self.pinned();
         for image in spec.boot.iter() {
-            self.image(image).await?;
+            self.image(image, &pinned).await?;
         }
         Ok(())
     }
@@ -393,7 +399,7 @@ impl Hypervisor for LibvirtHypervisor {
                 available,
             });
         }
-        let defined = match self.prepare(spec).await {
+        let defined = match self.build_domain(spec).await {
             Ok(description) => match description.to_xml() {
                 Ok(xml) => {
                     self.with_conn(move |conn| {

@@ -55,7 +55,7 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .images()
         .await?
         .into_iter()
-        .filter(|i| i.is_public || i.owner_id == ctx.account)
+        .filter(|i| i.visible_to(&ctx.account))
         .filter(|i| i.state != "deregistered")
         .collect();
     if let Some(first) = visible.first() {

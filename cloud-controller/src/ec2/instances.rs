@@ -17,7 +17,9 @@ use super::filters::{self, Filterable};
 use super::paging::{self, paginate};
 use super::{ApiError, Ctx, render};
 use crate::scheduler::{self, Decision, LaunchRequest};
-use crate::state::{Command, Instance, InstanceAction, InstanceFilter, NewInstance, Outcome, Tag};
+use crate::state::{
+    BootImageError, Command, Instance, InstanceAction, InstanceFilter, NewInstance, Outcome, Tag,
+};
 use crate::zones::zone_snapshots;
 
 /// EC2's limit on user data, before base64.
@@ -180,9 +182,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     }
     let catalog = ctx.clc.store.catalog().await?;
     let image = catalog
-        .images
-        .iter()
-        .find(|i| i.image_id == image_id && (i.is_public || i.owner_id == ctx.account))
+        .visible_image(&image_id, &ctx.account)
         .ok_or_else(|| {
             ApiError::new(
                 400,
@@ -219,26 +219,22 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             })?),
             None => default.clone(),
         };
-        let Some(id) = id else { return Ok(None) };
-        let found = catalog
-            .images
-            .iter()
-            .find(|i| i.image_id == id && (i.is_public || i.owner_id == ctx.account))
-            .filter(|i| i.state == "available")
-            .ok_or_else(|| {
-                ApiError::new(
+        let Some(id) = id else {
+            return Ok::<_, ApiError>(None);
+        };
+        catalog
+            .boot_image(&id, &ctx.account, kind)
+            .map_err(|e| match e {
+                BootImageError::NotFound => ApiError::new(
                     400,
                     "InvalidAMIID.NotFound",
                     format!("The {} image id '[{id}]' does not exist", kind.name()),
-                )
+                ),
+                BootImageError::WrongKind(found) => ApiError::invalid(format!(
+                    "{param}: {id} is a {found} image, not a {} image",
+                    kind.name()
+                )),
             })?;
-        if found.kind != kind {
-            return Err(ApiError::invalid(format!(
-                "{param}: {id} is a {} image, not a {} image",
-                found.kind,
-                kind.name()
-            )));
-        }
         Ok(Some(id))
     };
     let kernel_id = boot_image("KernelId", ImageKind::Kernel, &image.kernel_id)?;
@@ -674,17 +670,20 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
     Ok(w.finish())
 }
 
+/// The caller's instance `id`, or EC2's not-found error.
+async fn one_instance(ctx: &Ctx, id: &InstanceId) -> Result<Instance, ApiError> {
+    ctx.clc
+        .store
+        .instances_by_id(Some(&ctx.account), std::slice::from_ref(id))
+        .await?
+        .remove(id)
+        .ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(id)))
+}
+
 pub async fn get_console_output(ctx: &Ctx) -> Result<String, ApiError> {
     let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
     ctx.params.bool("Latest")?;
-    let found = ctx
-        .clc
-        .store
-        .instances_by_id(Some(&ctx.account), std::slice::from_ref(&id))
-        .await?;
-    let inst = found
-        .get(&id)
-        .ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
+    let inst = &one_instance(ctx, &id).await?;
     ctx.dry_run()?;
     let output = crate::console::fetch(&ctx.clc, inst).await;
     let mut w = XmlWriter::response("GetConsoleOutput", &ctx.request_id);
@@ -722,14 +721,7 @@ pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> 
             "Value ({attribute}) for parameter attribute is invalid. Unknown attribute."
         )));
     }
-    let found = ctx
-        .clc
-        .store
-        .instances_by_id(Some(&ctx.account), std::slice::from_ref(&id))
-        .await?;
-    let inst = found
-        .get(&id)
-        .ok_or_else(|| ApiError::instances_not_found(std::slice::from_ref(&id)))?;
+    let inst = &one_instance(ctx, &id).await?;
     ctx.dry_run()?;
     let mut w = XmlWriter::response("DescribeInstanceAttribute", &ctx.request_id);
     w.elem("instanceId", &id);

@@ -19,7 +19,7 @@ pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, St
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};
 pub(crate) use store::count_applied;
-pub use store::{Catalog, Store};
+pub use store::{BootImageError, Catalog, Store};
 pub use types::{
     Account, DesiredSpec, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag,
     Whereabouts, Zone,

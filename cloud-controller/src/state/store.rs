@@ -6,7 +6,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use tokio::sync::Mutex;
 
 use super::{Command, Image, Outcome, StateError, apply};
-use canopy_common::ZoneName;
+use canopy_common::{AccountId, ImageId, ImageKind, ZoneName};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -25,6 +25,43 @@ pub struct Store {
 pub struct Catalog {
     pub images: Vec<Image>,
     pub zones: Vec<ZoneName>,
+}
+
+/// Why an id cannot serve as a kernel or ramdisk ([`Catalog::boot_image`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootImageError {
+    /// No available image of that id is visible to the account.
+    NotFound,
+    /// It is an image of another kind.
+    WrongKind(ImageKind),
+}
+
+impl Catalog {
+    /// The image `id` if `account` may use it, whatever its state.
+    pub fn visible_image(&self, id: &ImageId, account: &AccountId) -> Option<&Image> {
+        self.images
+            .iter()
+            .find(|i| &i.image_id == id && i.visible_to(account))
+    }
+
+    /// Checks that `id` can boot instances of `account` as a `want` (kernel or ramdisk):
+    /// visible, available, of that kind.
+    pub fn boot_image(
+        &self,
+        id: &ImageId,
+        account: &AccountId,
+        want: ImageKind,
+    ) -> Result<(), BootImageError> {
+        let found = self
+            .visible_image(id, account)
+            .filter(|i| i.state == "available")
+            .ok_or(BootImageError::NotFound)?;
+        if found.kind == want {
+            Ok(())
+        } else {
+            Err(BootImageError::WrongKind(found.kind))
+        }
+    }
 }
 
 /// The last [`Catalog`] read, valid until a commit that may change it.

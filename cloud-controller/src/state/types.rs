@@ -47,6 +47,11 @@ pub struct Image {
 }
 
 impl Image {
+    /// Whether `account` may see and launch it: its own, or a public one.
+    pub fn visible_to(&self, account: &AccountId) -> bool {
+        self.is_public || &self.owner_id == account
+    }
+
     /// An image whose bytes nodes can fetch, or `None` for one without content.
     pub fn content(&self) -> Option<ImageRef> {
         self.sha256.clone().map(|sha256| ImageRef {
