@@ -6,6 +6,7 @@
 //! - `forward`: followers hand client requests to the leader;
 //! - `scheduler`: pure zone choice;
 //! - `images`: the content-addressed store of image bytes;
+//! - `key_material`: key pairs' keys and fingerprints (pure);
 //! - `replication`: the command log every state change goes through;
 //! - `state`: domain types, commands, `apply`, queries over SQLite.
 
@@ -18,6 +19,7 @@ pub mod forward;
 pub mod http;
 pub mod image_registry;
 pub mod images;
+pub mod key_material;
 pub mod launches;
 pub mod replication;
 pub mod scheduler;

@@ -132,6 +132,70 @@ hex_id!(
     /// A reservation (one RunInstances call), `r-` and 17 hex digits.
     ReservationId, "r-", "reservation", 17
 );
+hex_id!(
+    /// A key pair, `key-` and 17 hex digits.
+    KeyPairId, "key-", "key pair", 17
+);
+
+/// Any resource EC2 tags (CreateTags' `ResourceId.N`), told apart by its id's prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ResourceId {
+    Instance(InstanceId),
+    KeyPair(KeyPairId),
+}
+
+impl ResourceId {
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        if value.starts_with(InstanceId::PREFIX) {
+            InstanceId::parse(value).map(ResourceId::Instance)
+        } else if value.starts_with(KeyPairId::PREFIX) {
+            KeyPairId::parse(value).map(ResourceId::KeyPair)
+        } else {
+            Err(IdError {
+                kind: "taggable resource",
+                value: value.to_owned(),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            ResourceId::Instance(id) => id.as_str(),
+            ResourceId::KeyPair(id) => id.as_str(),
+        }
+    }
+
+    /// EC2's `resourceType` for it.
+    pub fn resource_type(&self) -> &'static str {
+        match self {
+            ResourceId::Instance(_) => "instance",
+            ResourceId::KeyPair(_) => "key-pair",
+        }
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for ResourceId {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, IdError> {
+        Self::parse(&value)
+    }
+}
+
+impl From<ResourceId> for String {
+    fn from(id: ResourceId) -> String {
+        match id {
+            ResourceId::Instance(id) => id.into(),
+            ResourceId::KeyPair(id) => id.into(),
+        }
+    }
+}
 /// An image: `ami-` (machine), `eki-` (kernel) or `eri-` (ramdisk) and 17 hex digits, as
 /// Canopy generates them. Parsing also accepts Eucalyptus's `emi-` and AWS's `aki-`/`ari-`
 /// spellings (8 or 17 digits), so ids a user types from either world are well-formed; they
@@ -318,6 +382,20 @@ mod tests {
         let a = AccountId::generate();
         assert_eq!(AccountId::parse(a.as_str()), Ok(a));
         assert!(AccountId::parse("12345").is_err());
+    }
+
+    #[test]
+    fn resource_ids_are_told_apart_by_prefix_and_keep_old_log_entries_readable() {
+        let old: Vec<ResourceId> = serde_json::from_str("[\"i-0123456789abcdef0\"]").unwrap();
+        assert_eq!(old[0].resource_type(), "instance");
+        let key = ResourceId::parse("key-0123456789abcdef0").unwrap();
+        assert_eq!(key.resource_type(), "key-pair");
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            "\"key-0123456789abcdef0\""
+        );
+        assert!(ResourceId::parse("sg-0123456789abcdef0").is_err());
+        assert!(ResourceId::parse("key-xyz").is_err());
     }
 
     #[test]

@@ -11,8 +11,8 @@ pub mod placement;
 pub mod resources;
 
 pub use ids::{
-    AccessKeyId, AccountId, IdError, ImageId, InstanceId, NodeId, RegionName, ReservationId,
-    ZoneName,
+    AccessKeyId, AccountId, IdError, ImageId, InstanceId, KeyPairId, NodeId, RegionName,
+    ReservationId, ResourceId, ZoneName,
 };
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};

@@ -152,6 +152,12 @@ impl From<StateError> for ApiError {
                     crate::state::MAX_TAGS_PER_RESOURCE
                 ),
             ),
+            StateError::KeyPairDuplicate(name) => Self::new(
+                400,
+                "InvalidKeyPair.Duplicate",
+                format!("The keypair '{name}' already exists."),
+            ),
+            StateError::KeyPairNotFound(name) => super::key_pairs::key_pair_not_found(&name),
             StateError::AlreadyExists(what) => Self::new(
                 400,
                 "InvalidParameterValue",

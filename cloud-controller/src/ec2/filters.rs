@@ -33,6 +33,24 @@ pub trait Filterable {
     fn filter_values(&self, name: &str) -> Option<Vec<String>>;
 }
 
+/// The values of the tag filters every Describe call takes (`tag:KEY`, `tag-key`,
+/// `tag-value`) for a resource with `tags`; `None` for any other filter name.
+pub fn tag_values(tags: &[crate::state::Tag], name: &str) -> Option<Vec<String>> {
+    if let Some(key) = name.strip_prefix("tag:") {
+        return Some(
+            tags.iter()
+                .filter(|t| t.key == key)
+                .map(|t| t.value.clone())
+                .collect(),
+        );
+    }
+    match name {
+        "tag-key" => Some(tags.iter().map(|t| t.key.clone()).collect()),
+        "tag-value" => Some(tags.iter().map(|t| t.value.clone()).collect()),
+        _ => None,
+    }
+}
+
 /// Checks every filter name against `probe` once, so an unknown filter fails even when no
 /// resource is there to be filtered.
 pub fn validate<T: Filterable>(filters: &[Filter], probe: &T) -> Result<(), ApiError> {

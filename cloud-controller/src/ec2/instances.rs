@@ -244,6 +244,19 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             "A ramdisk needs a kernel: give KernelId too",
         ));
     }
+    // The key's public half goes with the instance: deleting the key pair later does not
+    // take it from the instance (as on EC2).
+    let public_key = match &key_name {
+        None => None,
+        Some(name) => Some(
+            ctx.clc
+                .store
+                .key_pair_by_name(&ctx.account, name)
+                .await?
+                .ok_or_else(|| super::key_pairs::key_pair_not_found(name))?
+                .public_key_line(),
+        ),
+    };
     ctx.dry_run()?;
 
     // What makes two launches "the same" for ClientToken: every parameter but the token.
@@ -325,6 +338,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 resources: itype.resources,
                 zone: zone.clone(),
                 key_name: key_name.clone(),
+                public_key: public_key.clone(),
                 user_data: user_data.clone(),
                 kernel_id: kernel_id.clone(),
                 ramdisk_id: ramdisk_id.clone(),
@@ -418,14 +432,8 @@ async fn replayed_reservation(
 impl Filterable for Instance {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
         let one = |s: String| Some(vec![s]);
-        if let Some(key) = name.strip_prefix("tag:") {
-            return Some(
-                self.tags
-                    .iter()
-                    .filter(|t| t.key == key)
-                    .map(|t| t.value.clone())
-                    .collect(),
-            );
+        if let Some(values) = filters::tag_values(&self.tags, name) {
+            return Some(values);
         }
         match name {
             "instance-id" => one(self.instance_id.to_string()),
@@ -443,8 +451,6 @@ impl Filterable for Instance {
             "root-device-type" => one("instance-store".into()),
             "virtualization-type" => one("hvm".into()),
             "private-dns-name" => one(render::private_dns(self)),
-            "tag-key" => Some(self.tags.iter().map(|t| t.key.clone()).collect()),
-            "tag-value" => Some(self.tags.iter().map(|t| t.value.clone()).collect()),
             "state-reason-code" => Some(self.state_reason.iter().map(|r| r.code.clone()).collect()),
             "launch-time" => one(timestamp(self.launch_time)),
             _ => None,
@@ -536,6 +542,7 @@ fn probe_instance() -> Instance {
         zone: ZoneName::parse("probe").expect("valid zone name"),
         node_id: None,
         key_name: None,
+        public_key: None,
         user_data: None,
         client_token: None,
         state: InstanceState::Pending,

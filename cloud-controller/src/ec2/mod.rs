@@ -5,6 +5,7 @@ mod catalog;
 mod error;
 mod filters;
 mod instances;
+mod key_pairs;
 mod paging;
 mod render;
 mod tags;
@@ -203,6 +204,10 @@ async fn handle_inner(
         "DescribeAvailabilityZones" => catalog::describe_availability_zones(&ctx).await,
         "DescribeRegions" => catalog::describe_regions(&ctx).await,
         "DescribeInstanceTypes" => catalog::describe_instance_types(&ctx).await,
+        "CreateKeyPair" => key_pairs::create_key_pair(&ctx).await,
+        "ImportKeyPair" => key_pairs::import_key_pair(&ctx).await,
+        "DescribeKeyPairs" => key_pairs::describe_key_pairs(&ctx).await,
+        "DeleteKeyPair" => key_pairs::delete_key_pair(&ctx).await,
         "CreateTags" => tags::create_tags(&ctx).await,
         "DeleteTags" => tags::delete_tags(&ctx).await,
         "DescribeTags" => tags::describe_tags(&ctx).await,

@@ -1,27 +1,45 @@
-//! CreateTags, DeleteTags, DescribeTags (for instances).
+//! CreateTags, DeleteTags, DescribeTags (instances and key pairs), and the
+//! TagSpecifications of create calls.
 
-use canopy_common::InstanceId;
+use canopy_common::ResourceId;
+use canopy_ec2_wire::params::Params;
 use canopy_ec2_wire::xml::XmlWriter;
 
 use super::filters::{self, Filterable};
 use super::instances::{parse_tags, validate_tag};
 use super::paging::{self, paginate};
 use super::{ApiError, Ctx};
-use crate::state::{Command, RESOURCE_TYPE_INSTANCE};
+use crate::state::{Command, Tag};
 
-/// `ResourceId.N`: Canopy tags instances only so far; any other id is refused the way AWS
-/// refuses an id it cannot parse.
-fn resource_ids(ctx: &Ctx) -> Result<Vec<InstanceId>, ApiError> {
+/// `ResourceId.N`: an id of a kind Canopy tags; any other is refused the way AWS refuses an
+/// id it cannot parse.
+fn resource_ids(ctx: &Ctx) -> Result<Vec<ResourceId>, ApiError> {
     let raw = ctx.params.list("ResourceId")?;
     if raw.is_empty() {
         return Err(ApiError::missing("ResourceId"));
     }
     raw.iter()
         .map(|s| {
-            InstanceId::parse(s)
+            ResourceId::parse(s)
                 .map_err(|_| ApiError::new(400, "InvalidID", format!("The ID '{s}' is not valid")))
         })
         .collect()
+}
+
+/// The tags of `TagSpecification.N` for a call that creates one resource of `resource_type`
+/// (e.g. `key-pair`): a specification for any other type is refused, as on EC2.
+pub fn for_new_resource(params: &Params, resource_type: &str) -> Result<Vec<Tag>, ApiError> {
+    let mut tags = Vec::new();
+    for spec in params.structs("TagSpecification")? {
+        let rtype = spec.get("ResourceType").unwrap_or_default();
+        if rtype != resource_type {
+            return Err(ApiError::invalid(format!(
+                "'{rtype}' is not a valid taggable resource type for this operation."
+            )));
+        }
+        tags.extend(parse_tags(&spec)?);
+    }
+    Ok(tags)
 }
 
 pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
@@ -31,7 +49,22 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
         return Err(ApiError::missing("Tag"));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        ctx.require_instances(&ids).await?;
+        let instances: Vec<_> = ids
+            .iter()
+            .filter_map(|id| match id {
+                ResourceId::Instance(i) => Some(i.clone()),
+                ResourceId::KeyPair(_) => None,
+            })
+            .collect();
+        ctx.require_instances(&instances).await?;
+        let key_pairs = ctx.clc.store.key_pairs(&ctx.account).await?;
+        for id in &ids {
+            if let ResourceId::KeyPair(k) = id
+                && !key_pairs.iter().any(|p| &p.key_pair_id == k)
+            {
+                return Err(super::key_pairs::key_pair_not_found(k.as_str()));
+            }
+        }
         return Err(ApiError::dry_run());
     }
     ctx.clc
@@ -74,6 +107,7 @@ pub async fn delete_tags(ctx: &Ctx) -> Result<String, ApiError> {
 struct TagRow {
     seq: i64,
     resource_id: String,
+    resource_type: String,
     key: String,
     value: String,
 }
@@ -85,7 +119,7 @@ impl Filterable for TagRow {
             "key" => one(&self.key),
             "value" => one(&self.value),
             "resource-id" => one(&self.resource_id),
-            "resource-type" => one(RESOURCE_TYPE_INSTANCE),
+            "resource-type" => one(&self.resource_type),
             _ => None,
         }
     }
@@ -97,6 +131,7 @@ pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
     let probe = TagRow {
         seq: 0,
         resource_id: String::new(),
+        resource_type: String::new(),
         key: String::new(),
         value: String::new(),
     };
@@ -109,9 +144,10 @@ pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
         .await?
         .into_iter()
         .enumerate()
-        .map(|(n, (resource_id, key, value))| TagRow {
+        .map(|(n, (resource_id, resource_type, key, value))| TagRow {
             seq: n as i64,
             resource_id,
+            resource_type,
             key,
             value,
         })
@@ -121,7 +157,7 @@ pub async fn describe_tags(ctx: &Ctx) -> Result<String, ApiError> {
     let mut w = XmlWriter::response("DescribeTags", &ctx.request_id);
     w.list("tagSet", &items, |w, r| {
         w.elem("resourceId", &r.resource_id)
-            .elem("resourceType", RESOURCE_TYPE_INSTANCE)
+            .elem("resourceType", &r.resource_type)
             .elem("key", &r.key)
             .elem("value", &r.value);
     });

@@ -3,14 +3,18 @@
 use std::collections::{BTreeSet, HashMap};
 
 use canopy_common::lifecycle::transition;
-use canopy_common::{InstanceId, InstanceState, LifecycleEvent, PowerState, ZoneName};
+use canopy_common::{
+    AccountId, InstanceId, InstanceState, LifecycleEvent, PowerState, ResourceId, ZoneName,
+};
 use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
 use super::StateError;
-use super::command::{Command, InstanceAction, Observation, Outcome, StateChange, launch_image};
+use super::command::{
+    Command, InstanceAction, KeyPairRef, Observation, Outcome, StateChange, launch_image,
+};
 use super::query::{fmt_time, load_instances_by_id, require_instances};
-use super::types::{Instance, RESOURCE_TYPE_INSTANCE, StateReason};
+use super::types::{Instance, StateReason};
 
 /// EC2's limit of tags on one resource.
 pub const MAX_TAGS_PER_RESOURCE: i64 = 50;
@@ -184,8 +188,8 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 sqlx::query(
                     "INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
                         vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
-                        launch_time, state_changed_at, kernel_id, ramdisk_id)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?, ?, ?)",
+                        launch_time, state_changed_at, kernel_id, ramdisk_id, public_key)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?, ?, ?, ?)",
                 )
                 .bind(inst.instance_id.as_str())
                 .bind(reservation_id.as_str())
@@ -204,17 +208,12 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .bind(fmt_time(*at))
                 .bind(inst.kernel_id.as_ref().map(|i| i.as_str()))
                 .bind(inst.ramdisk_id.as_ref().map(|i| i.as_str()))
+                .bind(&inst.public_key)
                 .execute(&mut *conn)
                 .await?;
+                let resource = ResourceId::Instance(inst.instance_id.clone());
                 for tag in tags {
-                    insert_tag(
-                        conn,
-                        inst.instance_id.as_str(),
-                        account_id.as_str(),
-                        &tag.key,
-                        &tag.value,
-                    )
-                    .await?;
+                    insert_tag(conn, &resource, account_id.as_str(), &tag.key, &tag.value).await?;
                 }
                 // A new instance has no other tags: the limit can only be passed by these.
                 if !tags.is_empty() {
@@ -312,11 +311,10 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             resource_ids,
             tags,
         } => {
-            require_instances(conn, account_id, resource_ids).await?;
+            require_resources(conn, account_id, resource_ids).await?;
             for id in resource_ids {
                 for tag in tags {
-                    insert_tag(conn, id.as_str(), account_id.as_str(), &tag.key, &tag.value)
-                        .await?;
+                    insert_tag(conn, id, account_id.as_str(), &tag.key, &tag.value).await?;
                 }
                 check_tag_limit(conn, id.as_str()).await?;
             }
@@ -327,7 +325,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             resource_ids,
             tags,
         } => {
-            require_instances(conn, account_id, resource_ids).await?;
+            require_resources(conn, account_id, resource_ids).await?;
             for id in resource_ids {
                 if tags.is_empty() {
                     // No Tag.N: AWS deletes every tag of the resource.
@@ -351,6 +349,68 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 }
             }
             Ok(Outcome::Done)
+        }
+        Command::CreateKeyPair { key_pair, tags } => {
+            let done = sqlx::query(
+                "INSERT INTO key_pairs(key_pair_id, account_id, key_name, key_type, fingerprint, public_key, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(key_pair.key_pair_id.as_str())
+            .bind(key_pair.account_id.as_str())
+            .bind(&key_pair.key_name)
+            .bind(key_pair.key_type.name())
+            .bind(&key_pair.fingerprint)
+            .bind(&key_pair.public_key)
+            .bind(fmt_time(key_pair.created_at))
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StateError::KeyPairDuplicate(key_pair.key_name.clone()));
+            }
+            let id = ResourceId::KeyPair(key_pair.key_pair_id.clone());
+            for tag in tags {
+                insert_tag(
+                    conn,
+                    &id,
+                    key_pair.account_id.as_str(),
+                    &tag.key,
+                    &tag.value,
+                )
+                .await?;
+            }
+            if !tags.is_empty() {
+                check_tag_limit(conn, id.as_str()).await?;
+            }
+            Ok(Outcome::Done)
+        }
+        Command::DeleteKeyPair { account_id, key } => {
+            let (by_name, by_id) = match key {
+                KeyPairRef::Name(name) => (Some(name.as_str()), None),
+                KeyPairRef::Id(id) => (None, Some(id.as_str())),
+            };
+            let found: Option<(String,)> = sqlx::query_as(
+                "DELETE FROM key_pairs WHERE account_id = ? AND (key_name = ? OR key_pair_id = ?)
+                 RETURNING key_pair_id",
+            )
+            .bind(account_id.as_str())
+            .bind(by_name)
+            .bind(by_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            match (found, key) {
+                (Some((id,)), _) => {
+                    sqlx::query("DELETE FROM tags WHERE resource_id = ?")
+                        .bind(&id)
+                        .execute(&mut *conn)
+                        .await?;
+                    let id = id
+                        .parse()
+                        .map_err(|e| StateError::Corrupt(format!("{e}")))?;
+                    Ok(Outcome::KeyPairDeleted(Some(id)))
+                }
+                (None, KeyPairRef::Name(_)) => Ok(Outcome::KeyPairDeleted(None)),
+                (None, KeyPairRef::Id(id)) => Err(StateError::KeyPairNotFound(id.to_string())),
+            }
         }
         Command::PurgeTerminated { before } => {
             let before = fmt_time(*before);
@@ -589,7 +649,7 @@ async fn bump_generation(conn: &mut SqliteConnection, zone: &ZoneName) -> Result
 
 async fn insert_tag(
     conn: &mut SqliteConnection,
-    resource_id: &str,
+    resource: &ResourceId,
     account_id: &str,
     key: &str,
     value: &str,
@@ -598,8 +658,8 @@ async fn insert_tag(
         "INSERT INTO tags(resource_id, resource_type, account_id, key, value) VALUES (?, ?, ?, ?, ?)
          ON CONFLICT(resource_id, key) DO UPDATE SET value = excluded.value",
     )
-    .bind(resource_id)
-    .bind(RESOURCE_TYPE_INSTANCE)
+    .bind(resource.as_str())
+    .bind(resource.resource_type())
     .bind(account_id)
     .bind(key)
     .bind(value)
@@ -630,6 +690,39 @@ async fn insert_access_key(
         return Err(StateError::AlreadyExists(format!(
             "access key {access_key_id}"
         )));
+    }
+    Ok(())
+}
+
+/// Refuses the command unless `account` owns every resource in `ids`, with the error of
+/// the first kind that is missing.
+async fn require_resources(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    ids: &[ResourceId],
+) -> Result<(), StateError> {
+    let instances: Vec<InstanceId> = ids
+        .iter()
+        .filter_map(|id| match id {
+            ResourceId::Instance(i) => Some(i.clone()),
+            _ => None,
+        })
+        .collect();
+    if !instances.is_empty() {
+        require_instances(conn, account, &instances).await?;
+    }
+    for id in ids {
+        if let ResourceId::KeyPair(key) = id {
+            let found: Option<(i64,)> =
+                sqlx::query_as("SELECT 1 FROM key_pairs WHERE key_pair_id = ? AND account_id = ?")
+                    .bind(key.as_str())
+                    .bind(account.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if found.is_none() {
+                return Err(StateError::KeyPairNotFound(key.to_string()));
+            }
+        }
     }
     Ok(())
 }

@@ -1,11 +1,11 @@
 use canopy_common::{
-    AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
-    ZoneName,
+    AccountId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId, PowerState, ReservationId,
+    ResourceId, Resources, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::types::{Image, StateReason, Tag};
+use super::types::{Image, KeyPair, StateReason, Tag};
 
 /// Every change of cloud state. Serializable, because a replicated log stores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,14 +72,26 @@ pub enum Command {
     },
     CreateTags {
         account_id: AccountId,
-        resource_ids: Vec<InstanceId>,
+        resource_ids: Vec<ResourceId>,
         tags: Vec<Tag>,
     },
     /// Removes each key; with a value, only when the stored value matches.
     DeleteTags {
         account_id: AccountId,
-        resource_ids: Vec<InstanceId>,
+        resource_ids: Vec<ResourceId>,
         tags: Vec<(String, Option<String>)>,
+    },
+    /// A created or imported key pair (its public half only). Refused when the account
+    /// has a key pair of that name.
+    CreateKeyPair {
+        key_pair: KeyPair,
+        tags: Vec<Tag>,
+    },
+    /// Deleting a name that is not there succeeds, as on EC2; an id that is not there is
+    /// refused.
+    DeleteKeyPair {
+        account_id: AccountId,
+        key: KeyPairRef,
     },
     /// Forgets instances terminated before `before` (AWS keeps them visible about an hour).
     PurgeTerminated {
@@ -100,7 +112,9 @@ impl Command {
             | Command::LaunchInstances { .. }
             | Command::RequestInstances { .. }
             | Command::CreateTags { .. }
-            | Command::DeleteTags { .. } => true,
+            | Command::DeleteTags { .. }
+            | Command::CreateKeyPair { .. }
+            | Command::DeleteKeyPair { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::RegisterZone { .. }
@@ -122,6 +136,8 @@ impl Command {
             | Command::ObserveInstances { .. }
             | Command::CreateTags { .. }
             | Command::DeleteTags { .. }
+            | Command::CreateKeyPair { .. }
+            | Command::DeleteKeyPair { .. }
             | Command::PurgeTerminated { .. } => false,
         }
     }
@@ -136,6 +152,9 @@ pub struct NewInstance {
     pub resources: Resources,
     pub zone: ZoneName,
     pub key_name: Option<String>,
+    /// The key pair's public key line, resolved when the launch was accepted.
+    #[serde(default)]
+    pub public_key: Option<String>,
     pub user_data: Option<Vec<u8>>,
     /// The kernel and ramdisk it boots with (RunInstances' or its image's).
     #[serde(default)]
@@ -185,6 +204,7 @@ impl NewInstance {
             zone: self.zone.clone(),
             node_id: None,
             key_name: self.key_name.clone(),
+            public_key: self.public_key.clone(),
             user_data: self.user_data.clone(),
             client_token: client_token.map(str::to_owned),
             state: InstanceState::Pending,
@@ -206,6 +226,13 @@ impl NewInstance {
                 .collect(),
         }
     }
+}
+
+/// A key pair named the way DeleteKeyPair names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyPairRef {
+    Name(String),
+    Id(KeyPairId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +274,8 @@ pub enum Outcome {
         desired_changed: bool,
     },
     Purged(u64),
+    /// The key pair a DeleteKeyPair removed, if there was one.
+    KeyPairDeleted(Option<KeyPairId>),
 }
 
 impl InstanceAction {

@@ -25,6 +25,11 @@ pub enum StateError {
     TagLimitExceeded(String),
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    #[error("the key pair '{0}' already exists")]
+    KeyPairDuplicate(String),
+    /// A key pair name or id.
+    #[error("the key pair '{0}' does not exist")]
+    KeyPairNotFound(String),
     /// This replica is not the Raft leader (or its Raft has stopped), so it cannot commit the
     /// command. `leader` names the leader it knows of, as "node ID at ADDRESS". Never produced
     /// by applying a command: only by the replicated log, before anything is appended.
@@ -57,7 +62,9 @@ impl StateError {
             | StateError::AccountNotFound(_)
             | StateError::ZoneNotFound(_)
             | StateError::TagLimitExceeded(_)
-            | StateError::AlreadyExists(_) => true,
+            | StateError::AlreadyExists(_)
+            | StateError::KeyPairDuplicate(_)
+            | StateError::KeyPairNotFound(_) => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

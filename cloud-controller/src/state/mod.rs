@@ -15,14 +15,16 @@ mod types;
 
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use bulk::apply_each;
-pub use command::{Command, InstanceAction, NewInstance, Observation, Outcome, StateChange};
+pub use command::{
+    Command, InstanceAction, KeyPairRef, NewInstance, Observation, Outcome, StateChange,
+};
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};
 pub(crate) use store::count_applied;
 pub use store::{BootImageError, Catalog, Store};
 pub use types::{
-    Account, DesiredSpec, Image, Instance, RESOURCE_TYPE_INSTANCE, Reservation, StateReason, Tag,
-    Whereabouts, Zone,
+    Account, DesiredSpec, Image, Instance, KeyPair, RESOURCE_TYPE_INSTANCE, Reservation,
+    StateReason, Tag, Whereabouts, Zone,
 };
 
 #[cfg(test)]

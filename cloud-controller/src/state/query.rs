@@ -10,8 +10,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use sqlx::SqliteConnection;
 
-use super::types::{Account, DesiredSpec, Image, Instance, StateReason, Tag, Whereabouts, Zone};
+use super::types::{
+    Account, DesiredSpec, Image, Instance, KeyPair, StateReason, Tag, Whereabouts, Zone,
+};
 use super::{StateError, Store};
+use crate::key_material::KeyType;
 
 pub(crate) fn fmt_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -69,6 +72,7 @@ struct InstanceRow {
     terminated_at: Option<String>,
     kernel_id: Option<String>,
     ramdisk_id: Option<String>,
+    public_key: Option<String>,
 }
 
 impl InstanceRow {
@@ -94,6 +98,7 @@ impl InstanceRow {
             zone: parse(&self.zone)?,
             node_id: self.node_id.as_deref().map(parse).transpose()?,
             key_name: self.key_name,
+            public_key: self.public_key,
             user_data: self.user_data,
             client_token: self.client_token,
             state,
@@ -118,7 +123,7 @@ impl InstanceRow {
 const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, launch_index, image_id, instance_type, \
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, iif(user_data IS NULL, NULL, hex(user_data)), \
      client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
-     launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id";
+     launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id, public_key";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -572,18 +577,69 @@ impl Store {
             .collect()
     }
 
-    /// (resource id, key, value) of an account's tags, ordered.
+    /// (resource id, resource type, key, value) of an account's tags: by resource type,
+    /// instances in launch order, other resources by id, then by key.
     pub async fn tags(
         &self,
         account: &AccountId,
-    ) -> Result<Vec<(String, String, String)>, StateError> {
+    ) -> Result<Vec<(String, String, String, String)>, StateError> {
         Ok(sqlx::query_as(
-            "SELECT t.resource_id, t.key, t.value FROM tags t JOIN instances i ON i.instance_id = t.resource_id
-             WHERE t.account_id = ? ORDER BY i.seq, t.key",
+            "SELECT t.resource_id, t.resource_type, t.key, t.value FROM tags t
+             LEFT JOIN instances i ON i.instance_id = t.resource_id
+             WHERE t.account_id = ? ORDER BY t.resource_type, i.seq, t.resource_id, t.key",
         )
         .bind(account.as_str())
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// An account's key pairs with their tags, by name.
+    pub async fn key_pairs(&self, account: &AccountId) -> Result<Vec<KeyPair>, StateError> {
+        let mut conn = self.pool().acquire().await?;
+        let rows: Vec<(String, String, String, String, String, String)> = sqlx::query_as(
+            "SELECT key_pair_id, key_name, key_type, fingerprint, public_key, created_at
+             FROM key_pairs WHERE account_id = ? ORDER BY key_name",
+        )
+        .bind(account.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut tags = if rows.is_empty() {
+            HashMap::new()
+        } else {
+            let ids = json_list(rows.iter().map(|r| r.0.as_str()))?;
+            tags_for(&mut conn, Some(account), Some(&ids)).await?
+        };
+        rows.into_iter()
+            .map(
+                |(id, key_name, key_type, fingerprint, public_key, created_at)| {
+                    Ok(KeyPair {
+                        tags: tags.remove(&id).unwrap_or_default(),
+                        key_pair_id: parse(&id)?,
+                        account_id: account.clone(),
+                        key_name,
+                        key_type: KeyType::parse(&key_type)
+                            .ok_or_else(|| StateError::Corrupt(format!("key type {key_type:?}")))?,
+                        fingerprint,
+                        public_key,
+                        created_at: parse_time(&created_at)?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// The account's key pair called `name`, if any.
+    pub async fn key_pair_by_name(
+        &self,
+        account: &AccountId,
+        name: &str,
+    ) -> Result<Option<KeyPair>, StateError> {
+        // Few per account: the listing's one query serves.
+        Ok(self
+            .key_pairs(account)
+            .await?
+            .into_iter()
+            .find(|k| k.key_name == name))
     }
 }
 

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use canopy_common::{
-    AccountId, ImageId, InstanceId, InstanceState, NodeId, PowerState, ReservationId, Resources,
-    ZoneName,
+    AccountId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId, PowerState, ReservationId,
+    ResourceId, Resources, ZoneName,
 };
 use chrono::{TimeZone, Utc};
 
@@ -91,6 +91,7 @@ impl Fixture {
                     resources: Resources::new(1, 1024, 8),
                     zone: self.zone.clone(),
                     key_name: None,
+                    public_key: None,
                     user_data: None,
                     kernel_id: None,
                     ramdisk_id: None,
@@ -373,7 +374,7 @@ async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
     f.store
         .apply(&Command::CreateTags {
             account_id: f.account.clone(),
-            resource_ids: vec![id.clone()],
+            resource_ids: vec![ResourceId::Instance(id.clone())],
             tags: vec![tag("Name", "db"), tag("env", "prod")],
         })
         .await
@@ -384,7 +385,7 @@ async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
     );
     let del = |k: &str, v: Option<&str>| Command::DeleteTags {
         account_id: f.account.clone(),
-        resource_ids: vec![id.clone()],
+        resource_ids: vec![ResourceId::Instance(id.clone())],
         tags: vec![(k.into(), v.map(str::to_owned))],
     };
     f.store.apply(&del("env", Some("dev"))).await.unwrap();
@@ -395,7 +396,7 @@ async fn tags_can_be_replaced_and_deleted_by_key_or_value() {
         .store
         .apply(&Command::CreateTags {
             account_id: f.account.clone(),
-            resource_ids: vec![InstanceId::generate()],
+            resource_ids: vec![ResourceId::Instance(InstanceId::generate())],
             tags: vec![tag("a", "b")],
         })
         .await
@@ -469,7 +470,7 @@ async fn no_resource_gets_more_than_fifty_tags() {
     };
     let create = |tags| Command::CreateTags {
         account_id: f.account.clone(),
-        resource_ids: vec![id.clone()],
+        resource_ids: vec![ResourceId::Instance(id.clone())],
         tags,
     };
     f.store.apply(&create(tags(0, 49))).await.unwrap();
@@ -514,6 +515,7 @@ async fn a_launched_instance_is_stored_as_new_instance_launched_describes_it() {
             resources: Resources::new(1, 1024, 8),
             zone: f.zone.clone(),
             key_name: Some("key".into()),
+            public_key: Some("ssh-ed25519 AAAA key".into()),
             user_data: Some(vec![1, 2, 3]),
             kernel_id: None,
             ramdisk_id: None,
@@ -775,4 +777,128 @@ async fn images_with_content_reach_the_zone_document_and_outlive_deregistration(
         f.store.referenced_image_digests().await.unwrap(),
         digests(&[&eki, &eri])
     );
+}
+
+#[tokio::test]
+async fn key_pairs_are_unique_by_name_per_account_tagged_by_id_and_deleted_as_ec2_does() {
+    let f = fixture().await;
+    let key = |name: &str| KeyPair {
+        key_pair_id: KeyPairId::generate(),
+        account_id: f.account.clone(),
+        key_name: name.into(),
+        key_type: crate::key_material::KeyType::Ed25519,
+        fingerprint: "fp".into(),
+        public_key: "ssh-ed25519 AAAA".into(),
+        created_at: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        tags: vec![],
+    };
+    let tag = Tag {
+        key: "team".into(),
+        value: "a".into(),
+    };
+    let first = key("k1");
+    f.store
+        .apply(&Command::CreateKeyPair {
+            key_pair: first.clone(),
+            tags: vec![tag.clone()],
+        })
+        .await
+        .unwrap();
+    let err = f
+        .store
+        .apply(&Command::CreateKeyPair {
+            key_pair: key("k1"),
+            tags: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StateError::KeyPairDuplicate(ref n) if n == "k1"),
+        "{err}"
+    );
+    let listed = f.store.key_pairs(&f.account).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].tags, vec![tag.clone()]);
+    assert_eq!(
+        KeyPair {
+            tags: vec![],
+            ..listed[0].clone()
+        },
+        first
+    );
+    // Tags by id: the key pair is a taggable resource of type key-pair.
+    f.store
+        .apply(&Command::CreateTags {
+            account_id: f.account.clone(),
+            resource_ids: vec![ResourceId::KeyPair(first.key_pair_id.clone())],
+            tags: vec![Tag {
+                key: "Name".into(),
+                value: "mine".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    let tags = f.store.tags(&f.account).await.unwrap();
+    assert!(tags.iter().all(|t| t.1 == "key-pair"), "{tags:?}");
+    assert_eq!(tags.len(), 2);
+    // Another account does not see it and cannot tag it.
+    let err = f
+        .store
+        .apply(&Command::CreateTags {
+            account_id: AccountId::parse("999999999999").unwrap(),
+            resource_ids: vec![ResourceId::KeyPair(first.key_pair_id.clone())],
+            tags: vec![tag.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::KeyPairNotFound(_)), "{err}");
+
+    let deleted = f
+        .store
+        .apply(&Command::DeleteKeyPair {
+            account_id: f.account.clone(),
+            key: KeyPairRef::Name("k1".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted,
+        Outcome::KeyPairDeleted(Some(first.key_pair_id.clone()))
+    );
+    assert!(f.store.key_pairs(&f.account).await.unwrap().is_empty());
+    assert!(
+        f.store
+            .tags(&f.account)
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.1 != "key-pair")
+    );
+    // A name that is not there: success, nothing deleted. An id that is not there: refused.
+    let again = f
+        .store
+        .apply(&Command::DeleteKeyPair {
+            account_id: f.account.clone(),
+            key: KeyPairRef::Name("k1".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, Outcome::KeyPairDeleted(None));
+    let err = f
+        .store
+        .apply(&Command::DeleteKeyPair {
+            account_id: f.account.clone(),
+            key: KeyPairRef::Id(first.key_pair_id.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::KeyPairNotFound(_)), "{err}");
+    // The name is free again.
+    f.store
+        .apply(&Command::CreateKeyPair {
+            key_pair: key("k1"),
+            tags: vec![],
+        })
+        .await
+        .unwrap();
 }

@@ -1,6 +1,6 @@
 use canopy_common::{
-    AccountId, BootImages, ImageId, ImageKind, ImageRef, InstanceId, InstanceState, NodeId,
-    PowerState, ReservationId, Resources, Sha256Digest, ZoneName,
+    AccountId, BootImages, ImageId, ImageKind, ImageRef, InstanceId, InstanceState, KeyPairId,
+    NodeId, PowerState, ReservationId, Resources, Sha256Digest, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,30 @@ impl Image {
     }
 }
 
+/// A key pair: its public half and EC2's fingerprint of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPair {
+    pub key_pair_id: KeyPairId,
+    pub account_id: AccountId,
+    pub key_name: String,
+    pub key_type: crate::key_material::KeyType,
+    pub fingerprint: String,
+    /// The OpenSSH public key line, `ssh-… AAAA…`, without comment.
+    pub public_key: String,
+    pub created_at: DateTime<Utc>,
+    /// Filled by reads; a command creating the pair carries its tags apart.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+impl KeyPair {
+    /// The public key as EC2 shows it (DescribeKeyPairs, the metadata service): the
+    /// OpenSSH line with the key's name as comment.
+    pub fn public_key_line(&self) -> String {
+        format!("{} {}", self.public_key, self.key_name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Zone {
     pub zone: ZoneName,
@@ -105,6 +129,8 @@ pub struct Instance {
     pub zone: ZoneName,
     pub node_id: Option<NodeId>,
     pub key_name: Option<String>,
+    /// The key pair's public key line as it was at launch (see [`KeyPair::public_key_line`]).
+    pub public_key: Option<String>,
     pub user_data: Option<Vec<u8>>,
     pub client_token: Option<String>,
     pub state: InstanceState,

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use canopy_common::{AccountId, ImageId, InstanceId, ReservationId, Resources, ZoneName};
+use canopy_common::{
+    AccountId, ImageId, InstanceId, ReservationId, ResourceId, Resources, ZoneName,
+};
 use chrono::{TimeZone, Utc};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -125,6 +127,7 @@ impl World {
                     resources: Resources::new(1, 1024, 8),
                     zone: self.zone.clone(),
                     key_name: None,
+                    public_key: None,
                     user_data: Some(vec![0, 1, 2, 255]),
                     kernel_id: None,
                     ramdisk_id: None,
@@ -317,7 +320,7 @@ fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>
             batch.push(if rng.random_bool(0.5) {
                 Command::CreateTags {
                     account_id: w.account.clone(),
-                    resource_ids: vec![id],
+                    resource_ids: vec![ResourceId::Instance(id)],
                     tags: vec![Tag {
                         key: "extra".into(),
                         value: "x".into(),
@@ -357,6 +360,9 @@ fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>
                 resources: Resources::new(1, 1024, 8),
                 zone: zones[rng.random_range(0..zones.len())].clone(),
                 key_name: rng.random_bool(0.5).then(|| "key".to_owned()),
+                public_key: rng
+                    .random_bool(0.5)
+                    .then(|| "ssh-ed25519 AAAA key".to_owned()),
                 user_data: user_data.clone(),
                 kernel_id: None,
                 ramdisk_id: None,

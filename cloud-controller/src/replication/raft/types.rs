@@ -95,6 +95,10 @@ pub enum Rejection {
     TagLimitExceeded(String),
     /// See [`StateError::AlreadyExists`].
     AlreadyExists(String),
+    /// See [`StateError::KeyPairDuplicate`].
+    KeyPairDuplicate(String),
+    /// See [`StateError::KeyPairNotFound`].
+    KeyPairNotFound(String),
 }
 
 impl TryFrom<StateError> for Rejection {
@@ -114,6 +118,8 @@ impl TryFrom<StateError> for Rejection {
             StateError::ZoneNotFound(s) => Rejection::ZoneNotFound(s),
             StateError::TagLimitExceeded(s) => Rejection::TagLimitExceeded(s),
             StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
+            StateError::KeyPairDuplicate(s) => Rejection::KeyPairDuplicate(s),
+            StateError::KeyPairNotFound(s) => Rejection::KeyPairNotFound(s),
             // `NotLeader` never comes from applying; it is not the state's verdict either.
             e @ (StateError::NotLeader { .. }
             | StateError::Unavailable(_)
@@ -139,6 +145,8 @@ impl From<Rejection> for StateError {
             Rejection::ZoneNotFound(s) => StateError::ZoneNotFound(s),
             Rejection::TagLimitExceeded(s) => StateError::TagLimitExceeded(s),
             Rejection::AlreadyExists(s) => StateError::AlreadyExists(s),
+            Rejection::KeyPairDuplicate(s) => StateError::KeyPairDuplicate(s),
+            Rejection::KeyPairNotFound(s) => StateError::KeyPairNotFound(s),
         }
     }
 }

@@ -1,0 +1,17 @@
+-- Key pairs (issue 5): only the public key and EC2's fingerprint are kept; the private key
+-- of a created pair is returned once and never stored. A name is unique per account.
+CREATE TABLE key_pairs (
+    key_pair_id TEXT PRIMARY KEY NOT NULL,
+    account_id  TEXT NOT NULL REFERENCES accounts(account_id),
+    key_name    TEXT NOT NULL,
+    key_type    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    -- The OpenSSH public key line, `ssh-… AAAA…`, without comment.
+    public_key  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    UNIQUE (account_id, key_name)
+) STRICT;
+
+-- The public key an instance was launched with: it stays the instance's (as on EC2) when
+-- the key pair is deleted, and the metadata service serves it.
+ALTER TABLE instances ADD COLUMN public_key TEXT;
