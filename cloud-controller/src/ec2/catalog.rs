@@ -320,6 +320,40 @@ pub async fn describe_regions(ctx: &Ctx) -> Result<String, ApiError> {
     Ok(w.finish())
 }
 
+/// DescribeAccountAttributes: what the account may use, as Canopy has it today (no VPCs
+/// yet, so no default VPC; no Elastic IPs yet).
+pub async fn describe_account_attributes(ctx: &Ctx) -> Result<String, ApiError> {
+    let max_instances = super::instances::MAX_COUNT_CAP.to_string();
+    let attributes: [(&str, &str); 6] = [
+        ("supported-platforms", "VPC"),
+        ("default-vpc", "none"),
+        ("max-instances", &max_instances),
+        ("vpc-max-security-groups-per-interface", "5"),
+        ("max-elastic-ips", "0"),
+        ("vpc-max-elastic-ips", "0"),
+    ];
+    let names = ctx.params.list("AttributeName")?;
+    for n in &names {
+        if !attributes.iter().any(|(a, _)| a == n) {
+            return Err(ApiError::invalid(format!(
+                "Value ({n}) for parameter attributeName is invalid. Unknown attribute."
+            )));
+        }
+    }
+    ctx.dry_run()?;
+    let shown = attributes
+        .iter()
+        .filter(|(a, _)| names.is_empty() || names.iter().any(|n| n == a));
+    let mut w = XmlWriter::response("DescribeAccountAttributes", &ctx.request_id);
+    w.list("accountAttributeSet", shown, |w, (name, value)| {
+        w.elem("attributeName", name)
+            .list("attributeValueSet", [value], |w, v| {
+                w.elem("attributeValue", v);
+            });
+    });
+    Ok(w.finish())
+}
+
 impl Filterable for &'static InstanceType {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
         let one = |s: String| Some(vec![s]);

@@ -152,6 +152,17 @@ impl From<StateError> for ApiError {
                     crate::state::MAX_TAGS_PER_RESOURCE
                 ),
             ),
+            StateError::OperationNotPermitted {
+                id,
+                verb,
+                attribute,
+            } => Self::new(
+                400,
+                "OperationNotPermitted",
+                format!(
+                    "The instance '{id}' may not be {verb}. Modify its '{attribute}' instance attribute and try again."
+                ),
+            ),
             StateError::KeyPairDuplicate(name) => Self::new(
                 400,
                 "InvalidKeyPair.Duplicate",

@@ -18,14 +18,15 @@ use super::paging::{self, paginate};
 use super::{ApiError, Ctx, render};
 use crate::scheduler::{self, Decision, LaunchRequest};
 use crate::state::{
-    BootImageError, Command, Instance, InstanceAction, InstanceFilter, NewInstance, Outcome, Tag,
+    BootImageError, Command, Instance, InstanceAction, InstanceChange, InstanceFilter, NewInstance,
+    Outcome, Tag,
 };
 use crate::zones::zone_snapshots;
 
 /// EC2's limit on user data, before base64.
 const MAX_USER_DATA: usize = 16 * 1024;
 /// More instances than this in one call is a typo, not a launch.
-const MAX_COUNT_CAP: u32 = 10_000;
+pub(super) const MAX_COUNT_CAP: u32 = 10_000;
 
 pub fn parse_instance_id(s: &str) -> Result<InstanceId, ApiError> {
     InstanceId::parse(s).map_err(|_| ApiError::instance_malformed(s))
@@ -556,6 +557,8 @@ fn probe_instance() -> Instance {
         tags: vec![],
         kernel_id: None,
         ramdisk_id: None,
+        disable_api_termination: false,
+        disable_api_stop: false,
     }
 }
 
@@ -702,31 +705,37 @@ pub async fn get_console_output(ctx: &Ctx) -> Result<String, ApiError> {
     Ok(w.finish())
 }
 
-/// DescribeInstanceAttribute: one attribute of an instance. Canopy has no API termination
-/// protection, security groups or volumes yet, so those attributes show EC2's defaults.
+/// The attributes DescribeInstanceAttribute names.
+const ATTRIBUTES: [&str; 14] = [
+    "instanceType",
+    "kernel",
+    "ramdisk",
+    "userData",
+    "disableApiTermination",
+    "disableApiStop",
+    "instanceInitiatedShutdownBehavior",
+    "rootDeviceName",
+    "blockDeviceMapping",
+    "productCodes",
+    "sourceDestCheck",
+    "groupSet",
+    "ebsOptimized",
+    "enaSupport",
+];
+
+fn unknown_attribute(attribute: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "Value ({attribute}) for parameter attribute is invalid. Unknown attribute."
+    ))
+}
+
+/// DescribeInstanceAttribute: one attribute of an instance. Canopy has no security groups
+/// or volumes yet, so those attributes show EC2's defaults.
 pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
     let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
     let attribute = ctx.params.required("Attribute")?.to_owned();
-    const KNOWN: [&str; 14] = [
-        "instanceType",
-        "kernel",
-        "ramdisk",
-        "userData",
-        "disableApiTermination",
-        "disableApiStop",
-        "instanceInitiatedShutdownBehavior",
-        "rootDeviceName",
-        "blockDeviceMapping",
-        "productCodes",
-        "sourceDestCheck",
-        "groupSet",
-        "ebsOptimized",
-        "enaSupport",
-    ];
-    if !KNOWN.contains(&attribute.as_str()) {
-        return Err(ApiError::invalid(format!(
-            "Value ({attribute}) for parameter attribute is invalid. Unknown attribute."
-        )));
+    if !ATTRIBUTES.contains(&attribute.as_str()) {
+        return Err(unknown_attribute(&attribute));
     }
     let inst = &one_instance(ctx, &id).await?;
     ctx.dry_run()?;
@@ -756,9 +765,13 @@ pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> 
             "userData",
             inst.user_data.as_ref().map(|u| STANDARD.encode(u)),
         ),
-        "disableApiTermination" | "disableApiStop" | "ebsOptimized" | "enaSupport" => {
-            value(&mut w, &attribute, Some("false".into()))
-        }
+        "disableApiTermination" => value(
+            &mut w,
+            &attribute,
+            Some(inst.disable_api_termination.to_string()),
+        ),
+        "disableApiStop" => value(&mut w, &attribute, Some(inst.disable_api_stop.to_string())),
+        "ebsOptimized" | "enaSupport" => value(&mut w, &attribute, Some("false".into())),
         "sourceDestCheck" => value(&mut w, "sourceDestCheck", Some("true".into())),
         "instanceInitiatedShutdownBehavior" => value(&mut w, &attribute, Some("stop".into())),
         "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/sda1".into())),
@@ -766,5 +779,111 @@ pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> 
             w.list(list, std::iter::empty::<()>(), |_, _| {});
         }
     }
+    Ok(w.finish())
+}
+
+/// ModifyInstanceAttribute: `disableApiTermination`, `disableApiStop`, and `userData`
+/// (while stopped), given either as `Attribute` + `Value` or as `<Name>.Value`.
+pub async fn modify_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let id = parse_instance_id(p.required("InstanceId")?)?;
+    // Each attribute in its own structure (`DisableApiTermination.Value`), or the older
+    // `Attribute=disableApiTermination&Value=true`.
+    let mut given: Vec<(&str, String)> = Vec::new();
+    for (attribute, wire) in [
+        ("disableApiTermination", "DisableApiTermination"),
+        ("disableApiStop", "DisableApiStop"),
+        ("userData", "UserData"),
+        ("instanceType", "InstanceType"),
+        ("kernel", "Kernel"),
+        ("ramdisk", "Ramdisk"),
+        (
+            "instanceInitiatedShutdownBehavior",
+            "InstanceInitiatedShutdownBehavior",
+        ),
+        ("sourceDestCheck", "SourceDestCheck"),
+        ("ebsOptimized", "EbsOptimized"),
+        ("enaSupport", "EnaSupport"),
+        ("sriovNetSupport", "SriovNetSupport"),
+    ] {
+        if let Some(v) = p.get(&format!("{wire}.Value")) {
+            given.push((attribute, v.to_owned()));
+        }
+    }
+    if let Some(attribute) = p.get("Attribute").filter(|a| !a.is_empty()) {
+        let value = p.get("Value").unwrap_or_default().to_owned();
+        let known = ATTRIBUTES
+            .iter()
+            .chain(&["sriovNetSupport"])
+            .find(|a| **a == attribute)
+            .ok_or_else(|| unknown_attribute(attribute))?;
+        given.push((known, value));
+    }
+    if !p.list("GroupId")?.is_empty() || !p.structs("BlockDeviceMapping")?.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "UnsupportedOperation",
+            "Canopy does not have security groups on instances or block device mappings yet.",
+        ));
+    }
+    let [(attribute, value)] = given.as_slice() else {
+        return Err(if given.is_empty() {
+            ApiError::missing("Attribute")
+        } else {
+            ApiError::combination("Only one attribute can be modified at a time")
+        });
+    };
+    let flag = |v: &str| match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(ApiError::invalid(format!(
+            "Value ({other}) for parameter {attribute} is invalid. Expected 'true' or 'false'."
+        ))),
+    };
+    let change = match *attribute {
+        "disableApiTermination" => InstanceChange::DisableApiTermination(flag(value)?),
+        "disableApiStop" => InstanceChange::DisableApiStop(flag(value)?),
+        "userData" => {
+            let data = if value.is_empty() {
+                None
+            } else {
+                let data = STANDARD
+                    .decode(
+                        value
+                            .chars()
+                            .filter(|c| !c.is_ascii_whitespace())
+                            .collect::<String>(),
+                    )
+                    .map_err(|_| ApiError::invalid("Invalid BASE64 encoding of user data."))?;
+                if data.len() > MAX_USER_DATA {
+                    return Err(ApiError::invalid(format!(
+                        "User data is limited to {MAX_USER_DATA} bytes"
+                    )));
+                }
+                Some(data)
+            };
+            InstanceChange::UserData(data)
+        }
+        other => {
+            return Err(ApiError::new(
+                400,
+                "UnsupportedOperation",
+                format!("Canopy cannot modify the attribute {other} yet."),
+            ));
+        }
+    };
+    if p.bool("DryRun")?.unwrap_or(false) {
+        ctx.require_instances(std::slice::from_ref(&id)).await?;
+        return Err(ApiError::dry_run());
+    }
+    ctx.clc
+        .submit(Command::ModifyInstance {
+            account_id: ctx.account.clone(),
+            instance_id: id,
+            change,
+        })
+        .await?;
+    let mut w = XmlWriter::response("ModifyInstanceAttribute", &ctx.request_id);
+    w.bool_elem("return", true);
     Ok(w.finish())
 }

@@ -11,7 +11,8 @@ use sqlx::SqliteConnection;
 
 use super::StateError;
 use super::command::{
-    Command, InstanceAction, KeyPairRef, Observation, Outcome, StateChange, launch_image,
+    Command, InstanceAction, InstanceChange, KeyPairRef, Observation, Outcome, StateChange,
+    launch_image,
 };
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::types::{Instance, StateReason};
@@ -250,6 +251,22 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     continue;
                 }
                 let inst = &found[id];
+                let protected = match action {
+                    InstanceAction::Terminate if inst.disable_api_termination => {
+                        Some(("terminated", "disableApiTermination"))
+                    }
+                    InstanceAction::Stop if inst.disable_api_stop => {
+                        Some(("stopped", "disableApiStop"))
+                    }
+                    _ => None,
+                };
+                if let Some((verb, attribute)) = protected {
+                    return Err(StateError::OperationNotPermitted {
+                        id: id.clone(),
+                        verb: verb.into(),
+                        attribute: attribute.into(),
+                    });
+                }
                 let next = transition(inst.state, event).map_err(|_| {
                     StateError::IncorrectInstanceState {
                         id: id.clone(),
@@ -347,6 +364,41 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     .execute(&mut *conn)
                     .await?;
                 }
+            }
+            Ok(Outcome::Done)
+        }
+        Command::ModifyInstance {
+            account_id,
+            instance_id,
+            change,
+        } => {
+            let found =
+                require_instances(conn, account_id, std::slice::from_ref(instance_id)).await?;
+            let inst = &found[instance_id];
+            let query = match change {
+                InstanceChange::DisableApiTermination(on) => sqlx::query(
+                    "UPDATE instances SET disable_api_termination = ? WHERE instance_id = ?",
+                )
+                .bind(*on),
+                InstanceChange::DisableApiStop(on) => {
+                    sqlx::query("UPDATE instances SET disable_api_stop = ? WHERE instance_id = ?")
+                        .bind(*on)
+                }
+                InstanceChange::UserData(data) => {
+                    if inst.state != InstanceState::Stopped {
+                        return Err(StateError::IncorrectInstanceState {
+                            id: instance_id.clone(),
+                            state: inst.state,
+                        });
+                    }
+                    sqlx::query("UPDATE instances SET user_data = ? WHERE instance_id = ?")
+                        .bind(data.clone())
+                }
+            };
+            query.bind(instance_id.as_str()).execute(&mut *conn).await?;
+            // The user data is part of the zone's desired state.
+            if matches!(change, InstanceChange::UserData(_)) {
+                bump_generation(conn, &inst.zone).await?;
             }
             Ok(Outcome::Done)
         }

@@ -81,6 +81,12 @@ pub enum Command {
         resource_ids: Vec<ResourceId>,
         tags: Vec<(String, Option<String>)>,
     },
+    /// ModifyInstanceAttribute: one attribute of one instance.
+    ModifyInstance {
+        account_id: AccountId,
+        instance_id: InstanceId,
+        change: InstanceChange,
+    },
     /// A created or imported key pair (its public half only). Refused when the account
     /// has a key pair of that name.
     CreateKeyPair {
@@ -114,7 +120,8 @@ impl Command {
             | Command::CreateTags { .. }
             | Command::DeleteTags { .. }
             | Command::CreateKeyPair { .. }
-            | Command::DeleteKeyPair { .. } => true,
+            | Command::DeleteKeyPair { .. }
+            | Command::ModifyInstance { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::RegisterZone { .. }
@@ -138,6 +145,7 @@ impl Command {
             | Command::DeleteTags { .. }
             | Command::CreateKeyPair { .. }
             | Command::DeleteKeyPair { .. }
+            | Command::ModifyInstance { .. }
             | Command::PurgeTerminated { .. } => false,
         }
     }
@@ -217,6 +225,8 @@ impl NewInstance {
             terminated_at: None,
             kernel_id: self.kernel_id.clone(),
             ramdisk_id: self.ramdisk_id.clone(),
+            disable_api_termination: false,
+            disable_api_stop: false,
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {
@@ -226,6 +236,15 @@ impl NewInstance {
                 .collect(),
         }
     }
+}
+
+/// What ModifyInstanceAttribute changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceChange {
+    DisableApiTermination(bool),
+    DisableApiStop(bool),
+    /// Only while the instance is stopped, as on EC2.
+    UserData(Option<Vec<u8>>),
 }
 
 /// A key pair named the way DeleteKeyPair names it.

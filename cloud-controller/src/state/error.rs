@@ -25,6 +25,13 @@ pub enum StateError {
     TagLimitExceeded(String),
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// The instance's protection (`disableApiTermination`, `disableApiStop`) refuses it.
+    #[error("instance {id} may not be {verb}: its {attribute} attribute is set")]
+    OperationNotPermitted {
+        id: InstanceId,
+        verb: String,
+        attribute: String,
+    },
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -64,7 +71,8 @@ impl StateError {
             | StateError::TagLimitExceeded(_)
             | StateError::AlreadyExists(_)
             | StateError::KeyPairDuplicate(_)
-            | StateError::KeyPairNotFound(_) => true,
+            | StateError::KeyPairNotFound(_)
+            | StateError::OperationNotPermitted { .. } => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

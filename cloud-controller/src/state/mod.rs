@@ -16,7 +16,8 @@ mod types;
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use bulk::apply_each;
 pub use command::{
-    Command, InstanceAction, KeyPairRef, NewInstance, Observation, Outcome, StateChange,
+    Command, InstanceAction, InstanceChange, KeyPairRef, NewInstance, Observation, Outcome,
+    StateChange,
 };
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};

@@ -73,6 +73,8 @@ struct InstanceRow {
     kernel_id: Option<String>,
     ramdisk_id: Option<String>,
     public_key: Option<String>,
+    disable_api_termination: bool,
+    disable_api_stop: bool,
 }
 
 impl InstanceRow {
@@ -115,6 +117,8 @@ impl InstanceRow {
             tags,
             kernel_id: self.kernel_id.as_deref().map(parse).transpose()?,
             ramdisk_id: self.ramdisk_id.as_deref().map(parse).transpose()?,
+            disable_api_termination: self.disable_api_termination,
+            disable_api_stop: self.disable_api_stop,
         })
     }
 }
@@ -123,7 +127,8 @@ impl InstanceRow {
 const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, launch_index, image_id, instance_type, \
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, iif(user_data IS NULL, NULL, hex(user_data)), \
      client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
-     launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id, public_key";
+     launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id, public_key, \
+     json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false'))";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {

@@ -145,6 +145,10 @@ pub struct Instance {
     pub tags: Vec<Tag>,
     pub kernel_id: Option<ImageId>,
     pub ramdisk_id: Option<ImageId>,
+    /// TerminateInstances refuses the instance while set (ModifyInstanceAttribute).
+    pub disable_api_termination: bool,
+    /// StopInstances refuses the instance while set.
+    pub disable_api_stop: bool,
 }
 
 /// Where an instance runs and in which state, as the CLC last recorded it: what a node's

@@ -99,6 +99,15 @@ pub enum Rejection {
     KeyPairDuplicate(String),
     /// See [`StateError::KeyPairNotFound`].
     KeyPairNotFound(String),
+    /// See [`StateError::OperationNotPermitted`].
+    OperationNotPermitted {
+        /// The protected instance.
+        id: InstanceId,
+        /// What was refused ("terminated", "stopped").
+        verb: String,
+        /// The attribute that refused it.
+        attribute: String,
+    },
 }
 
 impl TryFrom<StateError> for Rejection {
@@ -120,6 +129,15 @@ impl TryFrom<StateError> for Rejection {
             StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
             StateError::KeyPairDuplicate(s) => Rejection::KeyPairDuplicate(s),
             StateError::KeyPairNotFound(s) => Rejection::KeyPairNotFound(s),
+            StateError::OperationNotPermitted {
+                id,
+                verb,
+                attribute,
+            } => Rejection::OperationNotPermitted {
+                id,
+                verb,
+                attribute,
+            },
             // `NotLeader` never comes from applying; it is not the state's verdict either.
             e @ (StateError::NotLeader { .. }
             | StateError::Unavailable(_)
@@ -147,6 +165,15 @@ impl From<Rejection> for StateError {
             Rejection::AlreadyExists(s) => StateError::AlreadyExists(s),
             Rejection::KeyPairDuplicate(s) => StateError::KeyPairDuplicate(s),
             Rejection::KeyPairNotFound(s) => StateError::KeyPairNotFound(s),
+            Rejection::OperationNotPermitted {
+                id,
+                verb,
+                attribute,
+            } => StateError::OperationNotPermitted {
+                id,
+                verb,
+                attribute,
+            },
         }
     }
 }

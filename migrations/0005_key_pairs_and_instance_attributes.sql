@@ -15,3 +15,8 @@ CREATE TABLE key_pairs (
 -- The public key an instance was launched with: it stays the instance's (as on EC2) when
 -- the key pair is deleted, and the metadata service serves it.
 ALTER TABLE instances ADD COLUMN public_key TEXT;
+
+-- Instance attributes set with ModifyInstanceAttribute: termination and stop protection
+-- (TerminateInstances / StopInstances refuse a protected instance).
+ALTER TABLE instances ADD COLUMN disable_api_termination INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN disable_api_stop INTEGER NOT NULL DEFAULT 0;
