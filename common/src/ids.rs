@@ -137,12 +137,39 @@ hex_id!(
     KeyPairId, "key-", "key pair", 17
 );
 
+hex_id!(
+    /// A security group, `sg-` and 17 hex digits.
+    SecurityGroupId, "sg-", "security group", 17
+);
+hex_id!(
+    /// A security group rule, `sgr-` and 17 hex digits.
+    SecurityGroupRuleId, "sgr-", "security group rule", 17
+);
+
+impl SecurityGroupId {
+    /// The id of an account's `default` group, made from the account number so that every
+    /// replica derives the same one (migration 0006 makes it the same way).
+    pub fn default_for(account: &AccountId) -> SecurityGroupId {
+        let n: u64 = account.as_str().parse().unwrap_or_default();
+        SecurityGroupId(format!("sg-{n:017x}"))
+    }
+}
+
+impl SecurityGroupRuleId {
+    /// The ids of the `default` group's two rules (`k` 0: ingress from itself, 1: egress).
+    pub fn default_for(account: &AccountId, k: u64) -> SecurityGroupRuleId {
+        let n: u64 = account.as_str().parse().unwrap_or_default();
+        SecurityGroupRuleId(format!("sgr-{:017x}", n * 2 + k))
+    }
+}
+
 /// Any resource EC2 tags (CreateTags' `ResourceId.N`), told apart by its id's prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum ResourceId {
     Instance(InstanceId),
     KeyPair(KeyPairId),
+    SecurityGroup(SecurityGroupId),
 }
 
 impl ResourceId {
@@ -151,6 +178,8 @@ impl ResourceId {
             InstanceId::parse(value).map(ResourceId::Instance)
         } else if value.starts_with(KeyPairId::PREFIX) {
             KeyPairId::parse(value).map(ResourceId::KeyPair)
+        } else if value.starts_with(SecurityGroupId::PREFIX) {
+            SecurityGroupId::parse(value).map(ResourceId::SecurityGroup)
         } else {
             Err(IdError {
                 kind: "taggable resource",
@@ -163,6 +192,7 @@ impl ResourceId {
         match self {
             ResourceId::Instance(id) => id.as_str(),
             ResourceId::KeyPair(id) => id.as_str(),
+            ResourceId::SecurityGroup(id) => id.as_str(),
         }
     }
 
@@ -171,6 +201,7 @@ impl ResourceId {
         match self {
             ResourceId::Instance(_) => "instance",
             ResourceId::KeyPair(_) => "key-pair",
+            ResourceId::SecurityGroup(_) => "security-group",
         }
     }
 }
@@ -193,6 +224,7 @@ impl From<ResourceId> for String {
         match id {
             ResourceId::Instance(id) => id.into(),
             ResourceId::KeyPair(id) => id.into(),
+            ResourceId::SecurityGroup(id) => id.into(),
         }
     }
 }
@@ -394,7 +426,12 @@ mod tests {
             serde_json::to_string(&key).unwrap(),
             "\"key-0123456789abcdef0\""
         );
-        assert!(ResourceId::parse("sg-0123456789abcdef0").is_err());
+        assert!(ResourceId::parse("vol-0123456789abcdef0").is_err());
+        let account = AccountId::parse("123456789012").unwrap();
+        assert_eq!(
+            SecurityGroupId::default_for(&account).as_str(),
+            "sg-00000001cbe991a14"
+        );
         assert!(ResourceId::parse("key-xyz").is_err());
     }
 

@@ -12,7 +12,7 @@ pub mod resources;
 
 pub use ids::{
     AccessKeyId, AccountId, IdError, ImageId, InstanceId, KeyPairId, NodeId, RegionName,
-    ReservationId, ResourceId, ZoneName,
+    ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, ZoneName,
 };
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};

@@ -163,6 +163,29 @@ impl From<StateError> for ApiError {
                     "The instance '{id}' may not be {verb}. Modify its '{attribute}' instance attribute and try again."
                 ),
             ),
+            StateError::SecurityGroupNotFound(what) => {
+                super::security_groups::group_not_found(&what)
+            }
+            StateError::SecurityGroupDuplicate(name) => Self::new(
+                400,
+                "InvalidGroup.Duplicate",
+                format!("The security group '{name}' already exists"),
+            ),
+            StateError::RuleDuplicate(rule) => Self::new(
+                400,
+                "InvalidPermission.Duplicate",
+                format!("the specified rule \"{rule}\" already exists"),
+            ),
+            StateError::RuleNotFound(id) => Self::new(
+                400,
+                "InvalidSecurityGroupRuleId.NotFound",
+                format!("The security group rule ID '{id}' does not exist"),
+            ),
+            e @ StateError::RulesLimitExceeded => {
+                Self::new(400, "RulesPerSecurityGroupLimitExceeded", e.to_string())
+            }
+            StateError::DependencyViolation(why) => Self::new(400, "DependencyViolation", why),
+            StateError::CannotDelete(why) => Self::new(400, "CannotDelete", why),
             StateError::KeyPairDuplicate(name) => Self::new(
                 400,
                 "InvalidKeyPair.Duplicate",

@@ -258,6 +258,44 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 .public_key_line(),
         ),
     };
+    // SecurityGroupId.N and SecurityGroup.N (names); the account's default group if neither.
+    let group_ids = p.list("SecurityGroupId")?;
+    let group_names = p.list("SecurityGroup")?;
+    let security_groups: Vec<(canopy_common::SecurityGroupId, String)> = {
+        let names = if group_ids.is_empty() && group_names.is_empty() {
+            vec![crate::state::DEFAULT_SECURITY_GROUP.to_owned()]
+        } else {
+            group_names
+        };
+        let ids = group_ids
+            .iter()
+            .map(|g| super::security_groups::parse_group_id(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        // One statement: this is on every launch's path.
+        let found = ctx
+            .clc
+            .store
+            .security_group_names(&ctx.account, &ids, &names)
+            .await?;
+        let mut picked = Vec::new();
+        for id in &ids {
+            let name = found
+                .iter()
+                .find(|(g, _)| g == id)
+                .ok_or_else(|| super::security_groups::group_not_found(id.as_str()))?;
+            picked.push(name.clone());
+        }
+        for name in &names {
+            let group = found
+                .iter()
+                .find(|(_, n)| n == name)
+                .ok_or_else(|| super::security_groups::group_not_found(name))?;
+            picked.push(group.clone());
+        }
+        let mut seen = std::collections::HashSet::new();
+        picked.retain(|(g, _)| seen.insert(g.clone()));
+        picked
+    };
     ctx.dry_run()?;
 
     // What makes two launches "the same" for ClientToken: every parameter but the token.
@@ -340,6 +378,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 zone: zone.clone(),
                 key_name: key_name.clone(),
                 public_key: public_key.clone(),
+                security_groups: security_groups.clone(),
                 user_data: user_data.clone(),
                 kernel_id: kernel_id.clone(),
                 ramdisk_id: ramdisk_id.clone(),
@@ -454,6 +493,18 @@ impl Filterable for Instance {
             "private-dns-name" => one(render::private_dns(self)),
             "state-reason-code" => Some(self.state_reason.iter().map(|r| r.code.clone()).collect()),
             "launch-time" => one(timestamp(self.launch_time)),
+            "instance.group-id" | "group-id" => Some(
+                self.security_groups
+                    .iter()
+                    .map(|(g, _)| g.to_string())
+                    .collect(),
+            ),
+            "instance.group-name" | "group-name" => Some(
+                self.security_groups
+                    .iter()
+                    .map(|(_, n)| n.clone())
+                    .collect(),
+            ),
             _ => None,
         }
     }
@@ -559,6 +610,7 @@ fn probe_instance() -> Instance {
         ramdisk_id: None,
         disable_api_termination: false,
         disable_api_stop: false,
+        security_groups: vec![],
     }
 }
 
@@ -775,6 +827,11 @@ pub async fn describe_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> 
         "sourceDestCheck" => value(&mut w, "sourceDestCheck", Some("true".into())),
         "instanceInitiatedShutdownBehavior" => value(&mut w, &attribute, Some("stop".into())),
         "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/sda1".into())),
+        "groupSet" => {
+            w.list("groupSet", &inst.security_groups, |w, (id, _)| {
+                w.elem("groupId", id);
+            });
+        }
         list => {
             w.list(list, std::iter::empty::<()>(), |_, _| {});
         }

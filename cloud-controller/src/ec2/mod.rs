@@ -8,6 +8,7 @@ mod instances;
 mod key_pairs;
 mod paging;
 mod render;
+mod security_groups;
 mod tags;
 
 use std::sync::Arc;
@@ -210,6 +211,14 @@ async fn handle_inner(
         "ImportKeyPair" => key_pairs::import_key_pair(&ctx).await,
         "DescribeKeyPairs" => key_pairs::describe_key_pairs(&ctx).await,
         "DeleteKeyPair" => key_pairs::delete_key_pair(&ctx).await,
+        "CreateSecurityGroup" => security_groups::create_security_group(&ctx).await,
+        "DeleteSecurityGroup" => security_groups::delete_security_group(&ctx).await,
+        "DescribeSecurityGroups" => security_groups::describe_security_groups(&ctx).await,
+        "DescribeSecurityGroupRules" => security_groups::describe_security_group_rules(&ctx).await,
+        "AuthorizeSecurityGroupIngress" => security_groups::authorize(&ctx, false).await,
+        "AuthorizeSecurityGroupEgress" => security_groups::authorize(&ctx, true).await,
+        "RevokeSecurityGroupIngress" => security_groups::revoke(&ctx, false).await,
+        "RevokeSecurityGroupEgress" => security_groups::revoke(&ctx, true).await,
         "CreateTags" => tags::create_tags(&ctx).await,
         "DeleteTags" => tags::delete_tags(&ctx).await,
         "DescribeTags" => tags::describe_tags(&ctx).await,

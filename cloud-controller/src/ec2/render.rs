@@ -50,7 +50,9 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .nested("monitoring", |w| {
             w.elem("state", "disabled");
         })
-        .list("groupSet", std::iter::empty::<()>(), |_, _| {});
+        .list("groupSet", &i.security_groups, |w, (id, name)| {
+            w.elem("groupId", id).elem("groupName", name);
+        });
     if let Some(reason) = &i.state_reason {
         w.nested("stateReason", |w| {
             w.elem("code", &reason.code)

@@ -53,7 +53,7 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
             .iter()
             .filter_map(|id| match id {
                 ResourceId::Instance(i) => Some(i.clone()),
-                ResourceId::KeyPair(_) => None,
+                ResourceId::KeyPair(_) | ResourceId::SecurityGroup(_) => None,
             })
             .collect();
         ctx.require_instances(&instances).await?;
@@ -65,6 +65,14 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
                 return Err(super::key_pairs::key_pair_not_found(k.as_str()));
             }
         }
+        let groups: Vec<String> = ids
+            .iter()
+            .filter_map(|id| match id {
+                ResourceId::SecurityGroup(g) => Some(g.to_string()),
+                _ => None,
+            })
+            .collect();
+        super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
         return Err(ApiError::dry_run());
     }
     ctx.clc
@@ -90,6 +98,14 @@ pub async fn delete_tags(ctx: &Ctx) -> Result<String, ApiError> {
         tags.push((key, value));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
+        let groups: Vec<String> = ids
+            .iter()
+            .filter_map(|id| match id {
+                ResourceId::SecurityGroup(g) => Some(g.to_string()),
+                _ => None,
+            })
+            .collect();
+        super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
         return Err(ApiError::dry_run());
     }
     ctx.clc

@@ -15,6 +15,7 @@ use super::command::{
     launch_image,
 };
 use super::query::{fmt_time, load_instances_by_id, require_instances};
+use super::security_groups;
 use super::types::{Instance, StateReason};
 
 /// EC2's limit of tags on one resource.
@@ -55,6 +56,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             .execute(&mut *conn)
             .await?;
             insert_access_key(conn, account_id, access_key_id, secret_access_key, *at).await?;
+            security_groups::create_default_group(conn, account_id).await?;
             Ok(Outcome::Done)
         }
         Command::AddAccessKey {
@@ -176,6 +178,14 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     launch_image(instances).to_owned(),
                 ));
             }
+            // Every instance of a launch has the same groups.
+            let groups = instances
+                .first()
+                .map(|i| i.security_groups.as_slice())
+                .unwrap_or_default();
+            for (group, _) in groups {
+                security_groups::require_group(conn, account_id, group).await?;
+            }
             sqlx::query("INSERT INTO reservations(reservation_id, account_id, client_token, request_hash, created_at) VALUES (?, ?, ?, ?, ?)")
                 .bind(reservation_id.as_str())
                 .bind(account_id.as_str())
@@ -212,6 +222,17 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .bind(&inst.public_key)
                 .execute(&mut *conn)
                 .await?;
+                for (position, (group, _)) in inst.security_groups.iter().enumerate() {
+                    sqlx::query(
+                        "INSERT INTO instance_security_groups(instance_id, group_id, position) VALUES (?, ?, ?)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(inst.instance_id.as_str())
+                    .bind(group.as_str())
+                    .bind(position as i64)
+                    .execute(&mut *conn)
+                    .await?;
+                }
                 let resource = ResourceId::Instance(inst.instance_id.clone());
                 for tag in tags {
                     insert_tag(conn, &resource, account_id.as_str(), &tag.key, &tag.value).await?;
@@ -402,6 +423,24 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             }
             Ok(Outcome::Done)
         }
+        Command::CreateSecurityGroup { group, tags } => {
+            security_groups::create(conn, group, tags).await
+        }
+        Command::DeleteSecurityGroup {
+            account_id,
+            group_id,
+        } => security_groups::delete(conn, account_id, group_id).await,
+        Command::AuthorizeSecurityGroupRules {
+            account_id,
+            group_id,
+            rules,
+        } => security_groups::authorize(conn, account_id, group_id, rules).await,
+        Command::RevokeSecurityGroupRules {
+            account_id,
+            group_id,
+            specs,
+            rule_ids,
+        } => security_groups::revoke(conn, account_id, group_id, specs, rule_ids).await,
         Command::CreateKeyPair { key_pair, tags } => {
             let done = sqlx::query(
                 "INSERT INTO key_pairs(key_pair_id, account_id, key_name, key_type, fingerprint, public_key, created_at)
@@ -468,6 +507,13 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             let before = fmt_time(*before);
             sqlx::query(
                 "DELETE FROM tags WHERE resource_id IN
+                   (SELECT instance_id FROM instances WHERE state = 'terminated' AND terminated_at < ?)",
+            )
+            .bind(&before)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "DELETE FROM instance_security_groups WHERE instance_id IN
                    (SELECT instance_id FROM instances WHERE state = 'terminated' AND terminated_at < ?)",
             )
             .bind(&before)
@@ -699,7 +745,7 @@ async fn bump_generation(conn: &mut SqliteConnection, zone: &ZoneName) -> Result
     Ok(())
 }
 
-async fn insert_tag(
+pub(super) async fn insert_tag(
     conn: &mut SqliteConnection,
     resource: &ResourceId,
     account_id: &str,
@@ -764,6 +810,9 @@ async fn require_resources(
         require_instances(conn, account, &instances).await?;
     }
     for id in ids {
+        if let ResourceId::SecurityGroup(group) = id {
+            security_groups::require_group(conn, account, group).await?;
+        }
         if let ResourceId::KeyPair(key) = id {
             let found: Option<(i64,)> =
                 sqlx::query_as("SELECT 1 FROM key_pairs WHERE key_pair_id = ? AND account_id = ?")
@@ -780,7 +829,10 @@ async fn require_resources(
 }
 
 /// Refuses the command (which then writes nothing) when a resource ends up over the limit.
-async fn check_tag_limit(conn: &mut SqliteConnection, resource_id: &str) -> Result<(), StateError> {
+pub(super) async fn check_tag_limit(
+    conn: &mut SqliteConnection,
+    resource_id: &str,
+) -> Result<(), StateError> {
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tags WHERE resource_id = ?")
         .bind(resource_id)
         .fetch_one(&mut *conn)

@@ -79,12 +79,21 @@ async fn apply_launches(
     // The two reads every launch's checks need, for the whole run at once.
     let mut asked_tokens = Vec::new();
     let mut asked_images = Vec::new();
+    let mut asked_groups = Vec::new();
     for command in launches {
         let launch = launch_fields(command)?;
         if let Some(token) = launch.client_token {
             asked_tokens.push((launch.account_id.as_str(), token.as_str()));
         }
         asked_images.push(launch_image(launch.instances));
+        if let Some(first) = launch.instances.first() {
+            asked_groups.extend(
+                first
+                    .security_groups
+                    .iter()
+                    .map(|(g, _)| (launch.account_id.as_str(), g.as_str())),
+            );
+        }
     }
     // One read for both: ('token', account, token, reservation, hash) rows for the earlier
     // launches, ('image', id, NULL, NULL, NULL) rows for the images that exist.
@@ -101,15 +110,22 @@ async fn apply_launches(
                ON r.account_id = j.value ->> 0 AND r.client_token = j.value ->> 1
              UNION ALL
              SELECT 'image', image_id, NULL, NULL, NULL FROM images
-             WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))",
+             WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))
+             UNION ALL
+             SELECT 'group', g.account_id, g.group_id, NULL, NULL
+             FROM json_each(?3) j JOIN security_groups g
+               ON g.account_id = j.value ->> 0 AND g.group_id = j.value ->> 1",
     )
     .bind(serde_json::to_string(&asked_tokens).map_err(corrupt)?)
     .bind(serde_json::to_string(&asked_images).map_err(corrupt)?)
+    .bind(serde_json::to_string(&asked_groups).map_err(corrupt)?)
     .fetch_all(&mut *conn)
     .await?;
     // (account, token) -> (reservation, request hash), growing as the run accepts launches.
     let mut tokens: HashMap<(String, String), (String, String)> = HashMap::new();
     let mut images: HashSet<String> = HashSet::new();
+    // (account, group id) of the groups that exist.
+    let mut groups: HashSet<(String, String)> = HashSet::new();
     for (kind, id, token, reservation, hash) in found {
         match (kind.as_str(), token, reservation, hash) {
             ("token", Some(token), Some(reservation), Some(hash)) => {
@@ -117,6 +133,9 @@ async fn apply_launches(
             }
             ("image", ..) => {
                 images.insert(id);
+            }
+            ("group", Some(group), ..) => {
+                groups.insert((id, group));
             }
             _ => {
                 return Err(StateError::Corrupt(format!(
@@ -130,6 +149,7 @@ async fn apply_launches(
     let mut reservations = Vec::new();
     let mut instance_rows = Vec::new();
     let mut tag_rows = Vec::new();
+    let mut group_rows = Vec::new();
     let mut bumps: BTreeMap<&str, i64> = BTreeMap::new();
     for command in launches {
         let Launch {
@@ -162,6 +182,17 @@ async fn apply_launches(
         let image = launch_image(instances);
         if !images.contains(image) {
             results.push(Err(StateError::ImageNotFound(image.to_owned())));
+            continue;
+        }
+        let missing_group = instances.first().and_then(|first| {
+            first
+                .security_groups
+                .iter()
+                .map(|(g, _)| g)
+                .find(|g| !groups.contains(&(account_id.to_string(), g.to_string())))
+        });
+        if let Some(group) = missing_group {
+            results.push(Err(StateError::SecurityGroupNotFound(group.to_string())));
             continue;
         }
         // Tags with the same key overwrite each other, as the one-by-one inserts do.
@@ -208,6 +239,13 @@ async fn apply_launches(
                 inst.ramdisk_id.as_ref().map(|i| i.as_str()),
                 inst.public_key,
             ]));
+            for (position, (group, _)) in inst.security_groups.iter().enumerate() {
+                group_rows.push(serde_json::json!([
+                    inst.instance_id.as_str(),
+                    group.as_str(),
+                    position,
+                ]));
+            }
             for tag in tags {
                 tag_rows.push(serde_json::json!([
                     inst.instance_id.as_str(),
@@ -249,6 +287,9 @@ async fn apply_launches(
          SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3
          FROM json_each(?) WHERE true ORDER BY key
          ON CONFLICT(resource_id, key) DO UPDATE SET value = excluded.value;
+         INSERT INTO instance_security_groups(instance_id, group_id, position)
+         SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) WHERE true ORDER BY key
+         ON CONFLICT DO NOTHING;
          UPDATE zones SET generation = generation + (j.value ->> 1)
          FROM json_each(?) j WHERE zones.zone = j.value ->> 0;",
     )
@@ -256,6 +297,7 @@ async fn apply_launches(
     .bind(serde_json::Value::Array(instance_rows).to_string())
     .bind(RESOURCE_TYPE_INSTANCE)
     .bind(serde_json::Value::Array(tag_rows).to_string())
+    .bind(serde_json::Value::Array(group_rows).to_string())
     .bind(serde_json::to_string(&bumps).map_err(corrupt)?)
     .execute(&mut *conn)
     .await?;

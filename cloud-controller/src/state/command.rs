@@ -1,11 +1,11 @@
 use canopy_common::{
     AccountId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId, PowerState, ReservationId,
-    ResourceId, Resources, ZoneName,
+    ResourceId, Resources, SecurityGroupId, SecurityGroupRuleId, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::types::{Image, KeyPair, StateReason, Tag};
+use super::types::{Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag};
 
 /// Every change of cloud state. Serializable, because a replicated log stores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +87,32 @@ pub enum Command {
         instance_id: InstanceId,
         change: InstanceChange,
     },
+    /// A new security group with its first rules (EC2 gives a new group an egress rule
+    /// to everywhere). Refused when the account has a group of that name.
+    CreateSecurityGroup {
+        group: SecurityGroup,
+        tags: Vec<Tag>,
+    },
+    /// Refused for the default group, and while an instance that is not terminated uses the
+    /// group or another group's rule refers to it.
+    DeleteSecurityGroup {
+        account_id: AccountId,
+        group_id: SecurityGroupId,
+    },
+    /// Adds rules, all or nothing: a rule the group already has refuses the command.
+    AuthorizeSecurityGroupRules {
+        account_id: AccountId,
+        group_id: SecurityGroupId,
+        rules: Vec<SecurityGroupRule>,
+    },
+    /// Removes the rules matching `specs` (those that match none are reported back, as EC2
+    /// does) and the rules named by id (an unknown id refuses the command).
+    RevokeSecurityGroupRules {
+        account_id: AccountId,
+        group_id: SecurityGroupId,
+        specs: Vec<RuleSpec>,
+        rule_ids: Vec<SecurityGroupRuleId>,
+    },
     /// A created or imported key pair (its public half only). Refused when the account
     /// has a key pair of that name.
     CreateKeyPair {
@@ -121,7 +147,11 @@ impl Command {
             | Command::DeleteTags { .. }
             | Command::CreateKeyPair { .. }
             | Command::DeleteKeyPair { .. }
-            | Command::ModifyInstance { .. } => true,
+            | Command::ModifyInstance { .. }
+            | Command::CreateSecurityGroup { .. }
+            | Command::DeleteSecurityGroup { .. }
+            | Command::AuthorizeSecurityGroupRules { .. }
+            | Command::RevokeSecurityGroupRules { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::RegisterZone { .. }
@@ -146,6 +176,10 @@ impl Command {
             | Command::CreateKeyPair { .. }
             | Command::DeleteKeyPair { .. }
             | Command::ModifyInstance { .. }
+            | Command::CreateSecurityGroup { .. }
+            | Command::DeleteSecurityGroup { .. }
+            | Command::AuthorizeSecurityGroupRules { .. }
+            | Command::RevokeSecurityGroupRules { .. }
             | Command::PurgeTerminated { .. } => false,
         }
     }
@@ -163,6 +197,10 @@ pub struct NewInstance {
     /// The key pair's public key line, resolved when the launch was accepted.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Its security groups (id, name), checked at the edge and again when the launch is
+    /// applied. Only the ids are stored: a group's name never changes.
+    #[serde(default)]
+    pub security_groups: Vec<(SecurityGroupId, String)>,
     pub user_data: Option<Vec<u8>>,
     /// The kernel and ramdisk it boots with (RunInstances' or its image's).
     #[serde(default)]
@@ -227,6 +265,7 @@ impl NewInstance {
             ramdisk_id: self.ramdisk_id.clone(),
             disable_api_termination: false,
             disable_api_stop: false,
+            security_groups: self.security_groups.clone(),
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {
@@ -293,6 +332,11 @@ pub enum Outcome {
         desired_changed: bool,
     },
     Purged(u64),
+    /// What a RevokeSecurityGroupRules removed, and the specs that matched no rule.
+    Revoked {
+        revoked: Vec<SecurityGroupRuleId>,
+        unknown: Vec<RuleSpec>,
+    },
     /// The key pair a DeleteKeyPair removed, if there was one.
     KeyPairDeleted(Option<KeyPairId>),
 }

@@ -32,6 +32,24 @@ pub enum StateError {
         verb: String,
         attribute: String,
     },
+    /// A security group id or name.
+    #[error("the security group '{0}' does not exist")]
+    SecurityGroupNotFound(String),
+    #[error("the security group '{0}' already exists")]
+    SecurityGroupDuplicate(String),
+    /// A rule the group already has, described.
+    #[error("the rule {0} already exists")]
+    RuleDuplicate(String),
+    #[error("the security group rule '{0}' does not exist")]
+    RuleNotFound(String),
+    #[error("a security group may have at most {max} rules each way", max = crate::state::MAX_RULES_PER_DIRECTION)]
+    RulesLimitExceeded,
+    /// Something still depends on the resource (EC2's `DependencyViolation`).
+    #[error("{0}")]
+    DependencyViolation(String),
+    /// EC2's `CannotDelete` (the default security group).
+    #[error("{0}")]
+    CannotDelete(String),
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -72,7 +90,14 @@ impl StateError {
             | StateError::AlreadyExists(_)
             | StateError::KeyPairDuplicate(_)
             | StateError::KeyPairNotFound(_)
-            | StateError::OperationNotPermitted { .. } => true,
+            | StateError::OperationNotPermitted { .. }
+            | StateError::SecurityGroupNotFound(_)
+            | StateError::SecurityGroupDuplicate(_)
+            | StateError::RuleDuplicate(_)
+            | StateError::RuleNotFound(_)
+            | StateError::RulesLimitExceeded
+            | StateError::DependencyViolation(_)
+            | StateError::CannotDelete(_) => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

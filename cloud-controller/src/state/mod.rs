@@ -10,6 +10,7 @@ mod bulk;
 mod command;
 mod error;
 mod query;
+mod security_groups;
 mod store;
 mod types;
 
@@ -21,11 +22,13 @@ pub use command::{
 };
 pub use error::StateError;
 pub use query::{AllocationGroup, InstanceFilter};
+pub use security_groups::MAX_RULES_PER_DIRECTION;
 pub(crate) use store::count_applied;
 pub use store::{BootImageError, Catalog, Store};
 pub use types::{
-    Account, DesiredSpec, Image, Instance, KeyPair, RESOURCE_TYPE_INSTANCE, Reservation,
-    StateReason, Tag, Whereabouts, Zone,
+    Account, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair, RESOURCE_TYPE_INSTANCE,
+    Reservation, RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag,
+    Whereabouts, Zone,
 };
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ pub(crate) fn fmt_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn parse_time(s: &str) -> Result<DateTime<Utc>, StateError> {
+pub(super) fn parse_time(s: &str) -> Result<DateTime<Utc>, StateError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StateError::Corrupt(format!("timestamp {s:?}: {e}")))
@@ -75,6 +75,7 @@ struct InstanceRow {
     public_key: Option<String>,
     disable_api_termination: bool,
     disable_api_stop: bool,
+    security_groups: Vec<(String, String)>,
 }
 
 impl InstanceRow {
@@ -119,6 +120,11 @@ impl InstanceRow {
             ramdisk_id: self.ramdisk_id.as_deref().map(parse).transpose()?,
             disable_api_termination: self.disable_api_termination,
             disable_api_stop: self.disable_api_stop,
+            security_groups: self
+                .security_groups
+                .into_iter()
+                .map(|(id, name)| Ok((parse(&id)?, name)))
+                .collect::<Result<_, StateError>>()?,
         })
     }
 }
@@ -128,7 +134,10 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, iif(user_data IS NULL, NULL, hex(user_data)), \
      client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
      launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id, public_key, \
-     json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false'))";
+     json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false')), \
+     json((SELECT json_group_array(json_array(g.group_id, coalesce(s.group_name, '')) ORDER BY g.position) \
+           FROM instance_security_groups g LEFT JOIN security_groups s ON s.group_id = g.group_id \
+           WHERE g.instance_id = folded.instance_id))";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -157,7 +166,9 @@ async fn fetch_folded<T: DeserializeOwned>(
     rest: &str,
     args: &[&str],
 ) -> Result<Vec<T>, StateError> {
-    let sql = format!("SELECT json_group_array(json_array({columns})) FROM (SELECT * {rest})");
+    // `folded` names the row for correlated subqueries among the columns.
+    let sql =
+        format!("SELECT json_group_array(json_array({columns})) FROM (SELECT * {rest}) AS folded");
     let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
     for arg in args {
         query = query.bind(*arg);

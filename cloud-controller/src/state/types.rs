@@ -1,6 +1,7 @@
 use canopy_common::{
     AccountId, BootImages, ImageId, ImageKind, ImageRef, InstanceId, InstanceState, KeyPairId,
-    NodeId, PowerState, ReservationId, Resources, Sha256Digest, ZoneName,
+    NodeId, PowerState, ReservationId, Resources, SecurityGroupId, SecurityGroupRuleId,
+    Sha256Digest, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,53 @@ impl KeyPair {
     }
 }
 
+/// A security group with its rules (ingress and egress, in the order they were added).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub group_id: SecurityGroupId,
+    pub account_id: AccountId,
+    pub group_name: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub rules: Vec<SecurityGroupRule>,
+    /// Filled by reads; a command creating the group carries its tags apart.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+/// The name every account's default group has.
+pub const DEFAULT_SECURITY_GROUP: &str = "default";
+
+/// One rule: a protocol and port range, and one peer (a CIDR block or a group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroupRule {
+    pub rule_id: SecurityGroupRuleId,
+    pub group_id: SecurityGroupId,
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+    pub description: String,
+}
+
+/// What makes a rule the rule it is (what Authorize refuses twice and Revoke matches).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RuleSpec {
+    pub is_egress: bool,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `-1` (all) or another protocol's number.
+    pub protocol: String,
+    /// Ports (tcp, udp) or ICMP type and code; `None` where the protocol has none.
+    pub from_port: Option<i32>,
+    pub to_port: Option<i32>,
+    pub peer: RulePeer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RulePeer {
+    Ipv4(String),
+    Ipv6(String),
+    Group(SecurityGroupId),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Zone {
     pub zone: ZoneName,
@@ -149,6 +197,8 @@ pub struct Instance {
     pub disable_api_termination: bool,
     /// StopInstances refuses the instance while set.
     pub disable_api_stop: bool,
+    /// The security groups it was launched with: (id, name), in launch order.
+    pub security_groups: Vec<(SecurityGroupId, String)>,
 }
 
 /// Where an instance runs and in which state, as the CLC last recorded it: what a node's

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use canopy_common::{
-    AccountId, ImageId, InstanceId, ReservationId, ResourceId, Resources, ZoneName,
+    AccountId, ImageId, InstanceId, ReservationId, ResourceId, Resources, SecurityGroupId, ZoneName,
 };
 use chrono::{TimeZone, Utc};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
@@ -128,6 +128,7 @@ impl World {
                     zone: self.zone.clone(),
                     key_name: None,
                     public_key: None,
+                    security_groups: vec![],
                     user_data: Some(vec![0, 1, 2, 255]),
                     kernel_id: None,
                     ramdisk_id: None,
@@ -363,6 +364,12 @@ fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>
                 public_key: rng
                     .random_bool(0.5)
                     .then(|| "ssh-ed25519 AAAA key".to_owned()),
+                // Groups that do not exist: the launch is refused alike on every replica.
+                security_groups: if rng.random_bool(0.1) {
+                    vec![(SecurityGroupId::generate(), "nope".to_owned())]
+                } else {
+                    vec![]
+                },
                 user_data: user_data.clone(),
                 kernel_id: None,
                 ramdisk_id: None,

@@ -99,6 +99,20 @@ pub enum Rejection {
     KeyPairDuplicate(String),
     /// See [`StateError::KeyPairNotFound`].
     KeyPairNotFound(String),
+    /// See [`StateError::SecurityGroupNotFound`].
+    SecurityGroupNotFound(String),
+    /// See [`StateError::SecurityGroupDuplicate`].
+    SecurityGroupDuplicate(String),
+    /// See [`StateError::RuleDuplicate`].
+    RuleDuplicate(String),
+    /// See [`StateError::RuleNotFound`].
+    RuleNotFound(String),
+    /// See [`StateError::RulesLimitExceeded`].
+    RulesLimitExceeded,
+    /// See [`StateError::DependencyViolation`].
+    DependencyViolation(String),
+    /// See [`StateError::CannotDelete`].
+    CannotDelete(String),
     /// See [`StateError::OperationNotPermitted`].
     OperationNotPermitted {
         /// The protected instance.
@@ -129,6 +143,13 @@ impl TryFrom<StateError> for Rejection {
             StateError::AlreadyExists(s) => Rejection::AlreadyExists(s),
             StateError::KeyPairDuplicate(s) => Rejection::KeyPairDuplicate(s),
             StateError::KeyPairNotFound(s) => Rejection::KeyPairNotFound(s),
+            StateError::SecurityGroupNotFound(s) => Rejection::SecurityGroupNotFound(s),
+            StateError::SecurityGroupDuplicate(s) => Rejection::SecurityGroupDuplicate(s),
+            StateError::RuleDuplicate(s) => Rejection::RuleDuplicate(s),
+            StateError::RuleNotFound(s) => Rejection::RuleNotFound(s),
+            StateError::RulesLimitExceeded => Rejection::RulesLimitExceeded,
+            StateError::DependencyViolation(s) => Rejection::DependencyViolation(s),
+            StateError::CannotDelete(s) => Rejection::CannotDelete(s),
             StateError::OperationNotPermitted {
                 id,
                 verb,
@@ -165,6 +186,13 @@ impl From<Rejection> for StateError {
             Rejection::AlreadyExists(s) => StateError::AlreadyExists(s),
             Rejection::KeyPairDuplicate(s) => StateError::KeyPairDuplicate(s),
             Rejection::KeyPairNotFound(s) => StateError::KeyPairNotFound(s),
+            Rejection::SecurityGroupNotFound(s) => StateError::SecurityGroupNotFound(s),
+            Rejection::SecurityGroupDuplicate(s) => StateError::SecurityGroupDuplicate(s),
+            Rejection::RuleDuplicate(s) => StateError::RuleDuplicate(s),
+            Rejection::RuleNotFound(s) => StateError::RuleNotFound(s),
+            Rejection::RulesLimitExceeded => StateError::RulesLimitExceeded,
+            Rejection::DependencyViolation(s) => StateError::DependencyViolation(s),
+            Rejection::CannotDelete(s) => StateError::CannotDelete(s),
             Rejection::OperationNotPermitted {
                 id,
                 verb,
