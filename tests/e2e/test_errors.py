@@ -234,7 +234,9 @@ def test_user_data_round_trip(cloud, launcher):
     assert get("disableApiTermination")["DisableApiTermination"]["Value"] is False
     assert get("instanceInitiatedShutdownBehavior")["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
     assert get("kernel")["KernelId"] == {}, "the simulated image boots without a kernel of its own"
-    assert get("groupSet")["Groups"] == []
+    [default] = cloud.ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"]
+    assert get("groupSet")["Groups"] == [{"GroupId": default["GroupId"]}]
+    assert get("blockDeviceMapping")["BlockDeviceMappings"] == []
     (other,) = launcher.run_ids(1)
     assert cloud.ec2.describe_instance_attribute(InstanceId=other, Attribute="userData")["UserData"] == {}
     expect_error(cloud.ec2.describe_instance_attribute, "InvalidParameterValue", InstanceId=iid,

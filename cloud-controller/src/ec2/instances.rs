@@ -262,21 +262,20 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
     let group_ids = p.list("SecurityGroupId")?;
     let group_names = p.list("SecurityGroup")?;
     let security_groups: Vec<(canopy_common::SecurityGroupId, String)> = {
-        let names = if group_ids.is_empty() && group_names.is_empty() {
-            vec![crate::state::DEFAULT_SECURITY_GROUP.to_owned()]
-        } else {
-            group_names
-        };
+        let names = group_names;
         let ids = group_ids
             .iter()
             .map(|g| super::security_groups::parse_group_id(g))
             .collect::<Result<Vec<_>, _>>()?;
-        // One statement: this is on every launch's path.
-        let found = ctx
-            .clc
-            .store
-            .security_group_names(&ctx.account, &ids, &names)
-            .await?;
+        // One statement, and none for a launch in the default group.
+        let found = if ids.is_empty() && names.is_empty() {
+            vec![]
+        } else {
+            ctx.clc
+                .store
+                .security_group_names(&ctx.account, &ids, &names)
+                .await?
+        };
         let mut picked = Vec::new();
         for id in &ids {
             let name = found
@@ -294,6 +293,14 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         }
         let mut seen = std::collections::HashSet::new();
         picked.retain(|(g, _)| seen.insert(g.clone()));
+        if picked.is_empty() {
+            // The default group: its id follows from the account and it cannot be deleted,
+            // so the common launch reads nothing for it.
+            picked.push((
+                canopy_common::SecurityGroupId::default_for(&ctx.account),
+                crate::state::DEFAULT_SECURITY_GROUP.to_owned(),
+            ));
+        }
         picked
     };
     ctx.dry_run()?;
