@@ -146,6 +146,14 @@ def test_bad_rules_and_names_are_refused_with_ec2_codes(cloud, groups):
     expect("DryRunOperation", cloud.ec2.authorize_security_group_ingress, status=412, GroupId=gid, DryRun=True,
            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 1, "ToPort": 2, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
     assert group(cloud, gid)["IpPermissions"] == []
+    # Tagging, DryRun included, checks that the group is the caller's.
+    for call in (cloud.ec2.create_tags, cloud.ec2.delete_tags):
+        expect("InvalidGroup.NotFound", call, Resources=["sg-0123456789abcdef0"],
+               Tags=[{"Key": "a", "Value": "b"}])
+        expect("InvalidGroup.NotFound", call, Resources=["sg-0123456789abcdef0"],
+               Tags=[{"Key": "a", "Value": "b"}], DryRun=True)
+        expect("DryRunOperation", call, status=412, Resources=[gid], Tags=[{"Key": "a", "Value": "b"}],
+               DryRun=True)
 
 
 def test_instances_launch_with_groups_and_a_group_in_use_cannot_be_deleted(cloud, groups, launcher):

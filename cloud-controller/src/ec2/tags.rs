@@ -26,6 +26,33 @@ fn resource_ids(ctx: &Ctx) -> Result<Vec<ResourceId>, ApiError> {
         .collect()
 }
 
+/// What a DryRun checks before answering: that the account owns every resource named, with
+/// the error of each kind's own (the command checks the same when applied).
+async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError> {
+    let mut instances = Vec::new();
+    let mut groups = Vec::new();
+    let mut key_pairs = Vec::new();
+    for id in ids {
+        match id {
+            ResourceId::Instance(i) => instances.push(i.clone()),
+            ResourceId::SecurityGroup(g) => groups.push(g.to_string()),
+            ResourceId::KeyPair(k) => key_pairs.push(k),
+        }
+    }
+    ctx.require_instances(&instances).await?;
+    super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
+    if !key_pairs.is_empty() {
+        let owned = ctx.clc.store.key_pairs(&ctx.account).await?;
+        if let Some(missing) = key_pairs
+            .iter()
+            .find(|k| !owned.iter().any(|p| &p.key_pair_id == **k))
+        {
+            return Err(super::key_pairs::key_pair_not_found(missing.as_str()));
+        }
+    }
+    Ok(())
+}
+
 /// The tags of `TagSpecification.N` for a call that creates one resource of `resource_type`
 /// (e.g. `key-pair`): a specification for any other type is refused, as on EC2.
 pub fn for_new_resource(params: &Params, resource_type: &str) -> Result<Vec<Tag>, ApiError> {
@@ -49,30 +76,7 @@ pub async fn create_tags(ctx: &Ctx) -> Result<String, ApiError> {
         return Err(ApiError::missing("Tag"));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let instances: Vec<_> = ids
-            .iter()
-            .filter_map(|id| match id {
-                ResourceId::Instance(i) => Some(i.clone()),
-                ResourceId::KeyPair(_) | ResourceId::SecurityGroup(_) => None,
-            })
-            .collect();
-        ctx.require_instances(&instances).await?;
-        let key_pairs = ctx.clc.store.key_pairs(&ctx.account).await?;
-        for id in &ids {
-            if let ResourceId::KeyPair(k) = id
-                && !key_pairs.iter().any(|p| &p.key_pair_id == k)
-            {
-                return Err(super::key_pairs::key_pair_not_found(k.as_str()));
-            }
-        }
-        let groups: Vec<String> = ids
-            .iter()
-            .filter_map(|id| match id {
-                ResourceId::SecurityGroup(g) => Some(g.to_string()),
-                _ => None,
-            })
-            .collect();
-        super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
+        require_resources(ctx, &ids).await?;
         return Err(ApiError::dry_run());
     }
     ctx.clc
@@ -98,14 +102,7 @@ pub async fn delete_tags(ctx: &Ctx) -> Result<String, ApiError> {
         tags.push((key, value));
     }
     if ctx.params.bool("DryRun")?.unwrap_or(false) {
-        let groups: Vec<String> = ids
-            .iter()
-            .filter_map(|id| match id {
-                ResourceId::SecurityGroup(g) => Some(g.to_string()),
-                _ => None,
-            })
-            .collect();
-        super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
+        require_resources(ctx, &ids).await?;
         return Err(ApiError::dry_run());
     }
     ctx.clc
