@@ -20,3 +20,8 @@ ALTER TABLE instances ADD COLUMN public_key TEXT;
 -- (TerminateInstances / StopInstances refuse a protected instance).
 ALTER TABLE instances ADD COLUMN disable_api_termination INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN disable_api_stop INTEGER NOT NULL DEFAULT 0;
+
+-- Bumped by every StartInstances, and sent to the node with the desired state: a node that
+-- saw the guest stop on its own starts it again only for a start it has not seen yet, even
+-- when it never saw the stopped desired state in between (documents can be coalesced).
+ALTER TABLE instances ADD COLUMN start_seq INTEGER NOT NULL DEFAULT 0;

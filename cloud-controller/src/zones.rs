@@ -525,6 +525,7 @@ fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
             PowerState::Terminated => pb::PowerState::Terminated,
         } as i32,
         reboot_seq: i.reboot_seq,
+        start_seq: i.start_seq,
         node_id: i
             .node_id
             .as_ref()

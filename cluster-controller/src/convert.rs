@@ -128,6 +128,7 @@ pub fn instance_spec_from_proto(mut s: pb::InstanceSpec) -> Result<InstanceSpec,
         user_data: s.user_data,
         key_name: non_empty(s.key_name),
         reboot_seq: s.reboot_seq,
+        start_seq: s.start_seq,
         id,
         boot,
     })
@@ -148,6 +149,7 @@ pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
         key_name: s.key_name.clone().unwrap_or_default(),
         desired: power_to_proto(s.desired).into(),
         reboot_seq: s.reboot_seq,
+        start_seq: s.start_seq,
         node_id: s.node.as_ref().map(ToString::to_string).unwrap_or_default(),
         ..Default::default()
     };

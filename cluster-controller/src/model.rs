@@ -59,6 +59,8 @@ pub struct InstanceSpec {
     pub desired: PowerState,
     /// Bumped by every RebootInstances; the node reboots when it sees a larger value.
     pub reboot_seq: u64,
+    /// Bumped by every StartInstances; passed on to the node.
+    pub start_seq: u64,
     /// Towards the CC: the node the CLC last saw the instance on (a hint). Towards a node:
     /// the node it is assigned to.
     pub node: Option<NodeId>,

@@ -560,6 +560,7 @@ mod tests {
             key_name: None,
             desired: PowerState::Running,
             reboot_seq: 0,
+            start_seq: 0,
             node: None,
             boot: Default::default(),
         }

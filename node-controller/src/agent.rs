@@ -251,7 +251,7 @@ impl Agent {
             state
                 .memory
                 .entry(id.clone())
-                .or_insert_with(|| InstanceMemory::first_seen(spec.reboot_seq));
+                .or_insert_with(|| InstanceMemory::first_seen(spec));
         }
         let applied_generation = doc.generation;
         info!(
@@ -285,7 +285,7 @@ impl Agent {
         let Some(doc) = &state.desired else { return };
         for (id, spec) in &doc.instances {
             if let Some(memory) = state.memory.get_mut(id) {
-                plan::observe(memory, spec.desired, observed.get(id).copied());
+                plan::observe(memory, spec, observed.get(id).copied());
             }
         }
     }

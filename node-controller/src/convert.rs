@@ -63,6 +63,7 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
         key_name: Some(spec.key_name).filter(|k| !k.is_empty()),
         desired,
         reboot_seq: spec.reboot_seq,
+        start_seq: spec.start_seq,
         boot,
     })
 }
@@ -142,6 +143,7 @@ mod tests {
             key_name: String::new(),
             desired: pb::PowerState::Running as i32,
             reboot_seq: 3,
+            start_seq: 2,
             node_id: "node-1".into(),
             image: Some(pb::ImageRef {
                 image_id: AMI.into(),
@@ -162,6 +164,7 @@ mod tests {
         assert_eq!(d.desired, PowerState::Running);
         assert_eq!(d.key_name, None);
         assert_eq!(d.reboot_seq, 3);
+        assert_eq!(d.start_seq, 2);
         let domain = d.domain_spec();
         assert_eq!(
             domain.kernel_cmdline_extra,

@@ -33,6 +33,9 @@ pub struct DesiredInstance {
     pub desired: PowerState,
     /// Bumped by every RebootInstances; the node reboots when it sees a larger value.
     pub reboot_seq: u64,
+    /// Bumped by every StartInstances: a larger value than the agent has seen is a new
+    /// start, which restarts a guest that had stopped on its own.
+    pub start_seq: u64,
     /// The image bytes it boots from.
     pub boot: BootImages,
 }

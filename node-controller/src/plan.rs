@@ -38,6 +38,8 @@ pub struct InstanceMemory {
     /// The largest `reboot_seq` applied. Adopted from the spec when the node first sees the
     /// instance, so that a restarted agent does not replay old reboots.
     pub applied_reboot_seq: u64,
+    /// The largest `start_seq` seen, adopted like `applied_reboot_seq`.
+    pub seen_start_seq: u64,
     /// The domain state at the end of the previous pass (`None`: absent or not yet seen).
     pub last_seen: Option<DomainState>,
     /// This agent defined the domain and it has not reached `Running` yet: a start failure
@@ -55,9 +57,10 @@ pub struct InstanceMemory {
 
 impl InstanceMemory {
     /// Memory for an instance the agent has just learnt about.
-    pub fn first_seen(reboot_seq: u64) -> Self {
+    pub fn first_seen(spec: &DesiredInstance) -> Self {
         InstanceMemory {
-            applied_reboot_seq: reboot_seq,
+            applied_reboot_seq: spec.reboot_seq,
+            seen_start_seq: spec.start_seq,
             ..InstanceMemory::default()
         }
     }
@@ -103,8 +106,16 @@ pub struct Plan {
 
 /// Updates an instance's memory with what the hypervisor shows now. Called for every
 /// desired instance before planning and after acting.
-pub fn observe(memory: &mut InstanceMemory, desired: PowerState, observed: Option<DomainState>) {
+pub fn observe(memory: &mut InstanceMemory, spec: &DesiredInstance, observed: Option<DomainState>) {
     use DomainState::*;
+    let desired = spec.desired;
+    if spec.start_seq > memory.seen_start_seq {
+        // A start the agent has not seen: whatever the guest did before no longer holds,
+        // even if the stopped desired state in between never reached this node.
+        memory.seen_start_seq = spec.start_seq;
+        memory.guest_stopped = false;
+        memory.failure = None;
+    }
     if desired == PowerState::Running {
         let was_up = matches!(memory.last_seen, Some(Booting | Running));
         let went_down = matches!(observed, Some(ShuttingDown | ShutOff | Crashed));
@@ -144,7 +155,7 @@ pub fn plan(
         let mem = match memory.get(id) {
             Some(m) => m,
             None => {
-                fallback = InstanceMemory::first_seen(spec.reboot_seq);
+                fallback = InstanceMemory::first_seen(spec);
                 &fallback
             }
         };
@@ -354,6 +365,7 @@ mod tests {
             key_name: None,
             desired,
             reboot_seq,
+            start_seq: 0,
             boot: Default::default(),
         }
     }
@@ -482,7 +494,7 @@ mod tests {
 
     #[test]
     fn reboots_only_a_running_domain_with_a_newer_sequence() {
-        let mem = InstanceMemory::first_seen(2);
+        let mem = InstanceMemory::first_seen(&spec(PowerState::Running, 2));
         assert_eq!(
             plan_one(spec(PowerState::Running, 2), Some(Running), mem.clone()),
             vec![]
@@ -568,7 +580,7 @@ mod tests {
                     last_seen: Some(up),
                     ..Default::default()
                 };
-                observe(&mut m, PowerState::Running, Some(down));
+                observe(&mut m, &spec(PowerState::Running, 0), Some(down));
                 assert!(m.guest_stopped, "{up:?} -> {down:?}");
                 assert_eq!(m.last_seen, Some(down));
 
@@ -576,13 +588,13 @@ mod tests {
                     last_seen: Some(up),
                     ..Default::default()
                 };
-                observe(&mut m, PowerState::Stopped, Some(down));
+                observe(&mut m, &spec(PowerState::Stopped, 0), Some(down));
                 assert!(!m.guest_stopped);
             }
         }
         // A domain found shut off (fresh define, agent restart) is not a guest stop.
         let mut m = InstanceMemory::default();
-        observe(&mut m, PowerState::Running, Some(ShutOff));
+        observe(&mut m, &spec(PowerState::Running, 0), Some(ShutOff));
         assert!(!m.guest_stopped);
         // A stop clears the latch and a failure.
         let mut m = InstanceMemory {
@@ -593,9 +605,44 @@ mod tests {
             }),
             ..Default::default()
         };
-        observe(&mut m, PowerState::Stopped, Some(ShutOff));
+        observe(&mut m, &spec(PowerState::Stopped, 0), Some(ShutOff));
         assert!(!m.guest_stopped);
         assert_eq!(m.failure, None);
+    }
+
+    #[test]
+    fn a_new_start_restarts_a_guest_that_stopped_on_its_own_even_unseen_in_between() {
+        // The guest shut itself down while desired running: it stays down...
+        let mut m = InstanceMemory {
+            last_seen: Some(Running),
+            ..InstanceMemory::first_seen(&spec(PowerState::Running, 0))
+        };
+        observe(&mut m, &spec(PowerState::Running, 0), Some(ShutOff));
+        assert!(m.guest_stopped);
+        assert_eq!(
+            plan_one(spec(PowerState::Running, 0), Some(ShutOff), m.clone()),
+            vec![]
+        );
+        // ...until a StartInstances the node has not seen, even when the document that
+        // said "stopped" in between never reached it.
+        let started = DesiredInstance {
+            start_seq: 1,
+            ..spec(PowerState::Running, 0)
+        };
+        observe(&mut m, &started, Some(ShutOff));
+        assert!(!m.guest_stopped);
+        assert_eq!(m.seen_start_seq, 1);
+        assert_eq!(
+            plan_one(started.clone(), Some(ShutOff), m.clone()),
+            vec![Action::Start {
+                instance_id: id(0),
+                reboot_seq: 0
+            }]
+        );
+        // The same start seen again is no new start.
+        m.guest_stopped = true;
+        observe(&mut m, &started, Some(ShutOff));
+        assert!(m.guest_stopped);
     }
 
     #[test]
@@ -604,18 +651,18 @@ mod tests {
             launching: true,
             ..Default::default()
         };
-        observe(&mut m, PowerState::Running, Some(Booting));
+        observe(&mut m, &spec(PowerState::Running, 0), Some(Booting));
         assert!(m.launching);
-        observe(&mut m, PowerState::Running, Some(Running));
+        observe(&mut m, &spec(PowerState::Running, 0), Some(Running));
         assert!(!m.launching);
 
         let mut m = InstanceMemory {
             stop_deadline: Some(Instant::now()),
             ..Default::default()
         };
-        observe(&mut m, PowerState::Stopped, Some(ShuttingDown));
+        observe(&mut m, &spec(PowerState::Stopped, 0), Some(ShuttingDown));
         assert!(m.stop_deadline.is_some());
-        observe(&mut m, PowerState::Stopped, Some(ShutOff));
+        observe(&mut m, &spec(PowerState::Stopped, 0), Some(ShutOff));
         assert_eq!(m.stop_deadline, None);
     }
 
@@ -758,15 +805,15 @@ mod tests {
             Some((S::Running, None))
         );
         let mut m = rebooting.clone();
-        observe(&mut m, PowerState::Running, Some(Booting));
+        observe(&mut m, &spec(PowerState::Running, 0), Some(Booting));
         assert!(m.rebooting);
-        observe(&mut m, PowerState::Running, Some(Running));
+        observe(&mut m, &spec(PowerState::Running, 0), Some(Running));
         assert!(!m.rebooting);
         let r = report(
             &id(0),
             None,
             Some(Running),
-            Some(&InstanceMemory::first_seen(4)),
+            Some(&InstanceMemory::first_seen(&spec(PowerState::Running, 4))),
         )
         .unwrap();
         assert_eq!(r.reboot_seq, 4);

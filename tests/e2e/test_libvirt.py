@@ -48,8 +48,10 @@ def virsh(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def real(tmp_path_factory):
+    """A CLC, a CC and a libvirt NC, torn down (with the guests it launched) before the
+    next test: leftover domains would hold the host's memory for the next cloud."""
     if not Path("/run/libvirt/libvirt-sock").exists():
         skip_or_fail("libvirtd is not running")
     binary = str(find_binary())
@@ -73,6 +75,7 @@ def real(tmp_path_factory):
     for p in (clc, cc, nc):
         p.start()
     rc_path = data / "canopyrc"
+    launched: list[str] = []
     try:
         ec2 = ec2_client(rc_path)
         wait_zone(ec2, ZONE)
@@ -86,7 +89,6 @@ def real(tmp_path_factory):
             assert time.time() < deadline, f"canopy nc did not start:\n{nc.log()}"
             time.sleep(0.2)
         wait_node(rc_path, NODE)
-        launched: list[str] = []
         yield {"ec2": ec2, "rc": parse_canopyrc(rc_path.read_text()), "nc": nc, "state": state,
                "tmp": tmp, "procs": (clc, cc, nc), "launched": launched}
     finally:

@@ -607,6 +607,7 @@ fn probe_instance() -> Instance {
         state: InstanceState::Pending,
         desired: canopy_common::PowerState::Running,
         reboot_seq: 0,
+        start_seq: 0,
         state_reason: None,
         transition_reason: String::new(),
         launch_time: Utc::now(),

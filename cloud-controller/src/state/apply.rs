@@ -301,6 +301,8 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             for (inst, next) in plan {
                 let desired = action.desired().unwrap_or(inst.desired);
                 let reboot_seq = inst.reboot_seq + u64::from(*action == InstanceAction::Reboot);
+                let start_seq = inst.start_seq
+                    + u64::from(*action == InstanceAction::Start && next != inst.state);
                 let (reason, transition_reason) = match action {
                     InstanceAction::Stop | InstanceAction::Terminate if next != inst.state => (
                         Some(StateReason {
@@ -319,13 +321,18 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                         state: next,
                         desired,
                         reboot_seq,
+                        start_seq,
                         reason: reason.as_ref(),
                         transition_reason: &transition_reason,
                         at: *at,
                     },
                 )
                 .await?;
-                if desired != inst.desired || reboot_seq != inst.reboot_seq || next != inst.state {
+                if desired != inst.desired
+                    || reboot_seq != inst.reboot_seq
+                    || start_seq != inst.start_seq
+                    || next != inst.state
+                {
                     zones.insert(inst.zone.clone());
                 }
                 changes.push(StateChange {
@@ -633,6 +640,7 @@ async fn observe(
                 state: next,
                 desired,
                 reboot_seq: inst.reboot_seq,
+                start_seq: inst.start_seq,
                 reason: reason.as_ref(),
                 transition_reason: &transition_reason,
                 at,
@@ -678,6 +686,7 @@ struct StateUpdate<'a> {
     state: InstanceState,
     desired: PowerState,
     reboot_seq: u64,
+    start_seq: u64,
     reason: Option<&'a StateReason>,
     transition_reason: &'a str,
     at: DateTime<Utc>,
@@ -719,13 +728,14 @@ async fn update_instance(
 ) -> Result<(), StateError> {
     let (state_changed_at, terminated_at) = update.columns();
     sqlx::query(
-        "UPDATE instances SET state = ?, desired = ?, reboot_seq = ?, state_reason_code = ?, state_reason_message = ?,
+        "UPDATE instances SET state = ?, desired = ?, reboot_seq = ?, start_seq = ?, state_reason_code = ?, state_reason_message = ?,
             transition_reason = ?, state_changed_at = ?, terminated_at = ?
          WHERE instance_id = ?",
     )
     .bind(update.state.name())
     .bind(update.desired.name())
     .bind(update.reboot_seq as i64)
+    .bind(update.start_seq as i64)
     .bind(update.reason.map(|r| r.code.as_str()))
     .bind(update.reason.map(|r| r.message.as_str()))
     .bind(update.transition_reason)

@@ -256,6 +256,7 @@ impl NewInstance {
             state: InstanceState::Pending,
             desired: PowerState::Running,
             reboot_seq: 0,
+            start_seq: 0,
             state_reason: None,
             transition_reason: String::new(),
             launch_time: at,

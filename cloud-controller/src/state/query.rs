@@ -64,6 +64,7 @@ struct InstanceRow {
     state: String,
     desired: String,
     reboot_seq: i64,
+    start_seq: i64,
     state_reason_code: Option<String>,
     state_reason_message: Option<String>,
     transition_reason: String,
@@ -107,6 +108,7 @@ impl InstanceRow {
             state,
             desired,
             reboot_seq: u64::try_from(self.reboot_seq).unwrap_or_default(),
+            start_seq: u64::try_from(self.start_seq).unwrap_or_default(),
             state_reason: match (self.state_reason_code, self.state_reason_message) {
                 (Some(code), Some(message)) => Some(StateReason { code, message }),
                 _ => None,
@@ -132,7 +134,7 @@ impl InstanceRow {
 /// The columns of an [`InstanceRow`], as [`fetch_folded`] expressions.
 const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, launch_index, image_id, instance_type, \
      vcpus, memory_mib, disk_gib, zone, node_id, key_name, iif(user_data IS NULL, NULL, hex(user_data)), \
-     client_token, state, desired, reboot_seq, state_reason_code, state_reason_message, transition_reason, \
+     client_token, state, desired, reboot_seq, start_seq, state_reason_code, state_reason_message, transition_reason, \
      launch_time, state_changed_at, terminated_at, kernel_id, ramdisk_id, public_key, \
      json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false')), \
      json((SELECT json_group_array(json_array(g.group_id, coalesce(s.group_name, '')) ORDER BY g.position) \
@@ -296,6 +298,7 @@ impl Store {
             Option<String>,
             String,
             i64,
+            i64,
             Option<String>,
             Option<String>,
             Option<String>,
@@ -313,7 +316,7 @@ impl Store {
         let rows: Vec<SpecRow> = fetch_folded(
             &mut conn,
             "instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id,
-             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, node_id,
+             iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, start_seq, node_id,
              kernel_id, ramdisk_id",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
@@ -332,6 +335,7 @@ impl Store {
                     key,
                     desired,
                     reboot,
+                    start,
                     node,
                     kernel,
                     ramdisk,
@@ -356,6 +360,7 @@ impl Store {
                             StateError::Corrupt(format!("desired state {desired:?}"))
                         })?,
                         reboot_seq: u64::try_from(reboot).unwrap_or_default(),
+                        start_seq: u64::try_from(start).unwrap_or_default(),
                         node_id: node.as_deref().map(parse).transpose()?,
                     })
                 },

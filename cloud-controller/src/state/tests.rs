@@ -295,9 +295,16 @@ async fn stale_observations_are_ignored_and_guest_shutdown_stops_the_instance() 
     );
     assert_eq!(f.all().await[0].state, InstanceState::Stopping);
     f.observe(&id, InstanceState::Stopped).await;
+    assert_eq!(f.all().await[0].start_seq, 0);
     f.request(std::slice::from_ref(&id), InstanceAction::Start)
         .await
         .unwrap();
+    // Each start is counted, and the count reaches the zone's desired state.
+    assert_eq!(f.all().await[0].start_seq, 1);
+    assert_eq!(
+        f.store.desired_specs(&f.zone).await.unwrap()[0].start_seq,
+        1
+    );
     f.observe(&id, InstanceState::Running).await;
     let g = f.generation().await;
     // The guest powers itself off: stopped, and desired follows so the node keeps it off.

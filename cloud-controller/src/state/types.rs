@@ -184,6 +184,8 @@ pub struct Instance {
     pub state: InstanceState,
     pub desired: PowerState,
     pub reboot_seq: u64,
+    /// Bumped by every StartInstances (see [`DesiredSpec::start_seq`]).
+    pub start_seq: u64,
     pub state_reason: Option<StateReason>,
     /// EC2's `reason` (stateTransitionReason), e.g. "User initiated (2026-01-01 00:00:00 GMT)".
     pub transition_reason: String,
@@ -222,6 +224,9 @@ pub struct DesiredSpec {
     pub key_name: Option<String>,
     pub desired: PowerState,
     pub reboot_seq: u64,
+    /// Bumped by every StartInstances: a node that saw the guest stop on its own restarts it
+    /// only for a start it has not seen yet.
+    pub start_seq: u64,
     pub node_id: Option<NodeId>,
     /// The bytes the instance boots from, where the images have content.
     pub boot: BootImages,
