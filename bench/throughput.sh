@@ -34,7 +34,7 @@ for i in $(seq 1 "$REPLICAS"); do
 done
 IFS=, ; CLCS="${clcs[*]}"; unset IFS
 CC=$(port); NC=$(port)
-"$BIN" cc --zone bench-1a --clc "$CLCS" --listen "127.0.0.1:$CC" >"$WORK/cc.log" 2>&1 & PIDS+=($!)
+"$BIN" cc --zone bench-1a --clc "$CLCS" --listen "127.0.0.1:$CC" --subnet 10.0.0.0/8 >"$WORK/cc.log" 2>&1 & PIDS+=($!)
 "$BIN" nc --node-id hv-1 --cc "http://127.0.0.1:$CC" --listen "127.0.0.1:$NC" --hypervisor sim \
     --vcpus 1000000 --memory-mib 1000000000 --disk-gib 100000000 >"$WORK/nc.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 1 200); do [[ -f $WORK/clc1/canopyrc ]] && break; sleep 0.1; done

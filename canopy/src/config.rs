@@ -216,6 +216,8 @@ pub struct CcFile {
     pub heartbeat_interval_secs: f64,
     pub node_timeout_secs: f64,
     pub resync_interval_secs: f64,
+    /// The zone's subnet (instances' private addresses), e.g. "172.31.0.0/16".
+    pub subnet: String,
 }
 
 impl Default for CcFile {
@@ -228,6 +230,7 @@ impl Default for CcFile {
             heartbeat_interval_secs: 2.0,
             node_timeout_secs: 10.0,
             resync_interval_secs: 5.0,
+            subnet: canopy_cluster_controller::DEFAULT_SUBNET.into(),
         }
     }
 }
@@ -254,6 +257,8 @@ impl CcFile {
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             node_timeout: secs("node_timeout_secs", self.node_timeout_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
+            subnet: canopy_common::Ipv4Subnet::parse(&self.subnet)
+                .map_err(|e| anyhow::anyhow!("subnet: {e}"))?,
         })
     }
 }

@@ -145,8 +145,11 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
         );
     }
     let mut real_guests = false;
-    for zone in &opts.zones {
+    for (n, zone) in opts.zones.iter().enumerate() {
         let mut cc_config = CcConfig::new(zone.clone(), any, vec![clc_url.clone()]);
+        // A subnet of its own per zone: 172.16.0.0/16, 172.17.0.0/16, … (private space).
+        cc_config.subnet = canopy_common::Ipv4Subnet::parse(&format!("172.{}.0.0/16", 16 + n % 16))
+            .map_err(|e| anyhow::anyhow!(e))?;
         cc_config.heartbeat_interval = opts.heartbeat_interval;
         cc_config.node_timeout = opts.heartbeat_interval * 5;
         cc_config.resync_interval = opts.clc.resync_interval;

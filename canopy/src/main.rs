@@ -179,6 +179,10 @@ struct CcArgs {
     #[arg(long = "clc", env = "CANOPY_CLC", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     clc: Vec<String>,
+    /// The zone's subnet, where instances' private addresses come from (default 172.31.0.0/16).
+    #[arg(long, env = "CANOPY_SUBNET")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subnet: Option<String>,
 }
 
 #[derive(clap::Args, Serialize)]

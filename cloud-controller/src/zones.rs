@@ -404,11 +404,19 @@ impl CloudController for ZoneService {
                 },
                 code: r.reason_code,
             });
+            let private_ip = if r.private_ip.is_empty() {
+                None
+            } else {
+                Some(r.private_ip.parse().map_err(|_| {
+                    Status::invalid_argument(format!("malformed private_ip {:?}", r.private_ip))
+                })?)
+            };
             observations.push(Observation {
                 instance_id,
                 node_id,
                 state,
                 reason,
+                private_ip,
             });
         }
         // Periodic full reports repeat what we know: only what differs goes to the log.
@@ -417,7 +425,9 @@ impl CloudController for ZoneService {
         observations.retain(|o| {
             known.get(&o.instance_id).is_some_and(|i| {
                 i.zone == zone
-                    && (i.state != o.state || (o.node_id.is_some() && o.node_id != i.node_id))
+                    && (i.state != o.state
+                        || (o.node_id.is_some() && o.node_id != i.node_id)
+                        || (o.private_ip.is_some() && o.private_ip != i.private_ip))
             })
         });
         if !observations.is_empty() {
@@ -526,6 +536,7 @@ fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
         } as i32,
         reboot_seq: i.reboot_seq,
         start_seq: i.start_seq,
+        private_ip: i.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         node_id: i
             .node_id
             .as_ref()

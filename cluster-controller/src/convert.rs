@@ -129,6 +129,7 @@ pub fn instance_spec_from_proto(mut s: pb::InstanceSpec) -> Result<InstanceSpec,
         key_name: non_empty(s.key_name),
         reboot_seq: s.reboot_seq,
         start_seq: s.start_seq,
+        private_ip: opt_ip(&s.private_ip)?,
         id,
         boot,
     })
@@ -150,6 +151,7 @@ pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
         desired: power_to_proto(s.desired).into(),
         reboot_seq: s.reboot_seq,
         start_seq: s.start_seq,
+        private_ip: s.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         node_id: s.node.as_ref().map(ToString::to_string).unwrap_or_default(),
         ..Default::default()
     };
@@ -203,6 +205,8 @@ pub fn report_from_proto(r: pb::InstanceReport) -> Result<InstanceReport, CcErro
         state: observed_from_proto(r.state)?,
         reason,
         reboot_seq: r.reboot_seq,
+        // The CC decides addresses; a node's word on it is not taken.
+        private_ip: None,
     })
 }
 
@@ -223,7 +227,18 @@ pub fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
             .map(|x| x.message.clone())
             .unwrap_or_default(),
         reboot_seq: r.reboot_seq,
+        private_ip: r.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
     }
+}
+
+/// An optional IPv4 address: empty is none.
+fn opt_ip(s: &str) -> Result<Option<std::net::Ipv4Addr>, CcError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| CcError::InvalidArgument(format!("private_ip: {s:?} is not an IPv4 address")))
 }
 
 /// Reports from a node, with the reporting node's id.

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use canopy_common::ZoneName;
+use canopy_common::{Ipv4Subnet, ZoneName};
 use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use canopy_proto::v1::cluster_controller_server::ClusterControllerServer;
 use canopy_proto::v1::zone_agent_server::ZoneAgentServer;
@@ -39,6 +39,10 @@ pub use model::{
 };
 pub use nodes::NODE_RPC_TIMEOUT;
 pub use zone::{ApplyOutcome, CapacityFailure, NodePush, NodeTarget, Plan, Registered, ZoneState};
+
+/// The subnet a zone's instances get addresses from unless configured: 65,531 addresses.
+/// Zones that should not overlap need their own (`canopy dev` gives each zone one).
+pub const DEFAULT_SUBNET: &str = "172.31.0.0/16";
 
 /// How long `shutdown` waits for in-flight requests before cutting them off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -62,6 +66,8 @@ pub struct CcConfig {
     /// How often documents are re-pushed to nodes that are behind and all reports are
     /// re-sent to the CLC.
     pub resync_interval: Duration,
+    /// The zone's subnet: every instance gets a private address from it, unique in the zone.
+    pub subnet: Ipv4Subnet,
 }
 
 impl CcConfig {
@@ -76,6 +82,7 @@ impl CcConfig {
             heartbeat_interval: Duration::from_secs(2),
             node_timeout: Duration::from_secs(10),
             resync_interval: Duration::from_secs(5),
+            subnet: Ipv4Subnet::parse(DEFAULT_SUBNET).expect("the default subnet is valid"),
         }
     }
 
@@ -180,7 +187,7 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
 
     let (reports_tx, reports_rx) = mpsc::channel(runtime::REPORT_QUEUE);
     let shared = Arc::new(runtime::Shared::new(
-        ZoneState::new(config.zone.clone(), config.node_timeout),
+        ZoneState::new(config.zone.clone(), config.node_timeout, config.subnet),
         reports_tx,
     ));
     let svc = service::CcService {

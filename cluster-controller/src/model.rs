@@ -61,6 +61,9 @@ pub struct InstanceSpec {
     pub reboot_seq: u64,
     /// Bumped by every StartInstances; passed on to the node.
     pub start_seq: u64,
+    /// Towards the CC: the private address the CLC last heard of (kept after a CC restart).
+    /// Towards a node: the address the CC gave the instance.
+    pub private_ip: Option<std::net::Ipv4Addr>,
     /// Towards the CC: the node the CLC last saw the instance on (a hint). Towards a node:
     /// the node it is assigned to.
     pub node: Option<NodeId>,
@@ -101,6 +104,8 @@ pub struct InstanceReport {
     pub state: InstanceState,
     pub reason: Option<StateReason>,
     pub reboot_seq: u64,
+    /// Set by the CC from its assignment: the instance's private address.
+    pub private_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// An NC announcing itself (at start, or again after the CC forgot it).

@@ -3,10 +3,13 @@
 //! the caller passes the current [`Moment`] and executes the [`Plan`]s this returns.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use canopy_common::placement::{HostSnapshot, Placement, Rejection, place_all};
-use canopy_common::{InstanceId, InstanceState, NodeId, PowerState, Resources, ZoneName};
+use canopy_common::{
+    InstanceId, InstanceState, Ipv4Subnet, NodeId, PowerState, Resources, ZoneName,
+};
 
 use crate::error::CcError;
 use crate::model::{
@@ -93,6 +96,8 @@ struct Assignment {
     /// From the instance's spec; zero for instances a node reported that the CLC has not
     /// (yet) described — registrations carry no sizes.
     resources: Resources,
+    /// Its private address in the zone's subnet (see [`ZoneState::address`]).
+    private_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,11 +121,17 @@ pub struct ZoneState {
     assignments: BTreeMap<InstanceId, Assignment>,
     /// The last report per instance, re-sent in full to the CLC periodically.
     reports: BTreeMap<InstanceId, InstanceReport>,
+    /// Where instances' private addresses come from.
+    subnet: Ipv4Subnet,
+    /// The addresses the assignments hold.
+    used_ips: BTreeSet<Ipv4Addr>,
+    /// The address handed out last: the next search starts after it.
+    last_ip: Option<Ipv4Addr>,
 }
 
 impl ZoneState {
     /// An empty zone. `node_timeout` is how long a node may stay silent and still be healthy.
-    pub fn new(zone: ZoneName, node_timeout: Duration) -> Self {
+    pub fn new(zone: ZoneName, node_timeout: Duration, subnet: Ipv4Subnet) -> Self {
         Self {
             zone,
             node_timeout,
@@ -128,7 +139,60 @@ impl ZoneState {
             nodes: BTreeMap::new(),
             assignments: BTreeMap::new(),
             reports: BTreeMap::new(),
+            subnet,
+            used_ips: BTreeSet::new(),
+            last_ip: None,
         }
+    }
+
+    /// Records that `instance` lives on `node` (keeping the address it has), and gives it
+    /// a private address if it has none: the one the CLC remembers for it when that is
+    /// still free and in the subnet, else the next free one. `None` when the subnet is full.
+    fn assign(
+        &mut self,
+        instance: &InstanceId,
+        node: NodeId,
+        resources: Resources,
+        hint: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let kept = self.assignments.get(instance).and_then(|a| a.private_ip);
+        let private_ip = kept.or_else(|| {
+            let ip = hint
+                .filter(|ip| self.subnet.is_assignable(*ip) && !self.used_ips.contains(ip))
+                .or_else(|| self.subnet.next_free(&self.used_ips, self.last_ip))?;
+            self.used_ips.insert(ip);
+            self.last_ip = Some(ip);
+            Some(ip)
+        });
+        self.assignments.insert(
+            instance.clone(),
+            Assignment {
+                node,
+                resources,
+                private_ip,
+            },
+        );
+        private_ip
+    }
+
+    /// Forgets an assignment and frees its address.
+    fn unassign(&mut self, instance: &InstanceId) {
+        if let Some(ip) = self.assignments.remove(instance).and_then(|a| a.private_ip) {
+            self.used_ips.remove(&ip);
+        }
+    }
+
+    /// The private address the CLC's spec remembers for `instance`.
+    fn address_hint(&self, instance: &InstanceId) -> Option<Ipv4Addr> {
+        self.desired
+            .as_ref()
+            .and_then(|d| d.specs.get(instance))
+            .and_then(|s| s.private_ip)
+    }
+
+    /// The instance's private address, if it has one.
+    pub fn address(&self, instance: &InstanceId) -> Option<Ipv4Addr> {
+        self.assignments.get(instance).and_then(|a| a.private_ip)
     }
 
     /// The zone this state describes.
@@ -175,13 +239,7 @@ impl ZoneState {
             }
             if let Some(hint) = &spec.node {
                 if self.nodes.contains_key(hint) {
-                    self.assignments.insert(
-                        spec.id.clone(),
-                        Assignment {
-                            node: hint.clone(),
-                            resources: spec.resources,
-                        },
-                    );
+                    self.assign(&spec.id, hint.clone(), spec.resources, spec.private_ip);
                     plan.adopted.push((spec.id.clone(), hint.clone()));
                 }
                 // A hint naming a node that has not registered (yet) means the instance lives
@@ -202,6 +260,7 @@ impl ZoneState {
                         message: "terminated before it was placed on a node".into(),
                     }),
                     reboot_seq: spec.reboot_seq,
+                    private_ip: None,
                 };
                 self.reports.insert(spec.id.clone(), report.clone());
                 plan.reports.push(report);
@@ -215,14 +274,31 @@ impl ZoneState {
         for (spec, placement) in to_place.iter().zip(place_all(&mut hosts, &needs)) {
             match placement {
                 Placement::Placed(node) => {
-                    self.assignments.insert(
-                        spec.id.clone(),
-                        Assignment {
-                            node: node.clone(),
-                            resources: spec.resources,
-                        },
-                    );
-                    plan.placed.push((spec.id.clone(), node));
+                    if self
+                        .assign(&spec.id, node.clone(), spec.resources, spec.private_ip)
+                        .is_some()
+                    {
+                        plan.placed.push((spec.id.clone(), node));
+                        continue;
+                    }
+                    // Room on a node, but no address left in the subnet.
+                    self.unassign(&spec.id);
+                    let report = InstanceReport {
+                        instance: spec.id.clone(),
+                        node: None,
+                        state: InstanceState::Terminated,
+                        reason: Some(StateReason {
+                            code: INSUFFICIENT_CAPACITY.into(),
+                            message: format!(
+                                "Insufficient capacity: no free address left in the zone's subnet {}",
+                                self.subnet
+                            ),
+                        }),
+                        reboot_seq: spec.reboot_seq,
+                        private_ip: None,
+                    };
+                    self.reports.insert(spec.id.clone(), report.clone());
+                    plan.reports.push(report);
                 }
                 Placement::NoCapacity(rejections) => {
                     let report = InstanceReport {
@@ -234,6 +310,7 @@ impl ZoneState {
                             message: self.capacity_message(spec, &rejections),
                         }),
                         reboot_seq: spec.reboot_seq,
+                        private_ip: None,
                     };
                     self.reports.insert(spec.id.clone(), report.clone());
                     plan.reports.push(report);
@@ -279,25 +356,30 @@ impl ZoneState {
             reg.instances.iter().map(|r| r.instance.clone()).collect();
         // Instances that were here, that the node no longer runs and nobody wants, are gone.
         let desired = self.desired.as_ref();
-        self.assignments.retain(|id, a| {
-            a.node != node
-                || reported.contains(id)
-                || desired.is_some_and(|d| d.specs.contains_key(id))
-        });
+        let gone: Vec<InstanceId> = self
+            .assignments
+            .iter()
+            .filter(|(id, a)| {
+                a.node == node
+                    && !reported.contains(*id)
+                    && !desired.is_some_and(|d| d.specs.contains_key(*id))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.unassign(id);
+        }
         let reports = self.record_reports(&node, reg.instances);
         // Instances the CLC placed on this node before we (re)started wait for it; adopt them.
-        if let Some(d) = &self.desired {
-            for spec in d.specs.values() {
-                if spec.node.as_ref() == Some(&node) && !self.assignments.contains_key(&spec.id) {
-                    self.assignments.insert(
-                        spec.id.clone(),
-                        Assignment {
-                            node: node.clone(),
-                            resources: spec.resources,
-                        },
-                    );
-                }
-            }
+        let waiting: Vec<(InstanceId, Resources, Option<Ipv4Addr>)> = self
+            .desired
+            .iter()
+            .flat_map(|d| d.specs.values())
+            .filter(|s| s.node.as_ref() == Some(&node) && !self.assignments.contains_key(&s.id))
+            .map(|s| (s.id.clone(), s.resources, s.private_ip))
+            .collect();
+        for (id, resources, hint) in waiting {
+            self.assign(&id, node.clone(), resources, hint);
         }
         Registered {
             reports,
@@ -479,14 +561,10 @@ impl ZoneState {
                 if let Some(prev) = self.assignments.get(&id).filter(|a| &a.node != node) {
                     tracing::warn!(instance = %id, from = %prev.node, to = %node, "instance reported by another node; following the node");
                 }
-                self.assignments.insert(
-                    id.clone(),
-                    Assignment {
-                        node: node.clone(),
-                        resources,
-                    },
-                );
+                let hint = self.address_hint(&id);
+                self.assign(&id, node.clone(), resources, hint);
             }
+            report.private_ip = self.address(&id);
             self.reports.insert(id, report.clone());
             out.push(report);
         }
@@ -507,7 +585,7 @@ impl ZoneState {
         let finished: Vec<InstanceId> = reports.keys().filter(|id| gone(id)).cloned().collect();
         for id in finished {
             self.reports.remove(&id);
-            self.assignments.remove(&id);
+            self.unassign(&id);
         }
     }
 
@@ -519,10 +597,13 @@ impl ZoneState {
         let instances = d
             .specs
             .values()
-            .filter(|s| self.assignments.get(&s.id).is_some_and(|a| &a.node == node))
-            .map(|s| InstanceSpec {
-                node: Some(node.clone()),
-                ..s.clone()
+            .filter_map(|s| {
+                let a = self.assignments.get(&s.id).filter(|a| &a.node == node)?;
+                Some(InstanceSpec {
+                    node: Some(node.clone()),
+                    private_ip: a.private_ip,
+                    ..s.clone()
+                })
             })
             .collect();
         Some(NodePush {
@@ -561,6 +642,7 @@ mod tests {
             desired: PowerState::Running,
             reboot_seq: 0,
             start_seq: 0,
+            private_ip: None,
             node: None,
             boot: Default::default(),
         }
@@ -596,12 +678,17 @@ mod tests {
             state,
             reason: None,
             reboot_seq: 0,
+            private_ip: None,
         }
     }
 
     /// A zone with the given nodes (name, memory), all heartbeating at `now`.
     fn zone_with(nodes: &[(&str, u64)], now: Moment) -> ZoneState {
-        let mut z = ZoneState::new(ZoneName::parse("z-1").expect("zone"), TIMEOUT);
+        let mut z = ZoneState::new(
+            ZoneName::parse("z-1").expect("zone"),
+            TIMEOUT,
+            Ipv4Subnet::parse("10.9.0.0/28").expect("subnet"),
+        );
         for (name, mem) in nodes {
             z.register_node(registration(name, *mem, Vec::new()), now);
         }
@@ -661,6 +748,79 @@ mod tests {
         );
         assert_eq!(push_for(&plan, "a").instances.len(), 1);
         assert_eq!(allocated(&z, "b", now), Resources::new(2, 4096, 20));
+    }
+
+    #[test]
+    fn instances_get_unique_addresses_kept_across_a_cc_restart_until_the_subnet_is_full() {
+        let now = Moment::now();
+        let ip = |n: u8| std::net::Ipv4Addr::new(10, 9, 0, n);
+        let mut z = zone_with(&[("a", 1 << 20), ("b", 1 << 20)], now);
+        let plan = applied(z.apply_desired(doc(1, (1..=3).map(|n| spec(n, 1)).collect()), now));
+        let given: Vec<_> = (1..=3).map(|n| z.address(&iid(n))).collect();
+        // The subnet's first hosts are the router's and reserved, as on AWS.
+        assert_eq!(given, vec![Some(ip(4)), Some(ip(5)), Some(ip(6))]);
+        // Each node's document carries its instances' addresses.
+        for push in &plan.pushes {
+            assert!(
+                push.doc
+                    .instances
+                    .iter()
+                    .all(|s| s.private_ip == z.address(&s.id))
+            );
+        }
+        // Reports go up with the address.
+        let placed_on = z.assignment(&iid(2)).cloned().expect("placed");
+        let fwd = z
+            .observe(&placed_on, vec![report(2, InstanceState::Running)], now)
+            .expect("known node");
+        assert_eq!(fwd[0].private_ip, Some(ip(5)));
+
+        // A restarted CC gets the CLC's hints (node and address) and keeps both, whatever
+        // order they come in.
+        let mut restarted = zone_with(&[("a", 1 << 20), ("b", 1 << 20)], now);
+        let hinted: Vec<InstanceSpec> = (1..=3u64)
+            .rev()
+            .map(|n| InstanceSpec {
+                node: z.assignment(&iid(n)).cloned(),
+                private_ip: z.address(&iid(n)),
+                ..spec(n, 1)
+            })
+            .collect();
+        applied(restarted.apply_desired(doc(7, hinted), now));
+        for n in 1..=3 {
+            assert_eq!(
+                restarted.address(&iid(n)),
+                z.address(&iid(n)),
+                "instance {n}"
+            );
+        }
+
+        // A /28 has 11 addresses: 3 taken, 8 more placed, the ninth refused for want of one.
+        let plan = applied(z.apply_desired(doc(2, (1..=12).map(|n| spec(n, 1)).collect()), now));
+        assert_eq!(plan.placed.len(), 8);
+        let refused: Vec<&InstanceReport> = plan
+            .reports
+            .iter()
+            .filter(|r| r.state == InstanceState::Terminated)
+            .collect();
+        assert_eq!(refused.len(), 1);
+        let why = &refused[0].reason.as_ref().expect("a reason").message;
+        assert!(why.contains("no free address"), "{why}");
+        let addresses: BTreeSet<_> = (1..=12).filter_map(|n| z.address(&iid(n))).collect();
+        assert_eq!(addresses.len(), 11, "unique");
+
+        // A terminated instance the CLC no longer lists frees its address for the next.
+        let freed = z.address(&iid(1)).expect("has one");
+        z.observe(
+            &z.assignment(&iid(1)).cloned().expect("placed"),
+            vec![report(1, InstanceState::Terminated)],
+            now,
+        )
+        .expect("known node");
+        applied(z.apply_desired(doc(3, (2..=11).map(|n| spec(n, 1)).collect()), now));
+        assert_eq!(z.address(&iid(1)), None);
+        applied(z.apply_desired(doc(4, (2..=12).map(|n| spec(n, 1)).collect()), now));
+        assert_eq!(z.address(&iid(12)), Some(freed));
     }
 
     #[test]

@@ -54,6 +54,16 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
     let image_id =
         ImageId::parse(&spec.image_id).map_err(|e| invalid(format!("instance {id}: {e}")))?;
     let desired = power_state_from_proto(spec.desired, &id)?;
+    let private_ip = if spec.private_ip.is_empty() {
+        None
+    } else {
+        Some(spec.private_ip.parse().map_err(|_| {
+            invalid(format!(
+                "instance {id}: private_ip {:?} is not an IPv4 address",
+                spec.private_ip
+            ))
+        })?)
+    };
     Ok(DesiredInstance {
         instance_id: id,
         instance_type: spec.instance_type,
@@ -64,6 +74,7 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
         desired,
         reboot_seq: spec.reboot_seq,
         start_seq: spec.start_seq,
+        private_ip,
         boot,
     })
 }
@@ -118,6 +129,8 @@ pub fn report_to_proto(report: &InstanceReport, node_id: &NodeId) -> pb::Instanc
         reason_code,
         reason_message,
         reboot_seq: report.reboot_seq,
+        // The CC sets it: addresses are the CC's.
+        private_ip: String::new(),
     }
 }
 
@@ -144,6 +157,7 @@ mod tests {
             desired: pb::PowerState::Running as i32,
             reboot_seq: 3,
             start_seq: 2,
+            private_ip: "172.16.0.9".into(),
             node_id: "node-1".into(),
             image: Some(pb::ImageRef {
                 image_id: AMI.into(),
@@ -165,6 +179,7 @@ mod tests {
         assert_eq!(d.key_name, None);
         assert_eq!(d.reboot_seq, 3);
         assert_eq!(d.start_seq, 2);
+        assert_eq!(d.private_ip, Some("172.16.0.9".parse().unwrap()));
         let domain = d.domain_spec();
         assert_eq!(
             domain.kernel_cmdline_extra,

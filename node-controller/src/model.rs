@@ -36,6 +36,9 @@ pub struct DesiredInstance {
     /// Bumped by every StartInstances: a larger value than the agent has seen is a new
     /// start, which restarts a guest that had stopped on its own.
     pub start_seq: u64,
+    /// Its private address, given by the zone's CC: the metadata service knows the
+    /// instance by it.
+    pub private_ip: Option<std::net::Ipv4Addr>,
     /// The image bytes it boots from.
     pub boot: BootImages,
 }

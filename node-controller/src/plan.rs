@@ -366,6 +366,7 @@ mod tests {
             desired,
             reboot_seq,
             start_seq: 0,
+            private_ip: None,
             boot: Default::default(),
         }
     }

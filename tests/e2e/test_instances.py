@@ -71,6 +71,28 @@ def test_instances_reach_running(cloud, launcher):
     assert res[0]["OwnerId"] == resp["OwnerId"]
 
 
+def test_running_instances_have_unique_private_addresses_from_their_zones_subnet(cloud, launcher):
+    import ipaddress
+    # `canopy dev` gives its zones 172.16.0.0/16, 172.17.0.0/16, ... in order.
+    subnets = {z: ipaddress.ip_network(f"172.{16 + n}.0.0/16") for n, z in enumerate(cloud.zones)}
+    ids = launcher.run_ids(3, Placement={"AvailabilityZone": cloud.zones[-1]})
+    ids += launcher.run_ids(2, Placement={"AvailabilityZone": cloud.zones[0]})
+    cloud.wait("instance_running", InstanceIds=ids)
+    described = cloud.instances(InstanceIds=ids)
+    addresses = [inst["PrivateIpAddress"] for inst in described]
+    assert len(set(addresses)) == len(ids), addresses
+    for inst in described:
+        assert ipaddress.ip_address(inst["PrivateIpAddress"]) in subnets[inst["Placement"]["AvailabilityZone"]]
+    one = described[0]
+    found = cloud.instances(Filters=[launcher.filter,
+                                     {"Name": "private-ip-address", "Values": [one["PrivateIpAddress"]]}])
+    assert [i["InstanceId"] for i in found] == [one["InstanceId"]]
+    # A terminated instance no longer shows an address.
+    cloud.ec2.terminate_instances(InstanceIds=[one["InstanceId"]])
+    cloud.wait("instance_terminated", InstanceIds=[one["InstanceId"]])
+    assert "PrivateIpAddress" not in cloud.instances(InstanceIds=[one["InstanceId"]])[0]
+
+
 def test_describe_instances_filters(cloud, launcher):
     micro_resp = launcher.run(
         2, InstanceType="t2.micro", Placement={"AvailabilityZone": "canopy-1a"},

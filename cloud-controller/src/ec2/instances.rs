@@ -498,6 +498,9 @@ impl Filterable for Instance {
             "root-device-type" => one("instance-store".into()),
             "virtualization-type" => one("hvm".into()),
             "private-dns-name" => one(render::private_dns(self)),
+            "private-ip-address" | "network-interface.addresses.private-ip-address" => {
+                Some(self.private_ip.iter().map(|ip| ip.to_string()).collect())
+            }
             "state-reason-code" => Some(self.state_reason.iter().map(|r| r.code.clone()).collect()),
             "launch-time" => one(timestamp(self.launch_time)),
             "instance.group-id" | "group-id" => Some(
@@ -619,6 +622,7 @@ fn probe_instance() -> Instance {
         disable_api_termination: false,
         disable_api_stop: false,
         security_groups: vec![],
+        private_ip: None,
     }
 }
 

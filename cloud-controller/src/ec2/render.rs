@@ -33,6 +33,11 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         private_dns(i)
     };
     w.elem("privateDnsName", &dns)
+        .opt_elem(
+            "privateIpAddress",
+            i.private_ip
+                .filter(|_| i.state != InstanceState::Terminated),
+        )
         .elem("dnsName", "")
         .elem("reason", &i.transition_reason)
         .opt_elem("keyName", i.key_name.as_ref())

@@ -567,24 +567,42 @@ async fn observe(
         let Some(inst) = found.get(&obs.instance_id).filter(|i| &i.zone == zone) else {
             continue;
         };
-        let mut row = |update: Option<StateUpdate<'_>>, node: Option<&str>| {
+        let mut row = |update: Option<StateUpdate<'_>>, node: Option<&str>, ip: Option<String>| {
             let at = *row_of.entry(&inst.instance_id).or_insert_with(|| {
-                rows.push(serde_json::json!([inst.instance_id.as_str(), null, null]));
+                rows.push(serde_json::json!([
+                    inst.instance_id.as_str(),
+                    null,
+                    null,
+                    null
+                ]));
                 rows.len() - 1
             });
             if let Some(node) = node {
                 rows[at][1] = node.into();
+            }
+            if let Some(ip) = ip {
+                rows[at][3] = ip.into();
             }
             if let Some(update) = update {
                 rows[at][2] = update.into_json();
             }
         };
         let node_changed = obs.node_id.is_some() && obs.node_id != inst.node_id;
-        if node_changed {
-            row(None, obs.node_id.as_ref().map(|n| n.as_str()));
+        let ip_changed = obs.private_ip.is_some() && obs.private_ip != inst.private_ip;
+        if node_changed || ip_changed {
+            row(
+                None,
+                obs.node_id
+                    .as_ref()
+                    .filter(|_| node_changed)
+                    .map(|n| n.as_str()),
+                obs.private_ip
+                    .filter(|_| ip_changed)
+                    .map(|ip| ip.to_string()),
+            );
         }
         if obs.state == inst.state {
-            changed += usize::from(node_changed);
+            changed += usize::from(node_changed || ip_changed);
             continue;
         }
         let Ok(next) = transition(inst.state, LifecycleEvent::Observed(obs.state)) else {
@@ -646,6 +664,7 @@ async fn observe(
                 at,
             }),
             None,
+            None,
         );
         changed += 1;
     }
@@ -662,7 +681,8 @@ async fn observe(
                 state_reason_message = iif(j.value ->> '$[2]' IS NULL, state_reason_message, j.value ->> '$[2][4]'),
                 transition_reason = coalesce(j.value ->> '$[2][5]', transition_reason),
                 state_changed_at = coalesce(j.value ->> '$[2][6]', state_changed_at),
-                terminated_at = iif(j.value ->> '$[2]' IS NULL, terminated_at, j.value ->> '$[2][7]')
+                terminated_at = iif(j.value ->> '$[2]' IS NULL, terminated_at, j.value ->> '$[2][7]'),
+                private_ip = coalesce(j.value ->> '$[3]', private_ip)
              FROM json_each(?) j
              WHERE instances.instance_id = j.value ->> '$[0]';
              UPDATE zones SET generation = generation + 1 WHERE ? AND zone = ?;",

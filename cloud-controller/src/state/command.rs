@@ -267,6 +267,7 @@ impl NewInstance {
             disable_api_termination: false,
             disable_api_stop: false,
             security_groups: self.security_groups.clone(),
+            private_ip: None,
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {
@@ -308,6 +309,9 @@ pub struct Observation {
     pub node_id: Option<NodeId>,
     pub state: InstanceState,
     pub reason: Option<StateReason>,
+    /// The address the zone's CC gave the instance.
+    #[serde(default)]
+    pub private_ip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,7 @@ struct InstanceRow {
     disable_api_termination: bool,
     disable_api_stop: bool,
     security_groups: Vec<(String, String)>,
+    private_ip: Option<String>,
 }
 
 impl InstanceRow {
@@ -122,6 +123,7 @@ impl InstanceRow {
             ramdisk_id: self.ramdisk_id.as_deref().map(parse).transpose()?,
             disable_api_termination: self.disable_api_termination,
             disable_api_stop: self.disable_api_stop,
+            private_ip: self.private_ip.as_deref().map(parse).transpose()?,
             security_groups: self
                 .security_groups
                 .into_iter()
@@ -139,7 +141,7 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false')), \
      json((SELECT json_group_array(json_array(g.group_id, coalesce(s.group_name, '')) ORDER BY g.position) \
            FROM instance_security_groups g LEFT JOIN security_groups s ON s.group_id = g.group_id \
-           WHERE g.instance_id = folded.instance_id))";
+           WHERE g.instance_id = folded.instance_id)), private_ip";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -302,6 +304,7 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<String>,
         );
         // The images' content comes from the cached catalogue, not from a join per row: a
         // document is read many times a second under load.
@@ -317,7 +320,7 @@ impl Store {
             &mut conn,
             "instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id,
              iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, start_seq, node_id,
-             kernel_id, ramdisk_id",
+             kernel_id, ramdisk_id, private_ip",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
         )
@@ -339,6 +342,7 @@ impl Store {
                     node,
                     kernel,
                     ramdisk,
+                    private_ip,
                 )| {
                     Ok(DesiredSpec {
                         instance_id: parse(&id)?,
@@ -361,6 +365,7 @@ impl Store {
                         })?,
                         reboot_seq: u64::try_from(reboot).unwrap_or_default(),
                         start_seq: u64::try_from(start).unwrap_or_default(),
+                        private_ip: private_ip.as_deref().map(parse).transpose()?,
                         node_id: node.as_deref().map(parse).transpose()?,
                     })
                 },
@@ -427,18 +432,21 @@ impl Store {
     ) -> Result<HashMap<InstanceId, Whereabouts>, StateError> {
         let ids_json = json_list(ids.iter().map(InstanceId::as_str))?;
         let mut conn = self.pool().acquire().await?;
-        let rows: Vec<(String, String, Option<String>, String)> = fetch_folded(
+        // (id, zone, node, state, private address)
+        type Row = (String, String, Option<String>, String, Option<String>);
+        let rows: Vec<Row> = fetch_folded(
             &mut conn,
-            "instance_id, zone, node_id, state",
+            "instance_id, zone, node_id, state, private_ip",
             "FROM instances WHERE instance_id IN (SELECT value FROM json_each(?))",
             &[&ids_json],
         )
         .await?;
         rows.into_iter()
-            .map(|(id, zone, node, state)| {
+            .map(|(id, zone, node, state, private_ip)| {
                 Ok((
                     parse(&id)?,
                     Whereabouts {
+                        private_ip: private_ip.as_deref().map(parse).transpose()?,
                         zone: parse(&zone)?,
                         node_id: node.as_deref().map(parse).transpose()?,
                         state: InstanceState::from_name(&state).ok_or_else(|| {

@@ -141,6 +141,7 @@ impl Fixture {
                     node_id: Some(NodeId::parse("node-1").unwrap()),
                     state,
                     reason: None,
+                    private_ip: None,
                 }],
                 at: t(10),
             })
@@ -450,6 +451,7 @@ async fn the_reason_of_a_stop_survives_the_reports_that_finish_it() {
                     code: "Client.UserInitiatedShutdown".into(),
                     message: "x".into(),
                 }),
+                private_ip: None,
             }],
             at: t(11),
         })
@@ -570,6 +572,7 @@ async fn one_report_places_and_moves_many_instances_each_judged_as_the_report_fo
             code: "Node.Note".into(),
             message: "from the node".into(),
         }),
+        private_ip: None,
     };
     let out = f
         .store
@@ -658,7 +661,8 @@ async fn folded_reads_give_back_what_was_written() {
         Whereabouts {
             zone: f.zone.clone(),
             node_id: None,
-            state: InstanceState::Pending
+            state: InstanceState::Pending,
+            private_ip: None,
         }
     );
     assert_eq!(
@@ -666,7 +670,8 @@ async fn folded_reads_give_back_what_was_written() {
         Whereabouts {
             zone: f.zone.clone(),
             node_id: Some(NodeId::parse("node-1").unwrap()),
-            state: InstanceState::Running
+            state: InstanceState::Running,
+            private_ip: None,
         }
     );
     assert!(
@@ -910,4 +915,60 @@ async fn key_pairs_are_unique_by_name_per_account_tagged_by_id_and_deleted_as_ec
         })
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_private_address_a_cc_reports_is_kept_shown_and_sent_back_to_the_zone() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    let ip: std::net::Ipv4Addr = "172.16.0.4".parse().unwrap();
+    let observe = |state, private_ip| Command::ObserveInstances {
+        zone: f.zone.clone(),
+        observations: vec![Observation {
+            instance_id: id.clone(),
+            node_id: Some(NodeId::parse("node-1").unwrap()),
+            state,
+            reason: None,
+            private_ip,
+        }],
+        at: t(10),
+    };
+    // A report that changes nothing but the address still counts as a change.
+    f.store
+        .apply(&observe(InstanceState::Pending, None))
+        .await
+        .unwrap();
+    let out = f
+        .store
+        .apply(&observe(InstanceState::Pending, Some(ip)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, Outcome::Observed { changed: 1, .. }),
+        "{out:?}"
+    );
+    assert_eq!(f.all().await[0].private_ip, Some(ip));
+    // A later report without one keeps it.
+    f.store
+        .apply(&observe(InstanceState::Running, None))
+        .await
+        .unwrap();
+    let inst = &f.all().await[0];
+    assert_eq!(
+        (inst.state, inst.private_ip),
+        (InstanceState::Running, Some(ip))
+    );
+    assert_eq!(
+        f.store
+            .whereabouts(std::slice::from_ref(&id))
+            .await
+            .unwrap()[&id]
+            .private_ip,
+        Some(ip)
+    );
+    assert_eq!(
+        f.store.desired_specs(&f.zone).await.unwrap()[0].private_ip,
+        Some(ip)
+    );
 }

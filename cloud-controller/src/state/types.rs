@@ -3,6 +3,8 @@ use canopy_common::{
     NodeId, PowerState, ReservationId, Resources, SecurityGroupId, SecurityGroupRuleId,
     Sha256Digest, ZoneName,
 };
+use std::net::Ipv4Addr;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -201,6 +203,8 @@ pub struct Instance {
     pub disable_api_stop: bool,
     /// The security groups it was launched with: (id, name), in launch order.
     pub security_groups: Vec<(SecurityGroupId, String)>,
+    /// Its address in the zone's subnet, once its CC has placed it.
+    pub private_ip: Option<Ipv4Addr>,
 }
 
 /// Where an instance runs and in which state, as the CLC last recorded it: what a node's
@@ -210,6 +214,7 @@ pub struct Whereabouts {
     pub zone: ZoneName,
     pub node_id: Option<NodeId>,
     pub state: InstanceState,
+    pub private_ip: Option<Ipv4Addr>,
 }
 
 /// What a zone's cluster controller is told about one instance: its desired state, in the
@@ -228,6 +233,8 @@ pub struct DesiredSpec {
     /// only for a start it has not seen yet.
     pub start_seq: u64,
     pub node_id: Option<NodeId>,
+    /// The address its CC gave it (sent back so that a restarted CC keeps it).
+    pub private_ip: Option<Ipv4Addr>,
     /// The bytes the instance boots from, where the images have content.
     pub boot: BootImages,
 }
