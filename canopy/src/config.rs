@@ -299,6 +299,9 @@ pub struct NcFile {
     pub state_dir: String,
     /// libvirt: the image cache's bound.
     pub image_cache_gib: u64,
+    /// Where the instance metadata service listens for this node's guests, normally
+    /// "169.254.169.254:80" on the guests' network; unset: not served.
+    pub metadata_listen: Option<String>,
 }
 
 impl Default for NcFile {
@@ -321,6 +324,7 @@ impl Default for NcFile {
             accelerator: "auto".into(),
             state_dir: "/var/lib/canopy/nc".into(),
             image_cache_gib: 20,
+            metadata_listen: None,
         }
     }
 }
@@ -344,6 +348,11 @@ impl NcFile {
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
             stop_timeout: secs("stop_timeout_secs", self.stop_timeout_secs)?,
+            metadata_listen: self
+                .metadata_listen
+                .as_deref()
+                .map(|a| parse_addr("metadata_listen", a))
+                .transpose()?,
         })
     }
 

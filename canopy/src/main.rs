@@ -237,6 +237,10 @@ struct NcArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     image_cache_gib: Option<u64>,
+    /// Serve the instance metadata service to this node's guests here (e.g. 169.254.169.254:80).
+    #[arg(long, env = "CANOPY_METADATA_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata_listen: Option<String>,
 }
 
 #[derive(clap::Args)]

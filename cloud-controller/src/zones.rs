@@ -517,7 +517,7 @@ fn state_from_proto(s: pb::ObservedState) -> Option<InstanceState> {
     })
 }
 
-fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
+fn spec_to_proto(i: &DesiredSpec, region: &str) -> pb::InstanceSpec {
     let mut spec = pb::InstanceSpec {
         instance_id: i.instance_id.to_string(),
         instance_type: i.instance_type.clone(),
@@ -537,6 +537,12 @@ fn spec_to_proto(i: &DesiredSpec) -> pb::InstanceSpec {
         reboot_seq: i.reboot_seq,
         start_seq: i.start_seq,
         private_ip: i.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        metadata: Some(canopy_proto::convert::metadata_to_proto(
+            &canopy_common::InstanceMetadata {
+                region: region.to_owned(),
+                ..i.metadata.clone()
+            },
+        )),
         node_id: i
             .node_id
             .as_ref()
@@ -643,7 +649,10 @@ async fn reconcile_once(
         let doc = pb::ZoneDesiredState {
             zone: zone.zone.to_string(),
             generation: zone.generation,
-            instances: instances.iter().map(spec_to_proto).collect(),
+            instances: instances
+                .iter()
+                .map(|i| spec_to_proto(i, clc.config.region.as_str()))
+                .collect(),
         };
         let mut client = match clc.cc_clients.get(&endpoint) {
             Ok(c) => c,

@@ -130,6 +130,7 @@ pub fn instance_spec_from_proto(mut s: pb::InstanceSpec) -> Result<InstanceSpec,
         reboot_seq: s.reboot_seq,
         start_seq: s.start_seq,
         private_ip: opt_ip(&s.private_ip)?,
+        metadata: canopy_proto::convert::metadata_from_proto(s.metadata),
         id,
         boot,
     })
@@ -152,6 +153,7 @@ pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
         reboot_seq: s.reboot_seq,
         start_seq: s.start_seq,
         private_ip: s.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        metadata: Some(canopy_proto::convert::metadata_to_proto(&s.metadata)),
         node_id: s.node.as_ref().map(ToString::to_string).unwrap_or_default(),
         ..Default::default()
     };

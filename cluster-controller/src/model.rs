@@ -64,6 +64,8 @@ pub struct InstanceSpec {
     /// Towards the CC: the private address the CLC last heard of (kept after a CC restart).
     /// Towards a node: the address the CC gave the instance.
     pub private_ip: Option<std::net::Ipv4Addr>,
+    /// For the node's metadata service; the CC passes it on untouched.
+    pub metadata: canopy_common::InstanceMetadata,
     /// Towards the CC: the node the CLC last saw the instance on (a hint). Towards a node:
     /// the node it is assigned to.
     pub node: Option<NodeId>,

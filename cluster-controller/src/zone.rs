@@ -643,6 +643,7 @@ mod tests {
             reboot_seq: 0,
             start_seq: 0,
             private_ip: None,
+            metadata: Default::default(),
             node: None,
             boot: Default::default(),
         }

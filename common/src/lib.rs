@@ -7,6 +7,7 @@ pub mod ids;
 pub mod images;
 pub mod instance_types;
 pub mod lifecycle;
+pub mod metadata;
 pub mod net;
 pub mod placement;
 pub mod resources;
@@ -18,5 +19,6 @@ pub use ids::{
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};
 pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState};
+pub use metadata::{HttpTokens, InstanceMetadata};
 pub use net::Ipv4Subnet;
 pub use resources::Resources;

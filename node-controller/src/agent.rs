@@ -36,7 +36,9 @@ use crate::config::NcConfig;
 use crate::convert;
 use crate::error::{HypervisorError, NcError};
 use crate::hypervisor::{DomainEvent, DomainSpec, DomainState, Hypervisor};
-use crate::model::{DesiredState, InstanceReport, PutOutcome, StateReason, reason};
+use crate::model::{
+    DesiredInstance, DesiredState, InstanceReport, PutOutcome, StateReason, reason,
+};
 use crate::plan::{self, Action, Failure, InstanceMemory};
 
 /// How long one call to the CC may take, connection included.
@@ -129,6 +131,14 @@ pub async fn start(
     ));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
+    let metadata = match config.metadata_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NcError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let server = crate::service::serve(Arc::clone(&agent), listener, shutdown_rx.clone());
     let reconciler =
         Arc::clone(&agent).run_reconciler(config.resync_interval, events, shutdown_rx.clone());
@@ -143,12 +153,19 @@ pub async fn start(
         config.heartbeat_interval,
         shutdown_rx,
     );
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(server),
         tokio::spawn(reconciler),
         tokio::spawn(reporter),
-        tokio::spawn(session),
     ];
+    if let Some(listener) = metadata {
+        tasks.push(tokio::spawn(crate::metadata::serve(
+            listener,
+            Arc::clone(&agent) as Arc<dyn crate::metadata::InstanceByAddress>,
+            shutdown.subscribe(),
+        )));
+    }
+    tasks.push(tokio::spawn(session));
     info!(node = %config.node_id, %local_addr, %advertise, cc = %config.cc_endpoint, "node controller started");
     Ok(NodeHandle {
         local_addr,
@@ -712,5 +729,19 @@ impl Agent {
             .await
             .map_err(|s| s.to_string())?;
         Ok(response.into_inner().zone)
+    }
+}
+
+impl crate::metadata::InstanceByAddress for Agent {
+    /// The desired instance of this node whose private address is `ip`.
+    fn instance_at(&self, ip: std::net::IpAddr) -> Option<DesiredInstance> {
+        let state = self.lock();
+        state
+            .desired
+            .as_ref()?
+            .instances
+            .values()
+            .find(|i| i.private_ip.map(std::net::IpAddr::V4) == Some(ip))
+            .cloned()
     }
 }

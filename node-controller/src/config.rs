@@ -25,6 +25,9 @@ pub struct NcConfig {
     pub resync_interval: Duration,
     /// How long a graceful (ACPI) stop may take before the domain is forced off.
     pub stop_timeout: Duration,
+    /// Where the instance metadata service listens for this node's guests (normally
+    /// `169.254.169.254:80` on the guests' network); `None`: not served.
+    pub metadata_listen: Option<SocketAddr>,
 }
 
 impl NcConfig {
@@ -45,6 +48,7 @@ impl NcConfig {
             heartbeat_interval: Self::DEFAULT_HEARTBEAT_INTERVAL,
             resync_interval: Self::DEFAULT_RESYNC_INTERVAL,
             stop_timeout: Self::DEFAULT_STOP_TIMEOUT,
+            metadata_listen: None,
         }
     }
 

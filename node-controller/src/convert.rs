@@ -75,6 +75,7 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
         reboot_seq: spec.reboot_seq,
         start_seq: spec.start_seq,
         private_ip,
+        metadata: canopy_proto::convert::metadata_from_proto(spec.metadata),
         boot,
     })
 }
@@ -158,6 +159,12 @@ mod tests {
             reboot_seq: 3,
             start_seq: 2,
             private_ip: "172.16.0.9".into(),
+            metadata: Some(pb::InstanceMetadata {
+                account_id: "123456789012".into(),
+                public_key: "ssh-ed25519 AAAA k".into(),
+                http_tokens_required: true,
+                ..Default::default()
+            }),
             node_id: "node-1".into(),
             image: Some(pb::ImageRef {
                 image_id: AMI.into(),
@@ -180,6 +187,10 @@ mod tests {
         assert_eq!(d.reboot_seq, 3);
         assert_eq!(d.start_seq, 2);
         assert_eq!(d.private_ip, Some("172.16.0.9".parse().unwrap()));
+        assert_eq!(d.metadata.account_id, "123456789012");
+        assert_eq!(d.metadata.public_key.as_deref(), Some("ssh-ed25519 AAAA k"));
+        assert_eq!(d.metadata.http_tokens, canopy_common::HttpTokens::Required);
+        assert!(d.metadata.http_endpoint_enabled);
         let domain = d.domain_spec();
         assert_eq!(
             domain.kernel_cmdline_extra,

@@ -28,6 +28,7 @@ pub mod image_cache;
 pub mod image_fetch;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod metadata;
 pub mod model;
 pub mod plan;
 mod service;

@@ -39,6 +39,8 @@ pub struct DesiredInstance {
     /// Its private address, given by the zone's CC: the metadata service knows the
     /// instance by it.
     pub private_ip: Option<std::net::Ipv4Addr>,
+    /// The rest of what the metadata service serves.
+    pub metadata: canopy_common::InstanceMetadata,
     /// The image bytes it boots from.
     pub boot: BootImages,
 }

@@ -367,6 +367,7 @@ mod tests {
             reboot_seq,
             start_seq: 0,
             private_ip: None,
+            metadata: Default::default(),
             boot: Default::default(),
         }
     }

@@ -10,7 +10,9 @@ pub mod v1 {
 
 /// Conversions every tier shares for messages that carry only `canopy-common` types.
 pub mod convert {
-    use canopy_common::{BootImages, ImageId, ImageRef, Sha256Digest};
+    use canopy_common::{
+        BootImages, HttpTokens, ImageId, ImageRef, InstanceMetadata, Sha256Digest,
+    };
 
     use crate::v1 as pb;
 
@@ -39,6 +41,47 @@ pub mod convert {
             kernel: take(spec.kernel.take())?,
             ramdisk: take(spec.ramdisk.take())?,
         })
+    }
+
+    pub fn metadata_to_proto(m: &InstanceMetadata) -> pb::InstanceMetadata {
+        pb::InstanceMetadata {
+            account_id: m.account_id.clone(),
+            reservation_id: m.reservation_id.clone(),
+            launch_index: m.launch_index,
+            zone: m.zone.clone(),
+            region: m.region.clone(),
+            public_key: m.public_key.clone().unwrap_or_default(),
+            security_groups: m.security_groups.clone(),
+            launch_time: m.launch_time.clone(),
+            kernel_id: m.kernel_id.clone().unwrap_or_default(),
+            ramdisk_id: m.ramdisk_id.clone().unwrap_or_default(),
+            http_tokens_required: m.http_tokens == HttpTokens::Required,
+            http_endpoint_disabled: !m.http_endpoint_enabled,
+        }
+    }
+
+    /// An absent message is the default: no extra metadata, IMDSv1 allowed, service on.
+    pub fn metadata_from_proto(m: Option<pb::InstanceMetadata>) -> InstanceMetadata {
+        let m = m.unwrap_or_default();
+        let some = |s: String| Some(s).filter(|s| !s.is_empty());
+        InstanceMetadata {
+            account_id: m.account_id,
+            reservation_id: m.reservation_id,
+            launch_index: m.launch_index,
+            zone: m.zone,
+            region: m.region,
+            public_key: some(m.public_key),
+            security_groups: m.security_groups,
+            launch_time: m.launch_time,
+            kernel_id: some(m.kernel_id),
+            ramdisk_id: some(m.ramdisk_id),
+            http_tokens: if m.http_tokens_required {
+                HttpTokens::Required
+            } else {
+                HttpTokens::Optional
+            },
+            http_endpoint_enabled: !m.http_endpoint_disabled,
+        }
     }
 
     /// Sets the `image`, `kernel` and `ramdisk` fields of an `InstanceSpec`.

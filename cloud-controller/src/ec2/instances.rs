@@ -18,8 +18,8 @@ use super::paging::{self, paginate};
 use super::{ApiError, Ctx, render};
 use crate::scheduler::{self, Decision, LaunchRequest};
 use crate::state::{
-    BootImageError, Command, Instance, InstanceAction, InstanceChange, InstanceFilter, NewInstance,
-    Outcome, Tag,
+    BootImageError, Command, Instance, InstanceAction, InstanceChange, InstanceFilter,
+    MetadataOptions, NewInstance, Outcome, Tag,
 };
 use crate::zones::zone_snapshots;
 
@@ -245,6 +245,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             "A ramdisk needs a kernel: give KernelId too",
         ));
     }
+    let metadata_options = metadata_options(p, MetadataOptions::default())?;
     // The key's public half goes with the instance: deleting the key pair later does not
     // take it from the instance (as on EC2).
     let public_key = match &key_name {
@@ -386,6 +387,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
                 key_name: key_name.clone(),
                 public_key: public_key.clone(),
                 security_groups: security_groups.clone(),
+                metadata_options,
                 user_data: user_data.clone(),
                 kernel_id: kernel_id.clone(),
                 ramdisk_id: ramdisk_id.clone(),
@@ -623,6 +625,7 @@ fn probe_instance() -> Instance {
         disable_api_stop: false,
         security_groups: vec![],
         private_ip: None,
+        metadata_options: MetadataOptions::default(),
     }
 }
 
@@ -954,5 +957,76 @@ pub async fn modify_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
         .await?;
     let mut w = XmlWriter::response("ModifyInstanceAttribute", &ctx.request_id);
     w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+/// `MetadataOptions.*` of RunInstances (or the same names at the top of
+/// ModifyInstanceMetadataOptions, `prefix` ""): what is not given stays as in `current`.
+fn metadata_options_under(
+    p: &canopy_ec2_wire::params::Params,
+    prefix: &str,
+    current: MetadataOptions,
+) -> Result<MetadataOptions, ApiError> {
+    let mut o = current;
+    match p
+        .get(&format!("{prefix}HttpTokens"))
+        .filter(|v| !v.is_empty())
+    {
+        None => {}
+        Some("required") => o.tokens_required = true,
+        Some("optional") => o.tokens_required = false,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "Value ({other}) for parameter HttpTokens is invalid. Expected 'required' or 'optional'."
+            )));
+        }
+    }
+    match p
+        .get(&format!("{prefix}HttpEndpoint"))
+        .filter(|v| !v.is_empty())
+    {
+        None => {}
+        Some("enabled") => o.endpoint_disabled = false,
+        Some("disabled") => o.endpoint_disabled = true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "Value ({other}) for parameter HttpEndpoint is invalid. Expected 'enabled' or 'disabled'."
+            )));
+        }
+    }
+    if let Some(hops) = p.int::<i64>(&format!("{prefix}HttpPutResponseHopLimit"))?
+        && !(1..=64).contains(&hops)
+    {
+        return Err(ApiError::invalid(format!(
+            "Value ({hops}) for parameter HttpPutResponseHopLimit is invalid. Expected 1 to 64."
+        )));
+    }
+    Ok(o)
+}
+
+fn metadata_options(
+    p: &canopy_ec2_wire::params::Params,
+    current: MetadataOptions,
+) -> Result<MetadataOptions, ApiError> {
+    metadata_options_under(p, "MetadataOptions.", current)
+}
+
+/// ModifyInstanceMetadataOptions: HttpTokens and HttpEndpoint, applied at once (the node's
+/// metadata service follows with the next desired state).
+pub async fn modify_instance_metadata_options(ctx: &Ctx) -> Result<String, ApiError> {
+    let id = parse_instance_id(ctx.params.required("InstanceId")?)?;
+    let inst = one_instance(ctx, &id).await?;
+    let options = metadata_options_under(&ctx.params, "", inst.metadata_options)?;
+    ctx.dry_run()?;
+    ctx.clc
+        .submit(Command::ModifyInstance {
+            account_id: ctx.account.clone(),
+            instance_id: id.clone(),
+            change: InstanceChange::MetadataOptions(options),
+        })
+        .await?;
+    let mut w = XmlWriter::response("ModifyInstanceMetadataOptions", &ctx.request_id);
+    w.elem("instanceId", &id);
+    render::metadata_options(&mut w, "instanceMetadataOptions", options);
     Ok(w.finish())
 }

@@ -200,6 +200,7 @@ async fn handle_inner(
         "GetConsoleOutput" => instances::get_console_output(&ctx).await,
         "DescribeInstanceAttribute" => instances::describe_instance_attribute(&ctx).await,
         "ModifyInstanceAttribute" => instances::modify_instance_attribute(&ctx).await,
+        "ModifyInstanceMetadataOptions" => instances::modify_instance_metadata_options(&ctx).await,
         "DescribeImages" => catalog::describe_images(&ctx).await,
         "RegisterImage" => catalog::register_image(&ctx).await,
         "DeregisterImage" => catalog::deregister_image(&ctx).await,

@@ -22,6 +22,18 @@ pub fn private_dns(i: &Instance) -> String {
     format!("{}.{}.compute.internal", i.instance_id, i.zone)
 }
 
+/// EC2's `InstanceMetadataOptionsResponse`.
+pub fn metadata_options(w: &mut XmlWriter, name: &str, o: crate::state::MetadataOptions) {
+    w.nested(name, |w| {
+        w.elem("state", "applied")
+            .elem("httpTokens", o.http_tokens())
+            .elem("httpPutResponseHopLimit", 1)
+            .elem("httpEndpoint", o.http_endpoint())
+            .elem("httpProtocolIpv6", "disabled")
+            .elem("instanceMetadataTags", "disabled");
+    });
+}
+
 /// EC2's `Instance` shape, as DescribeInstances and RunInstances return it.
 pub fn instance(w: &mut XmlWriter, i: &Instance) {
     w.elem("instanceId", &i.instance_id)
@@ -82,5 +94,6 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
         .elem("platformDetails", "Linux/UNIX")
         .elem("usageOperation", "RunInstances")
         .elem("currentInstanceBootMode", "legacy-bios");
+    metadata_options(w, "metadataOptions", i.metadata_options);
     tag_set(w, &i.tags);
 }

@@ -199,8 +199,9 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 sqlx::query(
                     "INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
                         vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
-                        launch_time, state_changed_at, kernel_id, ramdisk_id, public_key)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?, ?, ?, ?)",
+                        launch_time, state_changed_at, kernel_id, ramdisk_id, public_key,
+                        metadata_http_tokens, metadata_http_endpoint)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 'running', ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(inst.instance_id.as_str())
                 .bind(reservation_id.as_str())
@@ -220,6 +221,8 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 .bind(inst.kernel_id.as_ref().map(|i| i.as_str()))
                 .bind(inst.ramdisk_id.as_ref().map(|i| i.as_str()))
                 .bind(&inst.public_key)
+                .bind(inst.metadata_options.http_tokens())
+                .bind(inst.metadata_options.http_endpoint())
                 .execute(&mut *conn)
                 .await?;
                 for (position, (group, _)) in inst.security_groups.iter().enumerate() {
@@ -412,6 +415,11 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     sqlx::query("UPDATE instances SET disable_api_stop = ? WHERE instance_id = ?")
                         .bind(*on)
                 }
+                InstanceChange::MetadataOptions(o) => sqlx::query(
+                    "UPDATE instances SET metadata_http_tokens = ?, metadata_http_endpoint = ? WHERE instance_id = ?",
+                )
+                .bind(o.http_tokens())
+                .bind(o.http_endpoint()),
                 InstanceChange::UserData(data) => {
                     if inst.state != InstanceState::Stopped {
                         return Err(StateError::IncorrectInstanceState {
@@ -424,8 +432,11 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 }
             };
             query.bind(instance_id.as_str()).execute(&mut *conn).await?;
-            // The user data is part of the zone's desired state.
-            if matches!(change, InstanceChange::UserData(_)) {
+            // Both are part of the zone's desired state (the node's metadata service).
+            if matches!(
+                change,
+                InstanceChange::UserData(_) | InstanceChange::MetadataOptions(_)
+            ) {
                 bump_generation(conn, &inst.zone).await?;
             }
             Ok(Outcome::Done)

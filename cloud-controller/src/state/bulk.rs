@@ -238,6 +238,8 @@ async fn apply_launches(
                 inst.kernel_id.as_ref().map(|i| i.as_str()),
                 inst.ramdisk_id.as_ref().map(|i| i.as_str()),
                 inst.public_key,
+                inst.metadata_options.http_tokens(),
+                inst.metadata_options.http_endpoint(),
             ]));
             for (position, (group, _)) in inst.security_groups.iter().enumerate() {
                 group_rows.push(serde_json::json!([
@@ -277,11 +279,12 @@ async fn apply_launches(
          FROM json_each(?) ORDER BY key;
          INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
             vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
-            launch_time, state_changed_at, kernel_id, ramdisk_id, public_key)
+            launch_time, state_changed_at, kernel_id, ramdisk_id, public_key,
+            metadata_http_tokens, metadata_http_endpoint)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, unhex(value ->> 11),
             value ->> 12, 'pending', 'running', value ->> 13, value ->> 13, value ->> 14, value ->> 15,
-            value ->> 16
+            value ->> 16, value ->> 17, value ->> 18
          FROM json_each(?) ORDER BY key;
          INSERT INTO tags(resource_id, resource_type, account_id, key, value)
          SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3

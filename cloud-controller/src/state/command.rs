@@ -201,6 +201,8 @@ pub struct NewInstance {
     /// applied. Only the ids are stored: a group's name never changes.
     #[serde(default)]
     pub security_groups: Vec<(SecurityGroupId, String)>,
+    #[serde(default)]
+    pub metadata_options: super::types::MetadataOptions,
     pub user_data: Option<Vec<u8>>,
     /// The kernel and ramdisk it boots with (RunInstances' or its image's).
     #[serde(default)]
@@ -268,6 +270,7 @@ impl NewInstance {
             disable_api_stop: false,
             security_groups: self.security_groups.clone(),
             private_ip: None,
+            metadata_options: self.metadata_options,
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {
@@ -286,6 +289,8 @@ pub enum InstanceChange {
     DisableApiStop(bool),
     /// Only while the instance is stopped, as on EC2.
     UserData(Option<Vec<u8>>),
+    /// ModifyInstanceMetadataOptions.
+    MetadataOptions(super::types::MetadataOptions),
 }
 
 /// A key pair named the way DeleteKeyPair names it.

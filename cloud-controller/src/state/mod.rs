@@ -26,9 +26,9 @@ pub use security_groups::MAX_RULES_PER_DIRECTION;
 pub(crate) use store::count_applied;
 pub use store::{BootImageError, Catalog, Store};
 pub use types::{
-    Account, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair, RESOURCE_TYPE_INSTANCE,
-    Reservation, RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag,
-    Whereabouts, Zone,
+    Account, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair, MetadataOptions,
+    RESOURCE_TYPE_INSTANCE, Reservation, RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule,
+    StateReason, Tag, Whereabouts, Zone,
 };
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use canopy_common::{
-    AccountId, BootImages, ImageKind, ImageRef, InstanceId, InstanceState, PowerState,
-    ReservationId, Resources, Sha256Digest, ZoneName,
+    AccountId, BootImages, HttpTokens, ImageKind, ImageRef, InstanceId, InstanceMetadata,
+    InstanceState, PowerState, ReservationId, Resources, Sha256Digest, ZoneName,
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
@@ -78,6 +78,8 @@ struct InstanceRow {
     disable_api_stop: bool,
     security_groups: Vec<(String, String)>,
     private_ip: Option<String>,
+    metadata_http_tokens: String,
+    metadata_http_endpoint: String,
 }
 
 impl InstanceRow {
@@ -124,6 +126,10 @@ impl InstanceRow {
             disable_api_termination: self.disable_api_termination,
             disable_api_stop: self.disable_api_stop,
             private_ip: self.private_ip.as_deref().map(parse).transpose()?,
+            metadata_options: super::types::MetadataOptions {
+                tokens_required: self.metadata_http_tokens == "required",
+                endpoint_disabled: self.metadata_http_endpoint == "disabled",
+            },
             security_groups: self
                 .security_groups
                 .into_iter()
@@ -141,7 +147,8 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      json(iif(disable_api_termination, 'true', 'false')), json(iif(disable_api_stop, 'true', 'false')), \
      json((SELECT json_group_array(json_array(g.group_id, coalesce(s.group_name, '')) ORDER BY g.position) \
            FROM instance_security_groups g LEFT JOIN security_groups s ON s.group_id = g.group_id \
-           WHERE g.instance_id = folded.instance_id)), private_ip";
+           WHERE g.instance_id = folded.instance_id)), private_ip, metadata_http_tokens, \
+     metadata_http_endpoint";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -288,24 +295,34 @@ impl Store {
     /// The desired state of every instance of `zone` that is not terminated: only the
     /// columns a desired-state document carries, since it is read for every push.
     pub async fn desired_specs(&self, zone: &ZoneName) -> Result<Vec<DesiredSpec>, StateError> {
+        /// The columns below, in order.
         #[derive(serde::Deserialize)]
-        struct SpecRow(
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-            String,
-            #[serde(deserialize_with = "hex_blob")] Option<Vec<u8>>,
-            Option<String>,
-            String,
-            i64,
-            i64,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
+        struct SpecRow {
+            id: String,
+            itype: String,
+            vcpus: i64,
+            mem: i64,
+            disk: i64,
+            image: String,
+            #[serde(deserialize_with = "hex_blob")]
+            user_data: Option<Vec<u8>>,
+            key: Option<String>,
+            desired: String,
+            reboot: i64,
+            start: i64,
+            node: Option<String>,
+            kernel: Option<String>,
+            ramdisk: Option<String>,
+            private_ip: Option<String>,
+            account: String,
+            reservation: String,
+            launch_index: i64,
+            public_key: Option<String>,
+            launch_time: String,
+            groups: Vec<String>,
+            tokens_required: bool,
+            metadata_disabled: bool,
+        }
         // The images' content comes from the cached catalogue, not from a join per row: a
         // document is read many times a second under load.
         let catalog = self.catalog().await?;
@@ -320,56 +337,63 @@ impl Store {
             &mut conn,
             "instance_id, instance_type, vcpus, memory_mib, disk_gib, image_id,
              iif(user_data IS NULL, NULL, hex(user_data)), key_name, desired, reboot_seq, start_seq, node_id,
-             kernel_id, ramdisk_id, private_ip",
+             kernel_id, ramdisk_id, private_ip, account_id, reservation_id, launch_index, public_key,
+             launch_time,
+             json((SELECT json_group_array(s.group_name ORDER BY g.position)
+                   FROM instance_security_groups g JOIN security_groups s ON s.group_id = g.group_id
+                   WHERE g.instance_id = folded.instance_id)),
+             json(iif(metadata_http_tokens = 'required', 'true', 'false')),
+             json(iif(metadata_http_endpoint = 'disabled', 'true', 'false'))",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
         )
         .await?;
         rows.into_iter()
-            .map(
-                |SpecRow(
-                    id,
-                    itype,
-                    vcpus,
-                    mem,
-                    disk,
-                    image,
-                    user_data,
-                    key,
-                    desired,
-                    reboot,
-                    start,
-                    node,
-                    kernel,
-                    ramdisk,
-                    private_ip,
-                )| {
-                    Ok(DesiredSpec {
-                        instance_id: parse(&id)?,
-                        instance_type: itype,
-                        resources: Resources::new(
-                            u32::try_from(vcpus).unwrap_or_default(),
-                            u64::try_from(mem).unwrap_or_default(),
-                            u64::try_from(disk).unwrap_or_default(),
-                        ),
-                        boot: BootImages {
-                            disk: lookup(Some(&image)),
-                            kernel: lookup(kernel.as_deref()),
-                            ramdisk: lookup(ramdisk.as_deref()),
+            .map(|r| {
+                Ok(DesiredSpec {
+                    instance_id: parse(&r.id)?,
+                    instance_type: r.itype,
+                    resources: Resources::new(
+                        u32::try_from(r.vcpus).unwrap_or_default(),
+                        u64::try_from(r.mem).unwrap_or_default(),
+                        u64::try_from(r.disk).unwrap_or_default(),
+                    ),
+                    boot: BootImages {
+                        disk: lookup(Some(&r.image)),
+                        kernel: lookup(r.kernel.as_deref()),
+                        ramdisk: lookup(r.ramdisk.as_deref()),
+                    },
+                    image_id: parse(&r.image)?,
+                    user_data: r.user_data,
+                    key_name: r.key,
+                    desired: PowerState::from_name(&r.desired).ok_or_else(|| {
+                        StateError::Corrupt(format!("desired state {:?}", r.desired))
+                    })?,
+                    reboot_seq: u64::try_from(r.reboot).unwrap_or_default(),
+                    start_seq: u64::try_from(r.start).unwrap_or_default(),
+                    private_ip: r.private_ip.as_deref().map(parse).transpose()?,
+                    node_id: r.node.as_deref().map(parse).transpose()?,
+                    metadata: InstanceMetadata {
+                        account_id: r.account,
+                        reservation_id: r.reservation,
+                        launch_index: u32::try_from(r.launch_index).unwrap_or_default(),
+                        zone: zone.to_string(),
+                        // The region is the cloud controller's, not the store's.
+                        region: String::new(),
+                        public_key: r.public_key,
+                        security_groups: r.groups,
+                        launch_time: r.launch_time,
+                        kernel_id: r.kernel,
+                        ramdisk_id: r.ramdisk,
+                        http_tokens: if r.tokens_required {
+                            HttpTokens::Required
+                        } else {
+                            HttpTokens::Optional
                         },
-                        image_id: parse(&image)?,
-                        user_data,
-                        key_name: key,
-                        desired: PowerState::from_name(&desired).ok_or_else(|| {
-                            StateError::Corrupt(format!("desired state {desired:?}"))
-                        })?,
-                        reboot_seq: u64::try_from(reboot).unwrap_or_default(),
-                        start_seq: u64::try_from(start).unwrap_or_default(),
-                        private_ip: private_ip.as_deref().map(parse).transpose()?,
-                        node_id: node.as_deref().map(parse).transpose()?,
-                    })
-                },
-            )
+                        http_endpoint_enabled: !r.metadata_disabled,
+                    },
+                })
+            })
             .collect()
     }
 

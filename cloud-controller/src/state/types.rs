@@ -205,6 +205,36 @@ pub struct Instance {
     pub security_groups: Vec<(SecurityGroupId, String)>,
     /// Its address in the zone's subnet, once its CC has placed it.
     pub private_ip: Option<Ipv4Addr>,
+    pub metadata_options: MetadataOptions,
+}
+
+/// RunInstances' `MetadataOptions`: how the metadata service treats the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MetadataOptions {
+    /// IMDSv2 session tokens required (EC2's `HttpTokens` `required`).
+    #[serde(default)]
+    pub tokens_required: bool,
+    /// The service does not answer the instance (EC2's `HttpEndpoint` `disabled`).
+    #[serde(default)]
+    pub endpoint_disabled: bool,
+}
+
+impl MetadataOptions {
+    pub fn http_tokens(self) -> &'static str {
+        if self.tokens_required {
+            "required"
+        } else {
+            "optional"
+        }
+    }
+
+    pub fn http_endpoint(self) -> &'static str {
+        if self.endpoint_disabled {
+            "disabled"
+        } else {
+            "enabled"
+        }
+    }
 }
 
 /// Where an instance runs and in which state, as the CLC last recorded it: what a node's
@@ -235,6 +265,9 @@ pub struct DesiredSpec {
     pub node_id: Option<NodeId>,
     /// The address its CC gave it (sent back so that a restarted CC keeps it).
     pub private_ip: Option<Ipv4Addr>,
+    /// What the node's metadata service serves (the region left empty: the CLC's own
+    /// configuration fills it in).
+    pub metadata: canopy_common::InstanceMetadata,
     /// The bytes the instance boots from, where the images have content.
     pub boot: BootImages,
 }

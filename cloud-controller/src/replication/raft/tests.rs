@@ -128,6 +128,7 @@ impl World {
                     zone: self.zone.clone(),
                     key_name: None,
                     public_key: None,
+                    metadata_options: Default::default(),
                     security_groups: vec![],
                     user_data: Some(vec![0, 1, 2, 255]),
                     kernel_id: None,
@@ -365,6 +366,7 @@ fn random_batch(w: &World, rng: &mut impl rand::Rng, known: &mut Vec<InstanceId>
                     .random_bool(0.5)
                     .then(|| "ssh-ed25519 AAAA key".to_owned()),
                 // Groups that do not exist: the launch is refused alike on every replica.
+                metadata_options: Default::default(),
                 security_groups: if rng.random_bool(0.1) {
                     vec![(SecurityGroupId::generate(), "nope".to_owned())]
                 } else {
