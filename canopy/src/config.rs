@@ -80,6 +80,8 @@ pub struct ClcFile {
     pub snapshot_every: u64,
     /// How long a request waits for a leader or a quorum before the client is told to retry.
     pub request_wait_secs: f64,
+    /// Where Elastic IPs come from: CIDR blocks (the same on every replica).
+    pub public_ips: Vec<String>,
 }
 
 impl Default for ClcFile {
@@ -104,6 +106,7 @@ impl Default for ClcFile {
             election_timeout_max_ms: 300,
             snapshot_every: 5_000,
             request_wait_secs: 5.0,
+            public_ips: vec![canopy_cloud_controller::config::DEFAULT_PUBLIC_POOL.into()],
         }
     }
 }
@@ -125,6 +128,16 @@ impl ClcFile {
         c.resync_interval = secs("resync_interval_secs", self.resync_interval_secs)?;
         c.terminated_retention = secs("terminated_retention_secs", self.terminated_retention_secs)?;
         c.replica = self.replica()?;
+        if self.public_ips.is_empty() {
+            bail!("public_ips: at least one CIDR block is needed");
+        }
+        c.public_pool = self
+            .public_ips
+            .iter()
+            .map(|p| {
+                canopy_common::Ipv4Subnet::parse(p).map_err(|e| anyhow::anyhow!("public_ips: {e}"))
+            })
+            .collect::<Result<_>>()?;
         Ok(c)
     }
 

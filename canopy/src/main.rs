@@ -87,6 +87,10 @@ struct ClcFlags {
     #[arg(long, env = "CANOPY_ADMIN_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_listen: Option<String>,
+    /// Elastic IP pool, CIDR blocks (repeat or comma-separate; default 198.51.100.0/24).
+    #[arg(long = "public-ips", env = "CANOPY_PUBLIC_IPS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    public_ips: Vec<String>,
 }
 
 #[derive(clap::Args)]

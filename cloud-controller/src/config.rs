@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use canopy_common::RegionName;
 
+/// The Elastic IP pool unless configured: TEST-NET-2, addresses that route nowhere, so
+/// that a cloud without a configured pool still allocates (they are labels until
+/// networking routes them).
+pub const DEFAULT_PUBLIC_POOL: &str = "198.51.100.0/24";
+
 #[derive(Debug, Clone)]
 pub struct ClcConfig {
     pub region: RegionName,
@@ -30,6 +35,8 @@ pub struct ClcConfig {
     pub admin_token: Option<String>,
     /// This replica's place in the replicated CLC.
     pub replica: ReplicaConfig,
+    /// Where Elastic IPs come from (every replica must have the same).
+    pub public_pool: Vec<canopy_common::Ipv4Subnet>,
 }
 
 /// A CLC replica's identity and peers. One replica alone is a valid group.
@@ -79,6 +86,10 @@ impl ClcConfig {
             terminated_retention: Duration::from_secs(3600),
             admin_token: None,
             replica: ReplicaConfig::default(),
+            public_pool: vec![
+                canopy_common::Ipv4Subnet::parse(DEFAULT_PUBLIC_POOL)
+                    .expect("the default pool is valid"),
+            ],
         }
     }
 }

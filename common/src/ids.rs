@@ -146,6 +146,15 @@ hex_id!(
     SecurityGroupRuleId, "sgr-", "security group rule", 17
 );
 
+hex_id!(
+    /// An Elastic IP's allocation, `eipalloc-` and 17 hex digits.
+    AllocationId, "eipalloc-", "allocation", 17
+);
+hex_id!(
+    /// An Elastic IP's association with an instance, `eipassoc-` and 17 hex digits.
+    AssociationId, "eipassoc-", "association", 17
+);
+
 impl SecurityGroupId {
     /// The id of an account's `default` group, made from the account number so that every
     /// replica derives the same one (migration 0006 makes it the same way).
@@ -170,6 +179,7 @@ pub enum ResourceId {
     Instance(InstanceId),
     KeyPair(KeyPairId),
     SecurityGroup(SecurityGroupId),
+    ElasticIp(AllocationId),
 }
 
 impl ResourceId {
@@ -180,6 +190,8 @@ impl ResourceId {
             KeyPairId::parse(value).map(ResourceId::KeyPair)
         } else if value.starts_with(SecurityGroupId::PREFIX) {
             SecurityGroupId::parse(value).map(ResourceId::SecurityGroup)
+        } else if value.starts_with(AllocationId::PREFIX) {
+            AllocationId::parse(value).map(ResourceId::ElasticIp)
         } else {
             Err(IdError {
                 kind: "taggable resource",
@@ -193,6 +205,7 @@ impl ResourceId {
             ResourceId::Instance(id) => id.as_str(),
             ResourceId::KeyPair(id) => id.as_str(),
             ResourceId::SecurityGroup(id) => id.as_str(),
+            ResourceId::ElasticIp(id) => id.as_str(),
         }
     }
 
@@ -202,6 +215,7 @@ impl ResourceId {
             ResourceId::Instance(_) => "instance",
             ResourceId::KeyPair(_) => "key-pair",
             ResourceId::SecurityGroup(_) => "security-group",
+            ResourceId::ElasticIp(_) => "elastic-ip",
         }
     }
 }
@@ -225,6 +239,7 @@ impl From<ResourceId> for String {
             ResourceId::Instance(id) => id.into(),
             ResourceId::KeyPair(id) => id.into(),
             ResourceId::SecurityGroup(id) => id.into(),
+            ResourceId::ElasticIp(id) => id.into(),
         }
     }
 }

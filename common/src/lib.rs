@@ -13,8 +13,8 @@ pub mod placement;
 pub mod resources;
 
 pub use ids::{
-    AccessKeyId, AccountId, IdError, ImageId, InstanceId, KeyPairId, NodeId, RegionName,
-    ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, ZoneName,
+    AccessKeyId, AccountId, AllocationId, AssociationId, IdError, ImageId, InstanceId, KeyPairId,
+    NodeId, RegionName, ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, ZoneName,
 };
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};

@@ -43,6 +43,8 @@ pub struct InstanceMetadata {
     pub kernel_id: Option<String>,
     pub ramdisk_id: Option<String>,
     pub http_tokens: HttpTokens,
+    /// The Elastic IP associated with the instance, if any.
+    pub public_ip: Option<String>,
     /// EC2's `HttpEndpoint`: `false` turns the service off for the instance.
     pub http_endpoint_enabled: bool,
 }

@@ -63,6 +63,11 @@ impl Ipv4Subnet {
         self.contains(ip) && offset > RESERVED_LOW && offset < self.size() - 1
     }
 
+    /// How many addresses instances can be given.
+    pub fn assignable_count(&self) -> u64 {
+        u64::from(self.size() - RESERVED_LOW - 2)
+    }
+
     /// The lowest assignable address not in `used`, if any is left.
     pub fn first_free(&self, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         self.next_free(used, None)
@@ -111,6 +116,7 @@ mod tests {
         }
         // 16 addresses: network, three reserved, broadcast are never given.
         assert_eq!(got.len(), 11);
+        assert_eq!(s.assignable_count(), 11);
         assert_eq!(got[0], Ipv4Addr::new(10, 1, 0, 4));
         assert_eq!(*got.last().unwrap(), Ipv4Addr::new(10, 1, 0, 14));
         assert!(got.iter().all(|ip| s.is_assignable(*ip)));

@@ -211,6 +211,9 @@ fn lookup(inst: &DesiredInstance, path: &str) -> Option<Vec<u8>> {
             if m.public_key.is_some() {
                 items.push("public-keys/");
             }
+            if m.public_ip.is_some() {
+                items.push("public-ipv4");
+            }
             items.extend(["reservation-id", "security-groups"]);
             if m.kernel_id.is_some() {
                 items.push("kernel-id");
@@ -228,6 +231,7 @@ fn lookup(inst: &DesiredInstance, path: &str) -> Option<Vec<u8>> {
         "meta-data/hostname" | "meta-data/local-hostname" => text(hostname),
         "meta-data/local-ipv4" => inst.private_ip.and_then(|_| text(ip)),
         "meta-data/reservation-id" => text(m.reservation_id.clone()),
+        "meta-data/public-ipv4" => m.public_ip.clone().and_then(text),
         "meta-data/security-groups" => text(m.security_groups.join("\n")),
         "meta-data/kernel-id" => m.kernel_id.clone().and_then(text),
         "meta-data/ramdisk-id" => m.ramdisk_id.clone().and_then(text),
@@ -384,6 +388,7 @@ mod tests {
                 ramdisk_id: None,
                 http_tokens: HttpTokens::Optional,
                 http_endpoint_enabled: true,
+                public_ip: None,
             },
             boot: Default::default(),
         }

@@ -57,6 +57,7 @@ pub mod convert {
             ramdisk_id: m.ramdisk_id.clone().unwrap_or_default(),
             http_tokens_required: m.http_tokens == HttpTokens::Required,
             http_endpoint_disabled: !m.http_endpoint_enabled,
+            public_ip: m.public_ip.clone().unwrap_or_default(),
         }
     }
 
@@ -81,6 +82,7 @@ pub mod convert {
                 HttpTokens::Optional
             },
             http_endpoint_enabled: !m.http_endpoint_disabled,
+            public_ip: some(m.public_ip),
         }
     }
 

@@ -92,6 +92,8 @@ def test_account_attributes(cloud):
     assert by_name["supported-platforms"] == ["VPC"]
     assert by_name["default-vpc"] == ["none"]
     assert int(by_name["max-instances"][0]) > 0
+    # canopy dev's default Elastic IP pool, 198.51.100.0/24, less the reserved addresses.
+    assert by_name["max-elastic-ips"] == by_name["vpc-max-elastic-ips"] == ["251"]
     one = cloud.ec2.describe_account_attributes(AttributeNames=["default-vpc"])["AccountAttributes"]
     assert [a["AttributeName"] for a in one] == ["default-vpc"]
     expect("InvalidParameterValue", cloud.ec2.describe_account_attributes, AttributeNames=["nope"])

@@ -187,6 +187,15 @@ def test_guests_read_their_own_metadata_v1_and_v2_and_nobody_elses(cloud_with_im
     assert stranger.get("/latest/meta-data/instance-id")[0] == 404
     assert stranger.http("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"})[0] == 404
 
+    # An Elastic IP shows as public-ipv4 once associated.
+    assert "public-ipv4" not in ga.get("/latest/meta-data/")[1].split()
+    eip = ec2.allocate_address(Domain="vpc")
+    ec2.associate_address(AllocationId=eip["AllocationId"], InstanceId=a["InstanceId"])
+    deadline = time.time() + 30
+    while ga.get("/latest/meta-data/public-ipv4") != (200, eip["PublicIp"]):
+        assert time.time() < deadline, "the node did not learn the instance's Elastic IP"
+        time.sleep(0.5)
+
     # Turning the options: v1 allowed again for b, and the service off for a.
     ec2.modify_instance_metadata_options(InstanceId=b["InstanceId"], HttpTokens="optional")
     ec2.modify_instance_metadata_options(InstanceId=a["InstanceId"], HttpEndpoint="disabled")

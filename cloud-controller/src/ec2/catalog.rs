@@ -321,16 +321,25 @@ pub async fn describe_regions(ctx: &Ctx) -> Result<String, ApiError> {
 }
 
 /// DescribeAccountAttributes: what the account may use, as Canopy has it today (no VPCs
-/// yet, so no default VPC; no Elastic IPs yet).
+/// yet, so no default VPC).
 pub async fn describe_account_attributes(ctx: &Ctx) -> Result<String, ApiError> {
     let max_instances = super::instances::MAX_COUNT_CAP.to_string();
+    // Elastic IPs: as many as the region's pool holds.
+    let pool_size: u64 = ctx
+        .clc
+        .config
+        .public_pool
+        .iter()
+        .map(|p| p.assignable_count())
+        .sum();
+    let max_eips = pool_size.to_string();
     let attributes: [(&str, &str); 6] = [
         ("supported-platforms", "VPC"),
         ("default-vpc", "none"),
         ("max-instances", &max_instances),
         ("vpc-max-security-groups-per-interface", "5"),
-        ("max-elastic-ips", "0"),
-        ("vpc-max-elastic-ips", "0"),
+        ("max-elastic-ips", &max_eips),
+        ("vpc-max-elastic-ips", &max_eips),
     ];
     let names = ctx.params.list("AttributeName")?;
     for n in &names {

@@ -186,6 +186,25 @@ impl From<StateError> for ApiError {
             }
             StateError::DependencyViolation(why) => Self::new(400, "DependencyViolation", why),
             StateError::CannotDelete(why) => Self::new(400, "CannotDelete", why),
+            StateError::AddressTaken(ip) => Self::new(
+                400,
+                "InvalidAddress.InUse",
+                format!("Address '{ip}' is already allocated."),
+            ),
+            StateError::AllocationNotFound(id) => super::addresses::allocation_not_found(&id),
+            StateError::AssociationNotFound(id) => super::addresses::association_not_found(&id),
+            StateError::AddressAlreadyAssociated(ip) => Self::new(
+                400,
+                "Resource.AlreadyAssociated",
+                format!(
+                    "The address {ip} is already associated with an instance; set AllowReassociation to move it."
+                ),
+            ),
+            StateError::AddressInUse(ip) => Self::new(
+                400,
+                "InvalidIPAddress.InUse",
+                format!("The address {ip} is associated with an instance; disassociate it first."),
+            ),
             StateError::KeyPairDuplicate(name) => Self::new(
                 400,
                 "InvalidKeyPair.Duplicate",

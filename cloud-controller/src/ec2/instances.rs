@@ -500,6 +500,9 @@ impl Filterable for Instance {
             "root-device-type" => one("instance-store".into()),
             "virtualization-type" => one("hvm".into()),
             "private-dns-name" => one(render::private_dns(self)),
+            "ip-address" | "network-interface.addresses.association.public-ip" => {
+                Some(self.public_ip.iter().map(|ip| ip.to_string()).collect())
+            }
             "private-ip-address" | "network-interface.addresses.private-ip-address" => {
                 Some(self.private_ip.iter().map(|ip| ip.to_string()).collect())
             }
@@ -626,6 +629,7 @@ fn probe_instance() -> Instance {
         security_groups: vec![],
         private_ip: None,
         metadata_options: MetadataOptions::default(),
+        public_ip: None,
     }
 }
 

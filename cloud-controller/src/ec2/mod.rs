@@ -1,6 +1,7 @@
 //! The EC2 Query API edge: SigV4, parameter decoding, dispatch to one module per
 //! resource, EC2 XML out, AWS error codes for everything that goes wrong.
 
+mod addresses;
 mod catalog;
 mod error;
 mod filters;
@@ -208,6 +209,11 @@ async fn handle_inner(
         "DescribeRegions" => catalog::describe_regions(&ctx).await,
         "DescribeAccountAttributes" => catalog::describe_account_attributes(&ctx).await,
         "DescribeInstanceTypes" => catalog::describe_instance_types(&ctx).await,
+        "AllocateAddress" => addresses::allocate_address(&ctx).await,
+        "AssociateAddress" => addresses::associate_address(&ctx).await,
+        "DisassociateAddress" => addresses::disassociate_address(&ctx).await,
+        "ReleaseAddress" => addresses::release_address(&ctx).await,
+        "DescribeAddresses" => addresses::describe_addresses(&ctx).await,
         "CreateKeyPair" => key_pairs::create_key_pair(&ctx).await,
         "ImportKeyPair" => key_pairs::import_key_pair(&ctx).await,
         "DescribeKeyPairs" => key_pairs::describe_key_pairs(&ctx).await,

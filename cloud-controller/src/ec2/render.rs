@@ -51,6 +51,7 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
                 .filter(|_| i.state != InstanceState::Terminated),
         )
         .elem("dnsName", "")
+        .opt_elem("ipAddress", i.public_ip)
         .elem("reason", &i.transition_reason)
         .opt_elem("keyName", i.key_name.as_ref())
         .elem("amiLaunchIndex", i.launch_index)

@@ -32,11 +32,22 @@ async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError
     let mut instances = Vec::new();
     let mut groups = Vec::new();
     let mut key_pairs = Vec::new();
+    let mut allocations = Vec::new();
     for id in ids {
         match id {
             ResourceId::Instance(i) => instances.push(i.clone()),
             ResourceId::SecurityGroup(g) => groups.push(g.to_string()),
             ResourceId::KeyPair(k) => key_pairs.push(k),
+            ResourceId::ElasticIp(a) => allocations.push(a),
+        }
+    }
+    if !allocations.is_empty() {
+        let owned = ctx.clc.store.addresses(&ctx.account).await?;
+        if let Some(missing) = allocations
+            .iter()
+            .find(|a| !owned.iter().any(|o| &o.allocation_id == **a))
+        {
+            return Err(super::addresses::allocation_not_found(missing.as_str()));
         }
     }
     ctx.require_instances(&instances).await?;

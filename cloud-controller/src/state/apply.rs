@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
 use super::StateError;
+use super::addresses;
 use super::command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, Observation, Outcome, StateChange,
     launch_image,
@@ -344,6 +345,10 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     current: next,
                 });
             }
+            if *action == InstanceAction::Terminate {
+                let ids: Vec<InstanceId> = changes.iter().map(|c| c.instance_id.clone()).collect();
+                addresses::release_from(conn, &ids).await?;
+            }
             for zone in &zones {
                 bump_generation(conn, zone).await?;
             }
@@ -459,6 +464,34 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             specs,
             rule_ids,
         } => security_groups::revoke(conn, account_id, group_id, specs, rule_ids).await,
+        Command::AllocateAddress { address, tags } => {
+            addresses::allocate(conn, address, tags).await
+        }
+        Command::AssociateAddress {
+            account_id,
+            allocation_id,
+            instance_id,
+            association_id,
+            allow_reassociation,
+        } => {
+            addresses::associate(
+                conn,
+                account_id,
+                allocation_id,
+                instance_id,
+                association_id,
+                *allow_reassociation,
+            )
+            .await
+        }
+        Command::DisassociateAddress {
+            account_id,
+            association_id,
+        } => addresses::disassociate(conn, account_id, association_id).await,
+        Command::ReleaseAddress {
+            account_id,
+            allocation_id,
+        } => addresses::release(conn, account_id, allocation_id).await,
         Command::CreateKeyPair { key_pair, tags } => {
             let done = sqlx::query(
                 "INSERT INTO key_pairs(key_pair_id, account_id, key_name, key_type, fingerprint, public_key, created_at)
@@ -853,6 +886,14 @@ async fn require_resources(
     for id in ids {
         if let ResourceId::SecurityGroup(group) = id {
             security_groups::require_group(conn, account, group).await?;
+        }
+        if let ResourceId::ElasticIp(allocation) = id
+            && !addresses::load(conn, account)
+                .await?
+                .iter()
+                .any(|a| &a.allocation_id == allocation)
+        {
+            return Err(StateError::AllocationNotFound(allocation.to_string()));
         }
         if let ResourceId::KeyPair(key) = id {
             let found: Option<(i64,)> =

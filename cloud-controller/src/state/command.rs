@@ -1,11 +1,14 @@
 use canopy_common::{
-    AccountId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId, PowerState, ReservationId,
-    ResourceId, Resources, SecurityGroupId, SecurityGroupRuleId, ZoneName,
+    AccountId, AllocationId, AssociationId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId,
+    PowerState, ReservationId, ResourceId, Resources, SecurityGroupId, SecurityGroupRuleId,
+    ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::types::{Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag};
+use super::types::{
+    Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag,
+};
 
 /// Every change of cloud state. Serializable, because a replicated log stores them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +116,28 @@ pub enum Command {
         specs: Vec<RuleSpec>,
         rule_ids: Vec<SecurityGroupRuleId>,
     },
+    /// An Elastic IP from the pool, chosen by the edge; refused if another allocation holds
+    /// that address (the edge then picks another).
+    AllocateAddress {
+        address: Address,
+        tags: Vec<Tag>,
+    },
+    AssociateAddress {
+        account_id: AccountId,
+        allocation_id: AllocationId,
+        instance_id: InstanceId,
+        association_id: AssociationId,
+        allow_reassociation: bool,
+    },
+    DisassociateAddress {
+        account_id: AccountId,
+        association_id: AssociationId,
+    },
+    /// Refused while the address is associated.
+    ReleaseAddress {
+        account_id: AccountId,
+        allocation_id: AllocationId,
+    },
     /// A created or imported key pair (its public half only). Refused when the account
     /// has a key pair of that name.
     CreateKeyPair {
@@ -151,7 +176,11 @@ impl Command {
             | Command::CreateSecurityGroup { .. }
             | Command::DeleteSecurityGroup { .. }
             | Command::AuthorizeSecurityGroupRules { .. }
-            | Command::RevokeSecurityGroupRules { .. } => true,
+            | Command::RevokeSecurityGroupRules { .. }
+            | Command::AllocateAddress { .. }
+            | Command::AssociateAddress { .. }
+            | Command::DisassociateAddress { .. }
+            | Command::ReleaseAddress { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::RegisterZone { .. }
@@ -180,6 +209,10 @@ impl Command {
             | Command::DeleteSecurityGroup { .. }
             | Command::AuthorizeSecurityGroupRules { .. }
             | Command::RevokeSecurityGroupRules { .. }
+            | Command::AllocateAddress { .. }
+            | Command::AssociateAddress { .. }
+            | Command::DisassociateAddress { .. }
+            | Command::ReleaseAddress { .. }
             | Command::PurgeTerminated { .. } => false,
         }
     }
@@ -271,6 +304,7 @@ impl NewInstance {
             security_groups: self.security_groups.clone(),
             private_ip: None,
             metadata_options: self.metadata_options,
+            public_ip: None,
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {

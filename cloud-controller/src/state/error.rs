@@ -50,6 +50,18 @@ pub enum StateError {
     /// EC2's `CannotDelete` (the default security group).
     #[error("{0}")]
     CannotDelete(String),
+    /// Another allocation holds the public address (an edge race; it picks another).
+    #[error("the address {0} is already allocated")]
+    AddressTaken(String),
+    #[error("the allocation '{0}' does not exist")]
+    AllocationNotFound(String),
+    #[error("the association '{0}' does not exist")]
+    AssociationNotFound(String),
+    #[error("the address {0} is already associated")]
+    AddressAlreadyAssociated(String),
+    /// Release of an associated address.
+    #[error("the address {0} is in use")]
+    AddressInUse(String),
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -97,7 +109,12 @@ impl StateError {
             | StateError::RuleNotFound(_)
             | StateError::RulesLimitExceeded
             | StateError::DependencyViolation(_)
-            | StateError::CannotDelete(_) => true,
+            | StateError::CannotDelete(_)
+            | StateError::AddressTaken(_)
+            | StateError::AllocationNotFound(_)
+            | StateError::AssociationNotFound(_)
+            | StateError::AddressAlreadyAssociated(_)
+            | StateError::AddressInUse(_) => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

@@ -5,6 +5,7 @@
 //! the same sequence of commands to two empty stores yields the same rows. That is what
 //! lets a replicated log (openraft, issue 3) feed `apply` unchanged.
 
+mod addresses;
 mod apply;
 mod bulk;
 mod command;
@@ -26,9 +27,9 @@ pub use security_groups::MAX_RULES_PER_DIRECTION;
 pub(crate) use store::count_applied;
 pub use store::{BootImageError, Catalog, Store};
 pub use types::{
-    Account, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair, MetadataOptions,
-    RESOURCE_TYPE_INSTANCE, Reservation, RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule,
-    StateReason, Tag, Whereabouts, Zone,
+    Account, Address, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair,
+    MetadataOptions, RESOURCE_TYPE_INSTANCE, Reservation, RulePeer, RuleSpec, SecurityGroup,
+    SecurityGroupRule, StateReason, Tag, Whereabouts, Zone,
 };
 
 #[cfg(test)]

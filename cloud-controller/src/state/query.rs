@@ -80,6 +80,7 @@ struct InstanceRow {
     private_ip: Option<String>,
     metadata_http_tokens: String,
     metadata_http_endpoint: String,
+    public_ip: Option<String>,
 }
 
 impl InstanceRow {
@@ -126,6 +127,7 @@ impl InstanceRow {
             disable_api_termination: self.disable_api_termination,
             disable_api_stop: self.disable_api_stop,
             private_ip: self.private_ip.as_deref().map(parse).transpose()?,
+            public_ip: self.public_ip.as_deref().map(parse).transpose()?,
             metadata_options: super::types::MetadataOptions {
                 tokens_required: self.metadata_http_tokens == "required",
                 endpoint_disabled: self.metadata_http_endpoint == "disabled",
@@ -148,7 +150,8 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      json((SELECT json_group_array(json_array(g.group_id, coalesce(s.group_name, '')) ORDER BY g.position) \
            FROM instance_security_groups g LEFT JOIN security_groups s ON s.group_id = g.group_id \
            WHERE g.instance_id = folded.instance_id)), private_ip, metadata_http_tokens, \
-     metadata_http_endpoint";
+     metadata_http_endpoint, \
+     (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id)";
 
 /// Strings as a JSON array, for `json_each(?)`.
 fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -322,6 +325,7 @@ impl Store {
             groups: Vec<String>,
             tokens_required: bool,
             metadata_disabled: bool,
+            public_ip: Option<String>,
         }
         // The images' content comes from the cached catalogue, not from a join per row: a
         // document is read many times a second under load.
@@ -343,7 +347,8 @@ impl Store {
                    FROM instance_security_groups g JOIN security_groups s ON s.group_id = g.group_id
                    WHERE g.instance_id = folded.instance_id)),
              json(iif(metadata_http_tokens = 'required', 'true', 'false')),
-             json(iif(metadata_http_endpoint = 'disabled', 'true', 'false'))",
+             json(iif(metadata_http_endpoint = 'disabled', 'true', 'false')),
+             (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id)",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
         )
@@ -391,6 +396,7 @@ impl Store {
                             HttpTokens::Optional
                         },
                         http_endpoint_enabled: !r.metadata_disabled,
+                        public_ip: r.public_ip,
                     },
                 })
             })

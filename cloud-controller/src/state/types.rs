@@ -65,6 +65,22 @@ impl Image {
     }
 }
 
+/// An Elastic IP: allocated to an account, associated with at most one of its instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Address {
+    pub allocation_id: canopy_common::AllocationId,
+    pub public_ip: Ipv4Addr,
+    pub account_id: AccountId,
+    #[serde(default)]
+    pub instance_id: Option<InstanceId>,
+    #[serde(default)]
+    pub association_id: Option<canopy_common::AssociationId>,
+    pub allocated_at: DateTime<Utc>,
+    /// Filled by reads; a command allocating it carries its tags apart.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
 /// A key pair: its public half and EC2's fingerprint of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyPair {
@@ -206,6 +222,8 @@ pub struct Instance {
     /// Its address in the zone's subnet, once its CC has placed it.
     pub private_ip: Option<Ipv4Addr>,
     pub metadata_options: MetadataOptions,
+    /// The Elastic IP associated with it.
+    pub public_ip: Option<Ipv4Addr>,
 }
 
 /// RunInstances' `MetadataOptions`: how the metadata service treats the instance.

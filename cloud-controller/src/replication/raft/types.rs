@@ -113,6 +113,16 @@ pub enum Rejection {
     DependencyViolation(String),
     /// See [`StateError::CannotDelete`].
     CannotDelete(String),
+    /// See [`StateError::AddressTaken`].
+    AddressTaken(String),
+    /// See [`StateError::AllocationNotFound`].
+    AllocationNotFound(String),
+    /// See [`StateError::AssociationNotFound`].
+    AssociationNotFound(String),
+    /// See [`StateError::AddressAlreadyAssociated`].
+    AddressAlreadyAssociated(String),
+    /// See [`StateError::AddressInUse`].
+    AddressInUse(String),
     /// See [`StateError::OperationNotPermitted`].
     OperationNotPermitted {
         /// The protected instance.
@@ -150,6 +160,11 @@ impl TryFrom<StateError> for Rejection {
             StateError::RulesLimitExceeded => Rejection::RulesLimitExceeded,
             StateError::DependencyViolation(s) => Rejection::DependencyViolation(s),
             StateError::CannotDelete(s) => Rejection::CannotDelete(s),
+            StateError::AddressTaken(s) => Rejection::AddressTaken(s),
+            StateError::AllocationNotFound(s) => Rejection::AllocationNotFound(s),
+            StateError::AssociationNotFound(s) => Rejection::AssociationNotFound(s),
+            StateError::AddressAlreadyAssociated(s) => Rejection::AddressAlreadyAssociated(s),
+            StateError::AddressInUse(s) => Rejection::AddressInUse(s),
             StateError::OperationNotPermitted {
                 id,
                 verb,
@@ -193,6 +208,11 @@ impl From<Rejection> for StateError {
             Rejection::RulesLimitExceeded => StateError::RulesLimitExceeded,
             Rejection::DependencyViolation(s) => StateError::DependencyViolation(s),
             Rejection::CannotDelete(s) => StateError::CannotDelete(s),
+            Rejection::AddressTaken(s) => StateError::AddressTaken(s),
+            Rejection::AllocationNotFound(s) => StateError::AllocationNotFound(s),
+            Rejection::AssociationNotFound(s) => StateError::AssociationNotFound(s),
+            Rejection::AddressAlreadyAssociated(s) => StateError::AddressAlreadyAssociated(s),
+            Rejection::AddressInUse(s) => StateError::AddressInUse(s),
             Rejection::OperationNotPermitted {
                 id,
                 verb,
