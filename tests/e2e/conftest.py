@@ -125,6 +125,19 @@ def http_status(exc: botocore.exceptions.ClientError) -> int:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
 
 
+def expect_error(call, code: str, status: int | None = 400, *args, **kwargs):
+    """Calls `call(*args, **kwargs)` and checks that it fails with EC2 error `code` and HTTP
+    `status` (`None`: any), with a message. Returns the ClientError."""
+    import pytest
+    with pytest.raises(botocore.exceptions.ClientError) as exc:
+        call(*args, **kwargs)
+    assert error_code(exc.value) == code, exc.value.response.get("Error")
+    if status is not None:
+        assert http_status(exc.value) == status, exc.value.response.get("ResponseMetadata")
+    assert exc.value.response["Error"].get("Message"), "an error needs a message"
+    return exc.value
+
+
 def eventually(fetch, ok, timeout: float = 15.0, interval: float = 0.3):
     """Calls fetch() until ok(value) holds or timeout passes; returns the last value."""
     deadline = time.monotonic() + timeout

@@ -8,18 +8,11 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import error_code, http_status
+from conftest import expect_error
 
 # `canopy dev`'s default pool.
 POOL = ipaddress.ip_network("198.51.100.0/24")
 
-
-def expect(code, call, status=400, **kwargs):
-    with pytest.raises(ClientError) as exc:
-        call(**kwargs)
-    assert error_code(exc.value) == code, exc.value.response.get("Error")
-    assert http_status(exc.value) == status
-    return exc.value
 
 
 @pytest.fixture
@@ -68,7 +61,7 @@ def test_allocate_associate_move_disassociate_release(cloud, eips, launcher):
     assert [i["InstanceId"] for i in found] == [x]
 
     # Moving it needs AllowReassociation; then y has it and x has none.
-    expect("Resource.AlreadyAssociated", cloud.ec2.associate_address, AllocationId=a["AllocationId"], InstanceId=y)
+    expect_error(cloud.ec2.associate_address, "Resource.AlreadyAssociated", AllocationId=a["AllocationId"], InstanceId=y)
     cloud.ec2.associate_address(AllocationId=a["AllocationId"], InstanceId=y, AllowReassociation=True)
     assert public_ip_of(cloud, y) == a["PublicIp"] and public_ip_of(cloud, x) is None
     # An instance has one: associating b with y replaces a.
@@ -78,12 +71,12 @@ def test_allocate_associate_move_disassociate_release(cloud, eips, launcher):
     assert "InstanceId" not in addr_a
 
     # Released only once disassociated.
-    expect("InvalidIPAddress.InUse", cloud.ec2.release_address, AllocationId=b["AllocationId"])
+    expect_error(cloud.ec2.release_address, "InvalidIPAddress.InUse", AllocationId=b["AllocationId"])
     [addr_b] = cloud.ec2.describe_addresses(AllocationIds=[b["AllocationId"]])["Addresses"]
     cloud.ec2.disassociate_address(AssociationId=addr_b["AssociationId"])
     assert public_ip_of(cloud, y) is None
     cloud.ec2.release_address(AllocationId=b["AllocationId"])
-    expect("InvalidAllocationID.NotFound", cloud.ec2.describe_addresses, AllocationIds=[b["AllocationId"]])
+    expect_error(cloud.ec2.describe_addresses, "InvalidAllocationID.NotFound", AllocationIds=[b["AllocationId"]])
 
     # Terminating an instance takes its address back (still allocated to the account).
     cloud.ec2.associate_address(AllocationId=a["AllocationId"], InstanceId=x)
@@ -94,21 +87,21 @@ def test_allocate_associate_move_disassociate_release(cloud, eips, launcher):
 
 
 def test_errors_and_dry_run(cloud, eips, launcher):
-    expect("InvalidAllocationID.NotFound", cloud.ec2.release_address, AllocationId="eipalloc-0123456789abcdef0")
-    expect("InvalidAllocationID.Malformed", cloud.ec2.release_address, AllocationId="nope")
-    expect("InvalidAssociationID.NotFound", cloud.ec2.disassociate_address, AssociationId="eipassoc-0123456789abcdef0")
-    expect("InvalidAddress.NotFound", cloud.ec2.describe_addresses, PublicIps=["203.0.113.9"])
-    expect("DryRunOperation", cloud.ec2.allocate_address, status=412, Domain="vpc", DryRun=True)
+    expect_error(cloud.ec2.release_address, "InvalidAllocationID.NotFound", AllocationId="eipalloc-0123456789abcdef0")
+    expect_error(cloud.ec2.release_address, "InvalidAllocationID.Malformed", AllocationId="nope")
+    expect_error(cloud.ec2.disassociate_address, "InvalidAssociationID.NotFound", AssociationId="eipassoc-0123456789abcdef0")
+    expect_error(cloud.ec2.describe_addresses, "InvalidAddress.NotFound", PublicIps=["203.0.113.9"])
+    expect_error(cloud.ec2.allocate_address, "DryRunOperation", status=412, Domain="vpc", DryRun=True)
     a = eips()
-    expect("InvalidInstanceID.NotFound", cloud.ec2.associate_address, AllocationId=a["AllocationId"],
+    expect_error(cloud.ec2.associate_address, "InvalidInstanceID.NotFound", AllocationId=a["AllocationId"],
            InstanceId="i-0123456789abcdef0")
     # A specific address from the pool, once.
     free = str(next(h for h in list(POOL.hosts())[10:]
                     if str(h) not in {x["PublicIp"] for x in cloud.ec2.describe_addresses()["Addresses"]}))
     got = eips(Address=free)
     assert got["PublicIp"] == free
-    expect("InvalidAddress.InUse", cloud.ec2.allocate_address, Domain="vpc", Address=free)
-    expect("InvalidAddress.NotFound", cloud.ec2.allocate_address, Domain="vpc", Address="203.0.113.1")
+    expect_error(cloud.ec2.allocate_address, "InvalidAddress.InUse", Domain="vpc", Address=free)
+    expect_error(cloud.ec2.allocate_address, "InvalidAddress.NotFound", Domain="vpc", Address="203.0.113.1")
     # Tags by allocation id.
     cloud.ec2.create_tags(Resources=[a["AllocationId"]], Tags=[{"Key": "team", "Value": uuid.uuid4().hex}])
     tagged = cloud.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [a["AllocationId"]]}])["Tags"]

@@ -3,18 +3,7 @@ user data while stopped) and DescribeAccountAttributes, with boto3 and the AWS C
 
 import base64
 
-import pytest
-from botocore.exceptions import ClientError
-
-from conftest import error_code, http_status
-
-
-def expect(code, call, status=400, **kwargs):
-    with pytest.raises(ClientError) as exc:
-        call(**kwargs)
-    assert error_code(exc.value) == code, exc.value.response.get("Error")
-    assert http_status(exc.value) == status
-    return exc.value
+from conftest import expect_error
 
 
 def attr(cloud, iid, name):
@@ -26,11 +15,11 @@ def test_termination_protection_refuses_terminate_until_lifted(cloud, launcher):
     assert attr(cloud, iid, "disableApiTermination")["DisableApiTermination"] == {"Value": False}
     cloud.ec2.modify_instance_attribute(InstanceId=iid, DisableApiTermination={"Value": True})
     assert attr(cloud, iid, "disableApiTermination")["DisableApiTermination"] == {"Value": True}
-    err = expect("OperationNotPermitted", cloud.ec2.terminate_instances, InstanceIds=[iid])
+    err = expect_error(cloud.ec2.terminate_instances, "OperationNotPermitted", InstanceIds=[iid])
     assert iid in err.response["Error"]["Message"]
     # All or nothing: a protected instance among others refuses the whole call.
     [other] = launcher.run_ids()
-    expect("OperationNotPermitted", cloud.ec2.terminate_instances, InstanceIds=[other, iid])
+    expect_error(cloud.ec2.terminate_instances, "OperationNotPermitted", InstanceIds=[other, iid])
     states = {i["InstanceId"]: i["State"]["Name"] for i in cloud.instances(InstanceIds=[iid, other])}
     assert "shutting-down" not in states.values() and "terminated" not in states.values()
     # The older Attribute/Value form, as the CLI's --attribute/--value send it.
@@ -45,7 +34,7 @@ def test_stop_protection_refuses_stop(cloud, launcher):
     cloud.wait("instance_running", InstanceIds=[iid])
     cloud.aws("ec2", "modify-instance-attribute", "--instance-id", iid, "--disable-api-stop")
     assert attr(cloud, iid, "disableApiStop")["DisableApiStop"] == {"Value": True}
-    expect("OperationNotPermitted", cloud.ec2.stop_instances, InstanceIds=[iid])
+    expect_error(cloud.ec2.stop_instances, "OperationNotPermitted", InstanceIds=[iid])
     # Termination is not stop: it goes through.
     cloud.ec2.terminate_instances(InstanceIds=[iid])
 
@@ -53,7 +42,7 @@ def test_stop_protection_refuses_stop(cloud, launcher):
 def test_user_data_changes_only_while_stopped(cloud, launcher):
     [iid] = launcher.run_ids(UserData="first")
     cloud.wait("instance_running", InstanceIds=[iid])
-    expect("IncorrectInstanceState", cloud.ec2.modify_instance_attribute, InstanceId=iid,
+    expect_error(cloud.ec2.modify_instance_attribute, "IncorrectInstanceState", InstanceId=iid,
            UserData={"Value": b"second"})
     cloud.ec2.stop_instances(InstanceIds=[iid])
     cloud.wait("instance_stopped", InstanceIds=[iid])
@@ -68,9 +57,9 @@ def test_user_data_changes_only_while_stopped(cloud, launcher):
 
 def test_modify_refuses_bad_input(cloud, launcher):
     [iid] = launcher.run_ids()
-    expect("InvalidInstanceID.NotFound", cloud.ec2.modify_instance_attribute,
+    expect_error(cloud.ec2.modify_instance_attribute, "InvalidInstanceID.NotFound",
            InstanceId="i-0123456789abcdef0", DisableApiTermination={"Value": True})
-    expect("DryRunOperation", cloud.ec2.modify_instance_attribute, status=412, InstanceId=iid,
+    expect_error(cloud.ec2.modify_instance_attribute, "DryRunOperation", status=412, InstanceId=iid,
            DisableApiTermination={"Value": True}, DryRun=True)
     assert attr(cloud, iid, "disableApiTermination")["DisableApiTermination"] == {"Value": False}
     raw = cloud.raw({"Action": "ModifyInstanceAttribute", "InstanceId": iid})
@@ -96,6 +85,6 @@ def test_account_attributes(cloud):
     assert by_name["max-elastic-ips"] == by_name["vpc-max-elastic-ips"] == ["251"]
     one = cloud.ec2.describe_account_attributes(AttributeNames=["default-vpc"])["AccountAttributes"]
     assert [a["AttributeName"] for a in one] == ["default-vpc"]
-    expect("InvalidParameterValue", cloud.ec2.describe_account_attributes, AttributeNames=["nope"])
+    expect_error(cloud.ec2.describe_account_attributes, "InvalidParameterValue", AttributeNames=["nope"])
     cli = cloud.aws("ec2", "describe-account-attributes", "--attribute-names", "supported-platforms")
     assert cli["AccountAttributes"][0]["AttributeValues"] == [{"AttributeValue": "VPC"}]

@@ -9,19 +9,9 @@ from botocore.config import Config
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import error_code, http_status
+from conftest import error_code, expect_error, http_status
 
 UNKNOWN_ID = "i-0123456789abcdef0"
-
-
-def expect_error(call, code, status=400, **kwargs):
-    with pytest.raises(ClientError) as exc:
-        call(**kwargs)
-    assert error_code(exc.value) == code, exc.value.response.get("Error")
-    if status is not None:
-        assert http_status(exc.value) == status, exc.value.response.get("ResponseMetadata")
-    assert exc.value.response["Error"].get("Message"), "an error needs a message"
-    return exc.value
 
 
 # ---- authentication

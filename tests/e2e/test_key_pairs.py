@@ -13,20 +13,12 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import error_code, http_status
+from conftest import expect_error
 
 
 def unique(prefix="k"):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
-
-def expect(code, call, *args, status=400, **kwargs):
-    with pytest.raises(ClientError) as exc:
-        call(*args, **kwargs)
-    assert error_code(exc.value) == code, exc.value.response.get("Error")
-    if status is not None:
-        assert http_status(exc.value) == status
-    return exc.value
 
 
 def run(*cmd, stdin: bytes | None = None) -> bytes:
@@ -149,27 +141,27 @@ def test_import_rsa_and_ed25519_with_aws_fingerprints(cloud, keys, tmp_path):
 
 def test_import_refuses_what_is_not_an_rsa_or_ed25519_public_key(cloud, tmp_path):
     refused = unique()
-    expect("InvalidKey.Format", cloud.ec2.import_key_pair, KeyName=refused,
+    expect_error(cloud.ec2.import_key_pair, "InvalidKey.Format", KeyName=refused,
            PublicKeyMaterial=b"not a key at all")
     ecdsa = tmp_path / "ec"
     run("ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(ecdsa))
-    expect("InvalidKey.Format", cloud.ec2.import_key_pair, KeyName=unique(),
+    expect_error(cloud.ec2.import_key_pair, "InvalidKey.Format", KeyName=unique(),
            PublicKeyMaterial=(tmp_path / "ec.pub").read_bytes())
     raw = cloud.raw({"Action": "ImportKeyPair", "Version": "2016-11-15", "KeyName": refused})
     assert raw.status == 400 and raw.error()[0] == "MissingParameter"
     # The refusals stored nothing.
-    expect("InvalidKeyPair.NotFound", cloud.ec2.describe_key_pairs, KeyNames=[refused])
+    expect_error(cloud.ec2.describe_key_pairs, "InvalidKeyPair.NotFound", KeyNames=[refused])
 
 
 def test_duplicate_names_bad_names_and_types_are_refused(cloud, keys):
     name = unique()
     keys.append(name)
     cloud.ec2.create_key_pair(KeyName=name, KeyType="ed25519")
-    expect("InvalidKeyPair.Duplicate", cloud.ec2.create_key_pair, KeyName=name)
-    expect("InvalidKeyPair.Duplicate", cloud.ec2.import_key_pair, KeyName=name,
+    expect_error(cloud.ec2.create_key_pair, "InvalidKeyPair.Duplicate", KeyName=name)
+    expect_error(cloud.ec2.import_key_pair, "InvalidKeyPair.Duplicate", KeyName=name,
            PublicKeyMaterial=b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x")
-    expect("InvalidParameterValue", cloud.ec2.create_key_pair, KeyName="x" * 256)
-    expect("InvalidParameterValue", cloud.ec2.create_key_pair, KeyName="caf\u00e9")
+    expect_error(cloud.ec2.create_key_pair, "InvalidParameterValue", KeyName="x" * 256)
+    expect_error(cloud.ec2.create_key_pair, "InvalidParameterValue", KeyName="caf\u00e9")
     raw = cloud.raw({"Action": "CreateKeyPair", "Version": "2016-11-15", "KeyName": unique(),
                      "KeyType": "dsa"})
     assert raw.status == 400 and raw.error()[0] == "InvalidParameterValue"
@@ -202,9 +194,9 @@ def test_describe_by_name_id_and_filters_and_unknown_names(cloud, keys):
     assert a in names([{"Name": "tag-key", "Values": ["team"]}])
     assert a in names([{"Name": "tag-value", "Values": ["blue"]}])
     assert names([{"Name": "tag:team", "Values": ["red"]}]) == set()
-    expect("InvalidParameterValue", cloud.ec2.describe_key_pairs,
+    expect_error(cloud.ec2.describe_key_pairs, "InvalidParameterValue",
            Filters=[{"Name": "no-such-filter", "Values": ["x"]}])
-    err = expect("InvalidKeyPair.NotFound", cloud.ec2.describe_key_pairs, KeyNames=[a, "nope-" + a])
+    err = expect_error(cloud.ec2.describe_key_pairs, "InvalidKeyPair.NotFound", KeyNames=[a, "nope-" + a])
     assert "nope-" + a in err.response["Error"]["Message"]
 
 
@@ -221,23 +213,23 @@ def test_tags_on_key_pairs_through_create_describe_and_delete_tags(cloud, keys):
     cloud.ec2.delete_tags(Resources=[kid], Tags=[{"Key": "Name"}])
     [info] = cloud.ec2.describe_key_pairs(KeyPairIds=[kid])["KeyPairs"]
     assert info.get("Tags", []) == []
-    expect("InvalidKeyPair.NotFound", cloud.ec2.create_tags, Resources=["key-0123456789abcdef0"],
+    expect_error(cloud.ec2.create_tags, "InvalidKeyPair.NotFound", Resources=["key-0123456789abcdef0"],
            Tags=[{"Key": "a", "Value": "b"}])
 
 
 def test_delete_by_name_or_id_and_dry_run(cloud, keys):
     name = unique()
     kp = cloud.ec2.create_key_pair(KeyName=name, KeyType="ed25519")
-    expect("DryRunOperation", cloud.ec2.delete_key_pair, KeyName=name, DryRun=True, status=412)
-    expect("DryRunOperation", cloud.ec2.create_key_pair, KeyName=unique(), DryRun=True, status=412)
-    expect("DryRunOperation", cloud.ec2.describe_key_pairs, DryRun=True, status=412)
+    expect_error(cloud.ec2.delete_key_pair, "DryRunOperation", KeyName=name, DryRun=True, status=412)
+    expect_error(cloud.ec2.create_key_pair, "DryRunOperation", KeyName=unique(), DryRun=True, status=412)
+    expect_error(cloud.ec2.describe_key_pairs, "DryRunOperation", DryRun=True, status=412)
     assert cloud.ec2.describe_key_pairs(KeyNames=[name])["KeyPairs"]
     resp = cloud.ec2.delete_key_pair(KeyPairId=kp["KeyPairId"])
     assert resp["Return"] is True and resp["KeyPairId"] == kp["KeyPairId"]
-    expect("InvalidKeyPair.NotFound", cloud.ec2.describe_key_pairs, KeyNames=[name])
+    expect_error(cloud.ec2.describe_key_pairs, "InvalidKeyPair.NotFound", KeyNames=[name])
     # EC2 answers success for a name that is not there; an id that is not there is an error.
     assert cloud.ec2.delete_key_pair(KeyName=name)["Return"] is True
-    expect("InvalidKeyPair.NotFound", cloud.ec2.delete_key_pair, KeyPairId=kp["KeyPairId"])
+    expect_error(cloud.ec2.delete_key_pair, "InvalidKeyPair.NotFound", KeyPairId=kp["KeyPairId"])
     # The name can be used again.
     keys.append(name)
     cloud.ec2.create_key_pair(KeyName=name, KeyType="ed25519")
@@ -252,7 +244,7 @@ def test_launch_with_a_key_and_unknown_key_is_refused(cloud, keys, launcher):
     assert inst["KeyName"] == name
     key_filtered = cloud.instances(Filters=[launcher.filter, {"Name": "key-name", "Values": [name]}])
     assert [i["InstanceId"] for i in key_filtered] == [iid]
-    expect("InvalidKeyPair.NotFound", launcher.run, KeyName="no-such-key-" + name)
+    expect_error(launcher.run, "InvalidKeyPair.NotFound", KeyName="no-such-key-" + name)
     # Deleting the key pair leaves the instance's key name as it was.
     cloud.ec2.delete_key_pair(KeyName=name)
     [inst] = cloud.instances(InstanceIds=[iid])

@@ -7,15 +7,8 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import error_code, http_status
+from conftest import expect_error
 
-
-def expect(code, call, status=400, **kwargs):
-    with pytest.raises(ClientError) as exc:
-        call(**kwargs)
-    assert error_code(exc.value) == code, exc.value.response.get("Error")
-    assert http_status(exc.value) == status
-    return exc.value
 
 
 @pytest.fixture
@@ -50,7 +43,7 @@ def test_default_group_exists_with_ec2_default_rules_and_cannot_be_deleted(cloud
     assert [g["GroupId"] for g in ingress["UserIdGroupPairs"]] == [default["GroupId"]]
     [egress] = default["IpPermissionsEgress"]
     assert egress["IpProtocol"] == "-1" and egress["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
-    expect("CannotDelete", cloud.ec2.delete_security_group, GroupId=default["GroupId"])
+    expect_error(cloud.ec2.delete_security_group, "CannotDelete", GroupId=default["GroupId"])
 
 
 def test_create_describe_authorize_revoke_and_delete(cloud, groups):
@@ -81,7 +74,7 @@ def test_create_describe_authorize_revoke_and_delete(cloud, groups):
     assert perms["icmp"]["FromPort"] == 8 and perms["icmp"]["ToPort"] == -1
     assert [p["GroupId"] for p in perms["-1"]["UserIdGroupPairs"]] == [peer]
     # The same rule twice is refused, and nothing of that call is added.
-    expect("InvalidPermission.Duplicate", cloud.ec2.authorize_security_group_ingress, GroupId=web,
+    expect_error(cloud.ec2.authorize_security_group_ingress, "InvalidPermission.Duplicate", GroupId=web,
            IpPermissions=[{"IpProtocol": "udp", "FromPort": 53, "ToPort": 53, "IpRanges": [{"CidrIp": "1.1.1.1/32"}]},
                           {"IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}])
     assert "udp" not in {p["IpProtocol"] for p in group(cloud, web)["IpPermissions"]}
@@ -115,21 +108,21 @@ def test_create_describe_authorize_revoke_and_delete(cloud, groups):
     [eg] = group(cloud, web)["IpPermissionsEgress"]
     assert (eg["IpProtocol"], eg["FromPort"], eg["ToPort"]) == ("tcp", 0, 65535)
     # A group another group's rule refers to cannot be deleted until the rule goes.
-    expect("DependencyViolation", cloud.ec2.delete_security_group, GroupId=peer)
+    expect_error(cloud.ec2.delete_security_group, "DependencyViolation", GroupId=peer)
     cloud.ec2.revoke_security_group_ingress(GroupId=web, IpPermissions=[
         {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": peer}]}])
     cloud.ec2.delete_security_group(GroupId=peer)
-    expect("InvalidGroup.NotFound", cloud.ec2.describe_security_groups, GroupIds=[peer])
+    expect_error(cloud.ec2.describe_security_groups, "InvalidGroup.NotFound", GroupIds=[peer])
 
 
 def test_bad_rules_and_names_are_refused_with_ec2_codes(cloud, groups):
     gid = groups()
     name = group(cloud, gid)["GroupName"]
-    expect("InvalidGroup.Duplicate", cloud.ec2.create_security_group, GroupName=name, Description="x")
-    expect("InvalidParameterValue", cloud.ec2.create_security_group, GroupName="sg-nope", Description="x")
-    expect("InvalidGroup.NotFound", cloud.ec2.describe_security_groups, GroupIds=["sg-0123456789abcdef0"])
-    expect("InvalidGroupId.Malformed", cloud.ec2.describe_security_groups, GroupIds=["nope"])
-    expect("InvalidGroup.NotFound", cloud.ec2.describe_security_groups, GroupNames=["no-such-group"])
+    expect_error(cloud.ec2.create_security_group, "InvalidGroup.Duplicate", GroupName=name, Description="x")
+    expect_error(cloud.ec2.create_security_group, "InvalidParameterValue", GroupName="sg-nope", Description="x")
+    expect_error(cloud.ec2.describe_security_groups, "InvalidGroup.NotFound", GroupIds=["sg-0123456789abcdef0"])
+    expect_error(cloud.ec2.describe_security_groups, "InvalidGroupId.Malformed", GroupIds=["nope"])
+    expect_error(cloud.ec2.describe_security_groups, "InvalidGroup.NotFound", GroupNames=["no-such-group"])
     bad = [
         {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 70, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
         {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 70000, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
@@ -139,20 +132,20 @@ def test_bad_rules_and_names_are_refused_with_ec2_codes(cloud, groups):
         {"IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
     ]
     for perm in bad:
-        expect("InvalidParameterValue", cloud.ec2.authorize_security_group_ingress, GroupId=gid,
+        expect_error(cloud.ec2.authorize_security_group_ingress, "InvalidParameterValue", GroupId=gid,
                IpPermissions=[perm])
-    expect("InvalidGroup.NotFound", cloud.ec2.authorize_security_group_ingress, GroupId=gid,
+    expect_error(cloud.ec2.authorize_security_group_ingress, "InvalidGroup.NotFound", GroupId=gid,
            IpPermissions=[{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0123456789abcdef0"}]}])
-    expect("DryRunOperation", cloud.ec2.authorize_security_group_ingress, status=412, GroupId=gid, DryRun=True,
+    expect_error(cloud.ec2.authorize_security_group_ingress, "DryRunOperation", status=412, GroupId=gid, DryRun=True,
            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 1, "ToPort": 2, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
     assert group(cloud, gid)["IpPermissions"] == []
     # Tagging, DryRun included, checks that the group is the caller's.
     for call in (cloud.ec2.create_tags, cloud.ec2.delete_tags):
-        expect("InvalidGroup.NotFound", call, Resources=["sg-0123456789abcdef0"],
+        expect_error(call, "InvalidGroup.NotFound", Resources=["sg-0123456789abcdef0"],
                Tags=[{"Key": "a", "Value": "b"}])
-        expect("InvalidGroup.NotFound", call, Resources=["sg-0123456789abcdef0"],
+        expect_error(call, "InvalidGroup.NotFound", Resources=["sg-0123456789abcdef0"],
                Tags=[{"Key": "a", "Value": "b"}], DryRun=True)
-        expect("DryRunOperation", call, status=412, Resources=[gid], Tags=[{"Key": "a", "Value": "b"}],
+        expect_error(call, "DryRunOperation", status=412, Resources=[gid], Tags=[{"Key": "a", "Value": "b"}],
                DryRun=True)
 
 
@@ -170,8 +163,8 @@ def test_instances_launch_with_groups_and_a_group_in_use_cannot_be_deleted(cloud
     assert [i["InstanceId"] for i in found] == [grouped]
     attr = cloud.ec2.describe_instance_attribute(InstanceId=grouped, Attribute="groupSet")
     assert [g["GroupId"] for g in attr["Groups"]] == [gid]
-    expect("InvalidGroup.NotFound", launcher.run, SecurityGroupIds=["sg-0123456789abcdef0"])
-    expect("DependencyViolation", cloud.ec2.delete_security_group, GroupId=gid)
+    expect_error(launcher.run, "InvalidGroup.NotFound", SecurityGroupIds=["sg-0123456789abcdef0"])
+    expect_error(cloud.ec2.delete_security_group, "DependencyViolation", GroupId=gid)
     cloud.ec2.terminate_instances(InstanceIds=[grouped])
     cloud.wait("instance_terminated", InstanceIds=[grouped])
     cloud.ec2.delete_security_group(GroupId=gid)

@@ -5,7 +5,7 @@ use sqlx::SqliteConnection;
 
 use super::StateError;
 use super::command::Outcome;
-use super::query::{fmt_time, parse_time};
+use super::query::{fmt_time, json_list, parse_time, tags_for};
 use super::types::{Address, Tag};
 
 pub(super) async fn allocate(
@@ -196,26 +196,14 @@ pub(super) async fn load(
     .bind(account.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    let tags: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT resource_id, key, value FROM tags
-         WHERE account_id = ? AND resource_type = 'elastic-ip' ORDER BY resource_id, key",
-    )
-    .bind(account.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    let ids = json_list(rows.iter().map(|r| r.0.as_str()))?;
+    let mut tags = tags_for(conn, Some(account), Some(&ids)).await?;
     let corrupt = |e: String| StateError::Corrupt(e);
     let mut out = rows
         .into_iter()
         .map(|(allocation, ip, instance, association, at)| {
             Ok(Address {
-                tags: tags
-                    .iter()
-                    .filter(|(id, _, _)| id == &allocation)
-                    .map(|(_, key, value)| Tag {
-                        key: key.clone(),
-                        value: value.clone(),
-                    })
-                    .collect(),
+                tags: tags.remove(&allocation).unwrap_or_default(),
                 allocation_id: allocation
                     .parse()
                     .map_err(|e: canopy_common::IdError| corrupt(e.to_string()))?,

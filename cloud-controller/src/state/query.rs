@@ -154,7 +154,7 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
      (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id)";
 
 /// Strings as a JSON array, for `json_each(?)`.
-fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
+pub(super) fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
     serde_json::to_string(&items.collect::<Vec<_>>())
         .map_err(|e| StateError::Corrupt(e.to_string()))
 }
@@ -193,7 +193,7 @@ async fn fetch_folded<T: DeserializeOwned>(
 
 /// Tags by resource id: of one account, or of every account (`None`), and, when `ids` is
 /// given as a JSON array, of those resources only.
-async fn tags_for(
+pub(super) async fn tags_for(
     conn: &mut SqliteConnection,
     account: Option<&AccountId>,
     ids_json: Option<&str>,

@@ -8,7 +8,7 @@ use sqlx::SqliteConnection;
 use super::StateError;
 use super::apply::{check_tag_limit, insert_tag};
 use super::command::Outcome;
-use super::query::{fmt_time, parse_time};
+use super::query::{fmt_time, json_list, parse_time, tags_for};
 use super::types::{
     DEFAULT_SECURITY_GROUP, RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, Tag,
 };
@@ -290,13 +290,8 @@ pub(super) async fn load(
     .bind(only)
     .fetch_all(&mut *conn)
     .await?;
-    let tags: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT resource_id, key, value FROM tags
-         WHERE account_id = ? AND resource_type = 'security-group' ORDER BY resource_id, key",
-    )
-    .bind(account.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    let ids = json_list(groups.iter().map(|g| g.0.as_str()))?;
+    let mut tags_of = tags_for(conn, Some(account), Some(&ids)).await?;
     let corrupt = |e: canopy_common::IdError| StateError::Corrupt(e.to_string());
     let mut rules_of: HashMap<String, Vec<SecurityGroupRule>> = HashMap::new();
     for (rule_id, group_id, is_egress, protocol, from_port, to_port, v4, v6, peer, description) in
@@ -323,10 +318,6 @@ pub(super) async fn load(
                 },
                 description,
             });
-    }
-    let mut tags_of: HashMap<String, Vec<Tag>> = HashMap::new();
-    for (id, key, value) in tags {
-        tags_of.entry(id).or_default().push(Tag { key, value });
     }
     groups
         .into_iter()
