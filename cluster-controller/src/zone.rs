@@ -175,6 +175,24 @@ impl ZoneState {
         private_ip
     }
 
+    /// Records (and returns, for the CLC) that `spec` could not be placed: terminated with
+    /// `Server.InsufficientInstanceCapacity`. Final: it is not tried again.
+    fn refuse_for_capacity(&mut self, spec: &InstanceSpec, message: String) -> InstanceReport {
+        let report = InstanceReport {
+            instance: spec.id.clone(),
+            node: None,
+            state: InstanceState::Terminated,
+            reason: Some(StateReason {
+                code: INSUFFICIENT_CAPACITY.into(),
+                message,
+            }),
+            reboot_seq: spec.reboot_seq,
+            private_ip: None,
+        };
+        self.reports.insert(spec.id.clone(), report.clone());
+        report
+    }
+
     /// Forgets an assignment and frees its address.
     fn unassign(&mut self, instance: &InstanceId) {
         if let Some(ip) = self.assignments.remove(instance).and_then(|a| a.private_ip) {
@@ -283,37 +301,15 @@ impl ZoneState {
                     }
                     // Room on a node, but no address left in the subnet.
                     self.unassign(&spec.id);
-                    let report = InstanceReport {
-                        instance: spec.id.clone(),
-                        node: None,
-                        state: InstanceState::Terminated,
-                        reason: Some(StateReason {
-                            code: INSUFFICIENT_CAPACITY.into(),
-                            message: format!(
-                                "Insufficient capacity: no free address left in the zone's subnet {}",
-                                self.subnet
-                            ),
-                        }),
-                        reboot_seq: spec.reboot_seq,
-                        private_ip: None,
-                    };
-                    self.reports.insert(spec.id.clone(), report.clone());
-                    plan.reports.push(report);
+                    let message = format!(
+                        "Insufficient capacity: no free address left in the zone's subnet {}",
+                        self.subnet
+                    );
+                    plan.reports.push(self.refuse_for_capacity(spec, message));
                 }
                 Placement::NoCapacity(rejections) => {
-                    let report = InstanceReport {
-                        instance: spec.id.clone(),
-                        node: None,
-                        state: InstanceState::Terminated,
-                        reason: Some(StateReason {
-                            code: INSUFFICIENT_CAPACITY.into(),
-                            message: self.capacity_message(spec, &rejections),
-                        }),
-                        reboot_seq: spec.reboot_seq,
-                        private_ip: None,
-                    };
-                    self.reports.insert(spec.id.clone(), report.clone());
-                    plan.reports.push(report);
+                    let message = self.capacity_message(spec, &rejections);
+                    plan.reports.push(self.refuse_for_capacity(spec, message));
                     plan.capacity_failures.push(CapacityFailure {
                         instance: spec.id.clone(),
                         rejections,
