@@ -34,6 +34,23 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{key}: {v:?} is not an address:port"))
 }
 
+/// The listen address and the URL others reach it by: `advertise`, or else `http://LISTEN`,
+/// which an unspecified address (0.0.0.0) cannot be.
+fn listen_and_advertise(
+    listen: &str,
+    advertise: Option<&str>,
+) -> Result<(SocketAddr, Option<String>)> {
+    let addr = parse_addr("listen", listen)?;
+    let advertise = advertise.map(|a| parse_url("advertise", a)).transpose()?;
+    if addr.ip().is_unspecified() && advertise.is_none() {
+        bail!(
+            "advertise: required when listen is {addr} (others cannot dial {}); give the URL they reach this process by",
+            addr.ip()
+        );
+    }
+    Ok((addr, advertise))
+}
+
 fn parse_url(key: &str, v: &str) -> Result<String> {
     if v.starts_with("http://") || v.starts_with("https://") {
         Ok(v.trim_end_matches('/').to_owned())
@@ -253,15 +270,12 @@ impl CcFile {
         if self.clc.is_empty() {
             bail!("clc: at least one cloud controller endpoint is required");
         }
+        let (listen, advertise) = listen_and_advertise(&self.listen, self.advertise.as_deref())?;
         Ok(canopy_cluster_controller::CcConfig {
             zone: ZoneName::parse(&self.zone)
                 .with_context(|| format!("zone: {:?} is not a valid zone name", self.zone))?,
-            listen: parse_addr("listen", &self.listen)?,
-            advertise: self
-                .advertise
-                .as_deref()
-                .map(|a| parse_url("advertise", a))
-                .transpose()?,
+            listen,
+            advertise,
             clc_endpoints: self
                 .clc
                 .iter()
@@ -348,15 +362,12 @@ impl NcFile {
             Some(n) => n.clone(),
             None => default_node_id(),
         };
+        let (listen, advertise) = listen_and_advertise(&self.listen, self.advertise.as_deref())?;
         Ok(canopy_node_controller::NcConfig {
             node_id: NodeId::parse(&node_id)
                 .with_context(|| format!("node_id: {node_id:?} is not a valid node id"))?,
-            listen: parse_addr("listen", &self.listen)?,
-            advertise: self
-                .advertise
-                .as_deref()
-                .map(|a| parse_url("advertise", a))
-                .transpose()?,
+            listen,
+            advertise,
             cc_endpoint: parse_url("cc", &self.cc)?,
             heartbeat_interval: secs("heartbeat_interval_secs", self.heartbeat_interval_secs)?,
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
@@ -386,6 +397,7 @@ impl NcFile {
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!(e))?,
             instances_dir: state_dir.join("instances"),
+            volumes_dir: state_dir.join("volumes"),
             image_cache_dir: state_dir.join("images"),
             image_cache_max_bytes: self.image_cache_gib << 30,
             disk_gib: self.disk_gib,
@@ -495,6 +507,29 @@ mod tests {
         assert!(
             err(&[], serde_json::json!({"election_timeout_min_ms": 50})).contains("raft timing")
         );
+    }
+
+    #[test]
+    fn cc_and_nc_listening_on_every_address_must_say_how_they_are_reached() {
+        let cc = CcFile {
+            listen: "0.0.0.0:8775".into(),
+            ..CcFile::default()
+        };
+        assert!(cc.validate().unwrap_err().to_string().contains("advertise"));
+        let cc = CcFile {
+            advertise: Some("http://cc-a:8775".into()),
+            ..cc
+        };
+        assert_eq!(
+            cc.validate().unwrap().advertise.as_deref(),
+            Some("http://cc-a:8775")
+        );
+        let nc = NcFile {
+            listen: "[::]:8777".into(),
+            ..NcFile::default()
+        };
+        assert!(nc.validate().unwrap_err().to_string().contains("advertise"));
+        assert!(NcFile::default().validate().is_ok());
     }
 
     #[test]

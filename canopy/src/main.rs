@@ -175,8 +175,9 @@ struct CcArgs {
     #[arg(long, env = "CANOPY_CC_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
-    /// URL the CLC uses to reach this CC (default: http://LISTEN).
-    #[arg(long)]
+    /// URL the CLC uses to reach this CC (default: http://LISTEN; required when LISTEN is
+    /// 0.0.0.0).
+    #[arg(long, env = "CANOPY_CC_ADVERTISE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     advertise: Option<String>,
     /// CLC gRPC endpoints (repeat or comma-separate).
@@ -203,8 +204,9 @@ struct NcArgs {
     #[arg(long, env = "CANOPY_NC_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
-    /// URL the CC uses to reach this node (default: http://LISTEN).
-    #[arg(long)]
+    /// URL the CC uses to reach this node (default: http://LISTEN; required when LISTEN is
+    /// 0.0.0.0).
+    #[arg(long, env = "CANOPY_NC_ADVERTISE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     advertise: Option<String>,
     /// The zone's CC endpoint.

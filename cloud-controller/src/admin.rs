@@ -28,8 +28,8 @@ pub const ADMIN_SIGV4_SERVICE: &str = "canopy-admin";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Canopy admin API", version = "1", description = "Operator API of the Canopy cloud controller."),
-    paths(list_zones, list_nodes, list_instances, list_images, upload_image, cluster_status, replica_status, add_member, remove_member),
-    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember)),
+    paths(list_zones, list_nodes, list_instances, list_images, upload_image, cluster_status, replica_status, replica_digest, add_member, remove_member),
+    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember, crate::state::StateDigest)),
     modifiers(&BearerAuth),
     security(("bearer" = []), ("sigv4" = []))
 )]
@@ -200,6 +200,7 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/replica", get(replica_status))
+        .route("/v1/replica/digest", get(replica_digest))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
@@ -587,6 +588,23 @@ async fn cluster_status(State(clc): State<Arc<Clc>>) -> Response {
 #[utoipa::path(get, path = "/v1/replica", responses((status = 200, body = ClusterView)))]
 async fn replica_status(State(clc): State<Arc<Clc>>) -> Response {
     Json(ClusterView::from(clc.replica.status())).into_response()
+}
+
+/// A digest of the answering replica's state machine and the log index it has applied
+/// (never forwarded): replicas at the same index must hold the same digest.
+#[utoipa::path(get, path = "/v1/replica/digest", responses((status = 200, body = crate::state::StateDigest), (status = 500, body = ErrorBody)))]
+async fn replica_digest(State(clc): State<Arc<Clc>>) -> Response {
+    match clc.store.digest().await {
+        Ok(d) => Json(d).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "state digest");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "the state could not be read",
+            )
+        }
+    }
 }
 
 /// Adds a replica: as a learner until it has caught up, then as a voter.

@@ -191,7 +191,7 @@ where
 
 /// Requests about this replica itself are never forwarded.
 fn serve_here_anyway(api: Api, uri: &Uri) -> bool {
-    api == Api::Admin && uri.path() == "/v1/replica"
+    api == Api::Admin && matches!(uri.path(), "/v1/replica" | "/v1/replica/digest")
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) stay on their own connection.

@@ -178,6 +178,52 @@ impl ZoneService {
         }
     }
 
+    /// Confirms the zone's attachments under way that the reports settle: a volume being
+    /// attached that its instance now has, one being detached that it no longer has.
+    /// Instances the reports do not mention are left as they are.
+    async fn observe_volumes(
+        &self,
+        zone: ZoneName,
+        reported: &HashMap<canopy_common::InstanceId, Vec<canopy_common::VolumeId>>,
+    ) -> Result<(), Status> {
+        use crate::state::AttachStatus;
+        let pending = self
+            .clc
+            .store
+            .pending_attachments(&zone)
+            .await
+            .map_err(internal)?;
+        let mut attached = Vec::new();
+        let mut detached = Vec::new();
+        for p in pending {
+            let Some(has) = reported.get(&p.instance_id) else {
+                continue;
+            };
+            let now_attached = has.contains(&p.volume_id);
+            match p.status {
+                AttachStatus::Attaching if now_attached => {
+                    attached.push((p.volume_id, p.instance_id));
+                }
+                AttachStatus::Detaching if !now_attached => {
+                    detached.push((p.volume_id, p.instance_id));
+                }
+                _ => {}
+            }
+        }
+        if attached.is_empty() && detached.is_empty() {
+            return Ok(());
+        }
+        self.clc
+            .submit(Command::ObserveVolumes {
+                zone,
+                attached,
+                detached,
+            })
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
     /// Serves a forwarded call here (see [`ZoneService::forwarded`]).
     pub async fn serve(
         &self,
@@ -378,11 +424,14 @@ impl CloudController for ZoneService {
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
         let mut observations = Vec::new();
+        // What each reported instance has attached, by instance.
+        let mut attached: HashMap<canopy_common::InstanceId, Vec<canopy_common::VolumeId>> =
+            HashMap::new();
         for r in req.reports {
             let Some(state) = state_from_proto(r.state()) else {
                 continue;
             };
-            let Ok(instance_id) = r.instance_id.parse() else {
+            let Ok(instance_id) = r.instance_id.parse::<canopy_common::InstanceId>() else {
                 return Err(Status::invalid_argument(format!(
                     "malformed instance id {:?}",
                     r.instance_id
@@ -411,6 +460,9 @@ impl CloudController for ZoneService {
                     Status::invalid_argument(format!("malformed private_ip {:?}", r.private_ip))
                 })?)
             };
+            let volumes = canopy_proto::convert::volume_ids_from_proto(r.volumes)
+                .map_err(Status::invalid_argument)?;
+            attached.insert(instance_id.clone(), volumes);
             observations.push(Observation {
                 instance_id,
                 node_id,
@@ -433,13 +485,14 @@ impl CloudController for ZoneService {
         if !observations.is_empty() {
             self.clc
                 .submit(Command::ObserveInstances {
-                    zone,
+                    zone: zone.clone(),
                     observations,
                     at: Utc::now(),
                 })
                 .await
                 .map_err(internal)?;
         }
+        self.observe_volumes(zone, &attached).await?;
         Ok(Response::new(pb::ReportAck {}))
     }
 
@@ -548,6 +601,7 @@ fn spec_to_proto(i: &DesiredSpec, region: &str) -> pb::InstanceSpec {
             .as_ref()
             .map(|n| n.to_string())
             .unwrap_or_default(),
+        volumes: canopy_proto::convert::volumes_to_proto(&i.volumes),
         ..Default::default()
     };
     canopy_proto::convert::boot_to_proto(&i.boot, &mut spec);
@@ -580,6 +634,10 @@ impl CcClients {
 }
 
 /// The shortest pause between two pushes of a zone's desired state.
+/// How long the zone's documents name a deleted volume, for nodes to remove its bytes. A
+/// node away for longer keeps the file (it is never attached again).
+const DELETED_VOLUMES_KEPT: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
 const MIN_PUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// The pause after a round of pushes is at least this many times the round's own duration:
 /// a document costs O(instances) to read, build, send and apply (the CC answers once it has
@@ -646,6 +704,10 @@ async fn reconcile_once(
             .filter(|e| !e.is_empty())
             .unwrap_or(zone.endpoint.clone());
         let instances = clc.store.desired_specs(&zone.zone).await?;
+        let deleted = clc
+            .store
+            .deleted_volumes(&zone.zone, Utc::now() - DELETED_VOLUMES_KEPT)
+            .await?;
         let doc = pb::ZoneDesiredState {
             zone: zone.zone.to_string(),
             generation: zone.generation,
@@ -653,6 +715,7 @@ async fn reconcile_once(
                 .iter()
                 .map(|i| spec_to_proto(i, clc.config.region.as_str()))
                 .collect(),
+            deleted_volumes: canopy_proto::convert::volume_ids_to_proto(&deleted),
         };
         let mut client = match clc.cc_clients.get(&endpoint) {
             Ok(c) => c,

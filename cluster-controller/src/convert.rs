@@ -131,6 +131,8 @@ pub fn instance_spec_from_proto(mut s: pb::InstanceSpec) -> Result<InstanceSpec,
         start_seq: s.start_seq,
         private_ip: opt_ip(&s.private_ip)?,
         metadata: canopy_proto::convert::metadata_from_proto(s.metadata),
+        volumes: canopy_proto::convert::volumes_from_proto(s.volumes)
+            .map_err(|e| CcError::InvalidArgument(format!("instance {id}: {e}")))?,
         id,
         boot,
     })
@@ -155,6 +157,7 @@ pub fn instance_spec_to_proto(s: &InstanceSpec) -> pb::InstanceSpec {
         private_ip: s.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         metadata: Some(canopy_proto::convert::metadata_to_proto(&s.metadata)),
         node_id: s.node.as_ref().map(ToString::to_string).unwrap_or_default(),
+        volumes: canopy_proto::convert::volumes_to_proto(&s.volumes),
         ..Default::default()
     };
     canopy_proto::convert::boot_to_proto(&s.boot, &mut spec);
@@ -182,6 +185,8 @@ pub fn zone_desired_from_proto(d: pb::ZoneDesiredState) -> Result<ZoneDesired, C
         zone,
         generation: d.generation,
         instances,
+        deleted_volumes: canopy_proto::convert::volume_ids_from_proto(d.deleted_volumes)
+            .map_err(CcError::InvalidArgument)?,
     })
 }
 
@@ -191,6 +196,7 @@ pub fn node_desired_to_proto(d: &NodeDesired) -> pb::NodeDesiredState {
         node_id: d.node.to_string(),
         generation: d.generation,
         instances: d.instances.iter().map(instance_spec_to_proto).collect(),
+        deleted_volumes: canopy_proto::convert::volume_ids_to_proto(&d.deleted_volumes),
     }
 }
 
@@ -209,6 +215,8 @@ pub fn report_from_proto(r: pb::InstanceReport) -> Result<InstanceReport, CcErro
         reboot_seq: r.reboot_seq,
         // The CC decides addresses; a node's word on it is not taken.
         private_ip: None,
+        volumes: canopy_proto::convert::volume_ids_from_proto(r.volumes)
+            .map_err(CcError::InvalidArgument)?,
     })
 }
 
@@ -230,6 +238,7 @@ pub fn report_to_proto(r: &InstanceReport) -> pb::InstanceReport {
             .unwrap_or_default(),
         reboot_seq: r.reboot_seq,
         private_ip: r.private_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        volumes: canopy_proto::convert::volume_ids_to_proto(&r.volumes),
     }
 }
 
@@ -358,6 +367,7 @@ mod tests {
             zone: "z-1".into(),
             generation: 1,
             instances: vec![spec(), spec()],
+            deleted_volumes: vec![],
         };
         assert!(matches!(
             zone_desired_from_proto(dup),

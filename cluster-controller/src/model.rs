@@ -71,6 +71,8 @@ pub struct InstanceSpec {
     pub node: Option<NodeId>,
     /// What it boots from, passed on to the node as the CLC sent it.
     pub boot: BootImages,
+    /// The volumes it should have attached, passed on to the node.
+    pub volumes: Vec<canopy_common::VolumeAttachment>,
 }
 
 /// The whole desired state of the zone, stamped with the CLC's generation.
@@ -79,6 +81,8 @@ pub struct ZoneDesired {
     pub zone: ZoneName,
     pub generation: u64,
     pub instances: Vec<InstanceSpec>,
+    /// Volumes deleted lately; passed on to every node (any may hold the bytes).
+    pub deleted_volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// The desired state of one node: the zone's instances assigned to it, same generation.
@@ -87,6 +91,7 @@ pub struct NodeDesired {
     pub node: NodeId,
     pub generation: u64,
     pub instances: Vec<InstanceSpec>,
+    pub deleted_volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// Why an instance is in its state, in EC2's terms.
@@ -108,6 +113,8 @@ pub struct InstanceReport {
     pub reboot_seq: u64,
     /// Set by the CC from its assignment: the instance's private address.
     pub private_ip: Option<std::net::Ipv4Addr>,
+    /// The volumes its node has attached to it.
+    pub volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// An NC announcing itself (at start, or again after the CC forgot it).

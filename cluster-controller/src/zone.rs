@@ -104,6 +104,7 @@ struct Assignment {
 struct Desired {
     generation: u64,
     specs: BTreeMap<InstanceId, InstanceSpec>,
+    deleted_volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// Everything the cluster controller knows about its zone.
@@ -188,6 +189,7 @@ impl ZoneState {
             }),
             reboot_seq: spec.reboot_seq,
             private_ip: None,
+            volumes: vec![],
         };
         self.reports.insert(spec.id.clone(), report.clone());
         report
@@ -279,6 +281,7 @@ impl ZoneState {
                     }),
                     reboot_seq: spec.reboot_seq,
                     private_ip: None,
+                    volumes: vec![],
                 };
                 self.reports.insert(spec.id.clone(), report.clone());
                 plan.reports.push(report);
@@ -326,6 +329,7 @@ impl ZoneState {
         self.desired = Some(Desired {
             generation: doc.generation,
             specs,
+            deleted_volumes: doc.deleted_volumes,
         });
         self.forget_finished();
         plan.pushes = self.nodes.keys().filter_map(|n| self.push_for(n)).collect();
@@ -608,6 +612,7 @@ impl ZoneState {
                 node: node.clone(),
                 generation: d.generation,
                 instances,
+                deleted_volumes: d.deleted_volumes.clone(),
             },
         })
     }
@@ -642,6 +647,7 @@ mod tests {
             metadata: Default::default(),
             node: None,
             boot: Default::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -650,6 +656,7 @@ mod tests {
             zone: ZoneName::parse("z-1").expect("zone"),
             generation,
             instances,
+            deleted_volumes: Vec::new(),
         }
     }
 
@@ -676,6 +683,7 @@ mod tests {
             reason: None,
             reboot_seq: 0,
             private_ip: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -745,6 +753,39 @@ mod tests {
         );
         assert_eq!(push_for(&plan, "a").instances.len(), 1);
         assert_eq!(allocated(&z, "b", now), Resources::new(2, 4096, 20));
+    }
+
+    #[test]
+    fn volumes_go_to_the_instances_node_and_deleted_ones_to_every_node() {
+        let now = Moment::now();
+        let mut z = zone_with(&[("a", 4096), ("b", 4096)], now);
+        let vol = |n: u64| canopy_common::VolumeId::parse(&format!("vol-{n:017x}")).expect("id");
+        let mut with_volume = spec(1, 2048);
+        with_volume.volumes = vec![canopy_common::VolumeAttachment {
+            volume_id: vol(1),
+            device: "/dev/sdf".into(),
+            size_gib: 8,
+            initialized: false,
+        }];
+        let mut d = doc(1, vec![with_volume.clone(), spec(2, 2048)]);
+        d.deleted_volumes = vec![vol(2)];
+        let plan = applied(z.apply_desired(d, now));
+        let holder = &plan
+            .placed
+            .iter()
+            .find(|(i, _)| *i == iid(1))
+            .expect("placed")
+            .1;
+        let doc_of_holder = push_for(&plan, holder.as_str());
+        let sent = doc_of_holder
+            .instances
+            .iter()
+            .find(|s| s.id == iid(1))
+            .expect("instance in its node's document");
+        assert_eq!(sent.volumes, with_volume.volumes);
+        for name in ["a", "b"] {
+            assert_eq!(push_for(&plan, name).deleted_volumes, vec![vol(2)]);
+        }
     }
 
     #[test]

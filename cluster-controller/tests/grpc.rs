@@ -316,6 +316,7 @@ fn zone_doc(generation: u64, instances: Vec<pb::InstanceSpec>) -> pb::ZoneDesire
         zone: ZONE.into(),
         generation,
         instances,
+        deleted_volumes: Vec::new(),
     }
 }
 
@@ -474,6 +475,7 @@ async fn put_zone_state_places_instances_and_fans_out_to_the_right_nodes() {
         zone: "other-1b".into(),
         generation: 3,
         instances: Vec::new(),
+        deleted_volumes: Vec::new(),
     };
     assert_eq!(
         ctl.put_zone_state(other)

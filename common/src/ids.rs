@@ -155,6 +155,11 @@ hex_id!(
     AssociationId, "eipassoc-", "association", 17
 );
 
+hex_id!(
+    /// An EBS-style volume, `vol-` and 17 hex digits.
+    VolumeId, "vol-", "volume", 17
+);
+
 impl SecurityGroupId {
     /// The id of an account's `default` group, made from the account number so that every
     /// replica derives the same one (migration 0006 makes it the same way).
@@ -180,6 +185,7 @@ pub enum ResourceId {
     KeyPair(KeyPairId),
     SecurityGroup(SecurityGroupId),
     ElasticIp(AllocationId),
+    Volume(VolumeId),
 }
 
 impl ResourceId {
@@ -192,6 +198,8 @@ impl ResourceId {
             SecurityGroupId::parse(value).map(ResourceId::SecurityGroup)
         } else if value.starts_with(AllocationId::PREFIX) {
             AllocationId::parse(value).map(ResourceId::ElasticIp)
+        } else if value.starts_with(VolumeId::PREFIX) {
+            VolumeId::parse(value).map(ResourceId::Volume)
         } else {
             Err(IdError {
                 kind: "taggable resource",
@@ -206,6 +214,7 @@ impl ResourceId {
             ResourceId::KeyPair(id) => id.as_str(),
             ResourceId::SecurityGroup(id) => id.as_str(),
             ResourceId::ElasticIp(id) => id.as_str(),
+            ResourceId::Volume(id) => id.as_str(),
         }
     }
 
@@ -216,6 +225,7 @@ impl ResourceId {
             ResourceId::KeyPair(_) => "key-pair",
             ResourceId::SecurityGroup(_) => "security-group",
             ResourceId::ElasticIp(_) => "elastic-ip",
+            ResourceId::Volume(_) => "volume",
         }
     }
 }
@@ -240,6 +250,7 @@ impl From<ResourceId> for String {
             ResourceId::KeyPair(id) => id.into(),
             ResourceId::SecurityGroup(id) => id.into(),
             ResourceId::ElasticIp(id) => id.into(),
+            ResourceId::Volume(id) => id.into(),
         }
     }
 }
@@ -441,7 +452,9 @@ mod tests {
             serde_json::to_string(&key).unwrap(),
             "\"key-0123456789abcdef0\""
         );
-        assert!(ResourceId::parse("vol-0123456789abcdef0").is_err());
+        let vol = ResourceId::parse("vol-0123456789abcdef0").unwrap();
+        assert_eq!(vol.resource_type(), "volume");
+        assert!(ResourceId::parse("snap-0123456789abcdef0").is_err());
         let account = AccountId::parse("123456789012").unwrap();
         assert_eq!(
             SecurityGroupId::default_for(&account).as_str(),

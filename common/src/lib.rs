@@ -11,10 +11,12 @@ pub mod metadata;
 pub mod net;
 pub mod placement;
 pub mod resources;
+pub mod volumes;
 
 pub use ids::{
     AccessKeyId, AccountId, AllocationId, AssociationId, IdError, ImageId, InstanceId, KeyPairId,
-    NodeId, RegionName, ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, ZoneName,
+    NodeId, RegionName, ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, VolumeId,
+    ZoneName,
 };
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};
@@ -22,3 +24,4 @@ pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState
 pub use metadata::{HttpTokens, InstanceMetadata};
 pub use net::Ipv4Subnet;
 pub use resources::Resources;
+pub use volumes::VolumeAttachment;

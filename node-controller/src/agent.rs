@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use canopy_common::{InstanceId, NodeId};
+use canopy_common::{InstanceId, NodeId, VolumeId};
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::zone_agent_client::ZoneAgentClient;
 use rand::Rng;
@@ -206,6 +206,8 @@ struct AgentState {
     unmanaged: BTreeSet<InstanceId>,
     /// Instances whose preparation (image downloads) runs in the background.
     preparing: BTreeSet<InstanceId>,
+    /// Deleted volumes whose bytes this agent has removed (or found absent).
+    removed_volumes: BTreeSet<VolumeId>,
 }
 
 impl Agent {
@@ -264,6 +266,9 @@ impl Agent {
         }
         let state = &mut *state;
         state.memory.retain(|id, _| doc.instances.contains_key(id));
+        state
+            .removed_volumes
+            .retain(|v| doc.deleted_volumes.contains(v));
         for (id, spec) in &doc.instances {
             state
                 .memory
@@ -289,12 +294,20 @@ impl Agent {
         Ok(self.hypervisor.console(id).await?)
     }
 
-    async fn observe_domains(&self) -> Result<BTreeMap<InstanceId, DomainState>, HypervisorError> {
+    /// Every domain's state, and the volumes attached to each.
+    async fn observe_domains(
+        &self,
+    ) -> Result<(BTreeMap<InstanceId, DomainState>, plan::Attached), HypervisorError> {
         let domains = self.hypervisor.list().await?;
-        Ok(domains
-            .into_iter()
-            .map(|d| (d.instance_id, d.state))
-            .collect())
+        let mut states = BTreeMap::new();
+        let mut attached = plan::Attached::new();
+        for d in domains {
+            if !d.volumes.is_empty() {
+                attached.insert(d.instance_id.clone(), d.volumes);
+            }
+            states.insert(d.instance_id, d.state);
+        }
+        Ok((states, attached))
     }
 
     /// Feeds the observation into every desired instance's memory.
@@ -311,13 +324,11 @@ impl Agent {
     async fn current_reports(
         &self,
     ) -> Result<BTreeMap<InstanceId, InstanceReport>, HypervisorError> {
-        let observed = self.observe_domains().await?;
+        let (observed, attached) = self.observe_domains().await?;
         let state = self.lock();
-        Ok(plan::reports(
-            state.desired.as_ref(),
-            &observed,
-            &state.memory,
-        ))
+        let mut reports = plan::reports(state.desired.as_ref(), &observed, &state.memory);
+        plan::with_volumes(&mut reports, &attached);
+        Ok(reports)
     }
 
     // ---------- reconciler ----------
@@ -360,18 +371,28 @@ impl Agent {
 
     /// One reconcile pass. Returns the earliest stop deadline, when one is pending.
     async fn reconcile_once(self: &Arc<Self>) -> Option<Instant> {
-        let observed = match self.observe_domains().await {
+        let (observed, attached) = match self.observe_domains().await {
             Ok(observed) => observed,
             Err(e) => {
                 warn!(error = %e, "cannot list domains; will retry");
                 return None;
             }
         };
-        let plan = {
+        let (plan, remove) = {
             let mut state = self.lock();
             Self::absorb(&mut state, &observed);
+            let remove = state.desired.as_ref().map_or_else(Vec::new, |doc| {
+                plan::volumes_to_remove(doc, &attached, &state.removed_volumes)
+            });
             let plan = match &state.desired {
-                Some(doc) => plan::plan(doc, &observed, &state.memory, Instant::now()),
+                Some(doc) => {
+                    let mut plan = plan::plan(doc, &observed, &state.memory, Instant::now());
+                    // After the lifecycle actions: a domain defined in this pass gets its
+                    // volumes in the next one, once it is listed.
+                    plan.actions
+                        .extend(plan::plan_volumes(doc, &observed, &attached));
+                    plan
+                }
                 None => plan::Plan {
                     actions: vec![],
                     unmanaged: observed.keys().cloned().collect(),
@@ -382,12 +403,13 @@ impl Agent {
                 info!(instance = %id, "domain not in the desired state; leaving it alone");
             }
             state.unmanaged = unmanaged;
-            plan
+            (plan, remove)
         };
+        self.remove_volumes(remove).await;
 
         let actions = self.defer_unprepared(plan.actions);
-        let observed = if actions.is_empty() {
-            observed
+        let (observed, attached) = if actions.is_empty() {
+            (observed, attached)
         } else {
             self.execute(actions).await;
             match self.observe_domains().await {
@@ -401,12 +423,28 @@ impl Agent {
 
         let mut state = self.lock();
         Self::absorb(&mut state, &observed);
-        let reports = plan::reports(state.desired.as_ref(), &observed, &state.memory);
+        let mut reports = plan::reports(state.desired.as_ref(), &observed, &state.memory);
+        plan::with_volumes(&mut reports, &attached);
         if reports != state.reports {
             state.reports = reports;
             self.report.notify_one();
         }
         plan::next_deadline(state.memory.values())
+    }
+
+    /// Removes deleted volumes' bytes, remembering which are gone so each is removed once.
+    async fn remove_volumes(&self, volumes: Vec<VolumeId>) {
+        for volume in volumes {
+            match self.hypervisor.delete_volume(&volume).await {
+                Ok(()) => {
+                    debug!(%volume, "deleted volume's bytes removed (if held)");
+                    self.lock().removed_volumes.insert(volume);
+                }
+                Err(e) => {
+                    warn!(%volume, error = %e, "cannot remove a deleted volume's bytes; will retry")
+                }
+            }
+        }
     }
 
     /// Takes out the defines of instances whose images are not on the host yet (and the
@@ -479,6 +517,12 @@ impl Agent {
                 Action::Destroy(_) => self.hypervisor.destroy(&id).await,
                 Action::Reboot { .. } => self.hypervisor.reboot(&id).await,
                 Action::Undefine(_) => self.hypervisor.undefine(&id).await,
+                Action::AttachVolume { volume, .. } => {
+                    self.hypervisor.attach_volume(&id, volume).await
+                }
+                Action::DetachVolume { volume_id, .. } => {
+                    self.hypervisor.detach_volume(&id, volume_id).await
+                }
             };
             match result {
                 Ok(()) => self.succeeded(&action),
@@ -525,6 +569,16 @@ impl Agent {
             }
             Action::Destroy(id) => info!(instance = %id, "domain destroyed"),
             Action::Undefine(id) => info!(instance = %id, "domain undefined"),
+            Action::AttachVolume {
+                instance_id,
+                volume,
+            } => {
+                info!(instance = %instance_id, volume = %volume.volume_id, device = %volume.device, "volume attached");
+            }
+            Action::DetachVolume {
+                instance_id,
+                volume_id,
+            } => info!(instance = %instance_id, volume = %volume_id, "volume detach requested"),
         }
     }
 

@@ -64,6 +64,8 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
             ))
         })?)
     };
+    let volumes = canopy_proto::convert::volumes_from_proto(spec.volumes)
+        .map_err(|e| invalid(format!("instance {id}: {e}")))?;
     Ok(DesiredInstance {
         instance_id: id,
         instance_type: spec.instance_type,
@@ -76,6 +78,7 @@ pub fn instance_from_proto(mut spec: pb::InstanceSpec) -> Result<DesiredInstance
         start_seq: spec.start_seq,
         private_ip,
         metadata: canopy_proto::convert::metadata_from_proto(spec.metadata),
+        volumes,
         boot,
     })
 }
@@ -103,6 +106,8 @@ pub fn desired_state_from_proto(
         DesiredState {
             generation: doc.generation,
             instances,
+            deleted_volumes: canopy_proto::convert::volume_ids_from_proto(doc.deleted_volumes)
+                .map_err(invalid)?,
         },
     ))
 }
@@ -132,6 +137,7 @@ pub fn report_to_proto(report: &InstanceReport, node_id: &NodeId) -> pb::Instanc
         reboot_seq: report.reboot_seq,
         // The CC sets it: addresses are the CC's.
         private_ip: String::new(),
+        volumes: canopy_proto::convert::volume_ids_to_proto(&report.volumes),
     }
 }
 
@@ -173,6 +179,12 @@ mod tests {
             }),
             kernel: None,
             ramdisk: None,
+            volumes: vec![pb::VolumeAttachment {
+                volume_id: "vol-0123456789abcdef0".into(),
+                device: "/dev/sdf".into(),
+                size_gib: 4,
+                initialized: true,
+            }],
         }
     }
 
@@ -191,6 +203,10 @@ mod tests {
         assert_eq!(d.metadata.public_key.as_deref(), Some("ssh-ed25519 AAAA k"));
         assert_eq!(d.metadata.http_tokens, canopy_common::HttpTokens::Required);
         assert!(d.metadata.http_endpoint_enabled);
+        assert_eq!(d.volumes.len(), 1);
+        assert_eq!(d.volumes[0].device, "/dev/sdf");
+        assert_eq!(d.volumes[0].size_gib, 4);
+        assert!(d.volumes[0].initialized);
         let domain = d.domain_spec();
         assert_eq!(
             domain.kernel_cmdline_extra,
@@ -269,6 +285,7 @@ mod tests {
             node_id: "node-1".into(),
             generation: 7,
             instances: vec![spec(), spec()],
+            deleted_volumes: vec![],
         };
         assert!(matches!(
             desired_state_from_proto(doc),
@@ -278,6 +295,7 @@ mod tests {
             node_id: "no de".into(),
             generation: 7,
             instances: vec![],
+            deleted_volumes: vec![],
         };
         assert!(matches!(
             desired_state_from_proto(doc),
@@ -287,11 +305,21 @@ mod tests {
             node_id: String::new(),
             generation: 7,
             instances: vec![spec()],
+            deleted_volumes: vec!["vol-0123456789abcdef0".into()],
         };
         let (node, d) = desired_state_from_proto(doc).unwrap();
         assert_eq!(node, None);
         assert_eq!(d.generation, 7);
         assert_eq!(d.instances.len(), 1);
+        assert_eq!(d.deleted_volumes[0].as_str(), "vol-0123456789abcdef0");
+        let bad = pb::NodeDesiredState {
+            deleted_volumes: vec!["vol-nope".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            desired_state_from_proto(bad),
+            Err(NcError::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -304,8 +332,10 @@ mod tests {
                 "User initiated shutdown",
             )),
             reboot_seq: 2,
+            volumes: vec![canopy_common::VolumeId::parse("vol-0123456789abcdef0").unwrap()],
         };
         let p = report_to_proto(&r, &NodeId::parse("node-1").unwrap());
+        assert_eq!(p.volumes, vec!["vol-0123456789abcdef0".to_string()]);
         assert_eq!(p.state, pb::ObservedState::Stopped as i32);
         assert_eq!(p.reason_code, "Client.UserInitiatedShutdown");
         assert_eq!(p.node_id, "node-1");

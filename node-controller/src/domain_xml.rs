@@ -215,6 +215,50 @@ impl DomainDescription {
     }
 }
 
+/// A volume's disk element, for libvirt's attach and detach. The guest sees a virtio disk
+/// whose serial is the volume id without its dash (`vol0123…`, 20 characters: virtio's
+/// limit, and EC2's convention for NVMe volumes), so `/dev/disk/by-id/virtio-vol…` names it.
+pub fn volume_disk_xml(
+    volume: &canopy_common::VolumeId,
+    file: &Path,
+    guest_disk: &str,
+) -> Result<String, InvalidDomain> {
+    check_path("volume file", file)?;
+    if guest_disk.is_empty() || !guest_disk.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(invalid(
+            "volume target",
+            format!("{guest_disk:?} is not a disk name"),
+        ));
+    }
+    Ok(format!(
+        "<disk type='file' device='disk'>\n  <driver name='qemu' type='qcow2' discard='unmap'/>\n  <source file='{}'/>\n  <target dev='{}' bus='virtio'/>\n  <serial>{}</serial>\n</disk>\n",
+        esc(&path_str(file)),
+        guest_disk,
+        volume_serial(volume)
+    ))
+}
+
+/// The disk serial a volume is attached with.
+pub fn volume_serial(volume: &canopy_common::VolumeId) -> String {
+    volume.as_str().replacen('-', "", 1)
+}
+
+/// The volumes attached in a domain's XML: every disk whose serial is a volume's.
+pub fn attached_volumes(domain_xml: &str) -> Vec<canopy_common::VolumeId> {
+    let mut out = Vec::new();
+    let mut rest = domain_xml;
+    while let Some(at) = rest.find("<serial>vol") {
+        rest = &rest[at + "<serial>vol".len()..];
+        let Some(end) = rest.find("</serial>") else {
+            break;
+        };
+        if let Ok(id) = canopy_common::VolumeId::parse(&format!("vol-{}", &rest[..end])) {
+            out.push(id);
+        }
+    }
+    out
+}
+
 fn check_path(field: &'static str, path: &Path) -> Result<(), InvalidDomain> {
     let Some(s) = path.to_str() else {
         return Err(invalid(field, format!("{} is not UTF-8", path.display())));
@@ -257,6 +301,28 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_disks_carry_the_volume_in_their_serial_and_are_found_again() {
+        let vol = canopy_common::VolumeId::parse("vol-0123456789abcdef0").unwrap();
+        let xml =
+            volume_disk_xml(&vol, Path::new("/var/lib/canopy/volumes/v.qcow2"), "vdf").unwrap();
+        assert!(
+            xml.contains("<serial>vol0123456789abcdef0</serial>"),
+            "{xml}"
+        );
+        assert_eq!(
+            volume_serial(&vol).len(),
+            20,
+            "virtio serials hold 20 characters"
+        );
+        assert!(xml.contains("<target dev='vdf' bus='virtio'/>"));
+        let domain =
+            format!("<domain><devices><disk><serial>other</serial></disk>{xml}</devices></domain>");
+        assert_eq!(attached_volumes(&domain), vec![vol.clone()]);
+        assert!(volume_disk_xml(&vol, Path::new("relative"), "vdf").is_err());
+        assert!(volume_disk_xml(&vol, Path::new("/v"), "vd'f").is_err());
+    }
 
     fn id() -> InstanceId {
         InstanceId::parse("i-0123456789abcdef0").unwrap()

@@ -44,6 +44,9 @@ pub struct LibvirtNodeOptions {
     pub accelerator: AcceleratorChoice,
     /// Per-instance files (root overlays, console logs).
     pub instances_dir: PathBuf,
+    /// Volumes' bytes, one qcow2 file each. Shared storage (the same directory on every
+    /// node of the zone) lets a volume move between the zone's nodes.
+    pub volumes_dir: PathBuf,
     /// The node's image cache, and its bound.
     pub image_cache_dir: PathBuf,
     pub image_cache_max_bytes: u64,
@@ -155,6 +158,7 @@ pub fn host_problems(
     for (what, dir) in [
         ("image cache", &opts.image_cache_dir),
         ("instances", &opts.instances_dir),
+        ("volumes", &opts.volumes_dir),
     ] {
         if let Err(e) = std::fs::create_dir_all(dir) {
             problems.push(format!(
@@ -164,7 +168,11 @@ pub fn host_problems(
         }
     }
     if opts.uri.ends_with("/system") {
-        for dir in [&opts.image_cache_dir, &opts.instances_dir] {
+        for dir in [
+            &opts.image_cache_dir,
+            &opts.instances_dir,
+            &opts.volumes_dir,
+        ] {
             if let Some(blocked) = untraversable_ancestor(dir) {
                 problems.push(format!(
                     "QEMU runs as its own user under {} and cannot reach {}: {} is not searchable by others (chmod o+x it, or choose another state_dir)",
@@ -250,6 +258,7 @@ pub async fn connect_libvirt(opts: &LibvirtNodeOptions) -> Result<Arc<dyn Hyperv
             accelerator,
             accelerator_reason,
             instances_dir: opts.instances_dir.clone(),
+            volumes_dir: opts.volumes_dir.clone(),
             disk_gib: opts.disk_gib,
         },
         ImageSource {
@@ -277,6 +286,7 @@ mod tests {
             uri: "qemu:///system".into(),
             accelerator: AcceleratorChoice::Qemu,
             instances_dir: dir.join("instances"),
+            volumes_dir: dir.join("volumes"),
             image_cache_dir: dir.join("cache"),
             image_cache_max_bytes: 1 << 30,
             disk_gib: 10,

@@ -14,7 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use canopy_common::{BootImages, ImageId, InstanceId, Resources};
+use canopy_common::{BootImages, ImageId, InstanceId, Resources, VolumeAttachment, VolumeId};
 use tokio::sync::broadcast;
 
 use crate::error::HypervisorError;
@@ -155,6 +155,9 @@ pub struct DomainInfo {
     pub instance_id: InstanceId,
     pub state: DomainState,
     pub resources: Resources,
+    /// The volumes attached to the domain (to the running guest, or to its definition
+    /// while shut off).
+    pub volumes: Vec<VolumeId>,
 }
 
 /// A change of a domain's state, as libvirt's lifecycle events announce it.
@@ -231,4 +234,25 @@ pub trait Hypervisor: Send + Sync + 'static {
 
     /// The console log the domain has written so far (across reboots).
     async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError>;
+
+    /// Attaches a volume to the domain, making its (empty) bytes first if the host has none
+    /// yet: to the running guest and to the definition, or to the definition alone while
+    /// the domain is shut off. Attaching an attached volume is an `AlreadyExists` error.
+    async fn attach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeAttachment,
+    ) -> Result<(), HypervisorError>;
+
+    /// Detaches a volume from the domain (the guest may take a moment to let go of it; the
+    /// volume stays listed until it has). The bytes stay.
+    async fn detach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeId,
+    ) -> Result<(), HypervisorError>;
+
+    /// Removes a deleted volume's bytes from the host, if it holds them. Succeeds when
+    /// there is nothing to remove.
+    async fn delete_volume(&self, volume: &VolumeId) -> Result<(), HypervisorError>;
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use canopy_common::{ImageRef, InstanceId, Resources, Sha256Digest};
+use canopy_common::{ImageRef, InstanceId, Resources, Sha256Digest, VolumeAttachment, VolumeId};
 use tokio::sync::broadcast;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirState};
@@ -46,6 +46,8 @@ pub struct LibvirtConfig {
     pub accelerator_reason: String,
     /// Per-instance files (root overlay, console log).
     pub instances_dir: PathBuf,
+    /// Volumes' bytes: `<volume>.qcow2`, made at the first attach.
+    pub volumes_dir: PathBuf,
     /// Disk offered to instances (libvirt does not say how much a host has for them).
     pub disk_gib: u64,
 }
@@ -65,6 +67,34 @@ pub struct LibvirtHypervisor {
     events: broadcast::Sender<DomainEvent>,
     /// What each domain was at the last poll, to announce changes.
     seen: Mutex<HashMap<InstanceId, DomainState>>,
+}
+
+/// `qemu-img create`: a qcow2 file of `size_gib` (at least 1), empty or an overlay on a
+/// backing file of the given format.
+async fn qemu_img_create(
+    file: &Path,
+    size_gib: u64,
+    backing: Option<(&Path, &str)>,
+) -> Result<(), HypervisorError> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((base, format)) = backing {
+        cmd.args(["-F", format, "-b"]).arg(base);
+    }
+    let out = cmd
+        .arg(file)
+        .arg(format!("{}G", size_gib.max(1)))
+        .output()
+        .await
+        .map_err(|e| failed(format!("qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "qemu-img create {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn failed(e: impl std::fmt::Display) -> HypervisorError {
@@ -239,6 +269,38 @@ impl LibvirtHypervisor {
             .map_err(failed)
     }
 
+    fn volume_file(&self, volume: &VolumeId) -> PathBuf {
+        self.config
+            .volumes_dir
+            .join(format!("{}.qcow2", volume.as_str()))
+    }
+
+    /// Makes a volume's (empty) qcow2 file unless the host has it, atomically: a file of
+    /// that name is always whole.
+    async fn ensure_volume_file(
+        &self,
+        volume: &VolumeAttachment,
+    ) -> Result<PathBuf, HypervisorError> {
+        let file = self.volume_file(&volume.volume_id);
+        if tokio::fs::try_exists(&file).await.map_err(failed)? {
+            return Ok(file);
+        }
+        if volume.initialized {
+            return Err(failed(format!(
+                "the bytes of volume {} are not in {}: another node of the zone wrote them (share the volumes directory across the zone's nodes to move volumes between them)",
+                volume.volume_id,
+                self.config.volumes_dir.display()
+            )));
+        }
+        tokio::fs::create_dir_all(&self.config.volumes_dir)
+            .await
+            .map_err(failed)?;
+        let partial = file.with_extension("qcow2.partial");
+        qemu_img_create(&partial, volume.size_gib, None).await?;
+        tokio::fs::rename(&partial, &file).await.map_err(failed)?;
+        Ok(file)
+    }
+
     /// The domain's description, creating its root overlay on the machine image. The
     /// images are pinned (the instance's `images` file) before they are fetched, so a
     /// concurrent eviction cannot take them.
@@ -274,21 +336,7 @@ impl LibvirtHypervisor {
             None => Boot::Disk,
         };
         let root_disk = dir.join("root.qcow2");
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
-            .arg(&base)
-            .arg(&root_disk)
-            .arg(format!("{}G", spec.resources.disk_gib.max(1)))
-            .output()
-            .await
-            .map_err(|e| failed(format!("qemu-img: {e}")))?;
-        if !out.status.success() {
-            return Err(failed(format!(
-                "qemu-img create {}: {}",
-                root_disk.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        qemu_img_create(&root_disk, spec.resources.disk_gib, Some((&base, format))).await?;
         Ok(DomainDescription {
             instance_id: spec.instance_id.clone(),
             accelerator: self.config.accelerator,
@@ -503,7 +551,10 @@ impl Hypervisor for LibvirtHypervisor {
                     continue; // not Canopy's
                 };
                 let info = d.info().map_err(failed)?;
+                // The live definition while it runs, the persistent one otherwise.
+                let xml = d.xml_desc(0).map_err(failed)?;
                 out.push(DomainInfo {
+                    volumes: crate::domain_xml::attached_volumes(&xml),
                     // libvirt knows vCPUs and memory; the root disk's size would cost a
                     // qemu-img call per domain per list, so disk is not counted here.
                     resources: Resources::new(info.nr_virt_cpu, info.max_mem / 1024, 0),
@@ -515,6 +566,71 @@ impl Hypervisor for LibvirtHypervisor {
             Ok(out)
         })
         .await
+    }
+
+    async fn attach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeAttachment,
+    ) -> Result<(), HypervisorError> {
+        let point = canopy_common::volumes::attachment_point(&volume.device).ok_or_else(|| {
+            failed(format!(
+                "{} is not a device a volume can take",
+                volume.device
+            ))
+        })?;
+        let file = self.ensure_volume_file(volume).await?;
+        let xml = crate::domain_xml::volume_disk_xml(
+            &volume.volume_id,
+            &file,
+            &canopy_common::volumes::guest_disk(&point),
+        )
+        .map_err(failed)?;
+        self.with_domain(id, "attach a volume to", move |d| {
+            let mut flags = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if d.is_active()? {
+                flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+            d.attach_device_flags(&xml, flags)
+        })
+        .await
+    }
+
+    async fn detach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeId,
+    ) -> Result<(), HypervisorError> {
+        let volume = volume.clone();
+        let serial = crate::domain_xml::volume_serial(&volume);
+        self.with_domain(id, "detach a volume from", move |d| {
+            // The disk as each definition has it: the live one (a guest slow to let go keeps
+            // it there a while) and the persistent one may differ.
+            let disk_in = |xml: &str| -> Option<String> {
+                let at = xml.find(&format!("<serial>{serial}</serial>"))?;
+                let start = xml[..at].rfind("<disk ")?;
+                let end = at + xml[at..].find("</disk>")? + "</disk>".len();
+                Some(xml[start..end].to_owned())
+            };
+            if d.is_active()?
+                && let Some(disk) = disk_in(&d.xml_desc(0)?)
+            {
+                d.detach_device_flags(&disk, virt::sys::VIR_DOMAIN_AFFECT_LIVE)?;
+            }
+            if let Some(disk) = disk_in(&d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?) {
+                d.detach_device_flags(&disk, virt::sys::VIR_DOMAIN_AFFECT_CONFIG)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_volume(&self, volume: &VolumeId) -> Result<(), HypervisorError> {
+        match tokio::fs::remove_file(self.volume_file(volume)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed(e)),
+        }
     }
 
     async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {

@@ -391,6 +391,7 @@ mod tests {
                 public_ip: None,
             },
             boot: Default::default(),
+            volumes: vec![],
         }
     }
 

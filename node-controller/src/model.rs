@@ -43,6 +43,8 @@ pub struct DesiredInstance {
     pub metadata: canopy_common::InstanceMetadata,
     /// The image bytes it boots from.
     pub boot: BootImages,
+    /// The volumes it should have attached.
+    pub volumes: Vec<canopy_common::VolumeAttachment>,
 }
 
 impl DesiredInstance {
@@ -64,6 +66,8 @@ impl DesiredInstance {
 pub struct DesiredState {
     pub generation: u64,
     pub instances: BTreeMap<InstanceId, DesiredInstance>,
+    /// Volumes deleted lately, whose bytes the node removes if it holds them.
+    pub deleted_volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// Why an instance is in its state, in EC2 terms.
@@ -92,6 +96,8 @@ pub struct InstanceReport {
     pub reason: Option<StateReason>,
     /// The last `reboot_seq` this node applied (or adopted) for the instance.
     pub reboot_seq: u64,
+    /// The volumes attached to its domain now, sorted.
+    pub volumes: Vec<canopy_common::VolumeId>,
 }
 
 /// The result of offering a desired-state document to the agent.

@@ -15,9 +15,9 @@
 //! * A failed define or start is not retried while the instance stays desired `running`,
 //!   for the same reason; a first launch that fails is cleaned up and reported terminated.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use canopy_common::{InstanceId, InstanceState, PowerState};
+use canopy_common::{InstanceId, InstanceState, PowerState, VolumeAttachment, VolumeId};
 use tokio::time::Instant;
 
 use crate::hypervisor::{DomainSpec, DomainState};
@@ -83,6 +83,15 @@ pub enum Action {
         reboot_seq: u64,
     },
     Undefine(InstanceId),
+    /// Attaches a volume (making its bytes on first use).
+    AttachVolume {
+        instance_id: InstanceId,
+        volume: VolumeAttachment,
+    },
+    DetachVolume {
+        instance_id: InstanceId,
+        volume_id: VolumeId,
+    },
 }
 
 impl Action {
@@ -90,7 +99,10 @@ impl Action {
     pub fn instance_id(&self) -> &InstanceId {
         match self {
             Action::Define(spec) => &spec.instance_id,
-            Action::Start { instance_id, .. } | Action::Reboot { instance_id, .. } => instance_id,
+            Action::Start { instance_id, .. }
+            | Action::Reboot { instance_id, .. }
+            | Action::AttachVolume { instance_id, .. }
+            | Action::DetachVolume { instance_id, .. } => instance_id,
             Action::Shutdown(id) | Action::Destroy(id) | Action::Undefine(id) => id,
         }
     }
@@ -221,6 +233,70 @@ fn plan_instance(
     }
 }
 
+/// The volumes attached to each domain, as the hypervisor lists them.
+pub type Attached = BTreeMap<InstanceId, Vec<VolumeId>>;
+
+/// The attaches and detaches that bring each domain's volumes to its spec's. Only domains
+/// that exist and are meant to: a domain not defined yet gets its volumes once it is (the
+/// next pass), a terminated instance's domain loses them when it is undefined, and a
+/// crashed one waits until it is destroyed and started again.
+pub fn plan_volumes(
+    desired: &DesiredState,
+    observed: &BTreeMap<InstanceId, DomainState>,
+    attached: &Attached,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (id, spec) in &desired.instances {
+        if spec.desired == PowerState::Terminated
+            || matches!(observed.get(id), None | Some(DomainState::Crashed))
+        {
+            continue;
+        }
+        let has = attached.get(id).map(Vec::as_slice).unwrap_or_default();
+        for volume in &spec.volumes {
+            if !has.contains(&volume.volume_id) {
+                actions.push(Action::AttachVolume {
+                    instance_id: id.clone(),
+                    volume: volume.clone(),
+                });
+            }
+        }
+        for volume_id in has {
+            if !spec.volumes.iter().any(|v| &v.volume_id == volume_id) {
+                actions.push(Action::DetachVolume {
+                    instance_id: id.clone(),
+                    volume_id: volume_id.clone(),
+                });
+            }
+        }
+    }
+    actions
+}
+
+/// Deleted volumes whose bytes the node may remove now: none of its domains has them
+/// attached (a detach still under way finishes first), and it has not removed them yet.
+pub fn volumes_to_remove(
+    desired: &DesiredState,
+    attached: &Attached,
+    removed: &BTreeSet<VolumeId>,
+) -> Vec<VolumeId> {
+    desired
+        .deleted_volumes
+        .iter()
+        .filter(|v| !removed.contains(*v) && !attached.values().any(|a| a.contains(v)))
+        .cloned()
+        .collect()
+}
+
+/// Sets each report's volumes to what its domain has attached.
+pub fn with_volumes(reports: &mut BTreeMap<InstanceId, InstanceReport>, attached: &Attached) {
+    for (id, report) in reports.iter_mut() {
+        let mut volumes = attached.get(id).cloned().unwrap_or_default();
+        volumes.sort();
+        report.volumes = volumes;
+    }
+}
+
 /// When the reconciler must look again even if nothing happens: the earliest stop deadline.
 pub fn next_deadline<'a>(memory: impl IntoIterator<Item = &'a InstanceMemory>) -> Option<Instant> {
     memory.into_iter().filter_map(|m| m.stop_deadline).min()
@@ -310,6 +386,8 @@ pub fn report(
         state,
         reason: why,
         reboot_seq: memory.map_or(0, |m| m.applied_reboot_seq),
+        // Filled from the domains' disks by `with_volumes`.
+        volumes: Vec::new(),
     })
 }
 
@@ -369,6 +447,7 @@ mod tests {
             private_ip: None,
             metadata: Default::default(),
             boot: Default::default(),
+            volumes: vec![],
         }
     }
 
@@ -376,11 +455,83 @@ mod tests {
         DesiredState {
             generation: 1,
             instances: [(spec.instance_id.clone(), spec)].into(),
+            deleted_volumes: vec![],
         }
     }
 
     fn observed(state: Option<DomainState>) -> BTreeMap<InstanceId, DomainState> {
         state.map(|s| (id(0), s)).into_iter().collect()
+    }
+
+    fn volume(n: u8) -> VolumeAttachment {
+        VolumeAttachment {
+            volume_id: VolumeId::parse(&format!("vol-0123456789abcdef{n}")).unwrap(),
+            device: format!("/dev/sd{}", (b'f' + n) as char),
+            size_gib: 1,
+            initialized: false,
+        }
+    }
+
+    #[test]
+    fn volumes_follow_the_spec_on_existing_domains_only() {
+        let mut s = spec(PowerState::Running, 0);
+        s.volumes = vec![volume(0), volume(1)];
+        let d = doc(s.clone());
+        let attached: Attached = [(id(0), vec![volume(1).volume_id, volume(2).volume_id])].into();
+        let actions = plan_volumes(&d, &observed(Some(Running)), &attached);
+        assert_eq!(
+            actions,
+            vec![
+                Action::AttachVolume {
+                    instance_id: id(0),
+                    volume: volume(0)
+                },
+                Action::DetachVolume {
+                    instance_id: id(0),
+                    volume_id: volume(2).volume_id
+                },
+            ]
+        );
+        // A stopped domain gets them too (to its definition).
+        assert_eq!(
+            plan_volumes(&d, &observed(Some(ShutOff)), &Attached::new()).len(),
+            2
+        );
+        // Not defined yet, crashed, or being terminated: nothing.
+        assert!(plan_volumes(&d, &observed(None), &Attached::new()).is_empty());
+        assert!(plan_volumes(&d, &observed(Some(Crashed)), &Attached::new()).is_empty());
+        s.desired = PowerState::Terminated;
+        assert!(plan_volumes(&doc(s), &observed(Some(Running)), &attached).is_empty());
+    }
+
+    #[test]
+    fn deleted_volumes_are_removed_once_and_never_while_attached() {
+        let mut d = doc(spec(PowerState::Running, 0));
+        d.deleted_volumes = vec![
+            volume(0).volume_id,
+            volume(1).volume_id,
+            volume(2).volume_id,
+        ];
+        let attached: Attached = [(id(0), vec![volume(1).volume_id])].into();
+        let removed: BTreeSet<VolumeId> = [volume(2).volume_id].into();
+        assert_eq!(
+            volumes_to_remove(&d, &attached, &removed),
+            vec![volume(0).volume_id]
+        );
+    }
+
+    #[test]
+    fn reports_carry_the_attached_volumes_sorted() {
+        let d = doc(spec(PowerState::Running, 0));
+        let mut r = reports(Some(&d), &observed(Some(Running)), &BTreeMap::new());
+        let attached: Attached = [(id(0), vec![volume(1).volume_id, volume(0).volume_id])].into();
+        with_volumes(&mut r, &attached);
+        assert_eq!(
+            r[&id(0)].volumes,
+            vec![volume(0).volume_id, volume(1).volume_id]
+        );
+        with_volumes(&mut r, &Attached::new());
+        assert!(r[&id(0)].volumes.is_empty());
     }
 
     fn plan_one(

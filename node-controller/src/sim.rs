@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use canopy_common::{InstanceId, Resources};
+use canopy_common::{InstanceId, Resources, VolumeAttachment, VolumeId};
 use tokio::sync::broadcast;
 
 use crate::error::HypervisorError;
@@ -94,6 +94,8 @@ struct SimDomain {
     boot_elapsed: bool,
     boots: u64,
     console: Vec<u8>,
+    /// Attached volumes, in attach order.
+    volumes: Vec<VolumeId>,
 }
 
 impl SimDomain {
@@ -309,6 +311,7 @@ impl Hypervisor for SimHypervisor {
                 boot_elapsed: false,
                 boots: 0,
                 console: Vec::new(),
+                volumes: Vec::new(),
             },
         );
         self.inner.emit(
@@ -398,6 +401,7 @@ impl Hypervisor for SimHypervisor {
                 instance_id: d.spec.instance_id.clone(),
                 state: d.state,
                 resources: d.spec.resources,
+                volumes: d.volumes.clone(),
             })
             .collect())
     }
@@ -409,6 +413,53 @@ impl Hypervisor for SimHypervisor {
             .get(id)
             .ok_or_else(|| HypervisorError::NotFound(id.clone()))?;
         Ok(domain.console.clone())
+    }
+
+    async fn attach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeAttachment,
+    ) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        // A volume is in one place at a time: the simulated host refuses a second holder,
+        // as QEMU's image locking does.
+        if let Some(holder) = state
+            .domains
+            .values()
+            .find(|d| d.volumes.contains(&volume.volume_id))
+        {
+            return Err(HypervisorError::AlreadyExists(
+                holder.spec.instance_id.clone(),
+            ));
+        }
+        let domain = domain_mut(&mut state, id)?;
+        if domain.state == DomainState::Crashed {
+            return Err(invalid(id, domain.state, "attach a volume to"));
+        }
+        domain.volumes.push(volume.volume_id.clone());
+        Ok(())
+    }
+
+    async fn detach_volume(
+        &self,
+        id: &InstanceId,
+        volume: &VolumeId,
+    ) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let domain = domain_mut(&mut state, id)?;
+        let before = domain.volumes.len();
+        domain.volumes.retain(|v| v != volume);
+        if domain.volumes.len() == before {
+            return Err(HypervisorError::Failed(format!(
+                "volume {volume} is not attached to {id}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn delete_volume(&self, _volume: &VolumeId) -> Result<(), HypervisorError> {
+        // The simulated host keeps no bytes.
+        Ok(())
     }
 }
 

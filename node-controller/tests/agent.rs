@@ -255,6 +255,7 @@ async fn put(
             node_id: NODE.into(),
             generation,
             instances,
+            deleted_volumes: vec![],
         })
         .await
         .unwrap()
@@ -503,6 +504,45 @@ async fn terminate_reports_terminated_and_undefines() {
 }
 
 #[tokio::test]
+async fn volumes_are_attached_reported_detached_and_their_deletion_passed_on() {
+    let mut h = Harness::start().await;
+    let id = InstanceId::generate();
+    launch(&mut h, 1, &id).await;
+    let vol = "vol-0123456789abcdef0";
+    let mut with_volume = running(&id);
+    with_volume.volumes = vec![pb::VolumeAttachment {
+        volume_id: vol.into(),
+        device: "/dev/sdf".into(),
+        size_gib: 4,
+        initialized: false,
+    }];
+    h.put(2, vec![with_volume]).await;
+    h.cc.wait_for("the volume reported attached", |s| {
+        s.reports
+            .iter()
+            .find(|r| r.instance_id == id.as_str() && r.volumes == [vol])
+            .map(|_| ())
+    })
+    .await;
+    let listed = h.sim.list().await.unwrap();
+    assert_eq!(listed[0].volumes.len(), 1, "attached in the hypervisor");
+
+    // Taken out of the spec: detached, and the reports say so.
+    h.put(3, vec![running(&id)]).await;
+    h.cc.wait_for("the volume reported detached", |s| {
+        s.reports
+            .iter()
+            .rev()
+            .find(|r| r.instance_id == id.as_str())
+            .filter(|r| r.volumes.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    assert!(h.sim.list().await.unwrap()[0].volumes.is_empty());
+    h.nc.shutdown().await;
+}
+
+#[tokio::test]
 async fn stale_generations_are_refused() {
     let mut h = Harness::start().await;
     let id = InstanceId::generate();
@@ -538,6 +578,7 @@ async fn malformed_or_misaddressed_documents_are_rejected() {
             node_id: NODE.into(),
             generation: 1,
             instances: vec![bad],
+            deleted_volumes: vec![],
         })
         .await
         .unwrap_err();
@@ -549,6 +590,7 @@ async fn malformed_or_misaddressed_documents_are_rejected() {
             node_id: "node-2".into(),
             generation: 1,
             instances: vec![],
+            deleted_volumes: vec![],
         })
         .await
         .unwrap_err();

@@ -1,6 +1,6 @@
 //! The libvirt driver against a real libvirtd (`qemu:///system`) with the test guest
 //! (deploy/guest/build-test-guest.sh): define, boot, console, ACPI shutdown, start again,
-//! reboot, destroy, undefine. Skipped without libvirtd, except under CI (CI=true), where
+//! reboot, volumes attached to the running and to the shut-off guest, destroy, undefine. Skipped without libvirtd, except under CI (CI=true), where
 //! .ci/run installs and starts it.
 #![cfg(feature = "libvirt")]
 
@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use canopy_common::{ImageKind, ImageRef, InstanceId, Resources, Sha256Digest};
+use canopy_common::{
+    ImageKind, ImageRef, InstanceId, Resources, Sha256Digest, VolumeAttachment, VolumeId,
+};
 use canopy_node_controller::domain_xml::Accelerator;
 use canopy_node_controller::image_cache::{ImageCache, ImageFetcher, ImageStream};
 use canopy_node_controller::libvirt::{ImageSource, LibvirtConfig, LibvirtHypervisor};
@@ -120,6 +122,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
             accelerator: Accelerator::Tcg,
             accelerator_reason: "software emulation, for the test".into(),
             instances_dir: scratch.path().join("instances"),
+            volumes_dir: scratch.path().join("volumes"),
             disk_gib: 100,
         },
         ImageSource {
@@ -207,6 +210,64 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         .expect("event");
     assert_eq!(event.instance_id, id);
 
+    // A volume: its bytes made at the first attach (a qcow2 file of the volume's size),
+    // attached to the running guest and to the definition; detached again.
+    let volume = |device: &str| VolumeAttachment {
+        volume_id: VolumeId::generate(),
+        device: device.into(),
+        size_gib: 2,
+        initialized: false,
+    };
+    let listed = async |hv: &LibvirtHypervisor| -> Vec<VolumeId> {
+        let all = hv.list().await.unwrap();
+        all.into_iter()
+            .find(|d| d.instance_id == id)
+            .map(|d| d.volumes)
+            .unwrap_or_default()
+    };
+    let data = volume("/dev/sdf");
+    hv.attach_volume(&id, &data)
+        .await
+        .expect("attach to the running guest");
+    let file = scratch
+        .path()
+        .join("volumes")
+        .join(format!("{}.qcow2", data.volume_id));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&file)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(info["virtual-size"], 2u64 << 30, "{info}");
+    assert_eq!(listed(&hv).await, vec![data.volume_id.clone()]);
+    hv.detach_volume(&id, &data.volume_id)
+        .await
+        .expect("detach");
+    wait_until(
+        "the guest lets the volume go",
+        Duration::from_secs(60),
+        async || listed(&hv).await.is_empty().then_some(()),
+    )
+    .await;
+    assert!(file.exists(), "a detached volume keeps its bytes");
+    hv.delete_volume(&data.volume_id).await.expect("delete");
+    assert!(!file.exists());
+    hv.delete_volume(&data.volume_id)
+        .await
+        .expect("nothing left to delete is fine");
+    // A volume attached before (somewhere) whose bytes this node lacks is refused, not
+    // replaced by an empty disk.
+    let elsewhere = VolumeAttachment {
+        initialized: true,
+        ..volume("/dev/sdi")
+    };
+    assert!(matches!(
+        hv.attach_volume(&id, &elsewhere).await,
+        Err(HypervisorError::Failed(m)) if m.contains("another node")
+    ));
+    assert!(listed(&hv).await.is_empty());
+
     // Undefining a running domain is refused.
     assert!(matches!(
         hv.undefine(&id).await,
@@ -227,6 +288,13 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         async || (hv.state(&id).await.unwrap() == Some(DomainState::ShutOff)).then_some(()),
     )
     .await;
+
+    // A volume attached while shut off goes into the definition, and boots with the guest.
+    let logs = volume("/dev/xvdg");
+    hv.attach_volume(&id, &logs)
+        .await
+        .expect("attach to the stopped guest");
+    assert_eq!(listed(&hv).await, vec![logs.volume_id.clone()]);
 
     // Start again: a second boot, logged after the first.
     hv.start(&id).await.expect("start again");
@@ -252,6 +320,11 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     )
     .await;
     assert_eq!(hv.state(&id).await.unwrap(), Some(DomainState::Running));
+    assert_eq!(
+        listed(&hv).await,
+        vec![logs.volume_id.clone()],
+        "the stopped guest's volume is attached to the running one"
+    );
 
     // Terminate: destroy and undefine leave no domain and no files.
     hv.destroy(&id).await.expect("destroy");
@@ -259,6 +332,14 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     hv.undefine(&id).await.expect("undefine");
     assert_eq!(hv.state(&id).await.unwrap(), None);
     assert!(!scratch.path().join("instances").join(id.as_str()).exists());
+    assert!(
+        scratch
+            .path()
+            .join("volumes")
+            .join(format!("{}.qcow2", logs.volume_id))
+            .exists(),
+        "a volume outlives its instance"
+    );
     assert!(matches!(
         hv.start(&id).await,
         Err(HypervisorError::NotFound(_))

@@ -12,6 +12,7 @@ pub mod v1 {
 pub mod convert {
     use canopy_common::{
         BootImages, HttpTokens, ImageId, ImageRef, InstanceMetadata, Sha256Digest,
+        VolumeAttachment, VolumeId,
     };
 
     use crate::v1 as pb;
@@ -84,6 +85,44 @@ pub mod convert {
             http_endpoint_enabled: !m.http_endpoint_disabled,
             public_ip: some(m.public_ip),
         }
+    }
+
+    pub fn volumes_to_proto(v: &[VolumeAttachment]) -> Vec<pb::VolumeAttachment> {
+        v.iter()
+            .map(|v| pb::VolumeAttachment {
+                volume_id: v.volume_id.to_string(),
+                device: v.device.clone(),
+                size_gib: v.size_gib,
+                initialized: v.initialized,
+            })
+            .collect()
+    }
+
+    pub fn volumes_from_proto(
+        v: Vec<pb::VolumeAttachment>,
+    ) -> Result<Vec<VolumeAttachment>, String> {
+        v.into_iter()
+            .map(|v| {
+                Ok(VolumeAttachment {
+                    volume_id: VolumeId::parse(&v.volume_id)
+                        .map_err(|e| format!("volumes: {e}"))?,
+                    device: v.device,
+                    size_gib: v.size_gib,
+                    initialized: v.initialized,
+                })
+            })
+            .collect()
+    }
+
+    /// A list of volume ids (`InstanceReport.volumes`, `deleted_volumes`).
+    pub fn volume_ids_from_proto(v: Vec<String>) -> Result<Vec<VolumeId>, String> {
+        v.iter()
+            .map(|id| VolumeId::parse(id).map_err(|e| format!("volume ids: {e}")))
+            .collect()
+    }
+
+    pub fn volume_ids_to_proto(v: &[VolumeId]) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
     }
 
     /// Sets the `image`, `kernel` and `ramdisk` fields of an `InstanceSpec`.

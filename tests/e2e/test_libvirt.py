@@ -201,6 +201,28 @@ def test_registered_images_boot_real_guests_through_their_whole_life(real):
     wait_boots(real, b, 2)
     assert instance(ec2, b)["State"]["Name"] == "running"
 
+    # A volume: attached to the running guest as a virtio disk (its qcow2 file made on the
+    # node), `attached` once libvirt has it; detached (the guest lets go); deleted, and the
+    # node removes its bytes.
+    zone = instance(ec2, b)["Placement"]["AvailabilityZone"]
+    vid = ec2.create_volume(AvailabilityZone=zone, Size=1)["VolumeId"]
+    ec2.attach_volume(VolumeId=vid, InstanceId=b, Device="/dev/sdf")
+    deadline = time.time() + 60
+    while ec2.describe_volumes(VolumeIds=[vid])["Volumes"][0]["Attachments"][0]["State"] != "attached":
+        assert time.time() < deadline, "the volume did not become attached"
+        time.sleep(0.5)
+    vfile = real["state"] / "volumes" / f"{vid}.qcow2"
+    assert vfile.exists()
+    assert "vdf" in virsh("domblklist", b) and str(vfile) in virsh("domblklist", b)
+    ec2.detach_volume(VolumeId=vid)
+    ec2.get_waiter("volume_available").wait(VolumeIds=[vid], WaiterConfig=WAIT)
+    assert str(vfile) not in virsh("domblklist", b)
+    ec2.delete_volume(VolumeId=vid)
+    deadline = time.time() + 60
+    while vfile.exists():
+        assert time.time() < deadline, "the deleted volume's file is still on the node"
+        time.sleep(0.5)
+
     # Kill the node controller outright while the guests run, and restart it: they are
     # re-adopted, neither restarted (same QEMU processes, no new boot) nor lost.
     domids = {iid: virsh("domid", iid) for iid in (a, b)}

@@ -205,6 +205,20 @@ impl From<StateError> for ApiError {
                 "InvalidIPAddress.InUse",
                 format!("The address {ip} is associated with an instance; disassociate it first."),
             ),
+            StateError::VolumeRefused { fault, message } => {
+                use crate::state::VolumeFault as F;
+                let code = match fault {
+                    F::NotFound => "InvalidVolume.NotFound",
+                    F::InUse => "VolumeInUse",
+                    F::IncorrectState => "IncorrectState",
+                    F::ZoneMismatch => "InvalidVolume.ZoneMismatch",
+                    F::DeviceInUse => "InvalidParameterValue",
+                    F::AttachmentNotFound => "InvalidAttachment.NotFound",
+                    // The edge answers a replayed token with the volume it made.
+                    F::TokenTaken => "IdempotentParameterMismatch",
+                };
+                Self::new(400, code, message)
+            }
             StateError::KeyPairDuplicate(name) => Self::new(
                 400,
                 "InvalidKeyPair.Duplicate",

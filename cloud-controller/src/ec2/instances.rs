@@ -630,6 +630,7 @@ fn probe_instance() -> Instance {
         private_ip: None,
         metadata_options: MetadataOptions::default(),
         public_ip: None,
+        volumes: vec![],
     }
 }
 

@@ -11,6 +11,7 @@ mod paging;
 mod render;
 mod security_groups;
 mod tags;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -214,6 +215,11 @@ async fn handle_inner(
         "DisassociateAddress" => addresses::disassociate_address(&ctx).await,
         "ReleaseAddress" => addresses::release_address(&ctx).await,
         "DescribeAddresses" => addresses::describe_addresses(&ctx).await,
+        "CreateVolume" => volumes::create_volume(&ctx).await,
+        "DescribeVolumes" => volumes::describe_volumes(&ctx).await,
+        "DeleteVolume" => volumes::delete_volume(&ctx).await,
+        "AttachVolume" => volumes::attach_volume(&ctx).await,
+        "DetachVolume" => volumes::detach_volume(&ctx).await,
         "CreateKeyPair" => key_pairs::create_key_pair(&ctx).await,
         "ImportKeyPair" => key_pairs::import_key_pair(&ctx).await,
         "DescribeKeyPairs" => key_pairs::describe_key_pairs(&ctx).await,

@@ -80,7 +80,14 @@ pub fn instance(w: &mut XmlWriter, i: &Instance) {
     w.elem("architecture", "x86_64")
         .elem("rootDeviceType", "instance-store")
         .elem("rootDeviceName", "/dev/sda1")
-        .list("blockDeviceMapping", std::iter::empty::<()>(), |_, _| {})
+        .list("blockDeviceMapping", &i.volumes, |w, v| {
+            w.elem("deviceName", &v.device).nested("ebs", |w| {
+                w.elem("volumeId", &v.volume_id)
+                    .elem("status", v.status.name())
+                    .elem("attachTime", timestamp(v.attach_time))
+                    .bool_elem("deleteOnTermination", v.delete_on_termination);
+            });
+        })
         .elem("virtualizationType", "hvm")
         .opt_elem("clientToken", i.client_token.as_ref())
         .elem("hypervisor", "xen")

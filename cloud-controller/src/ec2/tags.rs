@@ -33,12 +33,23 @@ async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError
     let mut groups = Vec::new();
     let mut key_pairs = Vec::new();
     let mut allocations = Vec::new();
+    let mut volumes = Vec::new();
     for id in ids {
         match id {
             ResourceId::Instance(i) => instances.push(i.clone()),
             ResourceId::SecurityGroup(g) => groups.push(g.to_string()),
             ResourceId::KeyPair(k) => key_pairs.push(k),
             ResourceId::ElasticIp(a) => allocations.push(a),
+            ResourceId::Volume(v) => volumes.push(v),
+        }
+    }
+    if !volumes.is_empty() {
+        let owned = ctx.clc.store.volumes(&ctx.account).await?;
+        if let Some(missing) = volumes
+            .iter()
+            .find(|v| !owned.iter().any(|o| &o.volume_id == **v))
+        {
+            return Err(super::volumes::volume_not_found(missing.as_str()));
         }
     }
     if !allocations.is_empty() {

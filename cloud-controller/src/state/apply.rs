@@ -18,6 +18,7 @@ use super::command::{
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::security_groups;
 use super::types::{Instance, StateReason};
+use super::volumes;
 
 /// EC2's limit of tags on one resource.
 pub const MAX_TAGS_PER_RESOURCE: i64 = 50;
@@ -348,6 +349,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             if *action == InstanceAction::Terminate {
                 let ids: Vec<InstanceId> = changes.iter().map(|c| c.instance_id.clone()).collect();
                 addresses::release_from(conn, &ids).await?;
+                volumes::detach_from(conn, &ids).await?;
             }
             for zone in &zones {
                 bump_generation(conn, zone).await?;
@@ -492,6 +494,41 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             account_id,
             allocation_id,
         } => addresses::release(conn, account_id, allocation_id).await,
+        Command::CreateVolume { volume, tags } => volumes::create(conn, volume, tags).await,
+        Command::DeleteVolume {
+            account_id,
+            volume_id,
+            at,
+        } => volumes::delete(conn, account_id, volume_id, *at).await,
+        Command::AttachVolume {
+            account_id,
+            volume_id,
+            instance_id,
+            device,
+            at,
+        } => volumes::attach(conn, account_id, volume_id, instance_id, device, *at).await,
+        Command::DetachVolume {
+            account_id,
+            volume_id,
+            instance_id,
+            device,
+            force,
+        } => {
+            volumes::detach(
+                conn,
+                account_id,
+                volume_id,
+                instance_id.as_ref(),
+                device.as_deref(),
+                *force,
+            )
+            .await
+        }
+        Command::ObserveVolumes {
+            zone,
+            attached,
+            detached,
+        } => volumes::observe(conn, zone, attached, detached).await,
         Command::CreateKeyPair { key_pair, tags } => {
             let done = sqlx::query(
                 "INSERT INTO key_pairs(key_pair_id, account_id, key_name, key_type, fingerprint, public_key, created_at)
@@ -605,6 +642,7 @@ async fn observe(
     let mut row_of: HashMap<&InstanceId, usize> = HashMap::new();
     let mut changed = 0;
     let mut desired_changed = false;
+    let mut terminated = Vec::new();
     for obs in observations {
         // Reports about instances we do not know, or that live in another zone, are noise
         // (e.g. purged long ago): ignore them.
@@ -696,6 +734,9 @@ async fn observe(
         if next == InstanceState::Running {
             reason = None;
         }
+        if next == InstanceState::Terminated {
+            terminated.push(inst.instance_id.clone());
+        }
         row(
             Some(StateUpdate {
                 inst,
@@ -737,6 +778,9 @@ async fn observe(
         .bind(zone.as_str())
         .execute(&mut *conn)
         .await?;
+    }
+    if !terminated.is_empty() {
+        volumes::release_terminated(conn, &terminated).await?;
     }
     Ok(Outcome::Observed {
         changed,
@@ -811,7 +855,10 @@ async fn update_instance(
     Ok(())
 }
 
-async fn bump_generation(conn: &mut SqliteConnection, zone: &ZoneName) -> Result<(), StateError> {
+pub(super) async fn bump_generation(
+    conn: &mut SqliteConnection,
+    zone: &ZoneName,
+) -> Result<(), StateError> {
     sqlx::query("UPDATE zones SET generation = generation + 1 WHERE zone = ?")
         .bind(zone.as_str())
         .execute(&mut *conn)
@@ -886,6 +933,9 @@ async fn require_resources(
     for id in ids {
         if let ResourceId::SecurityGroup(group) = id {
             security_groups::require_group(conn, account, group).await?;
+        }
+        if let ResourceId::Volume(volume) = id {
+            volumes::require(conn, account, volume).await?;
         }
         if let ResourceId::ElasticIp(allocation) = id
             && !addresses::load(conn, account)

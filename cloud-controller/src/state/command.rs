@@ -1,13 +1,13 @@
 use canopy_common::{
     AccountId, AllocationId, AssociationId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId,
     PowerState, ReservationId, ResourceId, Resources, SecurityGroupId, SecurityGroupRuleId,
-    ZoneName,
+    VolumeId, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::types::{
-    Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag,
+    Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag, Volume,
 };
 
 /// Every change of cloud state. Serializable, because a replicated log stores them.
@@ -138,6 +138,43 @@ pub enum Command {
         account_id: AccountId,
         allocation_id: AllocationId,
     },
+    /// A new, available volume. Refused (`TokenTaken`) when the account already made a
+    /// volume with its client token.
+    CreateVolume {
+        volume: Volume,
+        tags: Vec<Tag>,
+    },
+    /// Refused while attached.
+    DeleteVolume {
+        account_id: AccountId,
+        volume_id: VolumeId,
+        at: DateTime<Utc>,
+    },
+    /// Attaches an available volume to a running or stopped instance of its zone, at a free
+    /// device; the node confirms it (`ObserveVolumes`).
+    AttachVolume {
+        account_id: AccountId,
+        volume_id: VolumeId,
+        instance_id: InstanceId,
+        device: String,
+        at: DateTime<Utc>,
+    },
+    /// Starts detaching an attached volume (the node confirms it); `force` detaches it at
+    /// once, without waiting for the node.
+    DetachVolume {
+        account_id: AccountId,
+        volume_id: VolumeId,
+        instance_id: Option<InstanceId>,
+        device: Option<String>,
+        force: bool,
+    },
+    /// What a zone's nodes report of attachments under way: volumes they now have attached,
+    /// and volumes no longer attached to the instance they were being detached from.
+    ObserveVolumes {
+        zone: ZoneName,
+        attached: Vec<(VolumeId, InstanceId)>,
+        detached: Vec<(VolumeId, InstanceId)>,
+    },
     /// A created or imported key pair (its public half only). Refused when the account
     /// has a key pair of that name.
     CreateKeyPair {
@@ -180,9 +217,14 @@ impl Command {
             | Command::AllocateAddress { .. }
             | Command::AssociateAddress { .. }
             | Command::DisassociateAddress { .. }
-            | Command::ReleaseAddress { .. } => true,
+            | Command::ReleaseAddress { .. }
+            | Command::CreateVolume { .. }
+            | Command::DeleteVolume { .. }
+            | Command::AttachVolume { .. }
+            | Command::DetachVolume { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
+            | Command::ObserveVolumes { .. }
             | Command::RegisterZone { .. }
             | Command::PurgeTerminated { .. } => false,
         }
@@ -213,6 +255,11 @@ impl Command {
             | Command::AssociateAddress { .. }
             | Command::DisassociateAddress { .. }
             | Command::ReleaseAddress { .. }
+            | Command::CreateVolume { .. }
+            | Command::DeleteVolume { .. }
+            | Command::AttachVolume { .. }
+            | Command::DetachVolume { .. }
+            | Command::ObserveVolumes { .. }
             | Command::PurgeTerminated { .. } => false,
         }
     }
@@ -305,6 +352,7 @@ impl NewInstance {
             private_ip: None,
             metadata_options: self.metadata_options,
             public_ip: None,
+            volumes: vec![],
             tags: tags
                 .into_iter()
                 .map(|(key, value)| Tag {

@@ -1,4 +1,25 @@
 use canopy_common::{InstanceId, InstanceState};
+use serde::{Deserialize, Serialize};
+
+/// Which refusal of a volume command, each one of EC2's error codes at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeFault {
+    /// `InvalidVolume.NotFound`.
+    NotFound,
+    /// `VolumeInUse`: attached, so it cannot be deleted or attached again.
+    InUse,
+    /// `IncorrectState`: e.g. detaching a volume that is not attached.
+    IncorrectState,
+    /// `InvalidVolume.ZoneMismatch`: the volume and the instance are in different zones.
+    ZoneMismatch,
+    /// `InvalidParameterValue`: the instance already has a volume at that device.
+    DeviceInUse,
+    /// `InvalidAttachment.NotFound`: not attached to the instance or device named.
+    AttachmentNotFound,
+    /// `IdempotentParameterMismatch`-free replay: the client token names another volume (the
+    /// edge answers with that one).
+    TokenTaken,
+}
 
 /// Why a command or query failed. The first group are deterministic rejections of a
 /// command given the current state (every replica rejects it the same way, and nothing is
@@ -62,6 +83,10 @@ pub enum StateError {
     /// Release of an associated address.
     #[error("the address {0} is in use")]
     AddressInUse(String),
+    /// A volume command the volume's (or its instance's) state refuses; `fault` is which of
+    /// EC2's refusals it is.
+    #[error("{message}")]
+    VolumeRefused { fault: VolumeFault, message: String },
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -114,7 +139,8 @@ impl StateError {
             | StateError::AllocationNotFound(_)
             | StateError::AssociationNotFound(_)
             | StateError::AddressAlreadyAssociated(_)
-            | StateError::AddressInUse(_) => true,
+            | StateError::AddressInUse(_)
+            | StateError::VolumeRefused { .. } => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

@@ -14,6 +14,7 @@ mod query;
 mod security_groups;
 mod store;
 mod types;
+mod volumes;
 
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use bulk::apply_each;
@@ -21,15 +22,16 @@ pub use command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, NewInstance, Observation, Outcome,
     StateChange,
 };
-pub use error::StateError;
+pub use error::{StateError, VolumeFault};
 pub use query::{AllocationGroup, InstanceFilter};
 pub use security_groups::MAX_RULES_PER_DIRECTION;
 pub(crate) use store::count_applied;
-pub use store::{BootImageError, Catalog, Store};
+pub use store::{BootImageError, Catalog, StateDigest, Store};
 pub use types::{
-    Account, Address, DEFAULT_SECURITY_GROUP, DesiredSpec, Image, Instance, KeyPair,
-    MetadataOptions, RESOURCE_TYPE_INSTANCE, Reservation, RulePeer, RuleSpec, SecurityGroup,
-    SecurityGroupRule, StateReason, Tag, Whereabouts, Zone,
+    Account, Address, AttachStatus, Attachment, DEFAULT_SECURITY_GROUP, DesiredSpec, Image,
+    Instance, InstanceVolume, KeyPair, MetadataOptions, RESOURCE_TYPE_INSTANCE, Reservation,
+    RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag, Volume, VolumeState,
+    Whereabouts, Zone,
 };
 
 #[cfg(test)]

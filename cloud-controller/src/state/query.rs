@@ -81,6 +81,8 @@ struct InstanceRow {
     metadata_http_tokens: String,
     metadata_http_endpoint: String,
     public_ip: Option<String>,
+    /// (volume, device, attach status, attach time, delete on termination 0/1).
+    volumes: Vec<(String, String, String, String, i64)>,
 }
 
 impl InstanceRow {
@@ -128,6 +130,21 @@ impl InstanceRow {
             disable_api_stop: self.disable_api_stop,
             private_ip: self.private_ip.as_deref().map(parse).transpose()?,
             public_ip: self.public_ip.as_deref().map(parse).transpose()?,
+            volumes: self
+                .volumes
+                .into_iter()
+                .map(|(id, device, status, at, dot)| {
+                    Ok(super::types::InstanceVolume {
+                        volume_id: parse(&id)?,
+                        device,
+                        status: super::types::AttachStatus::from_name(&status).ok_or_else(
+                            || StateError::Corrupt(format!("attach status {status:?}")),
+                        )?,
+                        attach_time: parse_time(&at)?,
+                        delete_on_termination: dot != 0,
+                    })
+                })
+                .collect::<Result<_, StateError>>()?,
             metadata_options: super::types::MetadataOptions {
                 tokens_required: self.metadata_http_tokens == "required",
                 endpoint_disabled: self.metadata_http_endpoint == "disabled",
@@ -151,7 +168,10 @@ const INSTANCE_COLUMNS: &str = "seq, instance_id, reservation_id, account_id, la
            FROM instance_security_groups g LEFT JOIN security_groups s ON s.group_id = g.group_id \
            WHERE g.instance_id = folded.instance_id)), private_ip, metadata_http_tokens, \
      metadata_http_endpoint, \
-     (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id)";
+     (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id), \
+     json((SELECT json_group_array(json_array(v.volume_id, v.device, v.attach_status, v.attach_time, \
+           v.delete_on_termination) ORDER BY v.attach_time, v.volume_id) \
+           FROM volumes v WHERE v.instance_id = folded.instance_id))";
 
 /// Strings as a JSON array, for `json_each(?)`.
 pub(super) fn json_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<String, StateError> {
@@ -326,6 +346,7 @@ impl Store {
             tokens_required: bool,
             metadata_disabled: bool,
             public_ip: Option<String>,
+            volumes: Vec<(String, String, u64, i64)>,
         }
         // The images' content comes from the cached catalogue, not from a join per row: a
         // document is read many times a second under load.
@@ -348,7 +369,10 @@ impl Store {
                    WHERE g.instance_id = folded.instance_id)),
              json(iif(metadata_http_tokens = 'required', 'true', 'false')),
              json(iif(metadata_http_endpoint = 'disabled', 'true', 'false')),
-             (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id)",
+             (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id),
+             json((SELECT json_group_array(json_array(v.volume_id, v.device, v.size_gib, v.initialized))
+                   FROM volumes v WHERE v.instance_id = folded.instance_id
+                   AND v.attach_status IN ('attaching', 'attached')))",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
             &[zone.as_str()],
         )
@@ -378,6 +402,18 @@ impl Store {
                     start_seq: u64::try_from(r.start).unwrap_or_default(),
                     private_ip: r.private_ip.as_deref().map(parse).transpose()?,
                     node_id: r.node.as_deref().map(parse).transpose()?,
+                    volumes: r
+                        .volumes
+                        .into_iter()
+                        .map(|(id, device, size_gib, initialized)| {
+                            Ok(canopy_common::VolumeAttachment {
+                                volume_id: parse(&id)?,
+                                device,
+                                size_gib,
+                                initialized: initialized != 0,
+                            })
+                        })
+                        .collect::<Result<_, StateError>>()?,
                     metadata: InstanceMetadata {
                         account_id: r.account,
                         reservation_id: r.reservation,

@@ -974,3 +974,242 @@ async fn the_private_address_a_cc_reports_is_kept_shown_and_sent_back_to_the_zon
         Some(ip)
     );
 }
+
+#[tokio::test]
+async fn volumes_attach_detach_and_delete_as_ec2_and_the_nodes_say() {
+    use canopy_common::VolumeId;
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 2)).await.unwrap();
+    let ids: Vec<InstanceId> = f
+        .all()
+        .await
+        .iter()
+        .map(|i| i.instance_id.clone())
+        .collect();
+    let (a, b) = (&ids[0], &ids[1]);
+    let volume = |n: u8, token: Option<&str>| Volume {
+        seq: 0,
+        volume_id: VolumeId::parse(&format!("vol-0123456789abcdef{n}")).unwrap(),
+        account_id: f.account.clone(),
+        zone: f.zone.clone(),
+        size_gib: 8,
+        volume_type: "gp2".into(),
+        iops: None,
+        throughput: None,
+        client_token: token.map(str::to_owned),
+        state: VolumeState::Available,
+        created_at: t(2),
+        attachment: None,
+        tags: vec![],
+    };
+    let v = volume(0, Some("tok")).volume_id;
+    let fault = |r: Result<Outcome, StateError>| match r {
+        Err(StateError::VolumeRefused { fault, .. }) => fault,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    f.store
+        .apply(&Command::CreateVolume {
+            volume: volume(0, Some("tok")),
+            tags: vec![Tag {
+                key: "Name".into(),
+                value: "data".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    // The token is the account's: a second volume with it is refused.
+    assert_eq!(
+        fault(
+            f.store
+                .apply(&Command::CreateVolume {
+                    volume: volume(1, Some("tok")),
+                    tags: vec![],
+                })
+                .await
+        ),
+        VolumeFault::TokenTaken
+    );
+    let found = f.store.volume_by_token(&f.account, "tok").await.unwrap();
+    assert_eq!(found.map(|v| v.volume_id), Some(v.clone()));
+
+    let attach = |instance: &InstanceId, device: &str| Command::AttachVolume {
+        account_id: f.account.clone(),
+        volume_id: v.clone(),
+        instance_id: instance.clone(),
+        device: device.into(),
+        at: t(6),
+    };
+    // Only running or stopped instances take volumes.
+    assert_eq!(
+        fault(f.store.apply(&attach(a, "/dev/sdf")).await),
+        VolumeFault::IncorrectState
+    );
+    f.observe(a, InstanceState::Running).await;
+    f.observe(b, InstanceState::Running).await;
+    let g = f.generation().await;
+    f.store.apply(&attach(a, "/dev/sdf")).await.unwrap();
+    assert!(f.generation().await > g, "the zone's document changes");
+    assert_eq!(
+        fault(f.store.apply(&attach(b, "/dev/sdg")).await),
+        VolumeFault::InUse
+    );
+    let shown = &f.store.volumes(&f.account).await.unwrap()[0];
+    assert_eq!(shown.state, VolumeState::InUse);
+    assert_eq!(
+        shown.attachment.as_ref().map(|a| a.status),
+        Some(AttachStatus::Attaching)
+    );
+    assert_eq!(shown.tags.len(), 1);
+    let spec = f.store.desired_specs(&f.zone).await.unwrap();
+    let sent = spec.iter().find(|s| &s.instance_id == a).unwrap();
+    assert_eq!(sent.volumes.len(), 1, "the node is told to attach it");
+    assert_eq!(sent.volumes[0].device, "/dev/sdf");
+    assert!(!sent.volumes[0].initialized);
+    // A report of the other instance, or a detach, settles nothing; the node's word does.
+    let observe = |attached: Vec<(VolumeId, InstanceId)>, detached| Command::ObserveVolumes {
+        zone: f.zone.clone(),
+        attached,
+        detached,
+    };
+    f.store
+        .apply(&observe(vec![(v.clone(), b.clone())], vec![]))
+        .await
+        .unwrap();
+    let pending = f.store.pending_attachments(&f.zone).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    f.store
+        .apply(&observe(vec![(v.clone(), a.clone())], vec![]))
+        .await
+        .unwrap();
+    assert!(
+        f.store
+            .pending_attachments(&f.zone)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let spec = f.store.desired_specs(&f.zone).await.unwrap();
+    let sent = spec.iter().find(|s| &s.instance_id == a).unwrap();
+    assert!(
+        sent.volumes[0].initialized,
+        "once a node has had it, its bytes exist and are never made anew"
+    );
+    let inst = f
+        .all()
+        .await
+        .into_iter()
+        .find(|i| &i.instance_id == a)
+        .unwrap();
+    assert_eq!(inst.volumes.len(), 1);
+    assert_eq!(inst.volumes[0].status, AttachStatus::Attached);
+    // Another volume may not take the same attachment point, even spelled otherwise.
+    f.store
+        .apply(&Command::CreateVolume {
+            volume: volume(1, None),
+            tags: vec![],
+        })
+        .await
+        .unwrap();
+    let other = Command::AttachVolume {
+        account_id: f.account.clone(),
+        volume_id: volume(1, None).volume_id,
+        instance_id: a.clone(),
+        device: "/dev/xvdf".into(),
+        at: t(7),
+    };
+    assert_eq!(fault(f.store.apply(&other).await), VolumeFault::DeviceInUse);
+
+    // Deleting an attached volume is refused; detaching waits for the node.
+    let delete = Command::DeleteVolume {
+        account_id: f.account.clone(),
+        volume_id: v.clone(),
+        at: t(8),
+    };
+    assert_eq!(fault(f.store.apply(&delete).await), VolumeFault::InUse);
+    let detach = |instance: Option<&InstanceId>| Command::DetachVolume {
+        account_id: f.account.clone(),
+        volume_id: v.clone(),
+        instance_id: instance.cloned(),
+        device: None,
+        force: false,
+    };
+    assert_eq!(
+        fault(f.store.apply(&detach(Some(b))).await),
+        VolumeFault::AttachmentNotFound
+    );
+    f.store.apply(&detach(Some(a))).await.unwrap();
+    let spec = f.store.desired_specs(&f.zone).await.unwrap();
+    assert!(
+        spec.iter().all(|s| s.volumes.is_empty()),
+        "a detaching volume leaves the document"
+    );
+    f.store
+        .apply(&observe(vec![], vec![(v.clone(), a.clone())]))
+        .await
+        .unwrap();
+    let shown = &f.store.volumes(&f.account).await.unwrap()[0];
+    assert_eq!(
+        (shown.state, shown.attachment.is_none()),
+        (VolumeState::Available, true)
+    );
+    assert_eq!(
+        fault(f.store.apply(&detach(None)).await),
+        VolumeFault::IncorrectState
+    );
+    f.store.apply(&delete).await.unwrap();
+    assert_eq!(f.store.volumes(&f.account).await.unwrap().len(), 1);
+    assert_eq!(
+        f.store.deleted_volumes(&f.zone, t(0)).await.unwrap(),
+        vec![v.clone()],
+        "the zone's nodes are told to remove its bytes"
+    );
+    assert!(
+        f.store
+            .deleted_volumes(&f.zone, t(9))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(fault(f.store.apply(&delete).await), VolumeFault::NotFound);
+
+    // Terminating an instance detaches its volumes once the node reports it terminated.
+    let v1 = volume(1, None).volume_id;
+    f.store
+        .apply(&Command::AttachVolume {
+            account_id: f.account.clone(),
+            volume_id: v1.clone(),
+            instance_id: b.clone(),
+            device: "/dev/sdh".into(),
+            at: t(9),
+        })
+        .await
+        .unwrap();
+    f.request(std::slice::from_ref(b), InstanceAction::Terminate)
+        .await
+        .unwrap();
+    let shown = f.store.volumes(&f.account).await.unwrap();
+    assert_eq!(
+        shown[0].attachment.as_ref().map(|a| a.status),
+        Some(AttachStatus::Detaching)
+    );
+    f.observe(b, InstanceState::Terminated).await;
+    let shown = f.store.volumes(&f.account).await.unwrap();
+    assert_eq!(shown[0].state, VolumeState::Available);
+}
+
+#[tokio::test]
+async fn the_state_digest_follows_the_rows() {
+    let f = fixture().await;
+    let before = f.store.digest().await.unwrap();
+    assert_eq!(
+        before,
+        f.store.digest().await.unwrap(),
+        "reading changes nothing"
+    );
+    assert_eq!(before.rows["instances"], 0);
+    f.store.apply(&f.launch(None, "h", 2)).await.unwrap();
+    let after = f.store.digest().await.unwrap();
+    assert_ne!(before.sha256, after.sha256);
+    assert_eq!(after.rows["instances"], 2);
+    assert!(!after.rows.contains_key("raft_log"), "the log is not state");
+}

@@ -224,6 +224,95 @@ pub struct Instance {
     pub metadata_options: MetadataOptions,
     /// The Elastic IP associated with it.
     pub public_ip: Option<Ipv4Addr>,
+    /// The volumes attached to it (or being attached or detached), by device.
+    pub volumes: Vec<InstanceVolume>,
+}
+
+/// A volume as its instance shows it (`blockDeviceMapping`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceVolume {
+    pub volume_id: canopy_common::VolumeId,
+    pub device: String,
+    pub status: AttachStatus,
+    pub attach_time: DateTime<Utc>,
+    pub delete_on_termination: bool,
+}
+
+/// A volume's life as EC2 shows it (`deleted` rows are tombstones the API never shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    Available,
+    InUse,
+}
+
+impl VolumeState {
+    pub fn name(self) -> &'static str {
+        match self {
+            VolumeState::Available => "available",
+            VolumeState::InUse => "in-use",
+        }
+    }
+}
+
+/// Where an attachment stands: asked for, confirmed by the node, or being undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttachStatus {
+    Attaching,
+    Attached,
+    Detaching,
+}
+
+impl AttachStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachStatus::Attaching => "attaching",
+            AttachStatus::Attached => "attached",
+            AttachStatus::Detaching => "detaching",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "attaching" => Some(AttachStatus::Attaching),
+            "attached" => Some(AttachStatus::Attached),
+            "detaching" => Some(AttachStatus::Detaching),
+            _ => None,
+        }
+    }
+}
+
+/// A volume's attachment to an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub instance_id: InstanceId,
+    pub device: String,
+    pub status: AttachStatus,
+    pub attach_time: DateTime<Utc>,
+    pub delete_on_termination: bool,
+}
+
+/// A volume of an account, in one zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// The row's position in creation order (reads only; for paging).
+    #[serde(skip)]
+    pub seq: i64,
+    pub volume_id: canopy_common::VolumeId,
+    pub account_id: AccountId,
+    pub zone: ZoneName,
+    pub size_gib: u64,
+    /// EC2's volume type (`gp2`, `gp3`, `io1`, ...): recorded and shown; every type is a
+    /// qcow2 file on the node.
+    pub volume_type: String,
+    pub iops: Option<u32>,
+    pub throughput: Option<u32>,
+    pub client_token: Option<String>,
+    pub state: VolumeState,
+    pub created_at: DateTime<Utc>,
+    pub attachment: Option<Attachment>,
+    /// Filled by reads; a command creating it carries its tags apart.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
 }
 
 /// RunInstances' `MetadataOptions`: how the metadata service treats the instance.
@@ -288,4 +377,6 @@ pub struct DesiredSpec {
     pub metadata: canopy_common::InstanceMetadata,
     /// The bytes the instance boots from, where the images have content.
     pub boot: BootImages,
+    /// The volumes it should have attached.
+    pub volumes: Vec<canopy_common::VolumeAttachment>,
 }

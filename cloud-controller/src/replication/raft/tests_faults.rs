@@ -453,11 +453,18 @@ impl Cluster {
     /// Asserts every replica holds the same state, and returns it.
     async fn same_state(&self) -> String {
         let expected = state_of(self.store(1)).await;
+        let digest = self.store(1).digest().await.unwrap();
         for id in [2, 3] {
             let got = state_of(self.store(id)).await;
             assert!(
                 got == expected,
                 "replica {id} differs from replica 1:\n{got}\n---\n{expected}"
+            );
+            // The admin API's digest (what the lab's drill compares) agrees.
+            assert_eq!(
+                self.store(id).digest().await.unwrap(),
+                digest,
+                "replica {id}'s state digest"
             );
         }
         expected

@@ -123,6 +123,11 @@ pub enum Rejection {
     AddressAlreadyAssociated(String),
     /// See [`StateError::AddressInUse`].
     AddressInUse(String),
+    /// See [`StateError::VolumeRefused`].
+    VolumeRefused {
+        fault: crate::state::VolumeFault,
+        message: String,
+    },
     /// See [`StateError::OperationNotPermitted`].
     OperationNotPermitted {
         /// The protected instance.
@@ -165,6 +170,9 @@ impl TryFrom<StateError> for Rejection {
             StateError::AssociationNotFound(s) => Rejection::AssociationNotFound(s),
             StateError::AddressAlreadyAssociated(s) => Rejection::AddressAlreadyAssociated(s),
             StateError::AddressInUse(s) => Rejection::AddressInUse(s),
+            StateError::VolumeRefused { fault, message } => {
+                Rejection::VolumeRefused { fault, message }
+            }
             StateError::OperationNotPermitted {
                 id,
                 verb,
@@ -213,6 +221,9 @@ impl From<Rejection> for StateError {
             Rejection::AssociationNotFound(s) => StateError::AssociationNotFound(s),
             Rejection::AddressAlreadyAssociated(s) => StateError::AddressAlreadyAssociated(s),
             Rejection::AddressInUse(s) => StateError::AddressInUse(s),
+            Rejection::VolumeRefused { fault, message } => {
+                StateError::VolumeRefused { fault, message }
+            }
             Rejection::OperationNotPermitted {
                 id,
                 verb,
