@@ -1,7 +1,9 @@
 //! `canopy admin …`: the admin API for people (tables) and scripts (`--json`).
 
 use anyhow::{Context, Result, bail};
-use canopy_cloud_controller::admin::{ClusterView, ImageView, InstanceView, NodeView, ZoneView};
+use canopy_cloud_controller::admin::{
+    AccountView, ClusterView, CreatedAccount, ImageView, InstanceView, NodeView, ZoneView,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -33,6 +35,14 @@ pub enum AdminCommand {
         /// Every account may launch it.
         #[arg(long)]
         public: bool,
+    },
+    /// Accounts: number, name, administrator or not.
+    Accounts,
+    /// Creates an account with an access key, and prints the key as shell exports for its
+    /// users' EC2 tools (the secret is shown only now).
+    CreateAccount {
+        /// 1 to 64 letters, digits, '.', '_' and '-'.
+        name: String,
     },
     /// The replicated cloud controller: leader, term, members and their replication lag.
     Cluster {
@@ -258,6 +268,37 @@ impl AdminClient {
                     .call(reqwest::Method::POST, "/v1/cluster/members", Some(body))
                     .await?;
                 (cluster_table(&view), raw)
+            }
+            AdminCommand::Accounts => {
+                let (accounts, raw): (Vec<AccountView>, _) = self.get("/v1/accounts").await?;
+                let rows = accounts
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.account_id.clone(),
+                            a.name.clone(),
+                            if a.is_admin { "admin" } else { "-" }.into(),
+                            a.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                (table(&["ACCOUNT", "NAME", "ROLE", "CREATED"], rows), raw)
+            }
+            AdminCommand::CreateAccount { name } => {
+                let (made, raw): (CreatedAccount, _) = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/accounts",
+                        Some(serde_json::json!({ "name": name })),
+                    )
+                    .await?;
+                (
+                    format!(
+                        "# account {} ({}): its users' credentials\nexport AWS_ACCESS_KEY_ID='{}'\nexport AWS_SECRET_ACCESS_KEY='{}'\n",
+                        made.name, made.account_id, made.access_key_id, made.secret_access_key
+                    ),
+                    raw,
+                )
             }
             AdminCommand::RemoveReplica { id } => {
                 let (view, raw): (ClusterView, _) = self

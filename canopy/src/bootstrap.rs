@@ -11,7 +11,6 @@ use canopy_cloud_controller::Clc;
 use canopy_cloud_controller::state::{Command, Image};
 use canopy_common::{AccountId, ImageId};
 use chrono::Utc;
-use rand::Rng;
 
 pub const ADMIN_ACCOUNT: &str = "admin";
 /// The image every Canopy registers at first start: runnable on simulated nodes.
@@ -24,13 +23,6 @@ pub struct AdminCredentials {
     pub account_id: AccountId,
     pub access_key_id: String,
     pub secret_access_key: String,
-}
-
-fn random_string(alphabet: &[u8], len: usize) -> String {
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| char::from(alphabet[rng.random_range(0..alphabet.len())]))
-        .collect()
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically (temp file + rename), so a
@@ -59,7 +51,7 @@ pub fn admin_token(data_dir: &Path) -> Result<String> {
             return Ok(t);
         }
     }
-    let token = random_string(b"abcdefghijklmnopqrstuvwxyz0123456789", 48);
+    let token = canopy_cloud_controller::credentials::new_token();
     write_secret_file(&path, &format!("{token}\n"))?;
     Ok(token)
 }
@@ -201,18 +193,8 @@ async fn bootstrap_as_leader(
     let admin = accounts.into_iter().find(|a| a.name == ADMIN_ACCOUNT);
     let creds = match admin {
         None => {
-            let (access_key_id, secret_access_key) = wanted.unwrap_or_else(|| {
-                (
-                    format!(
-                        "AKIA{}",
-                        random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 16)
-                    ),
-                    random_string(
-                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
-                        40,
-                    ),
-                )
-            });
+            let (access_key_id, secret_access_key) =
+                wanted.unwrap_or_else(canopy_cloud_controller::credentials::new_access_key);
             let account_id = AccountId::generate();
             clc.submit(Command::CreateAccount {
                 account_id: account_id.clone(),
@@ -272,6 +254,7 @@ async fn bootstrap_as_leader(
                 sha256: None,
                 size_bytes: 0,
                 disk_format: None,
+                launch_permissions: vec![],
             },
         })
         .await?;

@@ -102,6 +102,7 @@ async fn register(clc: &Clc, admin: &AdminCredentials, data_dir: &Path) -> Resul
                 sha256: Some(imported.sha256),
                 size_bytes: imported.size,
                 disk_format: imported.disk_format.map(str::to_owned),
+                launch_permissions: vec![],
             },
         })
         .await?;

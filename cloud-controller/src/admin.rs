@@ -28,8 +28,8 @@ pub const ADMIN_SIGV4_SERVICE: &str = "canopy-admin";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Canopy admin API", version = "1", description = "Operator API of the Canopy cloud controller."),
-    paths(list_zones, list_nodes, list_instances, list_images, upload_image, cluster_status, replica_status, replica_digest, add_member, remove_member),
-    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember, crate::state::StateDigest)),
+    paths(list_zones, list_nodes, list_instances, list_images, upload_image, list_accounts, create_account, cluster_status, replica_status, replica_digest, add_member, remove_member),
+    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember, AccountView, NewAccount, CreatedAccount, crate::state::StateDigest)),
     modifiers(&BearerAuth),
     security(("bearer" = []), ("sigv4" = []))
 )]
@@ -196,6 +196,7 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/instances", get(list_instances))
         .route(UPLOAD_PATH, get(list_images).post(upload_image))
+        .route("/v1/accounts", get(list_accounts).post(create_account))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", delete(remove_member))
@@ -531,6 +532,33 @@ pub struct MemberView {
     pub lag: Option<u64>,
 }
 
+/// An account of the cloud.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct AccountView {
+    /// The 12-digit account number (EC2's owner id).
+    pub account_id: String,
+    pub name: String,
+    pub is_admin: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// An account to create.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct NewAccount {
+    /// 1 to 64 letters, digits, `.`, `_` and `-`; unique.
+    pub name: String,
+}
+
+/// A created account and its first access key: the secret is shown only here.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct CreatedAccount {
+    pub account_id: String,
+    pub name: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
 /// A replica to add: it must already run (`canopy clc --join`) at `address`.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct AddMember {
@@ -588,6 +616,85 @@ async fn cluster_status(State(clc): State<Arc<Clc>>) -> Response {
 #[utoipa::path(get, path = "/v1/replica", responses((status = 200, body = ClusterView)))]
 async fn replica_status(State(clc): State<Arc<Clc>>) -> Response {
     Json(ClusterView::from(clc.replica.status())).into_response()
+}
+
+/// Every account: number, name, whether it administers the cloud.
+#[utoipa::path(get, path = "/v1/accounts", responses((status = 200, body = [AccountView]), (status = 401, body = ErrorBody)))]
+async fn list_accounts(State(clc): State<Arc<Clc>>) -> Response {
+    match clc.store.accounts().await {
+        Ok(accounts) => Json(
+            accounts
+                .into_iter()
+                .map(|a| AccountView {
+                    account_id: a.account_id.to_string(),
+                    name: a.name,
+                    is_admin: a.is_admin,
+                    created_at: a.created_at.to_rfc3339(),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// Creates an account (not an administrator) with an access key, for its users' EC2 tools.
+#[utoipa::path(post, path = "/v1/accounts", request_body = NewAccount, responses((status = 200, body = CreatedAccount), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn create_account(State(clc): State<Arc<Clc>>, body: Bytes) -> Response {
+    let req: NewAccount = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValue",
+                &e.to_string(),
+            );
+        }
+    };
+    let name_ok = (1..=64).contains(&req.name.len())
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !name_ok {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValue",
+            "name: 1 to 64 letters, digits, '.', '_' and '-'",
+        );
+    }
+    let account_id = canopy_common::AccountId::generate();
+    let (access_key_id, secret_access_key) = crate::credentials::new_access_key();
+    let created = clc
+        .submit(crate::state::Command::CreateAccount {
+            account_id: account_id.clone(),
+            name: req.name.clone(),
+            is_admin: false,
+            access_key_id: access_key_id.clone(),
+            secret_access_key: secret_access_key.clone(),
+            at: chrono::Utc::now(),
+        })
+        .await;
+    match created {
+        Ok(_) => Json(CreatedAccount {
+            account_id: account_id.to_string(),
+            name: req.name,
+            access_key_id,
+            secret_access_key,
+        })
+        .into_response(),
+        Err(StateError::AlreadyExists(_)) => error(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("an account named {:?} exists", req.name),
+        ),
+        Err(e @ (StateError::NotLeader { .. } | StateError::Unavailable(_))) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            &e.to_string(),
+        ),
+        Err(e) => internal(e),
+    }
 }
 
 /// A digest of the answering replica's state machine and the log index it has applied

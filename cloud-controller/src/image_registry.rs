@@ -143,6 +143,7 @@ impl Registration {
                 sha256: Some(imported.sha256),
                 size_bytes: imported.size,
                 disk_format: imported.disk_format.map(str::to_owned),
+                launch_permissions: vec![],
             },
         })
         .await?;

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod clc;
 pub mod config;
 pub mod console;
+pub mod credentials;
 pub mod ec2;
 pub mod forward;
 pub mod http;

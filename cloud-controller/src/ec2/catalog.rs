@@ -1,14 +1,14 @@
 //! What there is to launch and where: DescribeImages, DescribeAvailabilityZones,
 //! DescribeRegions, DescribeInstanceTypes.
 
-use canopy_common::{INSTANCE_TYPES, ImageId, InstanceType};
+use canopy_common::{AccountId, INSTANCE_TYPES, ImageId, InstanceType};
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 
 use super::filters::{self, Filterable};
 use super::paging::{self, paginate};
 use super::{ApiError, Ctx};
 use crate::image_registry::Registration;
-use crate::state::{Command, Image, Zone};
+use crate::state::{Command, Image, LaunchPermission, Zone};
 
 impl Filterable for Image {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
@@ -48,6 +48,7 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         })
         .collect::<Result<_, _>>()?;
     let owners = p.list("Owner")?;
+    let executable_by = p.list("ExecutableBy")?;
     let filters = filters::parse_filters(p)?;
     let visible: Vec<Image> = ctx
         .clc
@@ -82,6 +83,16 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
                 || owners
                     .iter()
                     .any(|o| o == i.owner_id.as_str() || (o == "self" && i.owner_id == ctx.account))
+        })
+        .filter(|i| {
+            executable_by.is_empty()
+                || executable_by.iter().any(|e| match e.as_str() {
+                    "all" => i.is_public,
+                    "self" => {
+                        i.owner_id == ctx.account || i.launch_permissions.contains(&ctx.account)
+                    }
+                    account => i.launch_permissions.iter().any(|a| a.as_str() == account),
+                })
         })
         .filter(|i| filters::matches(*i, &filters))
         .collect();
@@ -118,6 +129,233 @@ fn image_id_param(name: &str, raw: &str) -> Result<ImageId, ApiError> {
             format!("Invalid id: \"{raw}\" for {name} (expecting \"ami-...\")"),
         )
     })
+}
+
+/// The image named by `ImageId`, as the account sees it (its own, public or shared), and
+/// whether the account owns it.
+async fn visible_image(ctx: &Ctx) -> Result<(Image, bool), ApiError> {
+    let id = image_id_param("ImageId", ctx.params.required("ImageId")?)?;
+    let image = ctx
+        .clc
+        .store
+        .images()
+        .await?
+        .into_iter()
+        .find(|i| i.image_id == id && i.state != "deregistered" && i.visible_to(&ctx.account))
+        .ok_or_else(|| {
+            ApiError::new(
+                400,
+                "InvalidAMIID.NotFound",
+                format!("The image id '[{id}]' does not exist"),
+            )
+        })?;
+    let owned = image.owner_id == ctx.account;
+    Ok((image, owned))
+}
+
+fn not_owner(image: &ImageId) -> ApiError {
+    ApiError::new(
+        403,
+        "UnauthorizedOperation",
+        format!(
+            "You are not authorized to change or read the launch permissions of {image}: only its owner is."
+        ),
+    )
+}
+
+/// One launch permission of a request: an account (`UserId`, 12 digits) or `Group` `all`.
+fn launch_permission(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<LaunchPermission, ApiError> {
+    match (
+        user.filter(|u| !u.is_empty()),
+        group.filter(|g| !g.is_empty()),
+    ) {
+        (Some(u), None) => AccountId::parse(u)
+            .map(LaunchPermission::Account)
+            .map_err(|_| {
+                ApiError::new(
+                    400,
+                    "InvalidUserID.Malformed",
+                    format!("User ID '{u}' is invalid: account ids are 12 digits"),
+                )
+            }),
+        (None, Some("all")) => Ok(LaunchPermission::All),
+        (None, Some(g)) => Err(ApiError::invalid(format!(
+            "Value ({g}) for parameter group is invalid. Valid groups: all"
+        ))),
+        _ => Err(ApiError::invalid(
+            "A launch permission names either a UserId or a Group",
+        )),
+    }
+}
+
+/// ModifyImageAttribute: `launchPermission` (`LaunchPermission.Add.N` / `.Remove.N` with
+/// `UserId` or `Group`, or `OperationType` with `UserId.N` / `UserGroup.N`) and
+/// `description` (`Description.Value`, or `Attribute` with `Value`). Owner only.
+pub async fn modify_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
+    let p = &ctx.params;
+    let attribute = p.get("Attribute").filter(|a| !a.is_empty());
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    for (name, list) in [("Add", &mut add), ("Remove", &mut remove)] {
+        for item in p.structs(&format!("LaunchPermission.{name}"))? {
+            if item.get("OrganizationArn").is_some() || item.get("OrganizationalUnitArn").is_some()
+            {
+                return Err(ApiError::new(
+                    400,
+                    "UnsupportedOperation",
+                    "Canopy has no organizations: share images with account ids (UserId) or the group all",
+                ));
+            }
+            list.push(launch_permission(item.get("UserId"), item.get("Group"))?);
+        }
+    }
+    let users = p.list("UserId")?;
+    let groups = p.list("UserGroup")?;
+    if !users.is_empty() || !groups.is_empty() {
+        let list = match p.get("OperationType") {
+            Some("add") => &mut add,
+            Some("remove") => &mut remove,
+            _ => {
+                return Err(ApiError::missing("OperationType"));
+            }
+        };
+        for u in &users {
+            list.push(launch_permission(Some(u), None)?);
+        }
+        for g in &groups {
+            list.push(launch_permission(None, Some(g))?);
+        }
+    }
+    let description = match (p.get("Description.Value"), attribute, p.get("Value")) {
+        (Some(d), _, _) => Some(d.to_owned()),
+        (None, Some("description"), Some(v)) => Some(v.to_owned()),
+        _ => None,
+    };
+    if let Some(a) = attribute
+        && !matches!(a, "launchPermission" | "description")
+    {
+        return Err(ApiError::invalid(format!(
+            "Value ({a}) for parameter attribute is invalid. Canopy modifies launchPermission and description"
+        )));
+    }
+    if add.is_empty() && remove.is_empty() && description.is_none() {
+        return Err(ApiError::missing("LaunchPermission"));
+    }
+    let (image, owned) = visible_image(ctx).await?;
+    if !owned {
+        return Err(not_owner(&image.image_id));
+    }
+    ctx.dry_run()?;
+    ctx.clc
+        .submit(Command::ModifyImage {
+            account_id: ctx.account.clone(),
+            image_id: image.image_id,
+            add,
+            remove,
+            reset: false,
+            description,
+        })
+        .await?;
+    let mut w = XmlWriter::response("ModifyImageAttribute", &ctx.request_id);
+    w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+/// ResetImageAttribute `launchPermission`: private again, shared with no one. Owner only.
+pub async fn reset_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
+    let attribute = ctx.params.required("Attribute")?;
+    if attribute != "launchPermission" {
+        return Err(ApiError::invalid(format!(
+            "Value ({attribute}) for parameter attribute is invalid. Only launchPermission can be reset"
+        )));
+    }
+    let (image, owned) = visible_image(ctx).await?;
+    if !owned {
+        return Err(not_owner(&image.image_id));
+    }
+    ctx.dry_run()?;
+    ctx.clc
+        .submit(Command::ModifyImage {
+            account_id: ctx.account.clone(),
+            image_id: image.image_id,
+            add: vec![],
+            remove: vec![LaunchPermission::All],
+            reset: true,
+            description: None,
+        })
+        .await?;
+    let mut w = XmlWriter::response("ResetImageAttribute", &ctx.request_id);
+    w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+/// DescribeImageAttribute: `launchPermission` (owner only), `description`, `kernel`,
+/// `ramdisk`, `bootMode`; the other attributes EC2 names answer empty.
+pub async fn describe_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
+    let attribute = ctx.params.required("Attribute")?.to_owned();
+    let (image, owned) = visible_image(ctx).await?;
+    ctx.dry_run()?;
+    let mut w = XmlWriter::response("DescribeImageAttribute", &ctx.request_id);
+    w.elem("imageId", &image.image_id);
+    let value = |w: &mut XmlWriter, name: &str, v: Option<String>| {
+        w.nested(name, |w| {
+            w.opt_elem("value", v);
+        });
+    };
+    match attribute.as_str() {
+        "launchPermission" => {
+            if !owned {
+                return Err(not_owner(&image.image_id));
+            }
+            let mut items: Vec<LaunchPermission> = image
+                .launch_permissions
+                .iter()
+                .cloned()
+                .map(LaunchPermission::Account)
+                .collect();
+            if image.is_public {
+                items.insert(0, LaunchPermission::All);
+            }
+            w.list("launchPermission", &items, |w, p| match p {
+                LaunchPermission::All => {
+                    w.elem("group", "all");
+                }
+                LaunchPermission::Account(a) => {
+                    w.elem("userId", a);
+                }
+            });
+        }
+        "description" => value(&mut w, "description", Some(image.description.clone())),
+        "kernel" => value(
+            &mut w,
+            "kernel",
+            image.kernel_id.as_ref().map(ToString::to_string),
+        ),
+        "ramdisk" => value(
+            &mut w,
+            "ramdisk",
+            image.ramdisk_id.as_ref().map(ToString::to_string),
+        ),
+        "bootMode" => value(&mut w, "bootMode", Some("legacy-bios".into())),
+        "productCodes" | "blockDeviceMapping" => {
+            w.list(&attribute, std::iter::empty::<()>(), |_, _| {});
+        }
+        "sriovNetSupport"
+        | "tpmSupport"
+        | "uefiData"
+        | "lastLaunchedTime"
+        | "imdsSupport"
+        | "deregistrationProtection" => value(&mut w, &attribute, None),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "Value ({other}) for parameter attribute is invalid."
+            )));
+        }
+    }
+    Ok(w.finish())
 }
 
 /// RegisterImage: the bytes at `ImageLocation` (a file this CLC reads, or an http URL) go

@@ -12,8 +12,8 @@ use sqlx::SqliteConnection;
 use super::StateError;
 use super::addresses;
 use super::command::{
-    Command, InstanceAction, InstanceChange, KeyPairRef, Observation, Outcome, StateChange,
-    launch_image,
+    Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, Observation, Outcome,
+    StateChange, launch_image,
 };
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::security_groups;
@@ -125,6 +125,65 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             if done.rows_affected() == 0 {
                 return Err(StateError::ImageNotFound(image_id.to_string()));
             }
+            Ok(Outcome::Done)
+        }
+        Command::ModifyImage {
+            account_id,
+            image_id,
+            add,
+            remove,
+            reset,
+            description,
+        } => {
+            let owned: Option<(i64,)> = sqlx::query_as(
+                "SELECT 1 FROM images WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
+            )
+            .bind(image_id.as_str())
+            .bind(account_id.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if owned.is_none() {
+                return Err(StateError::ImageNotFound(image_id.to_string()));
+            }
+            let accounts = |list: &[LaunchPermission]| {
+                let ids: Vec<&str> = list
+                    .iter()
+                    .filter_map(|p| match p {
+                        LaunchPermission::Account(a) => Some(a.as_str()),
+                        LaunchPermission::All => None,
+                    })
+                    .collect();
+                serde_json::to_string(&ids).map_err(|e| StateError::Corrupt(e.to_string()))
+            };
+            let all = |list: &[LaunchPermission]| list.contains(&LaunchPermission::All);
+            // Plain `?` in order: see the note in `bulk` on numbered parameters.
+            sqlx::query(
+                "DELETE FROM image_launch_permissions WHERE ? AND image_id = ?;
+                 UPDATE images SET is_public = 0 WHERE ? AND image_id = ?;
+                 INSERT INTO image_launch_permissions(image_id, account_id)
+                   SELECT ?, value FROM json_each(?) WHERE true ON CONFLICT DO NOTHING;
+                 DELETE FROM image_launch_permissions
+                   WHERE image_id = ? AND account_id IN (SELECT value FROM json_each(?));
+                 UPDATE images SET is_public = 1 WHERE ? AND image_id = ?;
+                 UPDATE images SET is_public = 0 WHERE ? AND image_id = ?;
+                 UPDATE images SET description = coalesce(?, description) WHERE image_id = ?;",
+            )
+            .bind(*reset)
+            .bind(image_id.as_str())
+            .bind(*reset)
+            .bind(image_id.as_str())
+            .bind(image_id.as_str())
+            .bind(accounts(add)?)
+            .bind(image_id.as_str())
+            .bind(accounts(remove)?)
+            .bind(all(add))
+            .bind(image_id.as_str())
+            .bind(all(remove))
+            .bind(image_id.as_str())
+            .bind(description.as_deref())
+            .bind(image_id.as_str())
+            .execute(&mut *conn)
+            .await?;
             Ok(Outcome::Done)
         }
         Command::RegisterZone { zone, endpoint, at } => {

@@ -41,6 +41,17 @@ pub enum Command {
         image_id: ImageId,
         account_id: AccountId,
     },
+    /// The owner changes who may launch its image (`all` is public) and its description.
+    /// Refused (`ImageNotFound`) for an image the account does not own.
+    ModifyImage {
+        account_id: AccountId,
+        image_id: ImageId,
+        add: Vec<LaunchPermission>,
+        remove: Vec<LaunchPermission>,
+        /// Removes every launch permission first (ResetImageAttribute).
+        reset: bool,
+        description: Option<String>,
+    },
     /// A CC announced itself (or moved to a new endpoint).
     RegisterZone {
         zone: ZoneName,
@@ -203,6 +214,7 @@ impl Command {
             | Command::AddAccessKey { .. }
             | Command::RegisterImage { .. }
             | Command::DeregisterImage { .. }
+            | Command::ModifyImage { .. }
             | Command::LaunchInstances { .. }
             | Command::RequestInstances { .. }
             | Command::CreateTags { .. }
@@ -236,6 +248,7 @@ impl Command {
             Command::Batch(commands) => commands.iter().any(Command::changes_catalog),
             Command::RegisterImage { .. }
             | Command::DeregisterImage { .. }
+            | Command::ModifyImage { .. }
             | Command::RegisterZone { .. } => true,
             Command::CreateAccount { .. }
             | Command::AddAccessKey { .. }
@@ -263,6 +276,13 @@ impl Command {
             | Command::PurgeTerminated { .. } => false,
         }
     }
+}
+
+/// Who may launch an image: every account, or one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaunchPermission {
+    All,
+    Account(AccountId),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,8 +19,8 @@ mod volumes;
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
 pub use bulk::apply_each;
 pub use command::{
-    Command, InstanceAction, InstanceChange, KeyPairRef, NewInstance, Observation, Outcome,
-    StateChange,
+    Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, NewInstance,
+    Observation, Outcome, StateChange,
 };
 pub use error::{StateError, VolumeFault};
 pub use query::{AllocationGroup, InstanceFilter};

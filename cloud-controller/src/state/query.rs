@@ -561,12 +561,15 @@ impl Store {
             Option<String>,
             i64,
             Option<String>,
+            Vec<String>,
         );
         let mut conn = self.pool().acquire().await?;
         let rows: Vec<ImageRow> = fetch_folded(
             &mut conn,
             "image_id, owner_id, name, description, location, architecture, json(iif(is_public, 'true', 'false')),
-             state, created_at, image_type, kernel_id, ramdisk_id, sha256, size_bytes, disk_format",
+             state, created_at, image_type, kernel_id, ramdisk_id, sha256, size_bytes, disk_format,
+             json((SELECT json_group_array(p.account_id ORDER BY p.account_id)
+                   FROM image_launch_permissions p WHERE p.image_id = folded.image_id))",
             "FROM images ORDER BY created_at, image_id",
             &[],
         )
@@ -589,6 +592,7 @@ impl Store {
                     sha256,
                     size,
                     disk_format,
+                    shared,
                 )| {
                     Ok(Image {
                         image_id: parse(&id)?,
@@ -612,6 +616,11 @@ impl Store {
                             .map_err(|e| StateError::Corrupt(e.to_string()))?,
                         size_bytes: u64::try_from(size).unwrap_or_default(),
                         disk_format,
+                        launch_permissions: shared
+                            .iter()
+                            .map(|a| AccountId::parse(a))
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| StateError::Corrupt(e.to_string()))?,
                     })
                 },
             )

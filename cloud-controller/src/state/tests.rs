@@ -55,6 +55,7 @@ async fn fixture() -> Fixture {
                 sha256: None,
                 size_bytes: 0,
                 disk_format: None,
+                launch_permissions: vec![],
             },
         })
         .await
@@ -708,6 +709,7 @@ async fn images_with_content_reach_the_zone_document_and_outlive_deregistration(
             sha256: Some(Sha256Digest::from_bytes(&[byte; 32])),
             size_bytes: u64::from(byte) * 1000,
             disk_format: (kind == ImageKind::Machine).then(|| "qcow2".into()),
+            launch_permissions: vec![],
         };
     let eki = image(ImageKind::Kernel, 1, None, None);
     let eri = image(ImageKind::Ramdisk, 2, None, None);
@@ -1212,4 +1214,67 @@ async fn the_state_digest_follows_the_rows() {
     assert_ne!(before.sha256, after.sha256);
     assert_eq!(after.rows["instances"], 2);
     assert!(!after.rows.contains_key("raft_log"), "the log is not state");
+}
+
+#[tokio::test]
+async fn only_an_images_owner_shares_it_and_a_reset_makes_it_private() {
+    let f = fixture().await;
+    let friend = AccountId::parse("210987654321").unwrap();
+    let image = |images: Vec<Image>| images.into_iter().find(|i| i.image_id == f.image).unwrap();
+    let modify =
+        |account: &AccountId, add: Vec<LaunchPermission>, remove, reset| Command::ModifyImage {
+            account_id: account.clone(),
+            image_id: f.image.clone(),
+            add,
+            remove,
+            reset,
+            description: None,
+        };
+    // The fixture's image is public: make it private, then share it with one account.
+    f.store
+        .apply(&modify(
+            &f.account,
+            vec![],
+            vec![LaunchPermission::All],
+            false,
+        ))
+        .await
+        .unwrap();
+    let img = image(f.store.images().await.unwrap());
+    assert!(!img.is_public && !img.visible_to(&friend));
+    f.store
+        .apply(&modify(
+            &f.account,
+            vec![LaunchPermission::Account(friend.clone())],
+            vec![],
+            false,
+        ))
+        .await
+        .unwrap();
+    let img = image(f.store.images().await.unwrap());
+    assert_eq!(img.launch_permissions, vec![friend.clone()]);
+    assert!(img.visible_to(&friend) && !img.is_public);
+    // Another account cannot change it.
+    assert!(matches!(
+        f.store
+            .apply(&modify(&friend, vec![LaunchPermission::All], vec![], false))
+            .await,
+        Err(StateError::ImageNotFound(_))
+    ));
+    f.store
+        .apply(&modify(
+            &f.account,
+            vec![LaunchPermission::All],
+            vec![],
+            false,
+        ))
+        .await
+        .unwrap();
+    assert!(image(f.store.images().await.unwrap()).is_public);
+    f.store
+        .apply(&modify(&f.account, vec![], vec![], true))
+        .await
+        .unwrap();
+    let img = image(f.store.images().await.unwrap());
+    assert!(!img.is_public && img.launch_permissions.is_empty());
 }

@@ -47,12 +47,17 @@ pub struct Image {
     /// `qcow2` or `raw` for a machine image with content.
     #[serde(default)]
     pub disk_format: Option<String>,
+    /// The other accounts its owner lets launch it (ModifyImageAttribute); read from the
+    /// state, never carried by a command.
+    #[serde(default)]
+    pub launch_permissions: Vec<AccountId>,
 }
 
 impl Image {
-    /// Whether `account` may see and launch it: its own, or a public one.
+    /// Whether `account` may see and launch it: its own, a public one, or one its owner
+    /// shared with the account.
     pub fn visible_to(&self, account: &AccountId) -> bool {
-        self.is_public || &self.owner_id == account
+        self.is_public || &self.owner_id == account || self.launch_permissions.contains(account)
     }
 
     /// An image whose bytes nodes can fetch, or `None` for one without content.

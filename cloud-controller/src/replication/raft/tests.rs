@@ -102,6 +102,7 @@ impl World {
                     sha256: None,
                     size_bytes: 0,
                     disk_format: None,
+                    launch_permissions: vec![],
                 },
             },
             Command::RegisterZone {
