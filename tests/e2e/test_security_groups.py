@@ -170,6 +170,33 @@ def test_instances_launch_with_groups_and_a_group_in_use_cannot_be_deleted(cloud
     cloud.ec2.delete_security_group(GroupId=gid)
 
 
+def test_an_instances_groups_are_replaced_with_modify_instance_attribute(cloud, groups, launcher):
+    web, db = groups(), groups()
+    [iid] = launcher.run_ids()
+    cloud.wait("instance_running", InstanceIds=[iid])
+    cloud.ec2.modify_instance_attribute(InstanceId=iid, Groups=[web, db])
+    [inst] = cloud.instances(InstanceIds=[iid])
+    assert [g["GroupId"] for g in inst["SecurityGroups"]] == [web, db]
+    attr = cloud.ec2.describe_instance_attribute(InstanceId=iid, Attribute="groupSet")
+    assert [g["GroupId"] for g in attr["Groups"]] == [web, db]
+    # The group the instance left can go; one it uses cannot.
+    [default] = cloud.ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"]
+    found = cloud.instances(Filters=[launcher.filter, {"Name": "instance.group-id", "Values": [default["GroupId"]]}])
+    assert iid not in [i["InstanceId"] for i in found]
+    expect_error(cloud.ec2.delete_security_group, "DependencyViolation", GroupId=db)
+    # The CLI's form, and EC2's refusals.
+    cloud.aws("ec2", "modify-instance-attribute", "--instance-id", iid, "--groups", db)
+    assert [g["GroupId"] for g in cloud.instances(InstanceIds=[iid])[0]["SecurityGroups"]] == [db]
+    expect_error(cloud.ec2.modify_instance_attribute, "InvalidGroup.NotFound", InstanceId=iid,
+                 Groups=["sg-0123456789abcdef0"])
+    expect_error(cloud.ec2.modify_instance_attribute, "DryRunOperation", 412, InstanceId=iid, Groups=[web],
+                 DryRun=True)
+    assert [g["GroupId"] for g in cloud.instances(InstanceIds=[iid])[0]["SecurityGroups"]] == [db]
+    cloud.ec2.terminate_instances(InstanceIds=[iid])
+    cloud.wait("instance_terminated", InstanceIds=[iid])
+    expect_error(cloud.ec2.modify_instance_attribute, "IncorrectInstanceState", InstanceId=iid, Groups=[web])
+
+
 def test_cli_flat_form(cloud, groups):
     gid = groups()
     cloud.aws("ec2", "authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",

@@ -896,12 +896,31 @@ pub async fn modify_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             .ok_or_else(|| unknown_attribute(attribute))?;
         given.push((known, value));
     }
-    if !p.list("GroupId")?.is_empty() || !p.structs("BlockDeviceMapping")?.is_empty() {
+    if !p.structs("BlockDeviceMapping")?.is_empty() {
         return Err(ApiError::new(
             400,
             "UnsupportedOperation",
-            "Canopy does not have security groups on instances or block device mappings yet.",
+            "Canopy cannot change an instance's block device mappings yet (DetachVolume and AttachVolume do).",
         ));
+    }
+    let group_ids = p.list("GroupId")?;
+    if !group_ids.is_empty() {
+        if !given.is_empty() {
+            return Err(ApiError::combination(
+                "Only one attribute can be modified at a time",
+            ));
+        }
+        if group_ids.len() > 5 {
+            return Err(ApiError::new(
+                400,
+                "SecurityGroupsPerInstanceLimitExceeded",
+                "An instance may have at most 5 security groups.",
+            ));
+        }
+        let groups = super::security_groups::resolve_groups(ctx, &group_ids, &[]).await?;
+        let change =
+            InstanceChange::SecurityGroups(groups.into_iter().map(|g| g.group_id).collect());
+        return modify(ctx, id, change).await;
     }
     let [(attribute, value)] = given.as_slice() else {
         return Err(if given.is_empty() {
@@ -949,7 +968,12 @@ pub async fn modify_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             ));
         }
     };
-    if p.bool("DryRun")?.unwrap_or(false) {
+    modify(ctx, id, change).await
+}
+
+/// Commits one ModifyInstanceAttribute change (or answers its DryRun).
+async fn modify(ctx: &Ctx, id: InstanceId, change: InstanceChange) -> Result<String, ApiError> {
+    if ctx.params.bool("DryRun")?.unwrap_or(false) {
         ctx.require_instances(std::slice::from_ref(&id)).await?;
         return Err(ApiError::dry_run());
     }

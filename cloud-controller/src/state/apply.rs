@@ -496,6 +496,9 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     sqlx::query("UPDATE instances SET user_data = ? WHERE instance_id = ?")
                         .bind(data.clone())
                 }
+                InstanceChange::SecurityGroups(groups) => {
+                    return replace_groups(conn, account_id, inst, groups).await;
+                }
             };
             query.bind(instance_id.as_str()).execute(&mut *conn).await?;
             // Both are part of the zone's desired state (the node's metadata service).
@@ -912,6 +915,42 @@ async fn update_instance(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// ModifyInstanceAttribute `GroupId.N`: the instance's groups, replaced in the given order.
+async fn replace_groups(
+    conn: &mut SqliteConnection,
+    account_id: &AccountId,
+    inst: &Instance,
+    groups: &[canopy_common::SecurityGroupId],
+) -> Result<Outcome, StateError> {
+    if matches!(
+        inst.state,
+        InstanceState::ShuttingDown | InstanceState::Terminated
+    ) {
+        return Err(StateError::IncorrectInstanceState {
+            id: inst.instance_id.clone(),
+            state: inst.state,
+        });
+    }
+    for group in groups {
+        security_groups::require_group(conn, account_id, group).await?;
+    }
+    let rows = serde_json::to_string(groups).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    // Plain `?` in order: see the note in `bulk` on numbered parameters.
+    sqlx::query(
+        "DELETE FROM instance_security_groups WHERE instance_id = ?;
+         INSERT INTO instance_security_groups(instance_id, group_id, position)
+           SELECT ?, value, key FROM json_each(?) WHERE true ON CONFLICT DO NOTHING;",
+    )
+    .bind(inst.instance_id.as_str())
+    .bind(inst.instance_id.as_str())
+    .bind(rows)
+    .execute(&mut *conn)
+    .await?;
+    // The node's metadata service serves the groups' names.
+    bump_generation(conn, &inst.zone).await?;
+    Ok(Outcome::Done)
 }
 
 pub(super) async fn bump_generation(

@@ -393,6 +393,9 @@ pub enum InstanceChange {
     UserData(Option<Vec<u8>>),
     /// ModifyInstanceMetadataOptions.
     MetadataOptions(super::types::MetadataOptions),
+    /// The instance's security groups, replaced (ModifyInstanceAttribute `GroupId.N`): the
+    /// account's, at least one; not once the instance is shutting down or terminated.
+    SecurityGroups(Vec<SecurityGroupId>),
 }
 
 /// A key pair named the way DeleteKeyPair names it.
