@@ -678,32 +678,78 @@ pub async fn change_instances(ctx: &Ctx, action: InstanceAction) -> Result<Strin
 
 /// EC2's status checks. Canopy reports them from the node's view: a running instance
 /// passes both; other states are not applicable.
-fn status_of(i: &Instance) -> &'static str {
-    if i.state == InstanceState::Running {
-        "ok"
-    } else {
-        "not-applicable"
+/// What the control plane can tell of a running instance's host: EC2's status checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostHealth {
+    /// Its node heartbeats to its zone's CC, which heartbeats to the CLC.
+    Reachable,
+    /// Its CC reports the node silent for longer than the CC's `node_timeout`: the instance
+    /// is shown `running` (it may well run), with the system check failed.
+    NodeSilent,
+    /// Its zone's CC is silent: nothing is known.
+    ZoneSilent,
+    /// Not running: no checks apply.
+    NotApplicable,
+}
+
+impl HostHealth {
+    fn of(i: &Instance, ctx: &Ctx) -> Self {
+        if i.state != InstanceState::Running {
+            return HostHealth::NotApplicable;
+        }
+        if !ctx
+            .clc
+            .zones
+            .is_available(&i.zone, ctx.clc.config.zone_timeout)
+        {
+            return HostHealth::ZoneSilent;
+        }
+        let healthy = ctx.clc.zones.get(&i.zone).is_some_and(|z| {
+            z.nodes
+                .iter()
+                .any(|n| Some(&n.node_id) == i.node_id.as_ref() && n.healthy)
+        });
+        if healthy {
+            HostHealth::Reachable
+        } else {
+            HostHealth::NodeSilent
+        }
+    }
+
+    /// (status, reachability) of the system check, then of the instance check.
+    fn checks(self) -> [(&'static str, &'static str); 2] {
+        match self {
+            HostHealth::Reachable => [("ok", "passed"), ("ok", "passed")],
+            HostHealth::NodeSilent => [
+                ("impaired", "failed"),
+                ("insufficient-data", "insufficient-data"),
+            ],
+            HostHealth::ZoneSilent => [
+                ("insufficient-data", "insufficient-data"),
+                ("insufficient-data", "insufficient-data"),
+            ],
+            HostHealth::NotApplicable => [
+                ("not-applicable", "not-applicable"),
+                ("not-applicable", "not-applicable"),
+            ],
+        }
     }
 }
 
-struct StatusView<'a>(&'a Instance);
+struct StatusView<'a>(&'a Instance, HostHealth);
 
 impl Filterable for StatusView<'_> {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
-        let one = |s: String| Some(vec![s]);
+        let one = |s: &str| Some(vec![s.to_owned()]);
+        let [system, instance] = self.1.checks();
         match name {
-            "availability-zone" => one(self.0.zone.to_string()),
-            "instance-state-name" => one(self.0.state.name().into()),
-            "instance-state-code" => one(self.0.state.code().to_string()),
-            "instance-status.status" | "system-status.status" => one(status_of(self.0).into()),
-            "instance-status.reachability" | "system-status.reachability" => {
-                one(if self.0.state == InstanceState::Running {
-                    "passed"
-                } else {
-                    "not-applicable"
-                }
-                .into())
-            }
+            "availability-zone" => one(self.0.zone.as_str()),
+            "instance-state-name" => one(self.0.state.name()),
+            "instance-state-code" => one(&self.0.state.code().to_string()),
+            "system-status.status" => one(system.0),
+            "system-status.reachability" => one(system.1),
+            "instance-status.status" => one(instance.0),
+            "instance-status.reachability" => one(instance.1),
             _ => None,
         }
     }
@@ -720,30 +766,32 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
     }
     let (selected, _) = selected_instances(ctx).await?;
     let probe = probe_instance();
-    filters::validate(&filters, &StatusView(&probe))?;
+    filters::validate(&filters, &StatusView(&probe, HostHealth::NotApplicable))?;
     ctx.dry_run()?;
-    let matching: Vec<Instance> = selected
+    let matching: Vec<(Instance, HostHealth)> = selected
         .into_iter()
         .filter(|i| include_all || i.state == InstanceState::Running)
-        .filter(|i| filters::matches(&StatusView(i), &filters))
+        .map(|i| {
+            let health = HostHealth::of(&i, ctx);
+            (i, health)
+        })
+        .filter(|(i, h)| filters::matches(&StatusView(i, *h), &filters))
         .collect();
-    let (items, next) = paginate(matching, page, |i| i.seq);
+    let (items, next) = paginate(matching, page, |(i, _)| i.seq);
     let mut w = XmlWriter::response("DescribeInstanceStatus", &ctx.request_id);
-    w.list("instanceStatusSet", &items, |w, i| {
-        let status = status_of(i);
-        let detail = if i.state == InstanceState::Running {
-            "passed"
-        } else {
-            "not-applicable"
-        };
+    w.list("instanceStatusSet", &items, |w, (i, health)| {
         w.elem("instanceId", &i.instance_id)
             .elem("availabilityZone", &i.zone);
         render::state(w, "instanceState", i.state);
-        for name in ["systemStatus", "instanceStatus"] {
+        for (name, (status, reachability)) in ["systemStatus", "instanceStatus"]
+            .into_iter()
+            .zip(health.checks())
+        {
             w.nested(name, |w| {
-                w.elem("status", status).list("details", [detail], |w, d| {
-                    w.elem("name", "reachability").elem("status", d);
-                });
+                w.elem("status", status)
+                    .list("details", [reachability], |w, d| {
+                        w.elem("name", "reachability").elem("status", d);
+                    });
             });
         }
         w.list("eventsSet", std::iter::empty::<()>(), |_, _| {});
