@@ -175,6 +175,17 @@ pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// A JSON request body, or the 400 answer that names what is wrong with it.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValue",
+            &e.to_string(),
+        ))
+    })
+}
+
 fn internal(e: StateError) -> Response {
     tracing::error!(error = %e, "admin API state error");
     error(
@@ -641,15 +652,9 @@ async fn list_accounts(State(clc): State<Arc<Clc>>) -> Response {
 /// Creates an account (not an administrator) with an access key, for its users' EC2 tools.
 #[utoipa::path(post, path = "/v1/accounts", request_body = NewAccount, responses((status = 200, body = CreatedAccount), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create_account(State(clc): State<Arc<Clc>>, body: Bytes) -> Response {
-    let req: NewAccount = match serde_json::from_slice(&body) {
+    let req: NewAccount = match json_body(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValue",
-                &e.to_string(),
-            );
-        }
+        Err(response) => return *response,
     };
     let name_ok = (1..=64).contains(&req.name.len())
         && req
@@ -717,15 +722,9 @@ async fn replica_digest(State(clc): State<Arc<Clc>>) -> Response {
 /// Adds a replica: as a learner until it has caught up, then as a voter.
 #[utoipa::path(post, path = "/v1/cluster/members", request_body = AddMember, responses((status = 200, body = ClusterView), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn add_member(State(clc): State<Arc<Clc>>, body: Bytes) -> Response {
-    let req: AddMember = match serde_json::from_slice(&body) {
+    let req: AddMember = match json_body(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValue",
-                &e.to_string(),
-            );
-        }
+        Err(response) => return *response,
     };
     let address = match normalize_raft_url(&req.address) {
         Ok(a) => a,

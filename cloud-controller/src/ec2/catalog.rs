@@ -244,6 +244,18 @@ pub async fn modify_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
     if add.is_empty() && remove.is_empty() && description.is_none() {
         return Err(ApiError::missing("LaunchPermission"));
     }
+    modify_owned_image(ctx, "ModifyImageAttribute", add, remove, false, description).await
+}
+
+/// Commits a change of the caller's own image (another's, even visible: `UnauthorizedOperation`).
+async fn modify_owned_image(
+    ctx: &Ctx,
+    action: &str,
+    add: Vec<LaunchPermission>,
+    remove: Vec<LaunchPermission>,
+    reset: bool,
+    description: Option<String>,
+) -> Result<String, ApiError> {
     let (image, owned) = visible_image(ctx).await?;
     if !owned {
         return Err(not_owner(&image.image_id));
@@ -255,11 +267,11 @@ pub async fn modify_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             image_id: image.image_id,
             add,
             remove,
-            reset: false,
+            reset,
             description,
         })
         .await?;
-    let mut w = XmlWriter::response("ModifyImageAttribute", &ctx.request_id);
+    let mut w = XmlWriter::response(action, &ctx.request_id);
     w.bool_elem("return", true);
     Ok(w.finish())
 }
@@ -272,24 +284,15 @@ pub async fn reset_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             "Value ({attribute}) for parameter attribute is invalid. Only launchPermission can be reset"
         )));
     }
-    let (image, owned) = visible_image(ctx).await?;
-    if !owned {
-        return Err(not_owner(&image.image_id));
-    }
-    ctx.dry_run()?;
-    ctx.clc
-        .submit(Command::ModifyImage {
-            account_id: ctx.account.clone(),
-            image_id: image.image_id,
-            add: vec![],
-            remove: vec![LaunchPermission::All],
-            reset: true,
-            description: None,
-        })
-        .await?;
-    let mut w = XmlWriter::response("ResetImageAttribute", &ctx.request_id);
-    w.bool_elem("return", true);
-    Ok(w.finish())
+    modify_owned_image(
+        ctx,
+        "ResetImageAttribute",
+        vec![],
+        vec![LaunchPermission::All],
+        true,
+        None,
+    )
+    .await
 }
 
 /// DescribeImageAttribute: `launchPermission` (owner only), `description`, `kernel`,
