@@ -510,47 +510,31 @@ fn permissions<'a>(
         w.elem("ipProtocol", proto)
             .opt_elem("fromPort", from.as_ref())
             .opt_elem("toPort", to.as_ref());
-        w.list(
-            "groups",
-            rules.iter().filter_map(|(s, d)| match &s.peer {
-                RulePeer::Group(g) => Some((g, d)),
-                _ => None,
-            }),
-            |w, (g, d)| {
-                w.elem("userId", owner).elem("groupId", g);
+        // One list per kind of peer, each item the peer's own element and the description.
+        for list in ["groups", "ipRanges", "ipv6Ranges"] {
+            let of_kind = rules.iter().filter(|(s, _)| peer_list(&s.peer) == list);
+            w.list(list, of_kind, |w, (s, d)| {
+                match &s.peer {
+                    RulePeer::Group(g) => w.elem("userId", owner).elem("groupId", g),
+                    RulePeer::Ipv4(c) => w.elem("cidrIp", c),
+                    RulePeer::Ipv6(c) => w.elem("cidrIpv6", c),
+                };
                 if !d.is_empty() {
                     w.elem("description", d);
                 }
-            },
-        );
-        w.list(
-            "ipRanges",
-            rules.iter().filter_map(|(s, d)| match &s.peer {
-                RulePeer::Ipv4(c) => Some((c, d)),
-                _ => None,
-            }),
-            |w, (c, d)| {
-                w.elem("cidrIp", c);
-                if !d.is_empty() {
-                    w.elem("description", d);
-                }
-            },
-        );
-        w.list(
-            "ipv6Ranges",
-            rules.iter().filter_map(|(s, d)| match &s.peer {
-                RulePeer::Ipv6(c) => Some((c, d)),
-                _ => None,
-            }),
-            |w, (c, d)| {
-                w.elem("cidrIpv6", c);
-                if !d.is_empty() {
-                    w.elem("description", d);
-                }
-            },
-        );
+            });
+        }
         w.list("prefixListIds", std::iter::empty::<()>(), |_, _| {});
     });
+}
+
+/// The IpPermission list a rule's peer is shown in.
+fn peer_list(peer: &RulePeer) -> &'static str {
+    match peer {
+        RulePeer::Group(_) => "groups",
+        RulePeer::Ipv4(_) => "ipRanges",
+        RulePeer::Ipv6(_) => "ipv6Ranges",
+    }
 }
 
 /// EC2's SecurityGroupRule shape.

@@ -699,14 +699,40 @@ impl Store {
 
     /// An account's key pairs with their tags, by name.
     pub async fn key_pairs(&self, account: &AccountId) -> Result<Vec<KeyPair>, StateError> {
+        self.load_key_pairs(account, None).await
+    }
+
+    /// The account's key pair called `name`, if any (one indexed row: RunInstances with a
+    /// `KeyName` reads it on every launch).
+    pub async fn key_pair_by_name(
+        &self,
+        account: &AccountId,
+        name: &str,
+    ) -> Result<Option<KeyPair>, StateError> {
+        Ok(self.load_key_pairs(account, Some(name)).await?.pop())
+    }
+
+    /// The account's key pairs with their tags, by name; only the one called `name` if given.
+    async fn load_key_pairs(
+        &self,
+        account: &AccountId,
+        name: Option<&str>,
+    ) -> Result<Vec<KeyPair>, StateError> {
         let mut conn = self.pool().acquire().await?;
-        let rows: Vec<(String, String, String, String, String, String)> = sqlx::query_as(
+        let mut sql = String::from(
             "SELECT key_pair_id, key_name, key_type, fingerprint, public_key, created_at
-             FROM key_pairs WHERE account_id = ? ORDER BY key_name",
-        )
-        .bind(account.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
+             FROM key_pairs WHERE account_id = ?",
+        );
+        if name.is_some() {
+            sql.push_str(" AND key_name = ?");
+        }
+        sql.push_str(" ORDER BY key_name");
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(account.as_str());
+        if let Some(name) = name {
+            query = query.bind(name);
+        }
+        let rows: Vec<(String, String, String, String, String, String)> =
+            query.fetch_all(&mut *conn).await?;
         let mut tags = if rows.is_empty() {
             HashMap::new()
         } else {
@@ -730,20 +756,6 @@ impl Store {
                 },
             )
             .collect()
-    }
-
-    /// The account's key pair called `name`, if any.
-    pub async fn key_pair_by_name(
-        &self,
-        account: &AccountId,
-        name: &str,
-    ) -> Result<Option<KeyPair>, StateError> {
-        // Few per account: the listing's one query serves.
-        Ok(self
-            .key_pairs(account)
-            .await?
-            .into_iter()
-            .find(|k| k.key_name == name))
     }
 }
 
