@@ -31,10 +31,17 @@ use tower::ServiceExt;
 use crate::clc::Clc;
 use crate::replication::raft::ForwardHandler;
 
-/// The largest request or response body relayed (EC2 and admin requests are far smaller).
-const MAX_BODY: usize = 4 << 20;
+/// The largest request body relayed (EC2 and admin requests are far smaller).
+const MAX_REQUEST_BODY: usize = 4 << 20;
+/// The largest response relayed: a whole account's DescribeInstances without MaxResults
+/// (what the AWS CLI sends) is about 3 KiB an instance, so this allows some 80,000.
+pub(crate) const MAX_RESPONSE_BODY: usize = 256 << 20;
 /// How long a replica waits for a TCP connection to the leader.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a forwarded call may take. A leader cut off by a partition drops packets
+/// rather than refusing them; without a bound the client would wait out its own read
+/// timeout (a minute for the SDKs) instead of getting a 503 it retries elsewhere at once.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Which API a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +102,7 @@ pub async fn to_leader(
         );
     }
     let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+    let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BODY).await else {
         return api.unavailable("request body too large to forward");
     };
     let forwarded = pb::ForwardedRequest {
@@ -273,8 +280,8 @@ impl ForwardClients {
             .tcp_nodelay(true)
             .connect_lazy();
         let client = RaftTransportClient::new(channel)
-            .max_decoding_message_size(2 * MAX_BODY)
-            .max_encoding_message_size(2 * MAX_BODY);
+            .max_decoding_message_size(MAX_RESPONSE_BODY + (1 << 20))
+            .max_encoding_message_size(2 * MAX_REQUEST_BODY);
         clients.insert(addr.to_owned(), client.clone());
         Ok(client)
     }
@@ -305,7 +312,12 @@ impl ForwardClients {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let client = self.client(addr).map_err(Failure::NotSent)?;
-        match rpc(client).await {
+        let Ok(answer) = tokio::time::timeout(FORWARD_TIMEOUT, rpc(client)).await else {
+            return Err(Failure::Unknown(tonic::Status::deadline_exceeded(format!(
+                "the leader at {addr} did not answer within {FORWARD_TIMEOUT:?}"
+            ))));
+        };
+        match answer {
             Ok(reply) => Ok(reply.into_inner()),
             Err(status) if never_sent(&status) => Err(Failure::NotSent(status.to_string())),
             Err(status) => Err(Failure::Unknown(status)),
@@ -391,7 +403,7 @@ impl ForwardHandler for ForwardServer {
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(body, MAX_BODY)
+        let body = axum::body::to_bytes(body, MAX_RESPONSE_BODY)
             .await
             .map_err(|e| tonic::Status::internal(format!("response body: {e}")))?;
         Ok(pb::ForwardedResponse {

@@ -395,3 +395,22 @@ def test_full_cluster_restart_keeps_state_and_running_instances(ha):
     assert not stopped_after, f"the node stopped or rebooted instances: {stopped_after}"
     assert all(started_after[i] == 1 for i in new_ids)
     assert ha.cc.proc.poll() is None and ha.nc.proc.poll() is None
+
+
+def test_a_large_answer_comes_through_a_follower(ha):
+    """A whole-account DescribeInstances without MaxResults (what `aws ec2 describe-instances`
+    sends) is answered by the leader and relayed whole by a follower, beyond the 4 MiB a
+    gRPC message holds by default (found by the lab's fault drill)."""
+    leader = ha.leader()
+    follower = next(r for r in ha.replicas if r.id != leader.id)
+    ec2 = leader.client()
+    for batch in range(3):
+        ec2.run_instances(ImageId=ha.image, InstanceType="t2.nano", MinCount=1000, MaxCount=1000,
+                          ClientToken=f"large-answer-{batch}")
+    raw = follower.client()
+    raw.meta.events.register("after-call.ec2.DescribeInstances",
+                             lambda http_response, **_: sizes.append(len(http_response.content)))
+    sizes: list[int] = []
+    answer = raw.describe_instances()
+    assert sum(len(r["Instances"]) for r in answer["Reservations"]) == 3000
+    assert "NextToken" not in answer and sizes and sizes[0] > 4 << 20, sizes

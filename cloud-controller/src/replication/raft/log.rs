@@ -665,7 +665,10 @@ pub async fn start_replica(
     let service =
         RaftTransportServer::new(RaftTransportService::new(raft.clone(), forward.clone()))
             .max_decoding_message_size(super::network::MAX_MESSAGE)
-            .max_encoding_message_size(super::network::MAX_MESSAGE);
+            // Forwarded answers (the same service) may be larger than Raft's messages.
+            .max_encoding_message_size(
+                super::network::MAX_MESSAGE.max(crate::forward::MAX_RESPONSE_BODY + (1 << 20)),
+            );
     let incoming = canopy_proto::incoming_nodelay(listener);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
