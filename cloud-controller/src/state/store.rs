@@ -219,10 +219,13 @@ pub struct StateDigest {
     /// The Raft log id last applied (`index`), as the state machine records it; replicas
     /// that applied the same entries hold the same digest.
     pub applied_index: Option<u64>,
-    /// SHA-256 over every state table's rows (columns as SQL literals, in row order).
+    /// SHA-256 over every state table's rows (columns as SQL literals, in primary-key
+    /// order).
     pub sha256: String,
     /// Rows per table.
     pub rows: std::collections::BTreeMap<String, u64>,
+    /// SHA-256 per table, to tell which table two replicas disagree on.
+    pub tables: std::collections::BTreeMap<String, String>,
 }
 
 impl Store {
@@ -241,28 +244,46 @@ impl Store {
         .await?;
         let mut hash = sha2::Sha256::new();
         let mut rows = std::collections::BTreeMap::new();
+        let mut tables_sha = std::collections::BTreeMap::new();
         for (table,) in tables {
-            let columns: Vec<(String,)> =
-                sqlx::query_as("SELECT name FROM pragma_table_info(?) ORDER BY cid")
+            let columns: Vec<(String, i64)> =
+                sqlx::query_as("SELECT name, pk FROM pragma_table_info(?) ORDER BY cid")
                     .bind(&table)
                     .fetch_all(&mut *tx)
                     .await?;
             let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
             let expr = columns
                 .iter()
-                .map(|(c,)| format!("quote({})", quote(c)))
+                .map(|(c, _)| format!("quote({})", quote(c)))
                 .collect::<Vec<_>>()
                 .join(" || ',' || ");
+            // Rows in primary-key order (every column for a table without one), not rowid
+            // order: a replica that installed a snapshot holds the same rows inserted in
+            // another order.
+            let mut key: Vec<&(String, i64)> = columns.iter().filter(|(_, pk)| *pk > 0).collect();
+            key.sort_by_key(|(_, pk)| *pk);
+            if key.is_empty() {
+                key = columns.iter().collect();
+            }
+            let order = key
+                .iter()
+                .map(|(c, _)| quote(c))
+                .collect::<Vec<_>>()
+                .join(", ");
             // Names come from SQLite's own catalogue, quoted.
-            let sql = format!("SELECT {expr} FROM {} ORDER BY rowid", quote(&table));
+            let sql = format!("SELECT {expr} FROM {} ORDER BY {order}", quote(&table));
             let lines: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .fetch_all(&mut *tx)
                 .await?;
             hash.update(format!("table {table}\n"));
+            let mut one = sha2::Sha256::new();
             for (line,) in &lines {
                 hash.update(line.as_bytes());
                 hash.update(b"\n");
+                one.update(line.as_bytes());
+                one.update(b"\n");
             }
+            tables_sha.insert(table.clone(), hex::encode(one.finalize()));
             rows.insert(table, lines.len() as u64);
         }
         let applied: Option<(String,)> =
@@ -277,6 +298,7 @@ impl Store {
             applied_index,
             sha256: hex::encode(hash.finalize()),
             rows,
+            tables: tables_sha,
         })
     }
 }

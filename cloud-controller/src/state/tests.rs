@@ -1278,3 +1278,25 @@ async fn only_an_images_owner_shares_it_and_a_reset_makes_it_private() {
     let img = image(f.store.images().await.unwrap());
     assert!(!img.is_public && img.launch_permissions.is_empty());
 }
+
+#[tokio::test]
+async fn the_digest_does_not_depend_on_the_order_rows_were_inserted_in() {
+    let a = fixture().await;
+    let b = fixture().await;
+    // The same two rows of `meta`, inserted in opposite orders (as a replica that installed
+    // a snapshot holds them).
+    for (store, keys) in [(&a.store, ["k1", "k2"]), (&b.store, ["k2", "k1"])] {
+        for key in keys {
+            sqlx::query("INSERT INTO meta(key, value) VALUES (?, 'v')")
+                .bind(key)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+    }
+    let (da, db) = (
+        a.store.digest().await.unwrap(),
+        b.store.digest().await.unwrap(),
+    );
+    assert_eq!(da.tables["meta"], db.tables["meta"]);
+}
