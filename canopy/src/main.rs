@@ -1,5 +1,7 @@
 //! The `canopy` binary: one executable, one role per subcommand.
 
+mod doctor;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -190,8 +192,26 @@ struct CcArgs {
     subnet: Option<String>,
 }
 
-#[derive(clap::Args, Serialize)]
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct NcArgs {
+    #[command(subcommand)]
+    command: Option<NcCommand>,
+    #[command(flatten)]
+    flags: NcFlags,
+}
+
+#[derive(Subcommand)]
+enum NcCommand {
+    /// Checks this host for running a node (libvirt, QEMU, the accelerator, disk space, the
+    /// clock, the CC) with the node's configuration, says what to fix, and exits 1 when a
+    /// check fails.
+    Doctor(Box<NcFlags>),
+}
+
+/// A node's settings, for `canopy nc` and `canopy nc doctor`.
+#[derive(clap::Args, Serialize)]
+struct NcFlags {
     /// TOML config file.
     #[arg(long)]
     #[serde(skip)]
@@ -310,7 +330,13 @@ fn clc_config(
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.role, Role::Admin(_) | Role::Bench(_)) {
+    // Servers log; commands for people print (the doctor's findings would mix with logs).
+    let quiet = match &cli.role {
+        Role::Admin(_) | Role::Bench(_) => true,
+        Role::Nc(nc) => nc.command.is_some(),
+        _ => false,
+    };
+    if !quiet {
         init_logging();
     }
     match cli.role {
@@ -448,6 +474,13 @@ async fn run_cc(args: CcArgs) -> Result<()> {
 }
 
 async fn run_nc(args: NcArgs) -> Result<()> {
+    let args = match args.command {
+        Some(NcCommand::Doctor(flags)) => {
+            let passed = doctor::run(flags.config.as_deref(), &flags).await;
+            std::process::exit(if passed { 0 } else { 1 });
+        }
+        None => args.flags,
+    };
     let file: NcFile = config::load(args.config.as_deref(), &args)?;
     let cfg = file.validate()?;
     let driver = dev::node_driver(file.hypervisor, &file).await?;
