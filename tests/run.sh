@@ -4,6 +4,8 @@
 #   end-to-end suite (tests/e2e, pytest + boto3 + AWS CLI against a real `canopy dev`).
 # Creates .venv with the pinned test clients (tests/requirements.txt) when it is missing.
 # Extra arguments go to pytest, e.g. `tests/run.sh -k restart -x`.
+# Then, with Docker, the multi-node lab's fault drill (deploy/lab/drill.sh) and the node
+# install test (deploy/node/test-install.sh), unless pytest got arguments or SKIP_LAB=1.
 # Env: SKIP_RUST_CHECKS=1 skips fmt/clippy/cargo test (build + e2e only).
 set -euo pipefail
 
@@ -104,6 +106,21 @@ if [[ "${SKIP_RUST_CHECKS:-0}" != 1 ]]; then
 fi
 if run "cargo build" cargo build -p canopy "${FEATURES[@]}"; then
     run "python venv" ensure_venv && run "e2e (pytest)" e2e "$@" || true
+    # The multi-node lab's fault drill and the node install, in containers (deploy/lab,
+    # deploy/node): they need Docker, which CI has. Skipped when pytest was given a
+    # selection (a quick local run), or with SKIP_LAB=1.
+    if [[ $# -eq 0 && ${SKIP_LAB:-0} != 1 ]]; then
+        if docker info >/dev/null 2>&1; then
+            run "lab fault drill" env CANOPY_BIN="$ROOT/target/debug/canopy" \
+                deploy/lab/drill.sh --fresh --down || true
+            run "node install" deploy/node/test-install.sh "$ROOT/target/debug/canopy" || true
+        elif [[ -n ${CI:-} ]]; then
+            echo "Docker is not usable under CI: the lab's fault drill cannot run" >&2
+            FAILED=1
+        else
+            echo "note: Docker is not usable here: the lab's drill and the node install test are skipped" >&2
+        fi
+    fi
 else
     E2E_RESULT="not run: the build failed"
 fi
