@@ -187,12 +187,21 @@ impl ZoneService {
         reported: &HashMap<canopy_common::InstanceId, Vec<canopy_common::VolumeId>>,
     ) -> Result<(), Status> {
         use crate::state::AttachStatus;
+        let (may_wait, epoch) = self.clc.store.volumes_may_await_nodes();
+        if !may_wait {
+            return Ok(());
+        }
         let pending = self
             .clc
             .store
-            .pending_attachments(&zone)
+            .pending_attachments_anywhere(&zone)
             .await
             .map_err(internal)?;
+        let Some(pending) = pending else {
+            // Nothing waits in any zone: skip the query until a command could change that.
+            self.clc.store.volumes_settled(epoch);
+            return Ok(());
+        };
         let mut attached = Vec::new();
         let mut detached = Vec::new();
         for p in pending {

@@ -242,6 +242,17 @@ impl Command {
         }
     }
 
+    /// Whether applying it may leave an attachment waiting for a node's word (attaching or
+    /// detaching): the report intake looks for those only after such a command.
+    pub fn may_await_nodes_on_volumes(&self) -> bool {
+        match self {
+            Command::Batch(commands) => commands.iter().any(Command::may_await_nodes_on_volumes),
+            Command::AttachVolume { .. } | Command::DetachVolume { .. } => true,
+            Command::RequestInstances { action, .. } => *action == InstanceAction::Terminate,
+            _ => false,
+        }
+    }
+
     /// Whether applying it may change the images or the zones (see [`super::Catalog`]).
     pub fn changes_catalog(&self) -> bool {
         match self {

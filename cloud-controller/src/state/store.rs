@@ -18,6 +18,11 @@ pub struct Store {
     /// Serializes apply: the state machine applies one command after another.
     writer: Mutex<()>,
     catalog: std::sync::Mutex<CatalogCache>,
+    /// Counts the commands that may have left attachments waiting for a node (see
+    /// [`Command::may_await_nodes_on_volumes`] and [`Store::volumes_may_await_nodes`]).
+    volume_epoch: std::sync::atomic::AtomicU64,
+    /// The `volume_epoch` at which a read found no attachment waiting; `u64::MAX` until then.
+    volumes_settled_at: std::sync::atomic::AtomicU64,
 }
 
 /// What every launch reads and almost nothing changes: the images and the zones' names.
@@ -111,6 +116,9 @@ impl Store {
             pool,
             writer: Mutex::new(()),
             catalog: Default::default(),
+            volume_epoch: Default::default(),
+            // Unknown at start: the first report intake looks.
+            volumes_settled_at: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
     }
 
@@ -138,6 +146,9 @@ impl Store {
         if command.changes_catalog() {
             self.catalog_changed();
         }
+        if command.may_await_nodes_on_volumes() {
+            self.volumes_touched();
+        }
         Ok(outcome)
     }
 
@@ -163,6 +174,31 @@ impl Store {
 
     /// Called after committing anything that may change the [`Catalog`] (a command for
     /// which [`Command::changes_catalog`] holds, or an installed snapshot).
+    /// A committed command may have left attachments waiting for a node's word.
+    pub(crate) fn volumes_touched(&self) {
+        self.volume_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether attachments may be waiting for a node's word: false only when a read found
+    /// none and no command that could leave one has committed since. Lets the report
+    /// intake skip its query on a cloud whose volumes are all settled (the common case).
+    pub fn volumes_may_await_nodes(&self) -> (bool, u64) {
+        use std::sync::atomic::Ordering;
+        let epoch = self.volume_epoch.load(Ordering::Acquire);
+        (
+            self.volumes_settled_at.load(Ordering::Acquire) != epoch,
+            epoch,
+        )
+    }
+
+    /// A read begun at `epoch` (from [`Store::volumes_may_await_nodes`]) found nothing
+    /// waiting.
+    pub fn volumes_settled(&self, epoch: u64) {
+        self.volumes_settled_at
+            .store(epoch, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn catalog_changed(&self) {
         let mut cache = self.lock_catalog();
         cache.epoch += 1;

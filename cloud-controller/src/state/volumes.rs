@@ -463,6 +463,23 @@ impl super::Store {
             .collect()
     }
 
+    /// The zone's attachments that wait for a node's word, or `None` when none waits in any
+    /// zone (the intake may then stop looking until a command could change that).
+    pub async fn pending_attachments_anywhere(
+        &self,
+        zone: &ZoneName,
+    ) -> Result<Option<Vec<PendingAttachment>>, StateError> {
+        let (any,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS(SELECT 1 FROM volumes WHERE attach_status IN ('attaching', 'detaching'))",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        if !any {
+            return Ok(None);
+        }
+        Ok(Some(self.pending_attachments(zone).await?))
+    }
+
     /// Volumes of the zone deleted since `since`: their nodes remove the bytes.
     pub async fn deleted_volumes(
         &self,

@@ -83,9 +83,11 @@ impl SqliteStateMachine {
         let mut last_applied = None;
         let mut membership = None;
         let mut catalog_changed = false;
+        let mut volumes_touched = false;
         for entry in entries {
             if let EntryPayload::Normal(command) = &entry.payload {
                 catalog_changed |= command.changes_catalog();
+                volumes_touched |= command.may_await_nodes_on_volumes();
             }
             let response = match entry.payload {
                 EntryPayload::Blank => RaftResponse::NoCommand,
@@ -118,6 +120,9 @@ impl SqliteStateMachine {
         if catalog_changed {
             self.store.catalog_changed();
         }
+        if volumes_touched {
+            self.store.volumes_touched();
+        }
         tracing::trace!(
             entries = responses.len(),
             locked_ms,
@@ -135,6 +140,7 @@ impl SqliteStateMachine {
         let result = copy_in(&mut conn, meta, data).await;
         detach(&mut conn).await;
         self.store.catalog_changed();
+        self.store.volumes_touched();
         result
     }
 
