@@ -17,6 +17,10 @@ use crate::runtime::Shared;
 
 const CLC_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 const CLC_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a heartbeat round waits for the other replicas once one has answered. The
+/// uplink's one task also forwards reports: a replica cut off by a partition (its packets
+/// dropped, not refused) must not hold them for a whole RPC timeout every round.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(300);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -52,7 +56,9 @@ impl ClcLink {
         }
     }
 
-    /// Calls every endpoint at once; the answers, in the order of the endpoints.
+    /// Calls every endpoint at once; the answers, in the order of the endpoints. Once one
+    /// has answered, the others get [`STRAGGLER_GRACE`]; those still silent then count as
+    /// failed (their calls are dropped).
     async fn call_every<T, F, Fut>(&self, f: F) -> Vec<Result<T, tonic::Status>>
     where
         T: Send + 'static,
@@ -67,8 +73,20 @@ impl ClcLink {
         let mut answers: Vec<Result<T, tonic::Status>> = (0..self.every.len())
             .map(|_| Err(tonic::Status::cancelled("no answer")))
             .collect();
-        while let Some(joined) = calls.join_next().await {
+        let mut grace_until: Option<tokio::time::Instant> = None;
+        loop {
+            let joined = match grace_until {
+                None => calls.join_next().await,
+                Some(until) => match tokio::time::timeout_at(until, calls.join_next()).await {
+                    Ok(joined) => joined,
+                    Err(_) => break,
+                },
+            };
+            let Some(joined) = joined else { break };
             if let Ok((i, answer)) = joined {
+                if answer.is_ok() && grace_until.is_none() {
+                    grace_until = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
+                }
                 answers[i] = answer;
             }
         }

@@ -595,6 +595,57 @@ async fn reports_go_to_the_replica_that_says_it_leads() {
 }
 
 #[tokio::test]
+async fn a_replica_that_never_answers_does_not_hold_up_reports() {
+    // A "replica" cut off by a partition: it accepts connections and never answers.
+    let black_hole = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent = format!("http://{}", black_hole.local_addr().expect("addr"));
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = black_hole.accept().await {
+            open.push(conn);
+        }
+    });
+    let leader = FakeClc::default();
+    leader.leader.store(true, Ordering::SeqCst);
+    let leader_srv = serve_clc(leader.clone()).await;
+    let mut cfg = config(&leader_srv.endpoint());
+    cfg.clc_endpoints.push(silent);
+    let cc = start(cfg).await.expect("start");
+    let mut nc_link = agent(&cc).await;
+    let nc_srv = serve_nc(FakeNc::new("node-1")).await;
+    register(&mut nc_link, "node-1", &nc_srv.endpoint(), 4096).await;
+    // Heartbeats run every 100 ms; each round would wait 5 s for the silent replica if it
+    // waited for every answer, and reports share the uplink's task with them.
+    let beats = leader.log().heartbeats.len();
+    let started = std::time::Instant::now();
+    for n in 1..=5 {
+        nc_link
+            .report_instances(pb::NodeInstanceReports {
+                node_id: "node-1".into(),
+                reports: vec![pb::InstanceReport {
+                    instance_id: iid(n),
+                    state: pb::ObservedState::Running.into(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .expect("report");
+        eventually("the report reaches the leader", || {
+            leader.report_for(&iid(n)).is_some()
+        })
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "five reports took {:?} with a silent replica",
+        started.elapsed()
+    );
+    assert!(leader.log().heartbeats.len() > beats, "heartbeats go on");
+    cc.shutdown().await;
+    held.abort();
+}
+
+#[tokio::test]
 async fn image_bytes_are_relayed_from_the_replica_that_holds_them() {
     use tokio_stream::StreamExt;
     let (a, b) = (FakeClc::default(), FakeClc::default());
