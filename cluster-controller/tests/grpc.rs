@@ -292,6 +292,21 @@ async fn register(
     assert_eq!(reply.into_inner().zone, ZONE);
 }
 
+/// node-1 reports instance `n` running.
+async fn report_running(mut nc_link: ZoneAgentClient<Channel>, n: u64) {
+    nc_link
+        .report_instances(pb::NodeInstanceReports {
+            node_id: "node-1".into(),
+            reports: vec![pb::InstanceReport {
+                instance_id: iid(n),
+                state: pb::ObservedState::Running.into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("report");
+}
+
 fn iid(n: u64) -> String {
     format!("i-{n:017x}")
 }
@@ -556,22 +571,7 @@ async fn reports_go_to_the_replica_that_says_it_leads() {
     let mut nc_link = agent(&cc).await;
     let nc_srv = serve_nc(FakeNc::new("node-1")).await;
     register(&mut nc_link, "node-1", &nc_srv.endpoint(), 4096).await;
-    let report = |n| {
-        let mut nc_link = nc_link.clone();
-        async move {
-            nc_link
-                .report_instances(pb::NodeInstanceReports {
-                    node_id: "node-1".into(),
-                    reports: vec![pb::InstanceReport {
-                        instance_id: iid(n),
-                        state: pb::ObservedState::Running.into(),
-                        ..Default::default()
-                    }],
-                })
-                .await
-                .expect("report");
-        }
-    };
+    let report = |n| report_running(nc_link.clone(), n);
     // Nobody claims to lead: the first endpoint gets them.
     report(1).await;
     eventually("the report reaches the first replica", || {
@@ -619,17 +619,7 @@ async fn a_replica_that_never_answers_does_not_hold_up_reports() {
     let beats = leader.log().heartbeats.len();
     let started = std::time::Instant::now();
     for n in 1..=5 {
-        nc_link
-            .report_instances(pb::NodeInstanceReports {
-                node_id: "node-1".into(),
-                reports: vec![pb::InstanceReport {
-                    instance_id: iid(n),
-                    state: pb::ObservedState::Running.into(),
-                    ..Default::default()
-                }],
-            })
-            .await
-            .expect("report");
+        report_running(nc_link.clone(), n).await;
         eventually("the report reaches the leader", || {
             leader.report_for(&iid(n)).is_some()
         })

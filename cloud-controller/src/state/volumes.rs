@@ -15,6 +15,10 @@ use super::query::{fmt_time, json_list, parse_time, tags_for};
 use super::types::{AttachStatus, Attachment, Tag, Volume, VolumeState};
 use super::{StateError, apply};
 
+/// Makes the volumes a `WHERE` clause picks available, attached to nothing.
+const CLEAR_ATTACHMENT: &str = "UPDATE volumes SET state = 'available', instance_id = NULL, \
+     device = NULL, attach_status = NULL, attach_time = NULL";
+
 fn refused(fault: VolumeFault, message: impl Into<String>) -> StateError {
     StateError::VolumeRefused {
         fault,
@@ -220,23 +224,23 @@ pub(super) async fn observe(
         serde_json::to_string(list).map_err(|e| StateError::Corrupt(e.to_string()))
     };
     // Plain `?` in order: see the note in `bulk` on numbered parameters.
-    sqlx::query(
+    let sql = format!(
         "UPDATE volumes SET attach_status = 'attached', initialized = 1
          WHERE zone = ? AND attach_status = 'attaching' AND EXISTS (
              SELECT 1 FROM json_each(?) j
              WHERE j.value ->> 0 = volumes.volume_id AND j.value ->> 1 = volumes.instance_id);
-         UPDATE volumes SET state = 'available', instance_id = NULL, device = NULL,
-             attach_status = NULL, attach_time = NULL
+         {CLEAR_ATTACHMENT}
          WHERE zone = ? AND attach_status = 'detaching' AND EXISTS (
              SELECT 1 FROM json_each(?) j
-             WHERE j.value ->> 0 = volumes.volume_id AND j.value ->> 1 = volumes.instance_id);",
-    )
-    .bind(zone.as_str())
-    .bind(pairs(attached)?)
-    .bind(zone.as_str())
-    .bind(pairs(detached)?)
-    .execute(&mut *conn)
-    .await?;
+             WHERE j.value ->> 0 = volumes.volume_id AND j.value ->> 1 = volumes.instance_id);"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(zone.as_str())
+        .bind(pairs(attached)?)
+        .bind(zone.as_str())
+        .bind(pairs(detached)?)
+        .execute(&mut *conn)
+        .await?;
     // The documents list what is attaching or attached: neither change alters them.
     Ok(Outcome::Done)
 }
@@ -265,11 +269,9 @@ pub(super) async fn release_terminated(
     instances: &[InstanceId],
 ) -> Result<(), StateError> {
     let ids = json_list(instances.iter().map(InstanceId::as_str))?;
-    sqlx::query(
-        "UPDATE volumes SET state = 'available', instance_id = NULL, device = NULL,
-             attach_status = NULL, attach_time = NULL
-         WHERE instance_id IN (SELECT value FROM json_each(?))",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{CLEAR_ATTACHMENT} WHERE instance_id IN (SELECT value FROM json_each(?))"
+    )))
     .bind(ids)
     .execute(&mut *conn)
     .await?;
@@ -278,11 +280,9 @@ pub(super) async fn release_terminated(
 
 async fn clear(conn: &mut SqliteConnection, volumes: &[VolumeId]) -> Result<(), StateError> {
     let ids = json_list(volumes.iter().map(VolumeId::as_str))?;
-    sqlx::query(
-        "UPDATE volumes SET state = 'available', instance_id = NULL, device = NULL,
-             attach_status = NULL, attach_time = NULL
-         WHERE volume_id IN (SELECT value FROM json_each(?))",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{CLEAR_ATTACHMENT} WHERE volume_id IN (SELECT value FROM json_each(?))"
+    )))
     .bind(ids)
     .execute(&mut *conn)
     .await?;
