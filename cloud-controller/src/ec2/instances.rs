@@ -1,13 +1,13 @@
 //! Instance actions: RunInstances, DescribeInstances, Stop/Start/Reboot/Terminate,
 //! DescribeInstanceStatus, GetConsoleOutput.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use canopy_common::instance_types::DEFAULT_INSTANCE_TYPE;
 use canopy_common::{
-    ImageId, ImageKind, InstanceId, InstanceState, InstanceType, ReservationId, ZoneName,
+    ImageId, ImageKind, InstanceId, InstanceState, InstanceType, NodeId, ReservationId, ZoneName,
 };
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 use chrono::Utc;
@@ -692,27 +692,49 @@ enum HostHealth {
     NotApplicable,
 }
 
+/// Each zone's liveness as the CLC knows it: `None` while its CC is silent, else its
+/// healthy nodes. Read once a request, whatever the number of instances.
+struct ZoneHealth {
+    zones: HashMap<ZoneName, Option<HashSet<NodeId>>>,
+}
+
+impl ZoneHealth {
+    fn read(ctx: &Ctx, instances: &[Instance]) -> Self {
+        let mut zones = HashMap::new();
+        for i in instances {
+            zones.entry(i.zone.clone()).or_insert_with(|| {
+                let live = ctx.clc.zones.get(&i.zone)?;
+                if !ctx
+                    .clc
+                    .zones
+                    .is_available(&i.zone, ctx.clc.config.zone_timeout)
+                {
+                    return None;
+                }
+                Some(
+                    live.nodes
+                        .into_iter()
+                        .filter(|n| n.healthy)
+                        .map(|n| n.node_id)
+                        .collect(),
+                )
+            });
+        }
+        ZoneHealth { zones }
+    }
+}
+
 impl HostHealth {
-    fn of(i: &Instance, ctx: &Ctx) -> Self {
+    fn of(i: &Instance, health: &ZoneHealth) -> Self {
         if i.state != InstanceState::Running {
             return HostHealth::NotApplicable;
         }
-        if !ctx
-            .clc
-            .zones
-            .is_available(&i.zone, ctx.clc.config.zone_timeout)
-        {
-            return HostHealth::ZoneSilent;
-        }
-        let healthy = ctx.clc.zones.get(&i.zone).is_some_and(|z| {
-            z.nodes
-                .iter()
-                .any(|n| Some(&n.node_id) == i.node_id.as_ref() && n.healthy)
-        });
-        if healthy {
-            HostHealth::Reachable
-        } else {
-            HostHealth::NodeSilent
+        match health.zones.get(&i.zone) {
+            None | Some(None) => HostHealth::ZoneSilent,
+            Some(Some(healthy)) if i.node_id.as_ref().is_some_and(|n| healthy.contains(n)) => {
+                HostHealth::Reachable
+            }
+            Some(Some(_)) => HostHealth::NodeSilent,
         }
     }
 
@@ -768,11 +790,15 @@ pub async fn describe_instance_status(ctx: &Ctx) -> Result<String, ApiError> {
     let probe = probe_instance();
     filters::validate(&filters, &StatusView(&probe, HostHealth::NotApplicable))?;
     ctx.dry_run()?;
-    let matching: Vec<(Instance, HostHealth)> = selected
+    let selected: Vec<Instance> = selected
         .into_iter()
         .filter(|i| include_all || i.state == InstanceState::Running)
+        .collect();
+    let zones = ZoneHealth::read(ctx, &selected);
+    let matching: Vec<(Instance, HostHealth)> = selected
+        .into_iter()
         .map(|i| {
-            let health = HostHealth::of(&i, ctx);
+            let health = HostHealth::of(&i, &zones);
             (i, health)
         })
         .filter(|(i, h)| filters::matches(&StatusView(i, *h), &filters))
