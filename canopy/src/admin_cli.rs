@@ -4,6 +4,9 @@ use anyhow::{Context, Result, bail};
 use canopy_cloud_controller::admin::{
     AccountView, ClusterView, CreatedAccount, ImageView, InstanceView, NodeView, ZoneView,
 };
+use canopy_cloud_controller::admin_pki::{
+    CertificateView, CreatedJoinToken, JoinTokenView, Revoked,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -64,6 +67,30 @@ pub enum AdminCommand {
     RemoveReplica {
         /// Its replica id.
         id: u64,
+    },
+    /// Creates a join token for a new node (`canopy nc --join-token`); shown only now.
+    CreateJoinToken {
+        /// The zone the node must join (default: any).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Seconds until the token expires (default 3600).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Join tokens: zone, expiry, and which node spent each.
+    JoinTokens,
+    /// Certificates nodes received by joining, and every revoked serial.
+    Certificates,
+    /// Revokes a node's certificates (or one serial): the cloud refuses it within seconds.
+    Revoke {
+        /// The node whose certificates to revoke.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        node: Option<String>,
+        /// One certificate's serial (hex), e.g. one `canopy ca issue` made.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -268,6 +295,81 @@ impl AdminClient {
                     .call(reqwest::Method::POST, "/v1/cluster/members", Some(body))
                     .await?;
                 (cluster_table(&view), raw)
+            }
+            AdminCommand::CreateJoinToken {
+                zone,
+                ttl,
+                description,
+            } => {
+                let body = serde_json::json!({"zone": zone, "ttl_seconds": ttl, "description": description});
+                let (made, raw): (CreatedJoinToken, _) = self
+                    .call(reqwest::Method::POST, "/v1/join-tokens", Some(body))
+                    .await?;
+                (
+                    format!(
+                        "# join token {} (zone {}, expires {}): shown only now
+{}
+",
+                        made.token_id,
+                        made.zone.as_deref().unwrap_or("any"),
+                        made.expires_at,
+                        made.token
+                    ),
+                    raw,
+                )
+            }
+            AdminCommand::JoinTokens => {
+                let (tokens, raw): (Vec<JoinTokenView>, _) = self.get("/v1/join-tokens").await?;
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.token_id.clone(),
+                            t.zone.clone().unwrap_or_else(|| "any".into()),
+                            t.expires_at.clone(),
+                            t.used_by.clone().unwrap_or_else(|| "-".into()),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect();
+                (
+                    table(
+                        &["TOKEN", "ZONE", "EXPIRES", "USED BY", "DESCRIPTION"],
+                        rows,
+                    ),
+                    raw,
+                )
+            }
+            AdminCommand::Certificates => {
+                let (certs, raw): (Vec<CertificateView>, _) = self.get("/v1/certificates").await?;
+                let rows = certs
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.serial.clone(),
+                            if c.role.is_empty() {
+                                "-".into()
+                            } else {
+                                format!("{}/{}", c.role, c.name)
+                            },
+                            c.zone.clone().unwrap_or_else(|| "-".into()),
+                            c.issued_at.clone().unwrap_or_else(|| "-".into()),
+                            c.revoked_at.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                (
+                    table(&["SERIAL", "IDENTITY", "ZONE", "ISSUED", "REVOKED"], rows),
+                    raw,
+                )
+            }
+            AdminCommand::Revoke { node, serial } => {
+                let body = serde_json::json!({"node": node, "serial": serial});
+                let (revoked, raw): (Revoked, _) = self
+                    .call(reqwest::Method::POST, "/v1/revocations", Some(body))
+                    .await?;
+                let rows = revoked.revoked.iter().map(|s| vec![s.clone()]).collect();
+                (table(&["REVOKED SERIAL"], rows), raw)
             }
             AdminCommand::Accounts => {
                 let (accounts, raw): (Vec<AccountView>, _) = self.get("/v1/accounts").await?;

@@ -99,6 +99,9 @@ pub struct ClcFile {
     pub request_wait_secs: f64,
     /// Where Elastic IPs come from: CIDR blocks (the same on every replica).
     pub public_ips: Vec<String>,
+    /// The replica's TLS directory (`ca.crt`, `tls.crt`, `tls.key`, and `ca.key` to sign
+    /// joining nodes' certificates): required outside `canopy dev`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Default for ClcFile {
@@ -124,6 +127,7 @@ impl Default for ClcFile {
             snapshot_every: 5_000,
             request_wait_secs: 5.0,
             public_ips: vec![canopy_cloud_controller::config::DEFAULT_PUBLIC_POOL.into()],
+            tls_dir: None,
         }
     }
 }
@@ -248,6 +252,8 @@ pub struct CcFile {
     pub resync_interval_secs: f64,
     /// The zone's subnet (instances' private addresses), e.g. "172.31.0.0/16".
     pub subnet: String,
+    /// The CC's TLS directory (`ca.crt`, `tls.crt`, `tls.key`): required.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Default for CcFile {
@@ -261,6 +267,7 @@ impl Default for CcFile {
             node_timeout_secs: 10.0,
             resync_interval_secs: 5.0,
             subnet: canopy_cluster_controller::DEFAULT_SUBNET.into(),
+            tls_dir: None,
         }
     }
 }
@@ -286,6 +293,8 @@ impl CcFile {
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs)?,
             subnet: canopy_common::Ipv4Subnet::parse(&self.subnet)
                 .map_err(|e| anyhow::anyhow!("subnet: {e}"))?,
+            // The TLS directory is loaded by the caller (`canopy cc`).
+            transport: canopy_pki::Transport::Plaintext,
         })
     }
 }
@@ -329,6 +338,12 @@ pub struct NcFile {
     /// Where the instance metadata service listens for this node's guests, normally
     /// "169.254.169.254:80" on the guests' network; unset: not served.
     pub metadata_listen: Option<String>,
+    /// The node's TLS directory (`ca.crt`, `tls.crt`, `tls.key`): required. Empty on a
+    /// new node, which fills it by joining with `join_token`.
+    pub tls_dir: Option<PathBuf>,
+    /// A join token (`canopy admin create-join-token`), used once when `tls_dir` holds no
+    /// certificate yet.
+    pub join_token: Option<String>,
 }
 
 impl Default for NcFile {
@@ -352,6 +367,8 @@ impl Default for NcFile {
             state_dir: "/var/lib/canopy/nc".into(),
             image_cache_gib: 20,
             metadata_listen: None,
+            tls_dir: None,
+            join_token: None,
         }
     }
 }
@@ -377,6 +394,8 @@ impl NcFile {
                 .as_deref()
                 .map(|a| parse_addr("metadata_listen", a))
                 .transpose()?,
+            // The TLS directory is loaded (or filled by a join) by the caller (`canopy nc`).
+            transport: canopy_pki::Transport::Plaintext,
         })
     }
 
@@ -402,6 +421,7 @@ impl NcFile {
             image_cache_max_bytes: self.image_cache_gib << 30,
             disk_gib: self.disk_gib,
             cc_endpoint: parse_url("cc", &self.cc)?,
+            transport: canopy_pki::Transport::Plaintext,
         })
     }
 

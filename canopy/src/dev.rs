@@ -87,13 +87,22 @@ impl DevCloud {
 
 /// The driver a node gets. `libvirt` checks the host and fails with everything it lacks;
 /// `auto` takes libvirt when this build has it and the host passes, else the simulator.
-pub async fn node_driver(choice: HypervisorChoice, nc: &NcFile) -> Result<Arc<dyn Hypervisor>> {
+pub async fn node_driver(
+    choice: HypervisorChoice,
+    nc: &NcFile,
+    transport: &canopy_pki::Transport,
+) -> Result<Arc<dyn Hypervisor>> {
+    let libvirt_options = || -> Result<_> {
+        let mut opts = nc.libvirt_options()?;
+        opts.transport = transport.clone();
+        Ok(opts)
+    };
     let sim =
         || -> Result<Arc<dyn Hypervisor>> { Ok(Arc::new(SimHypervisor::new(nc.sim_config()?))) };
     match choice {
         HypervisorChoice::Sim => sim(),
         HypervisorChoice::Libvirt => {
-            let opts = nc.libvirt_options()?;
+            let opts = libvirt_options()?;
             host::connect_libvirt(&opts).await.map_err(|problems| {
                 anyhow::anyhow!("this host cannot run guests with libvirt:\n{problems}")
             })
@@ -105,7 +114,7 @@ pub async fn node_driver(choice: HypervisorChoice, nc: &NcFile) -> Result<Arc<dy
                 );
                 return sim();
             }
-            match host::connect_libvirt(&nc.libvirt_options()?).await {
+            match host::connect_libvirt(&libvirt_options()?).await {
                 Ok(driver) => Ok(driver),
                 Err(problems) => {
                     tracing::info!(%problems, "hypervisor auto: libvirt is not usable here; using the simulator");
@@ -170,7 +179,7 @@ pub async fn start(mut opts: DevOptions) -> Result<DevCloud> {
                         disk_gib: opts.sim.capacity.disk_gib,
                         ..NcFile::default()
                     };
-                    node_driver(opts.hypervisor, &nc).await?
+                    node_driver(opts.hypervisor, &nc, &Default::default()).await?
                 } else {
                     let sim = Arc::new(SimHypervisor::new(opts.sim.clone()));
                     sims.push(sim.control());

@@ -69,10 +69,22 @@ fn options(
         "node {}, hypervisor {hypervisor}, CC {}",
         cfg.node_id, cfg.cc_endpoint
     );
+    let tls_dir = canopy::pki::required("the node", nc.tls_dir.clone())?;
+    let transport = if canopy_pki::TlsFiles::present(&tls_dir) {
+        Some(canopy::pki::transport(&tls_dir)?)
+    } else if nc.join_token.is_some() {
+        None
+    } else {
+        anyhow::bail!(
+            "{} holds no certificate and no join_token is given: the node could not join",
+            tls_dir.display()
+        );
+    };
     Ok((
         DoctorOptions {
             libvirt,
             cc_endpoint: cfg.cc_endpoint,
+            transport,
             advertise,
             bound: BOUND,
         },
@@ -174,7 +186,9 @@ mod tests {
         .await
         .unwrap();
         let url = format!("http://{}", cc.local_addr());
-        let answer = host::probe_cc(&url, BOUND).await.unwrap();
+        let answer = host::probe_cc(&url, BOUND, &Default::default())
+            .await
+            .unwrap();
         assert!(answer.date.is_some(), "the CC sent no date header");
         assert_eq!(host::clock_offset_ms(&answer), Some(0));
         cc.shutdown().await;

@@ -6,4 +6,5 @@ pub mod bench;
 pub mod bootstrap;
 pub mod config;
 pub mod dev;
+pub mod pki;
 pub mod test_guest;

@@ -38,6 +38,14 @@ enum Role {
     Admin(AdminArgs),
     /// Load tool: drives a running cloud (the environment canopyrc exports) and reports throughput.
     Bench(BenchArgs),
+    /// The cloud CA: create it, issue component certificates.
+    Ca(CaArgs),
+}
+
+#[derive(clap::Args)]
+struct CaArgs {
+    #[command(subcommand)]
+    command: canopy::pki::CaCommand,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +144,10 @@ struct ClcArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     replica: ReplicaFlags,
+    /// TLS directory: ca.crt, tls.crt, tls.key (`canopy ca issue --role clc`), and ca.key
+    /// to sign joining nodes' certificates.
+    #[arg(long, env = "CANOPY_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 /// The replicated CLC (docs/operations.md). Without them a CLC is a group of one.
@@ -190,6 +202,10 @@ struct CcArgs {
     #[arg(long, env = "CANOPY_SUBNET")]
     #[serde(skip_serializing_if = "Option::is_none")]
     subnet: Option<String>,
+    /// TLS directory: ca.crt, tls.crt, tls.key (`canopy ca issue --role zone`).
+    #[arg(long, env = "CANOPY_TLS_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -267,6 +283,15 @@ struct NcFlags {
     #[arg(long, env = "CANOPY_METADATA_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     metadata_listen: Option<String>,
+    /// TLS directory: ca.crt, tls.crt, tls.key; a new node fills it by joining.
+    #[arg(long, env = "CANOPY_TLS_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_dir: Option<PathBuf>,
+    /// Join token (`canopy admin create-join-token`), spent once when the TLS directory
+    /// holds no certificate yet.
+    #[arg(long, env = "CANOPY_JOIN_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    join_token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -313,10 +338,14 @@ fn clc_config(
     grpc_listen: Option<&str>,
     replica: &ReplicaFlags,
     file: Option<&std::path::Path>,
-) -> Result<canopy_cloud_controller::ClcConfig> {
+    tls_dir: Option<&std::path::Path>,
+) -> Result<(canopy_cloud_controller::ClcConfig, Option<PathBuf>)> {
     let mut overrides = serde_json::to_value(flags)?;
     if let Some(g) = grpc_listen {
         overrides["grpc_listen"] = g.into();
+    }
+    if let Some(t) = tls_dir {
+        overrides["tls_dir"] = t.to_string_lossy().into_owned().into();
     }
     if let (Some(o), serde_json::Value::Object(r)) =
         (overrides.as_object_mut(), serde_json::to_value(replica)?)
@@ -324,7 +353,7 @@ fn clc_config(
         o.extend(r);
     }
     let cfg: ClcFile = config::load(file, overrides)?;
-    cfg.validate()
+    Ok((cfg.validate()?, cfg.tls_dir))
 }
 
 #[tokio::main]
@@ -332,7 +361,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     // Servers log; commands for people print (the doctor's findings would mix with logs).
     let quiet = match &cli.role {
-        Role::Admin(_) | Role::Bench(_) => true,
+        Role::Admin(_) | Role::Bench(_) | Role::Ca(_) => true,
         Role::Nc(nc) => nc.command.is_some(),
         _ => false,
     };
@@ -344,6 +373,10 @@ async fn main() -> Result<()> {
         Role::Clc(args) => run_clc(args).await,
         Role::Cc(args) => run_cc(args).await,
         Role::Nc(args) => run_nc(args).await,
+        Role::Ca(args) => {
+            print!("{}", canopy::pki::run(args.command)?);
+            Ok(())
+        }
         Role::Bench(args) => match args.workload {
             BenchWorkload::RunInstances {
                 clients,
@@ -389,11 +422,12 @@ async fn run_dev(args: DevArgs) -> Result<()> {
         raft_listen: Some("127.0.0.1:0".into()),
         ..Default::default()
     };
-    let mut clc = clc_config(
+    let (mut clc, _) = clc_config(
         &args.clc,
         Some("127.0.0.1:0"),
         &replica,
         args.config.as_deref(),
+        None,
     )?;
     clc.data_dir = std::path::absolute(&clc.data_dir)?;
     let zones = args
@@ -438,12 +472,16 @@ async fn run_dev(args: DevArgs) -> Result<()> {
 }
 
 async fn run_clc(args: ClcArgs) -> Result<()> {
-    let mut cfg = clc_config(
+    let (mut cfg, tls_dir) = clc_config(
         &args.clc,
         args.grpc_listen.as_deref(),
         &args.replica,
         args.config.as_deref(),
+        args.tls_dir.as_deref(),
     )?;
+    let tls_dir = canopy::pki::required("canopy clc", tls_dir)?;
+    cfg.transport = canopy::pki::transport(&tls_dir)?;
+    cfg.ca = canopy::pki::load_ca(&tls_dir)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let token = bootstrap::admin_token(&cfg.data_dir)?;
@@ -466,7 +504,10 @@ async fn run_clc(args: ClcArgs) -> Result<()> {
 
 async fn run_cc(args: CcArgs) -> Result<()> {
     let file: CcFile = config::load(args.config.as_deref(), &args)?;
-    let handle = canopy_cluster_controller::start(file.validate()?).await?;
+    let mut cfg = file.validate()?;
+    let tls_dir = canopy::pki::required("canopy cc", file.tls_dir.clone())?;
+    cfg.transport = canopy::pki::transport(&tls_dir)?;
+    let handle = canopy_cluster_controller::start(cfg).await?;
     tracing::info!(addr = %handle.local_addr(), "cluster controller ready");
     shutdown_signal().await;
     handle.shutdown().await;
@@ -482,8 +523,19 @@ async fn run_nc(args: NcArgs) -> Result<()> {
         None => args.flags,
     };
     let file: NcFile = config::load(args.config.as_deref(), &args)?;
-    let cfg = file.validate()?;
-    let driver = dev::node_driver(file.hypervisor, &file).await?;
+    let mut cfg = file.validate()?;
+    let tls_dir = canopy::pki::required("canopy nc", file.tls_dir.clone())?;
+    if !canopy_pki::TlsFiles::present(&tls_dir) {
+        let token = file.join_token.as_deref().with_context(|| {
+            format!(
+                "{} holds no certificate: give a join token (--join-token, from `canopy admin create-join-token`) or the node's files (`canopy ca issue --role node`)",
+                tls_dir.display()
+            )
+        })?;
+        canopy::pki::join(&tls_dir, token, &cfg.cc_endpoint, &cfg.node_id).await?;
+    }
+    cfg.transport = canopy::pki::transport(&tls_dir)?;
+    let driver = dev::node_driver(file.hypervisor, &file, &cfg.transport).await?;
     let handle = canopy_node_controller::start(cfg, driver).await?;
     tracing::info!(addr = %handle.local_addr(), "node controller ready");
     shutdown_signal().await;

@@ -28,8 +28,8 @@ pub const ADMIN_SIGV4_SERVICE: &str = "canopy-admin";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Canopy admin API", version = "1", description = "Operator API of the Canopy cloud controller."),
-    paths(list_zones, list_nodes, list_instances, list_images, upload_image, list_accounts, create_account, cluster_status, replica_status, replica_digest, add_member, remove_member),
-    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember, AccountView, NewAccount, CreatedAccount, crate::state::StateDigest)),
+    paths(list_zones, list_nodes, list_instances, list_images, upload_image, list_accounts, create_account, cluster_status, replica_status, replica_digest, add_member, remove_member, crate::admin_pki::create_join_token, crate::admin_pki::list_join_tokens, crate::admin_pki::list_certificates, crate::admin_pki::revoke),
+    components(schemas(ZoneView, NodeView, InstanceView, ImageView, ResourcesView, ErrorBody, ClusterView, MemberView, AddMember, AccountView, NewAccount, CreatedAccount, crate::state::StateDigest, crate::admin_pki::NewJoinToken, crate::admin_pki::CreatedJoinToken, crate::admin_pki::JoinTokenView, crate::admin_pki::CertificateView, crate::admin_pki::Revoke, crate::admin_pki::Revoked)),
     modifiers(&BearerAuth),
     security(("bearer" = []), ("sigv4" = []))
 )]
@@ -176,7 +176,7 @@ pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 /// A JSON request body, or the 400 answer that names what is wrong with it.
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
@@ -186,7 +186,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Respo
     })
 }
 
-fn internal(e: StateError) -> Response {
+pub(crate) fn internal(e: StateError) -> Response {
     tracing::error!(error = %e, "admin API state error");
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -213,6 +213,12 @@ pub fn router(clc: Arc<Clc>) -> axum::Router {
         .route("/v1/cluster/members/{id}", delete(remove_member))
         .route("/v1/replica", get(replica_status))
         .route("/v1/replica/digest", get(replica_digest))
+        .route(
+            "/v1/join-tokens",
+            get(crate::admin_pki::list_join_tokens).post(crate::admin_pki::create_join_token),
+        )
+        .route("/v1/certificates", get(crate::admin_pki::list_certificates))
+        .route("/v1/revocations", post(crate::admin_pki::revoke))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use canopy_common::AccountId;
 use canopy_proto::v1::cloud_controller_server::CloudControllerServer;
@@ -35,6 +36,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Everything the CLC's edges share.
@@ -68,14 +71,16 @@ impl Clc {
         replica: RaftLog,
     ) -> Result<Arc<Clc>, StateError> {
         let images = crate::images::ImageStore::open(config.data_dir.join("images"));
+        let transport = config.transport.clone();
+
         let clc = Arc::new(Clc {
             images,
             config,
             store,
             replica,
             zones: ZoneRegistry::default(),
-            cc_clients: CcClients::default(),
-            forward_clients: Default::default(),
+            cc_clients: CcClients::new(transport.clone()),
+            forward_clients: crate::forward::ForwardClients::new(transport),
             changed: Notify::new(),
             keys: Default::default(),
             admins: Default::default(),
@@ -235,6 +240,15 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 /// and the CC-facing gRPC service. Every replica serves all three; followers hand client
 /// requests to the leader.
 pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
+    if let canopy_pki::Transport::Tls(tls) = &config.transport {
+        let id = &tls.own.identity;
+        if id.role != canopy_pki::Role::Clc || id.name != config.replica.id.to_string() {
+            return Err(StartError::Tls(format!(
+                "the certificate is for {id}, not clc/{}",
+                config.replica.id
+            )));
+        }
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -254,6 +268,7 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
         log_store,
         rc.raft_listen,
         rc.timers.clone(),
+        config.transport.clone(),
     )
     .await?;
     form_group(&config, &replica, &raft_server).await?;
@@ -281,9 +296,16 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
         rx.clone(),
     ));
     {
-        let svc = CloudControllerServer::new(ZoneService::new(clc.clone()));
+        // Only cluster controllers may call.
+        let transport = &clc.config.transport;
+        let svc = CloudControllerServer::with_interceptor(
+            ZoneService::new(clc.clone()),
+            transport.authorize(&[canopy_pki::Role::Zone]),
+        );
         let mut rx = rx.clone();
-        let incoming = canopy_proto::incoming_nodelay(grpc_listener);
+        let incoming = transport
+            .incoming(grpc_listener, false)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .add_service(svc)
@@ -299,6 +321,7 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     tasks.push(tokio::spawn(follow_raft(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_reconciler(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_purger(clc.clone(), rx.clone())));
+    tasks.push(tokio::spawn(follow_revocations(clc.clone(), rx.clone())));
     tracing::info!(%ec2_addr, %admin_addr, %grpc_addr, %raft_addr, replica = clc.replica.id(), region = %clc.config.region, "cloud controller started");
     Ok(ClcHandle {
         clc,
@@ -360,6 +383,29 @@ async fn form_group(
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Keeps the transport's revocation list equal to the state's (revocations arrive through
+/// the log, on every replica), checked every second.
+async fn follow_revocations(clc: Arc<Clc>, mut shutdown: watch::Receiver<bool>) {
+    let transport = &clc.config.transport;
+    if !transport.is_tls() {
+        return;
+    }
+    loop {
+        match clc.store.revoked_serials().await {
+            Ok(serials) => {
+                if transport.revocations().replace(serials) {
+                    tracing::info!("certificate revocation list updated");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the revoked certificates"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

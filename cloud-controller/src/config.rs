@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use canopy_common::RegionName;
@@ -37,6 +38,11 @@ pub struct ClcConfig {
     pub replica: ReplicaConfig,
     /// Where Elastic IPs come from (every replica must have the same).
     pub public_pool: Vec<canopy_common::Ipv4Subnet>,
+    /// How its gRPC (Raft, the CCs) talks: mutual TLS with the replica's certificate, or
+    /// plaintext (dev only).
+    pub transport: canopy_pki::Transport,
+    /// The cloud CA, when this replica holds its key: it signs joining nodes' certificates.
+    pub ca: Option<Arc<canopy_pki::CertificateAuthority>>,
 }
 
 /// A CLC replica's identity and peers. One replica alone is a valid group.
@@ -90,6 +96,8 @@ impl ClcConfig {
                 canopy_common::Ipv4Subnet::parse(DEFAULT_PUBLIC_POOL)
                     .expect("the default pool is valid"),
             ],
+            transport: canopy_pki::Transport::Plaintext,
+            ca: None,
         }
     }
 }

@@ -263,22 +263,31 @@ pub enum Failure {
 }
 
 /// gRPC clients to the other replicas' Raft ports, by address.
-#[derive(Default)]
 pub struct ForwardClients {
     clients: std::sync::Mutex<HashMap<String, RaftTransportClient<Channel>>>,
+    transport: canopy_pki::Transport,
 }
 
 impl ForwardClients {
+    pub fn new(transport: canopy_pki::Transport) -> Self {
+        Self {
+            clients: Default::default(),
+            transport,
+        }
+    }
+
     fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(addr.to_owned())
-            .map_err(|e| format!("bad replica address {addr:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = self.transport.channel(
+            Endpoint::from_shared(addr.to_owned())
+                .map_err(|e| format!("bad replica address {addr:?}: {e}"))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true),
+            canopy_pki::Role::Clc,
+        );
         let client = RaftTransportClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BODY + (1 << 20))
             .max_encoding_message_size(2 * MAX_REQUEST_BODY);

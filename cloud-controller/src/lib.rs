@@ -11,6 +11,7 @@
 //! - `state`: domain types, commands, `apply`, queries over SQLite.
 
 pub mod admin;
+pub mod admin_pki;
 pub mod clc;
 pub mod config;
 pub mod console;

@@ -247,9 +247,19 @@ impl ZoneService {
             Some(Call::Reports(r)) => {
                 Reply::Reports(self.report_instances(Request::new(r)).await?.into_inner())
             }
+            Some(Call::Join(r)) => Reply::Join(self.join_node(Request::new(r)).await?.into_inner()),
             None => return Err(Status::invalid_argument("empty forwarded zone call")),
         };
         Ok(pb::ForwardedZoneReply { reply: Some(reply) })
+    }
+
+    /// Whether the caller may speak for `zone`: its certificate must be the zone's. The
+    /// replica that forwarded a call checked its caller already.
+    fn speaks_for_zone<T>(&self, req: &Request<T>, zone: &str) -> Result<(), Status> {
+        if self.forwarded {
+            return Ok(());
+        }
+        canopy_pki::require_name(req, canopy_pki::Role::Zone, zone)
     }
 
     /// On a replica that does not lead, hands the call to the leader (waiting, within the
@@ -334,6 +344,7 @@ impl CloudController for ZoneService {
         req: Request<pb::RegisterZoneRequest>,
     ) -> Result<Response<pb::RegisterZoneResponse>, Status> {
         use pb::forwarded_zone_reply::Reply;
+        self.speaks_for_zone(&req, &req.get_ref().zone)?;
         if let Some(reply) = self
             .via_leader(pb::forwarded_zone_call::Call::Register(
                 req.get_ref().clone(),
@@ -386,6 +397,7 @@ impl CloudController for ZoneService {
         // view of the zones, and a new leader schedules at once instead of waiting for the
         // CCs to find it. Only the leader's answer can say the zone is unknown (a follower
         // may simply not have applied the registration yet).
+        self.speaks_for_zone(&req, &req.get_ref().zone)?;
         let leader = self.clc.replica.is_leader();
         let req = req.into_inner();
         let zone = parse_zone(&req.zone)?;
@@ -394,6 +406,7 @@ impl CloudController for ZoneService {
             return Ok(Response::new(pb::ZoneHeartbeatResponse {
                 known: !leader,
                 leader,
+                revoked_serials: self.clc.config.transport.revocations().list(),
             }));
         };
         let nodes = req.nodes.into_iter().filter_map(node_from_proto).collect();
@@ -410,6 +423,7 @@ impl CloudController for ZoneService {
         Ok(Response::new(pb::ZoneHeartbeatResponse {
             known: true,
             leader,
+            revoked_serials: self.clc.config.transport.revocations().list(),
         }))
     }
 
@@ -418,6 +432,7 @@ impl CloudController for ZoneService {
         req: Request<pb::ZoneInstanceReports>,
     ) -> Result<Response<pb::ReportAck>, Status> {
         use pb::forwarded_zone_reply::Reply;
+        self.speaks_for_zone(&req, &req.get_ref().zone)?;
         if let Some(reply) = self
             .via_leader(pb::forwarded_zone_call::Call::Reports(
                 req.get_ref().clone(),
@@ -503,6 +518,74 @@ impl CloudController for ZoneService {
         }
         self.observe_volumes(zone, &attached).await?;
         Ok(Response::new(pb::ReportAck {}))
+    }
+
+    /// A node joining through its zone's CC: the token is checked here (its secret against
+    /// the stored hash), the certificate signed with the cloud CA, and the token spent in
+    /// the same commit that records the certificate; a token raced by two nodes is spent
+    /// by one, and the other's certificate is never handed out.
+    async fn join_node(
+        &self,
+        req: Request<pb::JoinNodeRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        use pb::forwarded_zone_reply::Reply;
+        self.speaks_for_zone(&req, &req.get_ref().zone)?;
+        if let Some(reply) = self
+            .via_leader(pb::forwarded_zone_call::Call::Join(req.get_ref().clone()))
+            .await?
+        {
+            let r = expect_reply(reply, |r| match r {
+                Reply::Join(r) => Some(r),
+                _ => None,
+            })?;
+            return Ok(Response::new(r));
+        }
+        let req = req.into_inner();
+        let zone = parse_zone(&req.zone)?;
+        let join = req
+            .join
+            .ok_or_else(|| Status::invalid_argument("join: missing"))?;
+        let node =
+            NodeId::parse(&join.node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ca = self.clc.config.ca.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this cloud controller holds no CA key (ca.key in its TLS directory), so it cannot sign certificates for joining nodes",
+            )
+        })?;
+        // An unknown id and a wrong secret get the same answer.
+        let token = self
+            .clc
+            .store
+            .join_token(&join.token_id)
+            .await
+            .map_err(internal)?;
+        if !token.is_some_and(|t| canopy_pki::secret_matches(&join.token_secret, &t.secret_hash)) {
+            return Err(Status::permission_denied("invalid join token"));
+        }
+        let identity = canopy_pki::Identity::new(canopy_pki::Role::Node, node.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let issued = ca
+            .sign_request(&join.csr_pem, &identity, &[])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.clc
+            .submit(Command::EnrollNode {
+                token_id: join.token_id,
+                node_id: node.clone(),
+                zone: zone.clone(),
+                serial: issued.serial.clone(),
+                at: Utc::now(),
+            })
+            .await
+            .map_err(|e| match e {
+                StateError::JoinRefused(m) => Status::permission_denied(m),
+                e => internal(e),
+            })?;
+        tracing::info!(%node, %zone, serial = %issued.serial, "a node joined");
+        Ok(Response::new(pb::JoinResponse {
+            certificate_pem: issued.cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+            zone: zone.to_string(),
+        }))
     }
 
     type FetchImageStream = ImageChunks;
@@ -620,22 +703,31 @@ fn spec_to_proto(i: &DesiredSpec, region: &str) -> pb::InstanceSpec {
 // ---------- clients to the CCs ----------
 
 /// Lazily connected clients, one per CC endpoint.
-#[derive(Default)]
 pub struct CcClients {
     clients: std::sync::Mutex<HashMap<String, ClusterControllerClient<Channel>>>,
+    transport: canopy_pki::Transport,
 }
 
 impl CcClients {
+    pub fn new(transport: canopy_pki::Transport) -> Self {
+        Self {
+            clients: Default::default(),
+            transport,
+        }
+    }
+
     pub fn get(&self, endpoint: &str) -> Result<ClusterControllerClient<Channel>, String> {
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(endpoint) {
             return Ok(c.clone());
         }
-        let channel = Channel::from_shared(endpoint.to_owned())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = self.transport.channel(
+            Channel::from_shared(endpoint.to_owned())
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5)),
+            canopy_pki::Role::Zone,
+        );
         let client = ClusterControllerClient::new(channel);
         map.insert(endpoint.to_owned(), client.clone());
         Ok(client)

@@ -26,6 +26,7 @@ use std::time::Duration;
 use canopy_common::{Ipv4Subnet, ZoneName};
 use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use canopy_proto::v1::cluster_controller_server::ClusterControllerServer;
+use canopy_proto::v1::enrollment_server::EnrollmentServer;
 use canopy_proto::v1::zone_agent_server::ZoneAgentServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -68,6 +69,8 @@ pub struct CcConfig {
     pub resync_interval: Duration,
     /// The zone's subnet: every instance gets a private address from it, unique in the zone.
     pub subnet: Ipv4Subnet,
+    /// How its gRPC talks: mutual TLS with the zone's certificate, or plaintext (dev only).
+    pub transport: canopy_pki::Transport,
 }
 
 impl CcConfig {
@@ -83,6 +86,7 @@ impl CcConfig {
             node_timeout: Duration::from_secs(10),
             resync_interval: Duration::from_secs(5),
             subnet: Ipv4Subnet::parse(DEFAULT_SUBNET).expect("the default subnet is valid"),
+            transport: canopy_pki::Transport::Plaintext,
         }
     }
 
@@ -189,26 +193,47 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
     let shared = Arc::new(runtime::Shared::new(
         ZoneState::new(config.zone.clone(), config.node_timeout, config.subnet),
         reports_tx,
+        config.transport.clone(),
     ));
+    let transport = &config.transport;
+    if let canopy_pki::Transport::Tls(tls) = transport
+        && (tls.own.identity.role != canopy_pki::Role::Zone
+            || tls.own.identity.name != config.zone.to_string())
+    {
+        return Err(CcError::Config(format!(
+            "tls: the certificate is for {}, not zone/{}",
+            tls.own.identity, config.zone
+        )));
+    }
     let svc = service::CcService {
         shared: Arc::clone(&shared),
-        clc_images: clc
+        clc: clc
             .iter()
             .map(|e| {
-                CloudControllerClient::new(
-                    e.clone()
-                        .connect_timeout(Duration::from_secs(2))
-                        .connect_lazy(),
-                )
+                CloudControllerClient::new(transport.channel(
+                    e.clone().connect_timeout(Duration::from_secs(2)),
+                    canopy_pki::Role::Clc,
+                ))
             })
             .collect(),
     };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = canopy_proto::incoming_nodelay(listener);
+    // Anonymous clients finish the handshake: enrollment serves them, nothing else does.
+    let incoming = transport
+        .incoming(listener, true)
+        .map_err(|e| CcError::Config(format!("tls: {e}")))?;
+    use canopy_pki::Role;
     let server = tonic::transport::Server::builder()
-        .add_service(ZoneAgentServer::new(svc.clone()))
-        .add_service(ClusterControllerServer::new(svc));
+        .add_service(ZoneAgentServer::with_interceptor(
+            svc.clone(),
+            transport.authorize(&[Role::Node]),
+        ))
+        .add_service(EnrollmentServer::new(svc.clone()))
+        .add_service(ClusterControllerServer::with_interceptor(
+            svc,
+            transport.authorize(&[Role::Clc]),
+        ));
     let server = tokio::spawn(async move {
         // Either an explicit stop or a dropped handle ends the server.
         let stopped = async {
@@ -221,7 +246,7 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
 
     let uplink = tokio::spawn(uplink::uplink_loop(
         Arc::clone(&shared),
-        uplink::ClcLink::new(clc),
+        uplink::ClcLink::new(clc, config.transport.clone()),
         reports_rx,
         advertise.clone(),
         uplink::UplinkTiming {

@@ -26,12 +26,31 @@ const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// One lazily connected channel per node, rebuilt when the node re-registers elsewhere.
 /// Channels reconnect by themselves, so a node that restarts at the same address needs
 /// nothing from us.
-#[derive(Default)]
 pub(crate) struct NodeClients {
     clients: Mutex<HashMap<NodeId, (String, NodeControllerClient<Channel>)>>,
+    transport: canopy_pki::Transport,
 }
 
 impl NodeClients {
+    pub(crate) fn new(transport: canopy_pki::Transport) -> Self {
+        Self {
+            clients: Mutex::default(),
+            transport,
+        }
+    }
+
+    pub(crate) fn transport(&self) -> &canopy_pki::Transport {
+        &self.transport
+    }
+
+    /// Drops every client (and, once in-flight calls end, their connections).
+    pub(crate) fn forget_all(&self) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     fn client(
         &self,
         node: &NodeId,
@@ -52,9 +71,9 @@ impl NodeClients {
                 detail: e.to_string(),
             })?
             .connect_timeout(NODE_CONNECT_TIMEOUT)
-            .timeout(NODE_RPC_TIMEOUT)
-            .connect_lazy();
-        let client = NodeControllerClient::new(channel);
+            .timeout(NODE_RPC_TIMEOUT);
+        let client =
+            NodeControllerClient::new(self.transport.channel(channel, canopy_pki::Role::Node));
         clients.insert(node.clone(), (endpoint.to_owned(), client.clone()));
         Ok(client)
     }

@@ -21,13 +21,33 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(state: ZoneState, reports: mpsc::Sender<Vec<InstanceReport>>) -> Self {
+    pub(crate) fn new(
+        state: ZoneState,
+        reports: mpsc::Sender<Vec<InstanceReport>>,
+        transport: canopy_pki::Transport,
+    ) -> Self {
         Self {
             zone: state.zone().clone(),
             state: Mutex::new(state),
-            nodes: NodeClients::default(),
+            nodes: NodeClients::new(transport),
             reports,
         }
+    }
+
+    /// Takes the cloud's revocation list. When it changed, the clients to the nodes are
+    /// dropped, so no connection made before stays in use: each node's certificate is
+    /// checked again (and a revoked node's refused) on the next push.
+    pub(crate) fn revoke(&self, serials: impl IntoIterator<Item = String>) {
+        let transport = self.nodes.transport();
+        if transport.is_tls() && transport.revocations().replace(serials) {
+            tracing::info!("the cloud's certificate revocation list changed");
+            self.nodes.forget_all();
+        }
+    }
+
+    /// The revocation list, for the nodes' heartbeat answers.
+    pub(crate) fn revoked_serials(&self) -> Vec<String> {
+        self.nodes.transport().revocations().list()
     }
 
     /// The zone state. The lock is never held across an await; and no `ZoneState` method

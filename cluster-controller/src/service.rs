@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
+use canopy_pki::Role;
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use canopy_proto::v1::cluster_controller_server::ClusterController;
+use canopy_proto::v1::enrollment_server::Enrollment;
 use canopy_proto::v1::zone_agent_server::ZoneAgent;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -21,8 +23,9 @@ use crate::zone::ApplyOutcome;
 #[derive(Clone)]
 pub(crate) struct CcService {
     pub shared: Arc<Shared>,
-    /// One client per CLC replica, for image bytes: tried in order until one holds them.
-    pub clc_images: Vec<CloudControllerClient<Channel>>,
+    /// One client per CLC replica, for image bytes (tried in order until one holds them)
+    /// and joining nodes (tried until one answers).
+    pub clc: Vec<CloudControllerClient<Channel>>,
 }
 
 pub(crate) type ImageChunks =
@@ -46,6 +49,7 @@ impl ZoneAgent for CcService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        canopy_pki::require_name(&request, Role::Node, &request.get_ref().node_id)?;
         let reg = convert::registration_from_proto(request.into_inner())?;
         let (node, endpoint) = (reg.node.clone(), reg.endpoint.clone());
         let registered = self.shared.state().register_node(reg, Moment::now());
@@ -61,6 +65,7 @@ impl ZoneAgent for CcService {
         &self,
         request: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        canopy_pki::require_name(&request, Role::Node, &request.get_ref().node_id)?;
         let req = request.into_inner();
         let node = convert::node_id(&req.node_id)?;
         let known = self
@@ -70,13 +75,17 @@ impl ZoneAgent for CcService {
         if !known {
             tracing::debug!(%node, "heartbeat from an unregistered node");
         }
-        Ok(Response::new(pb::NodeHeartbeatResponse { known }))
+        Ok(Response::new(pb::NodeHeartbeatResponse {
+            known,
+            revoked_serials: self.shared.revoked_serials(),
+        }))
     }
 
     async fn report_instances(
         &self,
         request: Request<pb::NodeInstanceReports>,
     ) -> Result<Response<pb::ReportAck>, Status> {
+        canopy_pki::require_name(&request, Role::Node, &request.get_ref().node_id)?;
         let (node, reports) = convert::node_reports_from_proto(request.into_inner())?;
         let reports = self.shared.state().observe(&node, reports, Moment::now())?;
         self.shared.forward(reports);
@@ -93,7 +102,7 @@ impl ZoneAgent for CcService {
     ) -> Result<Response<ImageChunks>, Status> {
         let request = request.into_inner();
         let mut last = Status::unavailable("no cloud controller endpoint configured");
-        for client in &self.clc_images {
+        for client in &self.clc {
             match client.clone().fetch_image(request.clone()).await {
                 Ok(stream) => {
                     let stream: ImageChunks = Box::pin(stream.into_inner());
@@ -103,6 +112,37 @@ impl ZoneAgent for CcService {
                     tracing::debug!(sha256 = %request.sha256, %status, "image not from this replica");
                     last = status;
                 }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Joining nodes: the only service a caller without a certificate may use. The CC relays
+/// the request to the CLC, which checks and spends the token and signs the certificate.
+#[tonic::async_trait]
+impl Enrollment for CcService {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let join = request.into_inner();
+        convert::node_id(&join.node_id)?;
+        let request = pb::JoinNodeRequest {
+            zone: self.shared.zone.to_string(),
+            join: Some(join),
+        };
+        let mut last = Status::unavailable("no cloud controller endpoint configured");
+        for client in &self.clc {
+            match client.clone().join_node(request.clone()).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    tracing::info!(node = %request.join.as_ref().map_or("", |j| &j.node_id), "a node joined the zone");
+                    return Ok(Response::new(reply));
+                }
+                // Another replica may be reachable (each forwards to the leader).
+                Err(status) if status.code() == tonic::Code::Unavailable => last = status,
+                Err(status) => return Err(status),
             }
         }
         Err(last)

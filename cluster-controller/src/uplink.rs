@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use canopy_pki::Role;
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::cloud_controller_client::CloudControllerClient;
 use tokio::sync::mpsc;
@@ -32,11 +33,12 @@ pub(crate) struct ClcLink {
     client: Option<CloudControllerClient<Channel>>,
     /// One lazily connected client per endpoint, for heartbeats (sent to every replica).
     every: Vec<CloudControllerClient<Channel>>,
+    transport: canopy_pki::Transport,
 }
 
 impl ClcLink {
     /// Endpoints must be non-empty and already validated by `start`.
-    pub(crate) fn new(endpoints: Vec<Endpoint>) -> Self {
+    pub(crate) fn new(endpoints: Vec<Endpoint>, transport: canopy_pki::Transport) -> Self {
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
             .map(|e| {
@@ -46,13 +48,14 @@ impl ClcLink {
             .collect();
         let every = endpoints
             .iter()
-            .map(|e| CloudControllerClient::new(e.connect_lazy()))
+            .map(|e| CloudControllerClient::new(transport.channel(e.clone(), Role::Clc)))
             .collect();
         Self {
             endpoints,
             current: 0,
             client: None,
             every,
+            transport,
         }
     }
 
@@ -111,9 +114,12 @@ impl ClcLink {
             let Some(endpoint) = self.endpoints.get(self.current) else {
                 break;
             };
+            let transport = &self.transport;
             let client = self
                 .client
-                .get_or_insert_with(|| CloudControllerClient::new(endpoint.connect_lazy()))
+                .get_or_insert_with(|| {
+                    CloudControllerClient::new(transport.channel(endpoint.clone(), Role::Clc))
+                })
                 .clone();
             match f(client).await {
                 Ok(reply) => return Ok(reply.into_inner()),
@@ -259,6 +265,9 @@ async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, adverti
         .position(|a| a.as_ref().is_ok_and(|r| r.leader))
     {
         link.prefer(leader);
+        if let Some(Ok(answer)) = answers.get(leader) {
+            shared.revoke(answer.revoked_serials.iter().cloned());
+        }
     }
     answers.iter().all(|a| a.as_ref().map_or(true, |r| r.known))
 }

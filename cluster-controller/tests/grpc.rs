@@ -82,6 +82,7 @@ impl CloudController for FakeClc {
         Ok(Response::new(pb::ZoneHeartbeatResponse {
             known: !self.amnesia.load(Ordering::SeqCst),
             leader: self.leader.load(Ordering::SeqCst),
+            revoked_serials: Vec::new(),
         }))
     }
 
@@ -93,6 +94,13 @@ impl CloudController for FakeClc {
         assert_eq!(request.zone, ZONE);
         self.log().reports.extend(request.reports);
         Ok(Response::new(pb::ReportAck {}))
+    }
+
+    async fn join_node(
+        &self,
+        _: Request<pb::JoinNodeRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("this fake CLC signs no certificates"))
     }
 
     type FetchImageStream =

@@ -99,11 +99,11 @@ pub async fn start(
     hypervisor: Arc<dyn Hypervisor>,
 ) -> Result<NodeHandle, NcError> {
     config.validate()?;
-    let channel = Endpoint::from_shared(config.cc_endpoint.clone())
+    let endpoint = Endpoint::from_shared(config.cc_endpoint.clone())
         .map_err(|e| NcError::Config(format!("cc_endpoint {:?}: {e}", config.cc_endpoint)))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(RPC_TIMEOUT)
-        .connect_lazy();
+        .timeout(RPC_TIMEOUT);
+    let channel = config.transport.channel(endpoint, canopy_pki::Role::Zone);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| NcError::Bind {
@@ -139,7 +139,16 @@ pub async fn start(
         ),
         None => None,
     };
-    let server = crate::service::serve(Arc::clone(&agent), listener, shutdown_rx.clone());
+    let incoming = config
+        .transport
+        .incoming(listener, false)
+        .map_err(|e| NcError::Config(format!("tls: {e}")))?;
+    let server = crate::service::serve(
+        Arc::clone(&agent),
+        incoming,
+        config.transport.authorize(&[canopy_pki::Role::Zone]),
+        shutdown_rx.clone(),
+    );
     let reconciler =
         Arc::clone(&agent).run_reconciler(config.resync_interval, events, shutdown_rx.clone());
     let reporter = Arc::clone(&agent).run_reporter(
@@ -151,6 +160,7 @@ pub async fn start(
         ZoneAgentClient::new(channel),
         advertise.clone(),
         config.heartbeat_interval,
+        config.transport.revocations(),
         shutdown_rx,
     );
     let mut tasks = vec![
@@ -713,6 +723,7 @@ impl Agent {
         mut client: ZoneAgentClient<Channel>,
         advertise: String,
         heartbeat: Duration,
+        revocations: canopy_pki::Revocations,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
@@ -725,6 +736,14 @@ impl Agent {
                         // Anything that changed while the registration was in flight.
                         self.report.notify_one();
                         break;
+                    }
+                    // Refusals (a revoked or foreign certificate) show at once.
+                    Err(error)
+                        if backoff >= REGISTER_BACKOFF_MAX
+                            || error.contains("PermissionDenied")
+                            || error.contains("Unauthenticated") =>
+                    {
+                        warn!(%error, ?backoff, "registration failed; retrying")
                     }
                     Err(error) => debug!(%error, ?backoff, "registration failed; retrying"),
                 }
@@ -746,7 +765,11 @@ impl Agent {
                     applied_generation: self.applied_generation(),
                 };
                 match client.node_heartbeat(request).await {
-                    Ok(response) if response.get_ref().known => {}
+                    Ok(response) if response.get_ref().known => {
+                        // The cloud's revoked certificates, which this node's server
+                        // refuses from then on.
+                        revocations.replace(response.into_inner().revoked_serials);
+                    }
                     Ok(_) => {
                         info!("the cluster controller does not know this node; registering again");
                         self.registered.store(false, Ordering::SeqCst);

@@ -28,6 +28,8 @@ pub struct NcConfig {
     /// Where the instance metadata service listens for this node's guests (normally
     /// `169.254.169.254:80` on the guests' network); `None`: not served.
     pub metadata_listen: Option<SocketAddr>,
+    /// How its gRPC talks: mutual TLS with the node's certificate, or plaintext (dev only).
+    pub transport: canopy_pki::Transport,
 }
 
 impl NcConfig {
@@ -49,6 +51,7 @@ impl NcConfig {
             resync_interval: Self::DEFAULT_RESYNC_INTERVAL,
             stop_timeout: Self::DEFAULT_STOP_TIMEOUT,
             metadata_listen: None,
+            transport: canopy_pki::Transport::Plaintext,
         }
     }
 

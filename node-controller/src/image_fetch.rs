@@ -17,12 +17,12 @@ pub struct CcImageFetcher {
 impl CcImageFetcher {
     /// A fetcher over `cc_endpoint` (connected on first use). The URL was validated with
     /// the node's configuration.
-    pub fn new(cc_endpoint: &str) -> Result<Self, String> {
+    pub fn new(cc_endpoint: &str, transport: &canopy_pki::Transport) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(cc_endpoint.to_owned())
             .map_err(|e| format!("{cc_endpoint:?} is not a URI: {e}"))?
             .connect_timeout(std::time::Duration::from_secs(2));
         Ok(Self {
-            client: ZoneAgentClient::new(endpoint.connect_lazy()),
+            client: ZoneAgentClient::new(transport.channel(endpoint, canopy_pki::Role::Zone)),
         })
     }
 }

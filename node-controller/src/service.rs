@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::node_controller_server::{NodeController, NodeControllerServer};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{error, warn};
@@ -85,13 +84,14 @@ impl NodeController for NodeService {
 /// Serves `NodeController` on `listener` until shutdown is requested.
 pub(crate) async fn serve(
     agent: Arc<Agent>,
-    listener: TcpListener,
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<canopy_pki::Conn>>,
+    authorize: canopy_pki::Authorize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let service = NodeControllerServer::new(NodeService { agent });
+    let service = NodeControllerServer::with_interceptor(NodeService { agent }, authorize);
     let result = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(canopy_proto::incoming_nodelay(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             stopped(&mut shutdown).await;
         })
         .await;

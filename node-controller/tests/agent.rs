@@ -63,7 +63,10 @@ impl ZoneAgent for FakeCc {
         let mut state = self.state.lock().unwrap();
         state.heartbeats += 1;
         let known = state.known.contains(&request.get_ref().node_id);
-        Ok(Response::new(pb::NodeHeartbeatResponse { known }))
+        Ok(Response::new(pb::NodeHeartbeatResponse {
+            known,
+            revoked_serials: Vec::new(),
+        }))
     }
 
     async fn report_instances(
@@ -302,7 +305,7 @@ async fn images_are_fetched_through_the_cc_into_the_verified_cache() {
         .insert(image.sha256.to_string(), bytes.clone());
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::open(dir.path(), 1 << 20).unwrap();
-    let fetcher = CcImageFetcher::new(&format!("http://{addr}")).unwrap();
+    let fetcher = CcImageFetcher::new(&format!("http://{addr}"), &Default::default()).unwrap();
     let path = cache
         .ensure(&image, &fetcher, &Default::default())
         .await

@@ -108,6 +108,35 @@ def parse_canopyrc(text: str) -> dict[str, str]:
     return out
 
 
+class Pki:
+    """A cloud CA for processes started by hand (`canopy ca init` in `root/ca`), and the
+    components' TLS directories it issues (`canopy ca issue`): every `canopy clc`, `cc` and
+    `nc` outside `canopy dev` talks mutual TLS."""
+
+    def __init__(self, binary, root: Path):
+        self.binary = str(binary)
+        self.root = Path(root)
+        self.ca_dir = self.root / "ca"
+        if not (self.ca_dir / "ca.key").exists():
+            self._run("ca", "init", "--dir", str(self.ca_dir))
+
+    def _run(self, *args: str) -> str:
+        done = subprocess.run([self.binary, *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"canopy {' '.join(args)} failed: {done.stderr}"
+        return done.stdout
+
+    def issue(self, role: str, name: str, *, with_ca_key: bool = False) -> str:
+        """The TLS directory of `role`/`name` (made once), as a --tls-dir argument."""
+        out = self.root / f"{role}-{name}"
+        if not (out / "tls.crt").exists():
+            self._run("ca", "issue", "--ca-dir", str(self.ca_dir), "--role", role, "--name", name,
+                      "--out", str(out), *(["--with-ca-key"] if with_ca_key else []))
+        return str(out)
+
+    def fingerprint(self) -> str:
+        return self._run("ca", "fingerprint", "--dir", str(self.ca_dir)).strip()
+
+
 def _set_pdeathsig() -> None:
     """In the child: die with the parent (pytest killed hard must not leave a cloud behind)."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from conftest import _set_pdeathsig, free_port, parse_canopyrc
+from conftest import Pki, _set_pdeathsig, free_port, parse_canopyrc
 
 NODE = "hv-1"
 READY_TIMEOUT = 60.0
@@ -93,11 +93,46 @@ class Proc:
         return "\n".join(self.log().splitlines()[-lines:])
 
 
+class OneReplicaCloud:
+    """A cloud as separate processes on loopback: one `canopy clc` replica (data in
+    `root/clc`), a `canopy cc` for `zone` and a `canopy nc` for `node`, each with its
+    certificate from a CA in `root/pki`. Nothing is started. `cc_args`/`nc_args` are added
+    to their command lines (the node's hypervisor and size among them); `proc_options` go to
+    every Proc."""
+
+    def __init__(self, binary: str, root: Path, zone: str, node: str, *, cc_args=(), nc_args=(),
+                 node_tls: bool = True, **proc_options):
+        self.pki = Pki(binary, root / "pki")
+        ec2, admin, grpc, raft, self.cc_port, nc_port = (free_port() for _ in range(6))
+        self.data = root / "clc"
+        self.rc_path = self.data / "canopyrc"
+        self.clc = Proc("clc", [binary, "clc", "--data-dir", str(self.data), "--ec2-listen", f"127.0.0.1:{ec2}",
+                                "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
+                                "--raft-listen", f"127.0.0.1:{raft}",
+                                "--tls-dir", self.pki.issue("clc", "1", with_ca_key=True)], root, **proc_options)
+        self.cc = Proc("cc", [binary, "cc", "--zone", zone, "--clc", f"http://127.0.0.1:{grpc}",
+                              "--listen", f"127.0.0.1:{self.cc_port}", "--tls-dir", self.pki.issue("zone", zone),
+                              *cc_args], root, **proc_options)
+        # node_tls=False: the test gives the node its TLS directory (a join, say).
+        tls = ["--tls-dir", self.pki.issue("node", node)] if node_tls else []
+        self.nc = Proc("nc", [binary, "nc", "--node-id", node, "--cc", self.cc_endpoint,
+                              "--listen", f"127.0.0.1:{nc_port}", *tls, *nc_args], root, **proc_options)
+
+    @property
+    def cc_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.cc_port}"
+
+    def procs(self) -> tuple[Proc, Proc, Proc]:
+        return self.clc, self.cc, self.nc
+
+
 class Replica:
     """One `canopy clc` replica. `rc` is its canopyrc once HaCluster.wait_rc has read it."""
 
-    def __init__(self, rid: int, binary: str, root: Path, status_timeout: float = 2.0, **proc_options):
+    def __init__(self, rid: int, binary: str, root: Path, status_timeout: float = 2.0, *, pki: Pki,
+                 **proc_options):
         self.id = rid
+        self.tls_dir = pki.issue("clc", str(rid), with_ca_key=True)
         self.data = root / f"clc{rid}"
         self.raft, self.ec2_port, self.admin_port, self.grpc = (free_port() for _ in range(4))
         self.proc: Proc | None = None
@@ -112,7 +147,7 @@ class Replica:
             self._binary, "clc", "--data-dir", str(self.data), "--replica-id", str(self.id),
             "--raft-listen", f"127.0.0.1:{self.raft}", "--members", members,
             "--ec2-listen", f"127.0.0.1:{self.ec2_port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--grpc-listen", f"127.0.0.1:{self.grpc}",
+            "--grpc-listen", f"127.0.0.1:{self.grpc}", "--tls-dir", self.tls_dir,
         ], self._root, **self._proc_options)
 
     @property
@@ -176,18 +211,21 @@ class HaCluster:
         self.poll = poll
         self.keep = keep
         self.dump_logs_on_failure = dump_logs
-        self.replicas = [Replica(i, binary, root, status_timeout, **proc_options) for i in (1, 2, 3)]
+        self.pki = Pki(binary, root / "pki")
+        self.replicas = [Replica(i, binary, root, status_timeout, pki=self.pki, **proc_options)
+                         for i in (1, 2, 3)]
         members = ",".join(f"{r.id}=127.0.0.1:{r.raft}" for r in self.replicas)
         for r in self.replicas:
             r.configure(members)
         cc_port, nc_port = free_port(), free_port()
         clcs = ",".join(f"http://127.0.0.1:{r.grpc}" for r in self.replicas)
-        self.cc = Proc("cc", [binary, "cc", "--zone", zone, "--clc", clcs, "--listen", f"127.0.0.1:{cc_port}"],
-                       root, **proc_options)
+        self.cc = Proc("cc", [binary, "cc", "--zone", zone, "--clc", clcs, "--listen", f"127.0.0.1:{cc_port}",
+                              "--tls-dir", self.pki.issue("zone", zone)], root, **proc_options)
         vcpus, memory_mib, disk_gib = nc_size
         self.nc = Proc("nc", [binary, "nc", "--node-id", node, "--cc", f"http://127.0.0.1:{cc_port}",
                               "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "sim", "--vcpus", str(vcpus),
-                              "--memory-mib", str(memory_mib), "--disk-gib", str(disk_gib)], root, **proc_options)
+                              "--memory-mib", str(memory_mib), "--disk-gib", str(disk_gib),
+                              "--tls-dir", self.pki.issue("node", node)], root, **proc_options)
         self._image: str | None = None
 
     def procs(self) -> list[Proc]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import find_binary, free_port, parse_canopyrc
-from ha_cluster import Proc
+from ha_cluster import OneReplicaCloud, Proc
 from test_roles import ec2_client, wait_node, wait_zone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,16 +62,11 @@ def real(tmp_path_factory):
     # (pytest's temporary directories are private to this user).
     state = Path(tempfile.mkdtemp(prefix="e2e-libvirt-", dir=REPO / "target"))
     state.chmod(0o755)
-    ec2_port, admin, grpc, raft, cc_port, nc_port = (free_port() for _ in range(6))
-    data = tmp / "clc"
-    clc = Proc("clc", [binary, "clc", "--data-dir", str(data), "--ec2-listen", f"127.0.0.1:{ec2_port}",
-                       "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
-                       "--raft-listen", f"127.0.0.1:{raft}"], tmp, stop_timeout=20)
-    cc = Proc("cc", [binary, "cc", "--zone", ZONE, "--clc", f"http://127.0.0.1:{grpc}",
-                     "--listen", f"127.0.0.1:{cc_port}"], tmp, stop_timeout=20)
-    nc = Proc("nc", [binary, "nc", "--node-id", NODE, "--cc", f"http://127.0.0.1:{cc_port}",
-                     "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "libvirt", "--accelerator", "qemu",
-                     "--state-dir", str(state), "--disk-gib", "20"], tmp, stop_timeout=20)
+    cloud = OneReplicaCloud(binary, tmp, ZONE, NODE, stop_timeout=20,
+                            nc_args=["--hypervisor", "libvirt", "--accelerator", "qemu",
+                                     "--state-dir", str(state), "--disk-gib", "20"])
+    clc, cc, nc = cloud.procs()
+    data = cloud.data
     for p in (clc, cc, nc):
         p.start()
     rc_path = data / "canopyrc"

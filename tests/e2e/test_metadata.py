@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from conftest import find_binary, free_port
-from ha_cluster import Proc
+from conftest import find_binary
+from ha_cluster import OneReplicaCloud
 from test_roles import ec2_client, wait_node, wait_zone
 
 IMDS = "169.254.169.254"
@@ -94,18 +94,12 @@ def cloud_with_imds(tmp_path, request):
     added = subprocess.run(["ip", "addr", "add", f"{IMDS}/32", "dev", "lo"], capture_output=True)
     if added.returncode != 0 and b"File exists" not in added.stderr:
         skip_or_fail(f"cannot add {IMDS} to lo: {added.stderr.decode()}")
-    binary = str(find_binary())
-    ec2_port, admin, grpc, raft, cc_port, nc_port = (free_port() for _ in range(6))
-    data = tmp_path / "clc"
-    clc = Proc("clc", [binary, "clc", "--data-dir", str(data), "--ec2-listen", f"127.0.0.1:{ec2_port}",
-                       "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
-                       "--raft-listen", f"127.0.0.1:{raft}"], tmp_path, stop_timeout=20)
-    cc = Proc("cc", [binary, "cc", "--zone", "imds-1a", "--clc", f"http://127.0.0.1:{grpc}",
-                     "--listen", f"127.0.0.1:{cc_port}", "--subnet", SUBNET], tmp_path, stop_timeout=20)
-    nc = Proc("nc", [binary, "nc", "--node-id", "hv-imds", "--cc", f"http://127.0.0.1:{cc_port}",
-                     "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "sim", "--vcpus", "8",
-                     "--memory-mib", "16384", "--disk-gib", "100", "--metadata-listen", f"{IMDS}:80"],
-              tmp_path, stop_timeout=20)
+    cloud = OneReplicaCloud(str(find_binary()), tmp_path, "imds-1a", "hv-imds", stop_timeout=20,
+                            cc_args=["--subnet", SUBNET],
+                            nc_args=["--hypervisor", "sim", "--vcpus", "8", "--memory-mib", "16384",
+                                     "--disk-gib", "100", "--metadata-listen", f"{IMDS}:80"])
+    clc, cc, nc = cloud.procs()
+    data = cloud.data
     guests: list[Guest] = []
     failures_before = request.session.testsfailed
     for p in (clc, cc, nc):

@@ -13,25 +13,19 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from conftest import find_binary, free_port, parse_canopyrc
-from ha_cluster import Proc
+from conftest import find_binary, parse_canopyrc
+from ha_cluster import OneReplicaCloud
 
 WAIT = {"Delay": 1, "MaxAttempts": 60}
 
 
 @pytest.fixture
 def roles(tmp_path, request):
-    binary = str(find_binary())
-    ec2, admin, grpc, raft, cc_port, nc_port = (free_port() for _ in range(6))
-    data = tmp_path / "clc"
-    clc = Proc("clc", [binary, "clc", "--data-dir", str(data), "--ec2-listen", f"127.0.0.1:{ec2}",
-                       "--admin-listen", f"127.0.0.1:{admin}", "--grpc-listen", f"127.0.0.1:{grpc}",
-                       "--raft-listen", f"127.0.0.1:{raft}"], tmp_path, stop_timeout=20)
-    cc = Proc("cc", [binary, "cc", "--zone", "roles-1a", "--clc", f"http://127.0.0.1:{grpc}",
-                     "--listen", f"127.0.0.1:{cc_port}"], tmp_path, stop_timeout=20)
-    nc = Proc("nc", [binary, "nc", "--node-id", "hv-1", "--cc", f"http://127.0.0.1:{cc_port}",
-                     "--listen", f"127.0.0.1:{nc_port}", "--hypervisor", "sim", "--vcpus", "4",
-                     "--memory-mib", "8192", "--disk-gib", "100"], tmp_path, stop_timeout=20)
+    cloud = OneReplicaCloud(str(find_binary()), tmp_path, "roles-1a", "hv-1", stop_timeout=20,
+                            nc_args=["--hypervisor", "sim", "--vcpus", "4", "--memory-mib", "8192",
+                                     "--disk-gib", "100"])
+    clc, cc, nc = cloud.procs()
+    data = cloud.data
     # Start them bottom-up, the reverse of what an operator would do: each must wait for
     # the tier above it on its own.
     procs = {"nc": nc.start(), "cc": cc.start(), "clc": clc.start()}

@@ -225,6 +225,10 @@ impl From<StateError> for ApiError {
                 format!("The keypair '{name}' already exists."),
             ),
             StateError::KeyPairNotFound(name) => super::key_pairs::key_pair_not_found(&name),
+            // Not reachable from EC2 actions; mapped for completeness.
+            StateError::JoinRefused(m) | StateError::NothingToRevoke(m) => {
+                Self::new(400, "InvalidParameterValue", m)
+            }
             StateError::AlreadyExists(what) => Self::new(
                 400,
                 "InvalidParameterValue",

@@ -15,6 +15,7 @@ use super::command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, Observation, Outcome,
     StateChange, launch_image,
 };
+use super::pki;
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::security_groups;
 use super::types::{Instance, StateReason};
@@ -653,6 +654,15 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 (None, KeyPairRef::Id(id)) => Err(StateError::KeyPairNotFound(id.to_string())),
             }
         }
+        Command::CreateJoinToken { token } => pki::create_token(conn, token).await,
+        Command::EnrollNode {
+            token_id,
+            node_id,
+            zone,
+            serial,
+            at,
+        } => pki::enroll(conn, token_id, node_id, zone, serial, *at).await,
+        Command::RevokeCertificates { target, at } => pki::revoke(conn, target, *at).await,
         Command::PurgeTerminated { before } => {
             let before = fmt_time(*before);
             sqlx::query(

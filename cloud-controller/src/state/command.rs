@@ -6,6 +6,7 @@ use canopy_common::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::pki::{JoinTokenRow, RevokeTarget};
 use super::types::{
     Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag, Volume,
 };
@@ -202,6 +203,21 @@ pub enum Command {
     PurgeTerminated {
         before: DateTime<Utc>,
     },
+    CreateJoinToken {
+        token: JoinTokenRow,
+    },
+    /// A node joined with a token: the token is spent, the certificate recorded.
+    EnrollNode {
+        token_id: String,
+        node_id: NodeId,
+        zone: ZoneName,
+        serial: String,
+        at: DateTime<Utc>,
+    },
+    RevokeCertificates {
+        target: RevokeTarget,
+        at: DateTime<Utc>,
+    },
 }
 
 impl Command {
@@ -233,7 +249,10 @@ impl Command {
             | Command::CreateVolume { .. }
             | Command::DeleteVolume { .. }
             | Command::AttachVolume { .. }
-            | Command::DetachVolume { .. } => true,
+            | Command::DetachVolume { .. }
+            | Command::CreateJoinToken { .. }
+            | Command::EnrollNode { .. }
+            | Command::RevokeCertificates { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::ObserveVolumes { .. }
@@ -284,7 +303,10 @@ impl Command {
             | Command::AttachVolume { .. }
             | Command::DetachVolume { .. }
             | Command::ObserveVolumes { .. }
-            | Command::PurgeTerminated { .. } => false,
+            | Command::PurgeTerminated { .. }
+            | Command::CreateJoinToken { .. }
+            | Command::EnrollNode { .. }
+            | Command::RevokeCertificates { .. } => false,
         }
     }
 }
@@ -465,6 +487,8 @@ pub enum Outcome {
     },
     /// The key pair a DeleteKeyPair removed, if there was one.
     KeyPairDeleted(Option<KeyPairId>),
+    /// The serials a RevokeCertificates revoked.
+    CertificatesRevoked(Vec<String>),
 }
 
 impl InstanceAction {

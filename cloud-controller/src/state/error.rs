@@ -92,6 +92,11 @@ pub enum StateError {
     /// A key pair name or id.
     #[error("the key pair '{0}' does not exist")]
     KeyPairNotFound(String),
+    /// A join the token (or the node's certificates) refuses.
+    #[error("{0}")]
+    JoinRefused(String),
+    #[error("{0}")]
+    NothingToRevoke(String),
     /// This replica is not the Raft leader (or its Raft has stopped), so it cannot commit the
     /// command. `leader` names the leader it knows of, as "node ID at ADDRESS". Never produced
     /// by applying a command: only by the replicated log, before anything is appended.
@@ -140,7 +145,9 @@ impl StateError {
             | StateError::AssociationNotFound(_)
             | StateError::AddressAlreadyAssociated(_)
             | StateError::AddressInUse(_)
-            | StateError::VolumeRefused { .. } => true,
+            | StateError::VolumeRefused { .. }
+            | StateError::JoinRefused(_)
+            | StateError::NothingToRevoke(_) => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

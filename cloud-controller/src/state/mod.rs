@@ -10,6 +10,7 @@ mod apply;
 mod bulk;
 mod command;
 mod error;
+mod pki;
 mod query;
 mod security_groups;
 mod store;
@@ -23,6 +24,7 @@ pub use command::{
     Observation, Outcome, StateChange,
 };
 pub use error::{StateError, VolumeFault};
+pub use pki::{CertificateRow, JoinTokenRow, RevokeTarget};
 pub use query::{AllocationGroup, InstanceFilter};
 pub use security_groups::MAX_RULES_PER_DIRECTION;
 pub(crate) use store::count_applied;

@@ -1300,3 +1300,129 @@ async fn the_digest_does_not_depend_on_the_order_rows_were_inserted_in() {
     );
     assert_eq!(da.tables["meta"], db.tables["meta"]);
 }
+
+fn join_token(id: &str, zone: Option<&str>, expires: i64) -> JoinTokenRow {
+    JoinTokenRow {
+        token_id: id.into(),
+        secret_hash: "hash".into(),
+        zone: zone.map(|z| ZoneName::parse(z).unwrap()),
+        description: String::new(),
+        created_at: t(0),
+        expires_at: t(expires),
+        used_at: None,
+        used_by: None,
+    }
+}
+
+fn enroll(token: &str, node: &str, zone: &str, serial: &str, at: i64) -> Command {
+    Command::EnrollNode {
+        token_id: token.into(),
+        node_id: NodeId::parse(node).unwrap(),
+        zone: ZoneName::parse(zone).unwrap(),
+        serial: serial.into(),
+        at: t(at),
+    }
+}
+
+#[tokio::test]
+async fn a_join_token_is_spent_once_within_its_zone_and_time() {
+    let f = fixture().await;
+    for token in [
+        join_token("aaaa", None, 100),
+        join_token("bbbb", Some("zone-a"), 100),
+    ] {
+        f.store
+            .apply(&Command::CreateJoinToken { token })
+            .await
+            .unwrap();
+    }
+    let dup = f
+        .store
+        .apply(&Command::CreateJoinToken {
+            token: join_token("aaaa", None, 100),
+        })
+        .await;
+    assert!(matches!(dup, Err(StateError::AlreadyExists(_))), "{dup:?}");
+
+    let refused = |r: Result<Outcome, StateError>| match r {
+        Err(StateError::JoinRefused(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let m = refused(f.store.apply(&enroll("cccc", "hv-1", "zone-a", "01", 1)).await);
+    assert!(m.contains("unknown"), "{m}");
+    let m = refused(f.store.apply(&enroll("bbbb", "hv-1", "zone-b", "01", 1)).await);
+    assert!(m.contains("for zone zone-a"), "{m}");
+    let m = refused(f.store.apply(&enroll("aaaa", "hv-1", "zone-b", "01", 100)).await);
+    assert!(m.contains("expired"), "{m}");
+
+    f.store
+        .apply(&enroll("aaaa", "hv-1", "zone-b", "01", 50))
+        .await
+        .unwrap();
+    let m = refused(f.store.apply(&enroll("aaaa", "hv-2", "zone-b", "02", 51)).await);
+    assert!(m.contains("already used"), "{m}");
+    // hv-1 holds a live certificate: it cannot join again until that one is revoked.
+    let m = refused(f.store.apply(&enroll("bbbb", "hv-1", "zone-a", "03", 52)).await);
+    assert!(m.contains("revoke it"), "{m}");
+    // The refused join spent nothing.
+    let tokens = f.store.join_tokens().await.unwrap();
+    let b = tokens.iter().find(|t| t.token_id == "bbbb").unwrap();
+    assert_eq!(b.used_at, None);
+    let a = tokens.iter().find(|t| t.token_id == "aaaa").unwrap();
+    assert_eq!((a.used_at, a.used_by.as_deref()), (Some(t(50)), Some("hv-1")));
+
+    let certs = f.store.certificates().await.unwrap();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(
+        (certs[0].serial.as_str(), certs[0].role.as_str(), certs[0].name.as_str()),
+        ("01", "node", "hv-1")
+    );
+    assert_eq!(certs[0].zone.as_deref(), Some("zone-b"));
+}
+
+#[tokio::test]
+async fn revoking_a_node_lists_its_serials_and_lets_it_join_again() {
+    let f = fixture().await;
+    for id in ["aaaa", "bbbb"] {
+        f.store
+            .apply(&Command::CreateJoinToken {
+                token: join_token(id, None, 100),
+            })
+            .await
+            .unwrap();
+    }
+    f.store
+        .apply(&enroll("aaaa", "hv-1", "zone-a", "0a", 1))
+        .await
+        .unwrap();
+    let revoke = |target| Command::RevokeCertificates { target, at: t(2) };
+    let out = f
+        .store
+        .apply(&revoke(RevokeTarget::Node(NodeId::parse("hv-1").unwrap())))
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::CertificatesRevoked(vec!["0a".into()]));
+    // Twice: nothing left to revoke.
+    let again = f
+        .store
+        .apply(&revoke(RevokeTarget::Node(NodeId::parse("hv-1").unwrap())))
+        .await;
+    assert!(matches!(again, Err(StateError::NothingToRevoke(_))), "{again:?}");
+    // A serial the cloud never issued (`canopy ca issue`) is recorded as revoked.
+    let out = f
+        .store
+        .apply(&revoke(RevokeTarget::Serial("ff".into())))
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::CertificatesRevoked(vec!["ff".into()]));
+    assert_eq!(
+        f.store.revoked_serials().await.unwrap(),
+        vec!["0a".to_owned(), "ff".to_owned()]
+    );
+    // With its old certificate revoked, the host joins again.
+    f.store
+        .apply(&enroll("bbbb", "hv-1", "zone-a", "0b", 3))
+        .await
+        .unwrap();
+    assert_eq!(f.store.revoked_serials().await.unwrap().len(), 2);
+}

@@ -79,6 +79,8 @@ pub enum ReplicaError {
     Listen(#[from] std::io::Error),
     #[error("raft stopped: {0}")]
     Fatal(Box<openraft::error::Fatal<RaftNodeId>>),
+    #[error("raft transport: {0}")]
+    Tls(String),
     #[error("cannot initialize the raft group: {0}")]
     Initialize(Box<RaftError<RaftNodeId, InitializeError<RaftNodeId, BasicNode>>>),
 }
@@ -647,6 +649,7 @@ pub async fn start_replica(
     log_store: SqliteLogStore,
     listen: SocketAddr,
     timers: RaftTimers,
+    transport: canopy_pki::Transport,
 ) -> Result<(RaftLog, RaftServerHandle), ReplicaError> {
     let config = Arc::new(timers.config()?);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -654,7 +657,7 @@ pub async fn start_replica(
     let raft = Raft::new(
         id,
         config,
-        GrpcNetworkFactory::new(),
+        GrpcNetworkFactory::new(transport.clone()),
         log_store,
         SqliteStateMachine::new(store.clone()),
     )
@@ -669,7 +672,14 @@ pub async fn start_replica(
             .max_encoding_message_size(
                 super::network::MAX_MESSAGE.max(crate::forward::MAX_RESPONSE_BODY + (1 << 20)),
             );
-    let incoming = canopy_proto::incoming_nodelay(listener);
+    // Only other replicas may call: Raft RPCs and the requests they forward.
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        transport.authorize(&[canopy_pki::Role::Clc]),
+    );
+    let incoming = transport
+        .incoming(listener, false)
+        .map_err(|e| ReplicaError::Tls(e.to_string()))?;
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(service)

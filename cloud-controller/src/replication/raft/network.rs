@@ -41,14 +41,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Makes a [`GrpcNetwork`] per target replica. Channels are lazy (nothing connects until the
 /// first RPC) and kept per target and address, so a replica reconnects on its own after a
 /// peer restarts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct GrpcNetworkFactory {
     channels: HashMap<(RaftNodeId, String), Channel>,
+    transport: canopy_pki::Transport,
 }
 
 impl GrpcNetworkFactory {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(transport: canopy_pki::Transport) -> Self {
+        Self {
+            channels: HashMap::new(),
+            transport,
+        }
     }
 }
 
@@ -61,10 +65,10 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetworkFactory {
             Some(channel) => Ok(channel.clone()),
             None => match Endpoint::from_shared(node.addr.clone()) {
                 Ok(endpoint) => {
-                    let channel = endpoint
-                        .connect_timeout(CONNECT_TIMEOUT)
-                        .tcp_nodelay(true)
-                        .connect_lazy();
+                    let channel = self.transport.channel(
+                        endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true),
+                        canopy_pki::Role::Clc,
+                    );
                     self.channels.insert(key, channel.clone());
                     Ok(channel)
                 }

@@ -42,6 +42,7 @@ impl Cluster {
                 SqliteLogStore::new(&store),
                 listen,
                 RaftTimers::default(),
+                Default::default(),
             )
             .await
             .unwrap();
@@ -311,7 +312,7 @@ fn not_leader_is_not_a_deterministic_rejection() {
 #[tokio::test]
 async fn a_bad_peer_address_is_unreachable() {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    let mut factory = GrpcNetworkFactory::new();
+    let mut factory = GrpcNetworkFactory::new(Default::default());
     let mut client = factory.new_client(9, &BasicNode::new("not a uri")).await;
     let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(1, 1), None);
     let err = client
@@ -360,6 +361,7 @@ async fn a_new_replica_catches_up_from_a_snapshot_over_grpc() {
         SqliteLogStore::new(&store),
         listen,
         RaftTimers::default(),
+        Default::default(),
     )
     .await
     .unwrap();

@@ -123,6 +123,10 @@ pub enum Rejection {
     AddressAlreadyAssociated(String),
     /// See [`StateError::AddressInUse`].
     AddressInUse(String),
+    /// See [`StateError::JoinRefused`].
+    JoinRefused(String),
+    /// See [`StateError::NothingToRevoke`].
+    NothingToRevoke(String),
     /// See [`StateError::VolumeRefused`].
     VolumeRefused {
         fault: crate::state::VolumeFault,
@@ -170,6 +174,8 @@ impl TryFrom<StateError> for Rejection {
             StateError::AssociationNotFound(s) => Rejection::AssociationNotFound(s),
             StateError::AddressAlreadyAssociated(s) => Rejection::AddressAlreadyAssociated(s),
             StateError::AddressInUse(s) => Rejection::AddressInUse(s),
+            StateError::JoinRefused(s) => Rejection::JoinRefused(s),
+            StateError::NothingToRevoke(s) => Rejection::NothingToRevoke(s),
             StateError::VolumeRefused { fault, message } => {
                 Rejection::VolumeRefused { fault, message }
             }
@@ -221,6 +227,8 @@ impl From<Rejection> for StateError {
             Rejection::AssociationNotFound(s) => StateError::AssociationNotFound(s),
             Rejection::AddressAlreadyAssociated(s) => StateError::AddressAlreadyAssociated(s),
             Rejection::AddressInUse(s) => StateError::AddressInUse(s),
+            Rejection::JoinRefused(s) => StateError::JoinRefused(s),
+            Rejection::NothingToRevoke(s) => StateError::NothingToRevoke(s),
             Rejection::VolumeRefused { fault, message } => {
                 StateError::VolumeRefused { fault, message }
             }
