@@ -19,6 +19,9 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# Components talk mutual TLS: a CA for this run and a certificate each.
+"$BIN" ca init --dir "$WORK/ca" >/dev/null
+tls() { "$BIN" ca issue --ca-dir "$WORK/ca" --role "$1" --name "$2" --out "$WORK/tls-$1-$2" "${@:3}" >/dev/null; echo "$WORK/tls-$1-$2"; }
 members=() ; declare -A RAFT EC2 ADMIN GRPC
 for i in $(seq 1 "$REPLICAS"); do
     RAFT[$i]=$(port); EC2[$i]=$(port); ADMIN[$i]=$(port); GRPC[$i]=$(port)
@@ -29,14 +32,16 @@ clcs=()
 for i in $(seq 1 "$REPLICAS"); do
     "$BIN" clc --data-dir "$WORK/clc$i" --replica-id "$i" --raft-listen "127.0.0.1:${RAFT[$i]}" \
         --members "$MEMBERS" --ec2-listen "127.0.0.1:${EC2[$i]}" --admin-listen "127.0.0.1:${ADMIN[$i]}" \
-        --grpc-listen "127.0.0.1:${GRPC[$i]}" >"$WORK/clc$i.log" 2>&1 &
+        --grpc-listen "127.0.0.1:${GRPC[$i]}" --tls-dir "$(tls clc "$i" --with-ca-key)" >"$WORK/clc$i.log" 2>&1 &
     PIDS+=($!); clcs+=("http://127.0.0.1:${GRPC[$i]}")
 done
 IFS=, ; CLCS="${clcs[*]}"; unset IFS
 CC=$(port); NC=$(port)
-"$BIN" cc --zone bench-1a --clc "$CLCS" --listen "127.0.0.1:$CC" --subnet 10.0.0.0/8 >"$WORK/cc.log" 2>&1 & PIDS+=($!)
+"$BIN" cc --zone bench-1a --clc "$CLCS" --listen "127.0.0.1:$CC" --subnet 10.0.0.0/8 \
+    --tls-dir "$(tls zone bench-1a)" >"$WORK/cc.log" 2>&1 & PIDS+=($!)
 "$BIN" nc --node-id hv-1 --cc "http://127.0.0.1:$CC" --listen "127.0.0.1:$NC" --hypervisor sim \
-    --vcpus 1000000 --memory-mib 1000000000 --disk-gib 100000000 >"$WORK/nc.log" 2>&1 & PIDS+=($!)
+    --vcpus 1000000 --memory-mib 1000000000 --disk-gib 100000000 --tls-dir "$(tls node hv-1)" \
+    >"$WORK/nc.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 1 200); do [[ -f $WORK/clc1/canopyrc ]] && break; sleep 0.1; done
 set -a; . "$WORK/clc1/canopyrc"; set +a
 # Wait for the zone and its node.

@@ -526,7 +526,8 @@ async fn run_nc(args: NcArgs) -> Result<()> {
     let mut cfg = file.validate()?;
     let tls_dir = canopy::pki::required("canopy nc", file.tls_dir.clone())?;
     if !canopy_pki::TlsFiles::present(&tls_dir) {
-        let token = file.join_token.as_deref().with_context(|| {
+        // An empty token (a variable set but empty) is no token.
+        let token = file.join_token.as_deref().filter(|t| !t.trim().is_empty()).with_context(|| {
             format!(
                 "{} holds no certificate: give a join token (--join-token, from `canopy admin create-join-token`) or the node's files (`canopy ca issue --role node`)",
                 tls_dir.display()

@@ -13,6 +13,8 @@ esac
 log "removing the lab's containers, network and volumes"
 compose down --volumes --remove-orphans >&2
 rm -f "$LAB/canopyrc"
+# The lab's CA and certificates go with the state that knew them.
+rm -rf "$LAB/.pki"
 
 if [[ ${1:-} == --images ]]; then
     log "removing the lab's images"

@@ -120,15 +120,47 @@ cp "$BIN" "$TMP/context/canopy"
 docker build -q --build-arg BASE="$BASE" -t "$CANOPY_LAB_IMAGE" \
     -f "$LAB/Dockerfile" "$TMP/context" >/dev/null
 
-# 4. The containers.
-log "starting the lab (${COMPOSE[*]} -p $COMPOSE_PROJECT_NAME up -d)"
-compose up -d --remove-orphans >&2
+# 4. The lab's CA (kept in deploy/lab/.pki until down.sh) and the certificates of the CLC
+# replicas (with the CA key: they sign joining nodes) and of the CCs.
+PKI=$LAB/.pki
+if [[ ! -f $PKI/ca/ca.key ]]; then
+    log "creating the lab's CA and the CLCs' and CCs' certificates in $PKI"
+    rm -rf "$PKI"
+    "$BIN" ca init --dir "$PKI/ca" --name canopy-lab >/dev/null
+    for n in 1 2 3; do
+        "$BIN" ca issue --ca-dir "$PKI/ca" --role clc --name "$n" --san "clc-$n" \
+            --out "$PKI/clc-$n" --with-ca-key >/dev/null
+    done
+    "$BIN" ca issue --ca-dir "$PKI/ca" --role zone --name canopy-1a --san cc-a --out "$PKI/cc-a" >/dev/null
+    "$BIN" ca issue --ca-dir "$PKI/ca" --role zone --name canopy-1b --san cc-b --out "$PKI/cc-b" >/dev/null
+fi
+
+# 5. The containers: the control plane first, then the nodes, each joining with a token of
+# its own the first time (the token is kept, so a later up.sh leaves the node as it is).
+log "starting the control plane (${COMPOSE[*]} -p $COMPOSE_PROJECT_NAME up -d clc-1 clc-2 clc-3 cc-a cc-b)"
+compose up -d --remove-orphans clc-1 clc-2 clc-3 cc-a cc-b >&2
 # Images superseded by this build, once no container uses them.
 docker image prune -f --filter label=canopy-lab >/dev/null
 CLC1=$(compose ps -q clc-1)
 [[ -n $CLC1 ]] || die "no clc-1 container"
+started=$SECONDS
+until docker exec "$CLC1" test -s "$DATA/canopyrc" 2>/dev/null && admin_json cluster >/dev/null 2>&1; do
+    ((SECONDS - started < WAIT_SECS)) || { compose logs --no-color --tail 20 >&2; die "no leader within ${WAIT_SECS}s"; }
+    sleep 1
+done
+for entry in "${NODES[@]}"; do
+    zone=${entry%/*} node=${entry#*/}
+    var=CANOPY_LAB_JOIN_$(tr 'a-z-' 'A-Z_' <<<"$node")
+    if [[ ! -s $PKI/join-$node ]]; then
+        admin_json create-join-token --zone "$zone" --description "lab node $node" |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$PKI/join-$node"
+    fi
+    export "$var=$(cat "$PKI/join-$node")"
+done
+log "starting the nodes (they join with their tokens)"
+compose up -d >&2
 
-# 5. Wait until the cloud is usable.
+# 6. Wait until the cloud is usable.
 started=$SECONDS
 status="clc-1 has no canopyrc yet"
 until docker exec "$CLC1" test -s "$DATA/canopyrc" 2>/dev/null && status=$(cloud_ready); do
@@ -153,7 +185,7 @@ for n in 2 3; do
         die "clc-$n does not have clc-1's access key"
 done
 
-# 6. The canopyrc for the host: clc-1's, with its published ports.
+# 7. The canopyrc for the host: clc-1's, with its published ports.
 P=$CANOPY_LAB_PORT_PREFIX
 {
     echo "# Canopy lab (deploy/lab): 3 CLC replicas, zones ${ZONES[*]}, 4 simulated nodes."

@@ -7,8 +7,9 @@
 # 1. the Debian packages the node needs (libvirt, QEMU, qemu-img), with apt-get;
 # 2. the canopy binary (CANOPY_BINARY, or $CANOPY_BIN, default target/release/canopy of this
 #    repository; nothing is built here) as /usr/local/bin/canopy;
-# 3. /etc/canopy/nc.toml from deploy/config/nc.toml, filled from --cc, --node-id and
-#    --advertise; an existing one is never overwritten;
+# 3. /etc/canopy/nc.toml from deploy/config/nc.toml, filled from --cc, --node-id,
+#    --advertise and --join-token; an existing one is never overwritten; the TLS directory
+#    /etc/canopy/tls (0700), which the node fills when it joins;
 # 4. the systemd unit canopy-nc.service (`canopy nc --config /etc/canopy/nc.toml`);
 # 5. on a host running systemd: libvirtd enabled and started, canopy-nc enabled, and started
 #    (or restarted when its binary or unit changed) once the config names a CC.
@@ -19,6 +20,8 @@
 #   --advertise URL   the URL the CC reaches this node at, e.g. http://hv-01.example:8777;
 #                     the node then listens on 0.0.0.0 at that port
 #   --hypervisor H    libvirt (default), auto or sim
+#   --join-token T    the join token the node presents once (`canopy admin
+#                     create-join-token`); the config is then readable by root only
 #   --root DIR        install into DIR (a chroot, an image, a scratch directory) instead of
 #                     /; also DESTDIR=DIR. Starts no service; installs packages only when DIR
 #                     has apt-get (in a chroot, as root)
@@ -39,22 +42,23 @@ warn() { printf 'install: warning: %s\n' "$*" >&2; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
-DRY=0 CC='' NODE_ID='' ADVERTISE='' HYPERVISOR=libvirt DEST=${DESTDIR:-} PKGS=1 START=1
+DRY=0 CC='' NODE_ID='' ADVERTISE='' HYPERVISOR=libvirt TOKEN='' DEST=${DESTDIR:-} PKGS=1 START=1
 BIN=${CANOPY_BIN:-}
 while (($#)); do
     case $1 in
-    --cc | --node-id | --advertise | --hypervisor | --root)
+    --cc | --node-id | --advertise | --hypervisor | --join-token | --root)
         (($# >= 2)) || die "$1 needs a value"
         case $1 in
         --cc) CC=$2 ;;
         --node-id) NODE_ID=$2 ;;
         --advertise) ADVERTISE=$2 ;;
         --hypervisor) HYPERVISOR=$2 ;;
+        --join-token) TOKEN=$2 ;;
         --root) DEST=$2 ;;
         esac
         shift 2
         ;;
-    --cc=* | --node-id=* | --advertise=* | --hypervisor=* | --root=*)
+    --cc=* | --node-id=* | --advertise=* | --hypervisor=* | --join-token=* | --root=*)
         set -- "${1%%=*}" "${1#*=}" "${@:2}"
         ;;
     --dry-run) DRY=1; shift ;;
@@ -77,6 +81,8 @@ url_ok() { [[ $1 =~ $URL_RE ]]; }
 [[ -z $NODE_ID || $NODE_ID =~ ^[A-Za-z0-9._-]{1,255}$ ]] ||
     die "--node-id $NODE_ID: letters, digits, '.', '_' and '-' only"
 [[ $HYPERVISOR =~ ^(libvirt|auto|sim)$ ]] || die "--hypervisor $HYPERVISOR: libvirt, auto or sim"
+[[ -z $TOKEN || $TOKEN =~ ^canopy1\.[0-9a-f]{64}\.[0-9a-f]{16}\.[0-9a-f]{48}$ ]] ||
+    die "--join-token: not a Canopy join token (canopy1.<ca-sha256>.<id>.<secret>)"
 if [[ -n $DEST ]]; then
     [[ $DEST == /* ]] || DEST=$PWD/$DEST
     [[ $DEST != / ]] || DEST=''
@@ -221,6 +227,7 @@ else
     edits=(-e "s|^hypervisor = .*|hypervisor = \"$HYPERVISOR\"|")
     [[ -z $NODE_ID ]] || edits+=(-e "s|^# node_id = .*|node_id = \"$NODE_ID\"|")
     [[ -z $CC ]] || edits+=(-e "s|^cc = .*|cc = \"$CC\"|")
+    [[ -z $TOKEN ]] || edits+=(-e "s|^# join_token = .*|join_token = \"$TOKEN\"|")
     if [[ -n $ADVERTISE ]]; then
         port=8777
         [[ $ADVERTISE =~ ^[a-z]+://[^/]*:([0-9]+)(/|$) ]] && port=${BASH_REMATCH[1]}
@@ -234,15 +241,26 @@ else
     } >"$rendered"
     # The template's lines this relies on: fail loudly when they change.
     for want in "hypervisor = \"$HYPERVISOR\"" ${NODE_ID:+"node_id = \"$NODE_ID\""} \
-        ${CC:+"cc = \"$CC\""} ${ADVERTISE:+"advertise = \"$ADVERTISE\""}; do
+        ${CC:+"cc = \"$CC\""} ${ADVERTISE:+"advertise = \"$ADVERTISE\""} \
+        ${TOKEN:+"join_token = \"$TOKEN\""}; do
         grep -qxF "$want" "$rendered" || die "$TEMPLATE changed: install.sh could not set '$want'"
     done
-    put "$rendered" "$CONFIG" 0644 || true
+    # A join token is a secret until it is spent: root only, then.
+    put "$rendered" "$CONFIG" "$([[ -n $TOKEN ]] && echo 0600 || echo 0644)" || true
     say "$CONFIG: $(grep -E '^(node_id|listen|advertise|cc|hypervisor) =' "$rendered" | paste -sd ',' | sed 's/,/, /g')"
     if [[ -z $CC ]]; then
         fresh_default=1
         warn "$CONFIG names the CC http://127.0.0.1:8775 (no --cc): set cc before starting the node"
     fi
+fi
+# The TLS directory: the node's key lives here.
+tls_dir=$(config_value tls_dir 2>/dev/null || true)
+tls_dir=${tls_dir:-/etc/canopy/tls}
+if [[ -d $DEST$tls_dir ]]; then
+    say "$tls_dir: exists$([[ -f $DEST$tls_dir/tls.crt ]] && echo ', holds the node'"'"'s certificate')"
+else
+    act mkdir -p -m 0700 "$DEST$tls_dir"
+    ((DRY)) || say "$tls_dir: created (the node fills it when it joins)"
 fi
 state_dir=$(config_value state_dir 2>/dev/null || true)
 state_dir=${state_dir:-/var/lib/canopy/nc}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Tests deploy/node/install.sh for real, in a throwaway Debian bookworm container: a dry run
 # and an install into --root change nothing outside their directory; the real install puts
-# the packages (with apt), the binary, the config and the unit in place; a second run
-# changes nothing; `canopy nc doctor` then reports libvirtd stopped and no CC as failures,
-# and passes those checks once a CC and libvirtd run. Prints the transcript; exits 0 when
-# every check passed.
+# the packages (with apt), the binary, the config (with a join token from a cloud controller
+# running in the container) and the unit in place; a second run changes nothing; `canopy nc
+# doctor` then reports libvirtd stopped as a failure and the CC unchecked (no certificate
+# yet); the node joins with its token (its certificate lands in /etc/canopy/tls, the token is
+# spent, the node registers); the doctor then reaches the CC with the node's certificate.
+# Prints the transcript; exits 0 when every check passed.
 #
 #   deploy/node/test-install.sh [CANOPY_BINARY]     (default $CANOPY_BIN, else target/release/canopy)
 #
@@ -59,7 +61,17 @@ check() { # check DESCRIPTION COMMAND...: runs it, records the outcome
 has() { grep -qE -- "$2" "$1"; }
 lacks() { ! grep -qE -- "$2" "$1"; }
 install=/src/deploy/node/install.sh
-args=(--cc http://127.0.0.1:8775 --node-id hv-test /bin-in/canopy)
+
+step "a cloud controller in the container, with the cloud CA; a join token from it"
+/bin-in/canopy ca init --dir /tmp/pki/ca
+/bin-in/canopy ca issue --ca-dir /tmp/pki/ca --role clc --name 1 --out /tmp/pki/clc --with-ca-key
+/bin-in/canopy ca issue --ca-dir /tmp/pki/ca --role zone --name canopy-1a --out /tmp/pki/cc
+/bin-in/canopy clc --data-dir /tmp/clc --tls-dir /tmp/pki/clc >/tmp/clc.log 2>&1 &
+for _ in $(seq 100); do [ -s /tmp/clc/canopyrc ] && break; sleep 0.2; done
+check "the cloud controller is up" test -s /tmp/clc/canopyrc
+token=$(set -a; . /tmp/clc/canopyrc; /bin-in/canopy admin create-join-token --zone canopy-1a | tail -1)
+check "a join token" sh -c "echo '$token' | grep -qE '^canopy1\.'"
+args=(--cc https://127.0.0.1:8775 --node-id hv-test --join-token "$token" /bin-in/canopy)
 
 step "install.sh --dry-run: says what it would do, changes nothing"
 "$install" --dry-run "${args[@]}" 2>&1 | tee /tmp/dry.log
@@ -86,6 +98,8 @@ done
 check "binary in place and runs" /usr/local/bin/canopy --version
 check "config has the CC" has /etc/canopy/nc.toml '^cc = "http://127.0.0.1:8775"$'
 check "config has the node id" has /etc/canopy/nc.toml '^node_id = "hv-test"$'
+check "config has the join token, readable by root only" sh -c "grep -q '^join_token = \"canopy1\.' /etc/canopy/nc.toml && [ \"\$(stat -c %a /etc/canopy/nc.toml)\" = 600 ]"
+check "the TLS directory exists, empty, 0700" sh -c '[ "$(stat -c %a /etc/canopy/tls)" = 700 ] && [ -z "$(ls -A /etc/canopy/tls)" ]'
 check "config is commented" has /etc/canopy/nc.toml '^# The zone.s cluster controller'
 check "unit runs canopy nc with the config" has /etc/systemd/system/canopy-nc.service '^ExecStart=/usr/local/bin/canopy nc --config /etc/canopy/nc.toml$'
 check "unit restarts on failure, after libvirtd" sh -c 'grep -q "^Restart=on-failure" /etc/systemd/system/canopy-nc.service && grep -q "^After=.*libvirtd.service" /etc/systemd/system/canopy-nc.service'
@@ -110,22 +124,36 @@ check "second run installs no package" has /tmp/again.log 'already installed'
 check "second run leaves binary and unit unchanged" sh -c "grep -q 'canopy: unchanged' /tmp/again.log && grep -q 'canopy-nc.service: unchanged' /tmp/again.log"
 check "second run keeps the config" has /etc/canopy/nc.toml '^# edited by hand$'
 
-step "canopy nc doctor: libvirtd not running, no CC"
+step "canopy nc doctor: libvirtd not running, no certificate yet"
 /usr/local/bin/canopy nc doctor --config /etc/canopy/nc.toml | tee /tmp/doctor1.log
 check "doctor exits 1" test "${PIPESTATUS[0]}" -eq 1
-check "doctor: the CC does not answer" has /tmp/doctor1.log '^FAIL +cluster controller +no cluster controller at http://127.0.0.1:8775'
+check "doctor: the CC is not asked before the node joined" has /tmp/doctor1.log '^SKIP +cluster controller +no certificate yet'
 check "doctor: libvirtd not reachable, or no driver in this build" has /tmp/doctor1.log '^(FAIL +libvirt +libvirtd is not reachable|SKIP +libvirt +not checked: this build has no libvirt driver)'
 check "doctor: QEMU and qemu-img found" sh -c "grep -q '^OK *qemu-system' /tmp/doctor1.log && grep -q '^OK *qemu-img' /tmp/doctor1.log"
 check "doctor: a fix under every failure" sh -c '[ "$(grep -c "^FAIL" /tmp/doctor1.log)" -le "$(grep -c "^ *fix: " /tmp/doctor1.log)" ]'
 
-step "canopy nc doctor: with a CC (and libvirtd, when it starts in this container)"
-/usr/local/bin/canopy cc --listen 127.0.0.1:8775 --clc http://127.0.0.1:9 >/tmp/cc.log 2>&1 &
+step "the node joins with its token"
+/usr/local/bin/canopy cc --zone canopy-1a --listen 127.0.0.1:8775 --clc https://127.0.0.1:8776 \
+    --tls-dir /tmp/pki/cc >/tmp/cc.log 2>&1 &
 cc=$!
+# The simulated driver: this container may not run guests; the join is the same.
+/usr/local/bin/canopy nc --config /etc/canopy/nc.toml --hypervisor sim >/tmp/nc.log 2>&1 &
+nc=$!
+for _ in $(seq 150); do grep -q 'registered with the cluster controller' /tmp/nc.log && break; sleep 0.2; done
+check "the node joined and registered" has /tmp/nc.log 'registered with the cluster controller'
+check "its certificate and key are in /etc/canopy/tls, the key root's only" sh -c \
+    'test -s /etc/canopy/tls/tls.crt -a -s /etc/canopy/tls/ca.crt && [ "$(stat -c %a /etc/canopy/tls/tls.key)" = 600 ]'
+(set -a; . /tmp/clc/canopyrc; /bin-in/canopy admin join-tokens; /bin-in/canopy admin certificates) | tee /tmp/pki.log
+check "the token is spent by hv-test" has /tmp/pki.log 'canopy-1a +[^ ]+ +hv-test'
+check "the cloud lists its certificate" has /tmp/pki.log 'node/hv-test +canopy-1a'
+kill "$nc" 2>/dev/null; wait "$nc" 2>/dev/null
+
+step "canopy nc doctor: with a CC (and libvirtd, when it starts in this container)"
 mkdir -p /run/libvirt
 (virtlogd -d && libvirtd -d) >/tmp/libvirtd.log 2>&1 || true
 for _ in $(seq 50); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
 /usr/local/bin/canopy nc doctor --config /etc/canopy/nc.toml | tee /tmp/doctor2.log
-check "doctor: the CC answers" has /tmp/doctor2.log '^OK +cluster controller +http://127.0.0.1:8775 answered'
+check "doctor: the CC answers the node's certificate" has /tmp/doctor2.log '^OK +cluster controller +https://127.0.0.1:8775 answered'
 check "doctor: the clock agrees with the CC's" has /tmp/doctor2.log '^OK +clock vs CC'
 check "doctor: the clock's sync is said (unknown without systemd)" has /tmp/doctor2.log '^(OK|WARN|FAIL) +clock sync'
 if [ -S /run/libvirt/libvirt-sock ] && ldd /usr/local/bin/canopy | grep -q libvirt; then

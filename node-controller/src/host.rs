@@ -805,7 +805,7 @@ pub async fn doctor(opts: &DoctorOptions, mut report: impl FnMut(&Finding)) -> V
             ]);
         }
         None => add(vec![Finding::skip(
-            "cc",
+            "cluster controller",
             "no certificate yet (the node joins with its join token at its first start): the CC and its clock are not checked",
         )]),
     }

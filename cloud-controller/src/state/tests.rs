@@ -1348,33 +1348,60 @@ async fn a_join_token_is_spent_once_within_its_zone_and_time() {
         Err(StateError::JoinRefused(m)) => m,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let m = refused(f.store.apply(&enroll("cccc", "hv-1", "zone-a", "01", 1)).await);
+    let m = refused(
+        f.store
+            .apply(&enroll("cccc", "hv-1", "zone-a", "01", 1))
+            .await,
+    );
     assert!(m.contains("unknown"), "{m}");
-    let m = refused(f.store.apply(&enroll("bbbb", "hv-1", "zone-b", "01", 1)).await);
+    let m = refused(
+        f.store
+            .apply(&enroll("bbbb", "hv-1", "zone-b", "01", 1))
+            .await,
+    );
     assert!(m.contains("for zone zone-a"), "{m}");
-    let m = refused(f.store.apply(&enroll("aaaa", "hv-1", "zone-b", "01", 100)).await);
+    let m = refused(
+        f.store
+            .apply(&enroll("aaaa", "hv-1", "zone-b", "01", 100))
+            .await,
+    );
     assert!(m.contains("expired"), "{m}");
 
     f.store
         .apply(&enroll("aaaa", "hv-1", "zone-b", "01", 50))
         .await
         .unwrap();
-    let m = refused(f.store.apply(&enroll("aaaa", "hv-2", "zone-b", "02", 51)).await);
+    let m = refused(
+        f.store
+            .apply(&enroll("aaaa", "hv-2", "zone-b", "02", 51))
+            .await,
+    );
     assert!(m.contains("already used"), "{m}");
     // hv-1 holds a live certificate: it cannot join again until that one is revoked.
-    let m = refused(f.store.apply(&enroll("bbbb", "hv-1", "zone-a", "03", 52)).await);
+    let m = refused(
+        f.store
+            .apply(&enroll("bbbb", "hv-1", "zone-a", "03", 52))
+            .await,
+    );
     assert!(m.contains("revoke it"), "{m}");
     // The refused join spent nothing.
     let tokens = f.store.join_tokens().await.unwrap();
     let b = tokens.iter().find(|t| t.token_id == "bbbb").unwrap();
     assert_eq!(b.used_at, None);
     let a = tokens.iter().find(|t| t.token_id == "aaaa").unwrap();
-    assert_eq!((a.used_at, a.used_by.as_deref()), (Some(t(50)), Some("hv-1")));
+    assert_eq!(
+        (a.used_at, a.used_by.as_deref()),
+        (Some(t(50)), Some("hv-1"))
+    );
 
     let certs = f.store.certificates().await.unwrap();
     assert_eq!(certs.len(), 1);
     assert_eq!(
-        (certs[0].serial.as_str(), certs[0].role.as_str(), certs[0].name.as_str()),
+        (
+            certs[0].serial.as_str(),
+            certs[0].role.as_str(),
+            certs[0].name.as_str()
+        ),
         ("01", "node", "hv-1")
     );
     assert_eq!(certs[0].zone.as_deref(), Some("zone-b"));
@@ -1407,7 +1434,10 @@ async fn revoking_a_node_lists_its_serials_and_lets_it_join_again() {
         .store
         .apply(&revoke(RevokeTarget::Node(NodeId::parse("hv-1").unwrap())))
         .await;
-    assert!(matches!(again, Err(StateError::NothingToRevoke(_))), "{again:?}");
+    assert!(
+        matches!(again, Err(StateError::NothingToRevoke(_))),
+        "{again:?}"
+    );
     // A serial the cloud never issued (`canopy ca issue`) is recorded as revoked.
     let out = f
         .store

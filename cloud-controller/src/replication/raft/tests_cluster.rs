@@ -462,3 +462,91 @@ async fn concurrent_commands_share_log_entries_and_keep_their_own_results() {
     assert_eq!(reservations.len(), usize::try_from(N / 5).unwrap());
     cluster.shutdown().await;
 }
+
+/// Mutual TLS on the Raft port: three replicas with certificates from one CA elect and
+/// replicate; a node's certificate is refused by role, a replica certificate from another CA
+/// at the handshake, and only a replica of this cloud gets as far as Raft (which refuses the
+/// garbage sent here on its own terms).
+#[tokio::test]
+async fn raft_rpcs_admit_only_this_clouds_replicas() {
+    use canopy_pki::{CertificateAuthority, Identity, Role, TlsFiles, Transport};
+    use canopy_proto::v1::RaftBytes;
+    use canopy_proto::v1::raft_transport_client::RaftTransportClient;
+
+    let ca = CertificateAuthority::create("raft").unwrap();
+    let tls = |ca: &CertificateAuthority, role: Role, name: &str| {
+        let issued = ca.issue(&Identity::new(role, name).unwrap(), &[]).unwrap();
+        let files = TlsFiles {
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem.unwrap(),
+        };
+        Transport::tls(&files, Default::default()).unwrap()
+    };
+    let mut replicas = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
+        let (log, server) = start_replica(
+            id,
+            store.clone(),
+            SqliteLogStore::new(&store),
+            "127.0.0.1:0".parse().unwrap(),
+            RaftTimers::default(),
+            tls(&ca, Role::Clc, &id.to_string()),
+        )
+        .await
+        .unwrap();
+        members.insert(id, server.node());
+        replicas.push(Replica {
+            log,
+            server: Some(server),
+            _dir: dir,
+        });
+    }
+    replicas[0].log.initialize(members).await.unwrap();
+    let cluster = Cluster { replicas };
+    let leader = cluster.leader().await;
+    let w = World::new();
+    cluster
+        .replica(leader)
+        .log
+        .submit(w.setup().remove(0))
+        .await
+        .expect("a commit over TLS");
+
+    let addr = cluster.replica(1).server.as_ref().unwrap().local_addr();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    let vote = |transport: Transport| {
+        let endpoint = endpoint.clone();
+        async move {
+            RaftTransportClient::new(transport.channel(endpoint, Role::Clc))
+                .vote(RaftBytes {
+                    payload: b"not a vote".to_vec(),
+                })
+                .await
+                .expect_err("garbage is never a vote")
+        }
+    };
+    let node = vote(tls(&ca, Role::Node, "hv-1")).await;
+    assert_eq!(node.code(), tonic::Code::PermissionDenied, "{node:?}");
+    let other = CertificateAuthority::create("other").unwrap();
+    let foreign = vote(tls(&other, Role::Clc, "4")).await;
+    assert!(
+        !matches!(
+            foreign.code(),
+            tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
+        ),
+        "a foreign replica got past the handshake: {foreign:?}"
+    );
+    let replica = vote(tls(&ca, Role::Clc, "9")).await;
+    assert_eq!(
+        replica.code(),
+        tonic::Code::InvalidArgument,
+        "a replica of this cloud reaches Raft: {replica:?}"
+    );
+}
