@@ -480,6 +480,12 @@ async fn run_clc(args: ClcArgs) -> Result<()> {
         args.tls_dir.as_deref(),
     )?;
     let tls_dir = canopy::pki::required("canopy clc", tls_dir)?;
+    let new_cloud_of_one = cfg.replica.initial_members.is_empty()
+        && !cfg.replica.join
+        && !cfg.data_dir.join("clc.db").exists();
+    if new_cloud_of_one {
+        canopy::pki::bootstrap_ca(&tls_dir, cfg.replica.id, cfg.region.as_str())?;
+    }
     cfg.transport = canopy::pki::transport(&tls_dir)?;
     cfg.ca = canopy::pki::load_ca(&tls_dir)?;
     std::fs::create_dir_all(&cfg.data_dir)

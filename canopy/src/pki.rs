@@ -124,6 +124,35 @@ pub fn required(what: &str, tls_dir: Option<PathBuf>) -> Result<PathBuf> {
     })
 }
 
+/// At the first start of a new cloud of one replica, an empty TLS directory gets the cloud
+/// CA and the replica's certificate: `canopy clc --tls-dir D` alone bootstraps a cloud.
+/// Replicas of a group made with `--members` share a CA made beforehand (`canopy ca`).
+/// Returns whether it made them.
+pub fn bootstrap_ca(dir: &Path, replica_id: u64, cloud_name: &str) -> Result<bool> {
+    let empty = !dir.join(files::CA_CERT).exists() && !TlsFiles::present(dir);
+    if !empty {
+        return Ok(false);
+    }
+    let ca = CertificateAuthority::create(cloud_name)?;
+    files::write_ca(dir, &ca)?;
+    let issued = ca.issue(
+        &Identity::new(Role::Clc, &replica_id.to_string())?,
+        &[],
+    )?;
+    TlsFiles {
+        ca_pem: ca.cert_pem().to_owned(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem.context("the CA made the key")?,
+    }
+    .write(dir)?;
+    tracing::info!(
+        dir = %dir.display(),
+        fingerprint = %ca.fingerprint(),
+        "created the cloud CA and this replica's certificate (first start of a new cloud); issue the CCs' certificates with `canopy ca issue --ca-dir` on this directory"
+    );
+    Ok(true)
+}
+
 /// The transport of a component's TLS directory.
 pub fn transport(dir: &Path) -> Result<Transport> {
     let files = TlsFiles::load(dir).with_context(|| format!("TLS directory {}", dir.display()))?;

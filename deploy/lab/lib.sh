@@ -21,4 +21,8 @@ elif command -v docker-compose >/dev/null 2>&1; then
 else
     die "neither 'docker compose' nor 'docker-compose' is installed"
 fi
-compose() { "${COMPOSE[@]}" -p "$COMPOSE_PROJECT_NAME" -f "$LAB/docker-compose.yml" "$@"; }
+# CANOPY_LAB_HYPERVISOR=libvirt: the nodes run libvirtd and QEMU (docker-compose.libvirt.yml).
+export CANOPY_LAB_HYPERVISOR=${CANOPY_LAB_HYPERVISOR:-sim}
+COMPOSE_FILES=(-f "$LAB/docker-compose.yml")
+[[ $CANOPY_LAB_HYPERVISOR != libvirt ]] || COMPOSE_FILES+=(-f "$LAB/docker-compose.libvirt.yml")
+compose() { "${COMPOSE[@]}" -p "$COMPOSE_PROJECT_NAME" "${COMPOSE_FILES[@]}" "$@"; }

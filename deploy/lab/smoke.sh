@@ -54,3 +54,21 @@ used=$(aws ec2 describe-instances --instance-ids "${ids[@]}" \
 aws ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
 wait_state terminated "${ids[@]}"
 log "smoke test passed: ${#ids[@]} instances ran in $used and were terminated"
+
+# With real guests (CANOPY_LAB_HYPERVISOR=libvirt): the test guest boots in a node container
+# and says so on its console.
+guest=$(aws ec2 describe-images --filters Name=name,Values=canopy-test-guest --query 'Images[0].ImageId' --output text)
+if [[ $guest == ami-* ]]; then
+    iid=$(aws ec2 run-instances --image-id "$guest" --instance-type t2.micro \
+        --placement AvailabilityZone=canopy-1a --query 'Instances[0].InstanceId' --output text)
+    log "test guest $guest launched as $iid"
+    for _ in $(seq 1 120); do
+        out=$(aws ec2 get-console-output --instance-id "$iid" --query Output --output text 2>/dev/null || true)
+        [[ $out == *"canopy-test-guest: instance $iid is up"* ]] && break
+        sleep 1
+    done
+    [[ $out == *"canopy-test-guest: instance $iid is up"* ]] || die "the test guest did not boot: ${out: -500}"
+    log "the test guest booted on its node: $(grep -m1 'is up' <<<"$out")"
+    aws ec2 terminate-instances --instance-ids "$iid" >/dev/null
+    wait_state terminated "$iid"
+fi

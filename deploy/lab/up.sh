@@ -38,6 +38,9 @@ trap cleanup EXIT
 base_packages() {
     echo ca-certificates
     if ldd "$BIN" | grep -q 'libvirt\.so'; then echo libvirt0; fi
+    if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]]; then
+        echo libvirt-daemon-system qemu-system-x86 qemu-utils | tr ' ' '\n'
+    fi
 }
 
 # canopy-lab-base:SUITE-HASH, debootstrapped and imported once; the tag changes with the recipe.
@@ -103,6 +106,14 @@ if [[ ! -x $BIN ]]; then
     log "no $BIN: cargo build --release -p canopy"
     (cd "$ROOT" && cargo build --release -p canopy)
 fi
+case $CANOPY_LAB_HYPERVISOR in
+sim) ;;
+libvirt)
+    ldd "$BIN" | grep -q 'libvirt\.so' ||
+        die "CANOPY_LAB_HYPERVISOR=libvirt needs a canopy built with --features libvirt ($BIN is not)"
+    ;;
+*) die "CANOPY_LAB_HYPERVISOR=$CANOPY_LAB_HYPERVISOR: sim or libvirt" ;;
+esac
 
 # 2. The base image (cached: built only when its tag is missing).
 PKGS=$(base_packages | tr '\n' ' ' | sed 's/ $//')
@@ -117,6 +128,7 @@ fi
 log "image $CANOPY_LAB_IMAGE from $BIN"
 mkdir "$TMP/context"
 cp "$BIN" "$TMP/context/canopy"
+cp "$LAB/lab-entry.sh" "$TMP/context/lab-entry.sh"
 docker build -q --build-arg BASE="$BASE" -t "$CANOPY_LAB_IMAGE" \
     -f "$LAB/Dockerfile" "$TMP/context" >/dev/null
 
@@ -185,10 +197,24 @@ for n in 2 3; do
         die "clc-$n does not have clc-1's access key"
 done
 
+# With real guests: the test guest (deploy/guest), built on the host and uploaded through
+# clc-1's admin API once (kernel, initramfs, and the machine image that boots with them).
+if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]] &&
+    ! admin_json images | grep -q '"name": *"canopy-test-guest"'; then
+    "$ROOT/deploy/guest/build-test-guest.sh" "$ROOT/target/test-guest" >&2
+    docker exec "$CLC1" mkdir -p /tmp/test-guest
+    docker cp "$ROOT/target/test-guest/." "$CLC1:/tmp/test-guest/"
+    upload() { admin_json upload-image "$@" --public | python3 -c 'import json,sys; print(json.load(sys.stdin)["image_id"])'; }
+    eki=$(upload /tmp/test-guest/vmlinuz --name canopy-test-guest-kernel)
+    eri=$(upload /tmp/test-guest/initrd.gz --name canopy-test-guest-ramdisk)
+    emi=$(upload /tmp/test-guest/disk.qcow2 --name canopy-test-guest --kernel-id "$eki" --ramdisk-id "$eri")
+    log "test guest registered: $emi (kernel $eki, ramdisk $eri)"
+fi
+
 # 7. The canopyrc for the host: clc-1's, with its published ports.
 P=$CANOPY_LAB_PORT_PREFIX
 {
-    echo "# Canopy lab (deploy/lab): 3 CLC replicas, zones ${ZONES[*]}, 4 simulated nodes."
+    echo "# Canopy lab (deploy/lab): 3 CLC replicas, zones ${ZONES[*]}, 4 nodes ($CANOPY_LAB_HYPERVISOR)."
     echo "# The other replicas' EC2 APIs: http://127.0.0.1:${P}2773, http://127.0.0.1:${P}3773"
     echo "# Same keys on every replica; admin tokens are per replica, e.g. clc-2's:"
     echo "#   (cd deploy/lab && ${COMPOSE[*]} exec -T clc-2 cat $DATA/admin-token)"

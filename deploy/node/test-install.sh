@@ -96,7 +96,7 @@ for p in libvirt-daemon-system qemu-system-x86 qemu-utils libvirt0; do
     check "package $p installed" test "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed
 done
 check "binary in place and runs" /usr/local/bin/canopy --version
-check "config has the CC" has /etc/canopy/nc.toml '^cc = "http://127.0.0.1:8775"$'
+check "config has the CC" has /etc/canopy/nc.toml '^cc = "https://127.0.0.1:8775"$'
 check "config has the node id" has /etc/canopy/nc.toml '^node_id = "hv-test"$'
 check "config has the join token, readable by root only" sh -c "grep -q '^join_token = \"canopy1\.' /etc/canopy/nc.toml && [ \"\$(stat -c %a /etc/canopy/nc.toml)\" = 600 ]"
 check "the TLS directory exists, empty, 0700" sh -c '[ "$(stat -c %a /etc/canopy/tls)" = 700 ] && [ -z "$(ls -A /etc/canopy/tls)" ]'
@@ -137,7 +137,7 @@ step "the node joins with its token"
     --tls-dir /tmp/pki/cc >/tmp/cc.log 2>&1 &
 cc=$!
 # The simulated driver: this container may not run guests; the join is the same.
-/usr/local/bin/canopy nc --config /etc/canopy/nc.toml --hypervisor sim >/tmp/nc.log 2>&1 &
+CANOPY_LOG=info /usr/local/bin/canopy nc --config /etc/canopy/nc.toml --hypervisor sim >/tmp/nc.log 2>&1 &
 nc=$!
 for _ in $(seq 150); do grep -q 'registered with the cluster controller' /tmp/nc.log && break; sleep 0.2; done
 check "the node joined and registered" has /tmp/nc.log 'registered with the cluster controller'

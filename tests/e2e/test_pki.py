@@ -179,3 +179,39 @@ def test_components_refuse_to_start_without_certificates(tmp_path):
                           capture_output=True, text=True, timeout=30,
                           env={k: v for k, v in os.environ.items() if not k.startswith("CANOPY_")})
     assert done.returncode != 0 and "join token" in done.stderr, done.stderr
+
+
+def test_a_new_cloud_of_one_makes_its_ca_at_first_start(tmp_path):
+    binary = str(find_binary())
+    tls = tmp_path / "tls"
+    ports = [free_port() for _ in range(4)]
+    clc = Proc("clc", [binary, "clc", "--data-dir", str(tmp_path / "clc"), "--tls-dir", str(tls),
+                       "--ec2-listen", f"127.0.0.1:{ports[0]}", "--admin-listen", f"127.0.0.1:{ports[1]}",
+                       "--grpc-listen", f"127.0.0.1:{ports[2]}", "--raft-listen", f"127.0.0.1:{ports[3]}"],
+               tmp_path, stop_timeout=20)
+    clc.start()
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "clc" / "canopyrc").exists():
+            assert clc.running and time.time() < deadline, clc.log_tail(30)
+            time.sleep(0.2)
+        assert {p.name for p in tls.iterdir()} >= {"ca.crt", "ca.key", "tls.crt", "tls.key"}
+        assert (tls / "ca.key").stat().st_mode & 0o077 == 0
+        assert "created the cloud CA" in clc.log()
+        # It signs join tokens with it: the token pins that CA.
+        rc = parse_canopyrc((tmp_path / "clc" / "canopyrc").read_text())
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CANOPY_"))}, **rc}
+        made = subprocess.run([binary, "admin", "--json", "create-join-token"], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert made.returncode == 0, made.stderr
+        fingerprint = subprocess.run([binary, "ca", "fingerprint", "--dir", str(tls)], capture_output=True,
+                                     text=True, timeout=30).stdout.strip()
+        assert json.loads(made.stdout)["token"].split(".")[1] == fingerprint
+        # A second start keeps the CA.
+        before = (tls / "ca.crt").read_text()
+        clc.stop()
+        clc.start()
+        time.sleep(1)
+        assert (tls / "ca.crt").read_text() == before
+    finally:
+        clc.stop()
