@@ -123,6 +123,11 @@ pub enum Rejection {
     AddressAlreadyAssociated(String),
     /// See [`StateError::AddressInUse`].
     AddressInUse(String),
+    /// See [`StateError::SnapshotRefused`].
+    SnapshotRefused {
+        fault: crate::state::SnapshotFault,
+        message: String,
+    },
     /// See [`StateError::VolumeRefused`].
     VolumeRefused {
         fault: crate::state::VolumeFault,
@@ -170,6 +175,9 @@ impl TryFrom<StateError> for Rejection {
             StateError::AssociationNotFound(s) => Rejection::AssociationNotFound(s),
             StateError::AddressAlreadyAssociated(s) => Rejection::AddressAlreadyAssociated(s),
             StateError::AddressInUse(s) => Rejection::AddressInUse(s),
+            StateError::SnapshotRefused { fault, message } => {
+                Rejection::SnapshotRefused { fault, message }
+            }
             StateError::VolumeRefused { fault, message } => {
                 Rejection::VolumeRefused { fault, message }
             }
@@ -221,6 +229,9 @@ impl From<Rejection> for StateError {
             Rejection::AssociationNotFound(s) => StateError::AssociationNotFound(s),
             Rejection::AddressAlreadyAssociated(s) => StateError::AddressAlreadyAssociated(s),
             Rejection::AddressInUse(s) => StateError::AddressInUse(s),
+            Rejection::SnapshotRefused { fault, message } => {
+                StateError::SnapshotRefused { fault, message }
+            }
             Rejection::VolumeRefused { fault, message } => {
                 StateError::VolumeRefused { fault, message }
             }
