@@ -464,7 +464,10 @@ mod tests {
         );
         let vol = ResourceId::parse("vol-0123456789abcdef0").unwrap();
         assert_eq!(vol.resource_type(), "volume");
-        assert!(ResourceId::parse("snap-0123456789abcdef0").is_err());
+        let snap = ResourceId::parse("snap-0123456789abcdef0").unwrap();
+        assert_eq!(snap.resource_type(), "snapshot");
+        assert!(ResourceId::parse("snap-xyz").is_err());
+        assert!(ResourceId::parse("igw-0123456789abcdef0").is_err());
         let account = AccountId::parse("123456789012").unwrap();
         assert_eq!(
             SecurityGroupId::default_for(&account).as_str(),
