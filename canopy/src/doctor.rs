@@ -159,14 +159,25 @@ mod tests {
         std::fs::write(&f, "cc = \"cc-1a:8775\"\n").unwrap();
         let err = options(Some(&f), serde_json::json!({})).unwrap_err();
         assert!(format!("{err:#}").contains("cc"), "{err:#}");
+        // A node needs its TLS directory, and a certificate there or a token to join with.
+        let err = options(None, serde_json::json!({"hypervisor": "sim"})).unwrap_err();
+        assert!(format!("{err:#}").contains("TLS directory"), "{err:#}");
+        let tls = dir.path().join("tls");
+        let err = options(None, serde_json::json!({"tls_dir": tls})).unwrap_err();
+        assert!(format!("{err:#}").contains("no join_token"), "{err:#}");
         let (opts, summary) = options(
             None,
-            serde_json::json!({"hypervisor": "sim", "node_id": "hv-9"}),
+            serde_json::json!({"hypervisor": "sim", "node_id": "hv-9", "tls_dir": tls, "join_token": "t"}),
         )
         .unwrap();
         assert!(opts.libvirt.is_none());
+        assert!(opts.transport.is_none(), "no certificate yet: the CC is not asked");
         assert!(summary.contains("node hv-9, hypervisor sim"), "{summary}");
-        let (opts, _) = options(None, serde_json::json!({"state_dir": "/srv/nc"})).unwrap();
+        let (opts, _) = options(
+            None,
+            serde_json::json!({"state_dir": "/srv/nc", "tls_dir": tls, "join_token": "t"}),
+        )
+        .unwrap();
         let libvirt = opts.libvirt.unwrap();
         assert_eq!(libvirt.image_cache_dir, Path::new("/srv/nc/images"));
         assert_eq!(opts.advertise, "http://127.0.0.1:8777");

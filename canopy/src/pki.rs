@@ -135,10 +135,7 @@ pub fn bootstrap_ca(dir: &Path, replica_id: u64, cloud_name: &str) -> Result<boo
     }
     let ca = CertificateAuthority::create(cloud_name)?;
     files::write_ca(dir, &ca)?;
-    let issued = ca.issue(
-        &Identity::new(Role::Clc, &replica_id.to_string())?,
-        &[],
-    )?;
+    let issued = ca.issue(&Identity::new(Role::Clc, &replica_id.to_string())?, &[])?;
     TlsFiles {
         ca_pem: ca.cert_pem().to_owned(),
         cert_pem: issued.cert_pem,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canopy_common::placement::HostSnapshot;
-use canopy_common::{InstanceState, NodeId, PowerState, Resources, ZoneName};
+use canopy_common::{
+    InstanceState, NodeId, PowerState, Resources, Sha256Digest, SnapshotId, ZoneName,
+};
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::cloud_controller_server::CloudController;
 use canopy_proto::v1::cluster_controller_client::ClusterControllerClient;
@@ -17,7 +19,10 @@ use tonic::{Request, Response, Status};
 
 use crate::clc::Clc;
 use crate::scheduler::ZoneSnapshot;
-use crate::state::{AllocationGroup, Command, DesiredSpec, Observation, StateError, StateReason};
+use crate::state::{
+    AllocationGroup, Command, DesiredSpec, Observation, SnapshotOutcome, SnapshotState, StateError,
+    StateReason,
+};
 
 /// What the CLC knows of a zone from its CC's heartbeats (soft state, not replicated).
 #[derive(Debug, Clone)]
@@ -233,6 +238,44 @@ impl ZoneService {
         Ok(())
     }
 
+    /// Commits what a node's upload made of a snapshot (on the leader), and answers the
+    /// snapshot's state.
+    async fn complete_snapshot(
+        &self,
+        o: pb::SnapshotOutcome,
+    ) -> Result<pb::SnapshotUploadAck, Status> {
+        let snapshot_id: SnapshotId = o
+            .snapshot_id
+            .parse()
+            .map_err(|e: canopy_common::IdError| Status::invalid_argument(e.to_string()))?;
+        let outcome = if o.failure.is_empty() {
+            SnapshotOutcome::Completed {
+                sha256: Sha256Digest::parse(&o.sha256)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                size: o.size,
+            }
+        } else {
+            SnapshotOutcome::Failed { message: o.failure }
+        };
+        self.clc
+            .submit(Command::CompleteSnapshot {
+                snapshot_id: snapshot_id.clone(),
+                outcome,
+                at: Utc::now(),
+            })
+            .await
+            .map_err(internal)?;
+        let state = self
+            .clc
+            .store
+            .snapshot_state(&snapshot_id)
+            .await
+            .map_err(internal)?;
+        Ok(pb::SnapshotUploadAck {
+            state: state.map_or("deleted", SnapshotState::name).to_owned(),
+        })
+    }
+
     /// Serves a forwarded call here (see [`ZoneService::forwarded`]).
     pub async fn serve(
         &self,
@@ -247,6 +290,7 @@ impl ZoneService {
             Some(Call::Reports(r)) => {
                 Reply::Reports(self.report_instances(Request::new(r)).await?.into_inner())
             }
+            Some(Call::Snapshot(o)) => Reply::Snapshot(self.complete_snapshot(o).await?),
             Some(Call::Join(r)) => Reply::Join(self.join_node(Request::new(r)).await?.into_inner()),
             None => return Err(Status::invalid_argument("empty forwarded zone call")),
         };
@@ -520,6 +564,96 @@ impl CloudController for ZoneService {
         Ok(Response::new(pb::ReportAck {}))
     }
 
+    /// A snapshot's bytes from a node: stored in this replica's image store (hashed while
+    /// written, fsynced, renamed into place), then the leader commits the snapshot completed
+    /// (a follower forwards the outcome). A node that failed to copy the volume sends only a
+    /// header with the failure: the snapshot ends in `error`. Anything that breaks the
+    /// upload itself is an error for the node to retry; the snapshot stays pending.
+    async fn upload_snapshot(
+        &self,
+        req: Request<Uploads>,
+    ) -> Result<Response<pb::SnapshotUploadAck>, Status> {
+        use pb::snapshot_upload::Part;
+        use tokio_stream::StreamExt;
+        let mut uploads = req.into_inner();
+        let header = match uploads.message().await? {
+            Some(pb::SnapshotUpload {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("an upload starts with its header")),
+        };
+        let snapshot_id: SnapshotId = header
+            .snapshot_id
+            .parse()
+            .map_err(|e: canopy_common::IdError| Status::invalid_argument(e.to_string()))?;
+        match self
+            .clc
+            .store
+            .snapshot_state(&snapshot_id)
+            .await
+            .map_err(internal)?
+        {
+            Some(SnapshotState::Pending) => {}
+            Some(state) => {
+                // Completed by an earlier upload: the bytes are not needed again.
+                return Ok(Response::new(pb::SnapshotUploadAck {
+                    state: state.name().to_owned(),
+                }));
+            }
+            // Deleted, or not yet applied on this replica: the node tries again while its
+            // document lists the snapshot.
+            None => {
+                return Err(Status::unavailable(format!(
+                    "snapshot {snapshot_id} is not known here"
+                )));
+            }
+        }
+        let mut outcome = pb::SnapshotOutcome {
+            snapshot_id: snapshot_id.to_string(),
+            failure: header.failure.clone(),
+            ..Default::default()
+        };
+        if header.failure.is_empty() {
+            let bytes = uploads.map(|m| match m {
+                Ok(pb::SnapshotUpload {
+                    part: Some(Part::Chunk(data)),
+                }) => Ok(data),
+                Ok(_) => Err("a second header in the upload".to_owned()),
+                Err(status) => Err(status.message().to_owned()),
+            });
+            let imported = self
+                .clc
+                .images
+                .import_stream(Box::pin(bytes))
+                .await
+                .map_err(|e| Status::aborted(format!("snapshot {snapshot_id}: {e}")))?;
+            if imported.size != header.size {
+                // Cut off mid-stream (a relay that broke): the bytes are not the copy.
+                return Err(Status::aborted(format!(
+                    "snapshot {snapshot_id}: the upload ended after {} of {} bytes",
+                    imported.size, header.size
+                )));
+            }
+            tracing::info!(snapshot = %snapshot_id, volume = %header.volume_id, node = %header.node_id, sha256 = %imported.sha256, size = imported.size, "snapshot bytes stored");
+            outcome.sha256 = imported.sha256.to_string();
+            outcome.size = imported.size;
+        } else {
+            tracing::warn!(snapshot = %snapshot_id, volume = %header.volume_id, node = %header.node_id, failure = %header.failure, "a node could not take the snapshot");
+        }
+        use pb::forwarded_zone_reply::Reply;
+        if let Some(reply) = self
+            .via_leader(pb::forwarded_zone_call::Call::Snapshot(outcome.clone()))
+            .await?
+        {
+            let r = expect_reply(reply, |r| match r {
+                Reply::Snapshot(r) => Some(r),
+                _ => None,
+            })?;
+            return Ok(Response::new(r));
+        }
+        Ok(Response::new(self.complete_snapshot(outcome).await?))
+    }
+
     /// A node joining through its zone's CC: the token is checked here (its secret against
     /// the stored hash), the certificate signed with the cloud CA, and the token spent in
     /// the same commit that records the certificate; a token raced by two nodes is spent
@@ -632,6 +766,8 @@ impl CloudController for ZoneService {
         )))
     }
 }
+
+type Uploads = tonic::Streaming<pb::SnapshotUpload>;
 
 fn node_from_proto(n: pb::NodeSummary) -> Option<NodeLive> {
     let res = |r: Option<pb::Resources>| {
@@ -809,6 +945,7 @@ async fn reconcile_once(
             .store
             .deleted_volumes(&zone.zone, Utc::now() - DELETED_VOLUMES_KEPT)
             .await?;
+        let snapshots = clc.store.pending_snapshots(&zone.zone).await?;
         let doc = pb::ZoneDesiredState {
             zone: zone.zone.to_string(),
             generation: zone.generation,
@@ -817,6 +954,7 @@ async fn reconcile_once(
                 .map(|i| spec_to_proto(i, clc.config.region.as_str()))
                 .collect(),
             deleted_volumes: canopy_proto::convert::volume_ids_to_proto(&deleted),
+            snapshots: canopy_proto::convert::snapshot_requests_to_proto(&snapshots),
         };
         let mut client = match clc.cc_clients.get(&endpoint) {
             Ok(c) => c,

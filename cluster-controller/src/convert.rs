@@ -187,6 +187,8 @@ pub fn zone_desired_from_proto(d: pb::ZoneDesiredState) -> Result<ZoneDesired, C
         instances,
         deleted_volumes: canopy_proto::convert::volume_ids_from_proto(d.deleted_volumes)
             .map_err(CcError::InvalidArgument)?,
+        snapshots: canopy_proto::convert::snapshot_requests_from_proto(d.snapshots)
+            .map_err(CcError::InvalidArgument)?,
     })
 }
 
@@ -197,6 +199,7 @@ pub fn node_desired_to_proto(d: &NodeDesired) -> pb::NodeDesiredState {
         generation: d.generation,
         instances: d.instances.iter().map(instance_spec_to_proto).collect(),
         deleted_volumes: canopy_proto::convert::volume_ids_to_proto(&d.deleted_volumes),
+        snapshots: canopy_proto::convert::snapshot_requests_to_proto(&d.snapshots),
     }
 }
 
@@ -368,6 +371,7 @@ mod tests {
             generation: 1,
             instances: vec![spec(), spec()],
             deleted_volumes: vec![],
+            snapshots: vec![],
         };
         assert!(matches!(
             zone_desired_from_proto(dup),

@@ -216,6 +216,7 @@ pub async fn start(config: CcConfig) -> Result<ClusterHandle, CcError> {
                 ))
             })
             .collect(),
+        upload_next: Default::default(),
     };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

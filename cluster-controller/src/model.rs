@@ -83,6 +83,8 @@ pub struct ZoneDesired {
     pub instances: Vec<InstanceSpec>,
     /// Volumes deleted lately; passed on to every node (any may hold the bytes).
     pub deleted_volumes: Vec<canopy_common::VolumeId>,
+    /// Snapshots pending; passed on to every node (the one holding the volume takes it).
+    pub snapshots: Vec<canopy_common::SnapshotRequest>,
 }
 
 /// The desired state of one node: the zone's instances assigned to it, same generation.
@@ -92,6 +94,7 @@ pub struct NodeDesired {
     pub generation: u64,
     pub instances: Vec<InstanceSpec>,
     pub deleted_volumes: Vec<canopy_common::VolumeId>,
+    pub snapshots: Vec<canopy_common::SnapshotRequest>,
 }
 
 /// Why an instance is in its state, in EC2's terms.

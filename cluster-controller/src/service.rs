@@ -26,6 +26,8 @@ pub(crate) struct CcService {
     /// One client per CLC replica, for image bytes (tried in order until one holds them)
     /// and joining nodes (tried until one answers).
     pub clc: Vec<CloudControllerClient<Channel>>,
+    /// The replica the next snapshot upload goes to; moves on when one refuses or fails.
+    pub upload_next: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(crate) type ImageChunks =
@@ -116,6 +118,46 @@ impl ZoneAgent for CcService {
         }
         Err(last)
     }
+
+    /// Relays a node's snapshot upload to a CLC replica, naming the zone in its header. A
+    /// stream cannot be replayed, so a replica that refuses or fails makes the next upload
+    /// go to the next replica, and the node retries. A node's stream that breaks ends the
+    /// relay short, and the replica refuses it by the header's size.
+    async fn upload_snapshot(
+        &self,
+        request: Request<SnapshotUploads>,
+    ) -> Result<Response<pb::SnapshotUploadAck>, Status> {
+        use pb::snapshot_upload::Part;
+        use std::sync::atomic::Ordering;
+        use tokio_stream::StreamExt;
+        let mut incoming = request.into_inner();
+        let mut header = match incoming.message().await? {
+            Some(pb::SnapshotUpload {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("an upload starts with its header")),
+        };
+        header.zone = self.shared.zone.to_string();
+        if self.clc.is_empty() {
+            return Err(Status::unavailable(
+                "no cloud controller endpoint configured",
+            ));
+        }
+        let i = self.upload_next.load(Ordering::Relaxed) % self.clc.len();
+        let snapshot = header.snapshot_id.clone();
+        let first = pb::SnapshotUpload {
+            part: Some(Part::Header(header)),
+        };
+        let relayed = tokio_stream::once(first).chain(incoming.map_while(Result::ok));
+        match self.clc[i].clone().upload_snapshot(relayed).await {
+            Ok(ack) => Ok(ack),
+            Err(status) => {
+                tracing::debug!(%snapshot, replica = i, %status, "snapshot upload refused; the next goes elsewhere");
+                self.upload_next.store(i + 1, Ordering::Relaxed);
+                Err(status)
+            }
+        }
+    }
 }
 
 /// Joining nodes: the only service a caller without a certificate may use. The CC relays
@@ -148,6 +190,8 @@ impl Enrollment for CcService {
         Err(last)
     }
 }
+
+type SnapshotUploads = tonic::Streaming<pb::SnapshotUpload>;
 
 #[tonic::async_trait]
 impl ClusterController for CcService {

@@ -105,6 +105,7 @@ struct Desired {
     generation: u64,
     specs: BTreeMap<InstanceId, InstanceSpec>,
     deleted_volumes: Vec<canopy_common::VolumeId>,
+    snapshots: Vec<canopy_common::SnapshotRequest>,
 }
 
 /// Everything the cluster controller knows about its zone.
@@ -330,6 +331,7 @@ impl ZoneState {
             generation: doc.generation,
             specs,
             deleted_volumes: doc.deleted_volumes,
+            snapshots: doc.snapshots,
         });
         self.forget_finished();
         plan.pushes = self.nodes.keys().filter_map(|n| self.push_for(n)).collect();
@@ -613,6 +615,7 @@ impl ZoneState {
                 generation: d.generation,
                 instances,
                 deleted_volumes: d.deleted_volumes.clone(),
+                snapshots: d.snapshots.clone(),
             },
         })
     }
@@ -657,6 +660,7 @@ mod tests {
             generation,
             instances,
             deleted_volumes: Vec::new(),
+            snapshots: Vec::new(),
         }
     }
 
@@ -766,9 +770,15 @@ mod tests {
             device: "/dev/sdf".into(),
             size_gib: 8,
             initialized: false,
+            source: None,
         }];
         let mut d = doc(1, vec![with_volume.clone(), spec(2, 2048)]);
         d.deleted_volumes = vec![vol(2)];
+        let snap = canopy_common::SnapshotRequest {
+            snapshot_id: canopy_common::SnapshotId::parse("snap-0123456789abcdef0").unwrap(),
+            volume_id: vol(2),
+        };
+        d.snapshots = vec![snap.clone()];
         let plan = applied(z.apply_desired(d, now));
         let holder = &plan
             .placed
@@ -785,6 +795,7 @@ mod tests {
         assert_eq!(sent.volumes, with_volume.volumes);
         for name in ["a", "b"] {
             assert_eq!(push_for(&plan, name).deleted_volumes, vec![vol(2)]);
+            assert_eq!(push_for(&plan, name).snapshots, vec![snap.clone()]);
         }
     }
 

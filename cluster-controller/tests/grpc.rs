@@ -28,6 +28,8 @@ struct ClcLog {
     registrations: Vec<pb::RegisterZoneRequest>,
     heartbeats: Vec<pb::ZoneHeartbeatRequest>,
     reports: Vec<pb::InstanceReport>,
+    /// Snapshot uploads relayed, each as its parts.
+    uploads: Vec<Vec<pb::SnapshotUpload>>,
 }
 
 #[derive(Clone, Default)]
@@ -124,6 +126,21 @@ impl CloudController for FakeClc {
             .map(|c| Ok(pb::ImageChunk { data: c.to_vec() }))
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn upload_snapshot(
+        &self,
+        request: Request<tonic::Streaming<pb::SnapshotUpload>>,
+    ) -> Result<Response<pb::SnapshotUploadAck>, Status> {
+        let mut parts = request.into_inner();
+        let mut got = Vec::new();
+        while let Some(part) = parts.message().await? {
+            got.push(part);
+        }
+        self.log().uploads.push(got);
+        Ok(Response::new(pb::SnapshotUploadAck {
+            state: "completed".into(),
+        }))
     }
 }
 
@@ -340,6 +357,7 @@ fn zone_doc(generation: u64, instances: Vec<pb::InstanceSpec>) -> pb::ZoneDesire
         generation,
         instances,
         deleted_volumes: Vec::new(),
+        snapshots: Vec::new(),
     }
 }
 
@@ -499,6 +517,7 @@ async fn put_zone_state_places_instances_and_fans_out_to_the_right_nodes() {
         generation: 3,
         instances: Vec::new(),
         deleted_volumes: Vec::new(),
+        snapshots: Vec::new(),
     };
     assert_eq!(
         ctl.put_zone_state(other)
@@ -676,6 +695,53 @@ async fn image_bytes_are_relayed_from_the_replica_that_holds_them() {
         .await
         .expect_err("nobody has it");
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    cc.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshot_uploads_are_relayed_with_the_zone_in_their_header() {
+    use pb::snapshot_upload::Part;
+    let clc = FakeClc::default();
+    let clc_server = serve_clc(clc.clone()).await;
+    let cc = start(config(&clc_server.endpoint())).await.expect("start");
+    let mut nc_link = agent(&cc).await;
+    let parts = vec![
+        pb::SnapshotUpload {
+            part: Some(Part::Header(pb::SnapshotUploadHeader {
+                snapshot_id: "snap-0123456789abcdef0".into(),
+                volume_id: "vol-0123456789abcdef0".into(),
+                node_id: "node-a".into(),
+                size: 6,
+                ..Default::default()
+            })),
+        },
+        pb::SnapshotUpload {
+            part: Some(Part::Chunk(b"abc".to_vec())),
+        },
+        pb::SnapshotUpload {
+            part: Some(Part::Chunk(b"def".to_vec())),
+        },
+    ];
+    let ack = nc_link
+        .upload_snapshot(tokio_stream::iter(parts))
+        .await
+        .expect("relayed")
+        .into_inner();
+    assert_eq!(ack.state, "completed");
+    let uploads = clc.log().uploads.clone();
+    assert_eq!(uploads.len(), 1);
+    let Some(Part::Header(header)) = &uploads[0][0].part else {
+        panic!("the header first: {:?}", uploads[0]);
+    };
+    assert_eq!((header.zone.as_str(), header.size), (ZONE, 6));
+    let bytes: Vec<u8> = uploads[0][1..]
+        .iter()
+        .flat_map(|p| match &p.part {
+            Some(Part::Chunk(c)) => c.clone(),
+            _ => panic!("chunks after the header"),
+        })
+        .collect();
+    assert_eq!(bytes, b"abcdef");
     cc.shutdown().await;
 }
 

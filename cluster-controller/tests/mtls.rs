@@ -80,6 +80,13 @@ impl CloudController for FakeClc {
         Err(Status::not_found("no images here"))
     }
 
+    async fn upload_snapshot(
+        &self,
+        _: Request<tonic::Streaming<pb::SnapshotUpload>>,
+    ) -> Result<Response<pb::SnapshotUploadAck>, Status> {
+        Err(Status::unimplemented("no snapshots here"))
+    }
+
     async fn join_node(
         &self,
         req: Request<pb::JoinNodeRequest>,

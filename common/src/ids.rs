@@ -159,6 +159,10 @@ hex_id!(
     /// An EBS-style volume, `vol-` and 17 hex digits.
     VolumeId, "vol-", "volume", 17
 );
+hex_id!(
+    /// A point-in-time copy of a volume, `snap-` and 17 hex digits.
+    SnapshotId, "snap-", "snapshot", 17
+);
 
 impl SecurityGroupId {
     /// The id of an account's `default` group, made from the account number so that every
@@ -186,6 +190,7 @@ pub enum ResourceId {
     SecurityGroup(SecurityGroupId),
     ElasticIp(AllocationId),
     Volume(VolumeId),
+    Snapshot(SnapshotId),
 }
 
 impl ResourceId {
@@ -200,6 +205,8 @@ impl ResourceId {
             AllocationId::parse(value).map(ResourceId::ElasticIp)
         } else if value.starts_with(VolumeId::PREFIX) {
             VolumeId::parse(value).map(ResourceId::Volume)
+        } else if value.starts_with(SnapshotId::PREFIX) {
+            SnapshotId::parse(value).map(ResourceId::Snapshot)
         } else {
             Err(IdError {
                 kind: "taggable resource",
@@ -215,6 +222,7 @@ impl ResourceId {
             ResourceId::SecurityGroup(id) => id.as_str(),
             ResourceId::ElasticIp(id) => id.as_str(),
             ResourceId::Volume(id) => id.as_str(),
+            ResourceId::Snapshot(id) => id.as_str(),
         }
     }
 
@@ -226,6 +234,7 @@ impl ResourceId {
             ResourceId::SecurityGroup(_) => "security-group",
             ResourceId::ElasticIp(_) => "elastic-ip",
             ResourceId::Volume(_) => "volume",
+            ResourceId::Snapshot(_) => "snapshot",
         }
     }
 }
@@ -251,6 +260,7 @@ impl From<ResourceId> for String {
             ResourceId::SecurityGroup(id) => id.into(),
             ResourceId::ElasticIp(id) => id.into(),
             ResourceId::Volume(id) => id.into(),
+            ResourceId::Snapshot(id) => id.into(),
         }
     }
 }
@@ -454,7 +464,10 @@ mod tests {
         );
         let vol = ResourceId::parse("vol-0123456789abcdef0").unwrap();
         assert_eq!(vol.resource_type(), "volume");
-        assert!(ResourceId::parse("snap-0123456789abcdef0").is_err());
+        let snap = ResourceId::parse("snap-0123456789abcdef0").unwrap();
+        assert_eq!(snap.resource_type(), "snapshot");
+        assert!(ResourceId::parse("snap-xyz").is_err());
+        assert!(ResourceId::parse("igw-0123456789abcdef0").is_err());
         let account = AccountId::parse("123456789012").unwrap();
         assert_eq!(
             SecurityGroupId::default_for(&account).as_str(),

@@ -15,8 +15,8 @@ pub mod volumes;
 
 pub use ids::{
     AccessKeyId, AccountId, AllocationId, AssociationId, IdError, ImageId, InstanceId, KeyPairId,
-    NodeId, RegionName, ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId, VolumeId,
-    ZoneName,
+    NodeId, RegionName, ReservationId, ResourceId, SecurityGroupId, SecurityGroupRuleId,
+    SnapshotId, VolumeId, ZoneName,
 };
 pub use images::{BootImages, ImageKind, ImageRef, Sha256Digest};
 pub use instance_types::{INSTANCE_TYPES, InstanceType};
@@ -24,4 +24,4 @@ pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState
 pub use metadata::{HttpTokens, InstanceMetadata};
 pub use net::Ipv4Subnet;
 pub use resources::Resources;
-pub use volumes::VolumeAttachment;
+pub use volumes::{SnapshotRef, SnapshotRequest, VolumeAttachment};

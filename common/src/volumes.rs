@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::VolumeId;
+use crate::{Sha256Digest, SnapshotId, VolumeId};
 
 /// A volume an instance should have attached, as the CLC sends it down to the node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -14,6 +14,27 @@ pub struct VolumeAttachment {
     /// A node has had it attached before: its bytes exist (on that node, or on storage
     /// the zone's nodes share), and must not be made anew.
     pub initialized: bool,
+    /// The snapshot whose bytes the volume starts from (made from a snapshot); `None` for
+    /// an empty volume. Only a node making the volume's bytes for the first time uses it.
+    #[serde(default)]
+    pub source: Option<SnapshotRef>,
+}
+
+/// A snapshot's bytes, as a node fetches them (by digest, like an image's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    pub snapshot_id: SnapshotId,
+    pub sha256: Sha256Digest,
+    pub size: u64,
+}
+
+/// A snapshot the zone's nodes are asked to take: the node that holds the volume's bytes
+/// copies them and uploads the copy. Listed while the snapshot is `pending`; taking it twice
+/// is harmless (the first upload completes it, later ones are ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    pub snapshot_id: SnapshotId,
+    pub volume_id: VolumeId,
 }
 
 /// The attachment point an EC2 device name stands for, or `None` when the name is not one

@@ -38,9 +38,6 @@ trap cleanup EXIT
 base_packages() {
     echo ca-certificates
     if ldd "$BIN" | grep -q 'libvirt\.so'; then echo libvirt0; fi
-    if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]]; then
-        echo libvirt-daemon-system qemu-system-x86 qemu-utils | tr ' ' '\n'
-    fi
 }
 
 # canopy-lab-base:SUITE-HASH, debootstrapped and imported once; the tag changes with the recipe.
@@ -122,6 +119,21 @@ if docker image inspect "$BASE" >/dev/null 2>&1; then
     log "base image $BASE: cached"
 else
     build_base "$BASE" "$PKGS"
+fi
+
+# With real guests, the nodes need libvirtd and QEMU: a layer on the base with them (apt in
+# a build container; debootstrap cannot configure libvirt's packages in its chroot).
+if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]]; then
+    LV_PKGS="libvirt-daemon-system qemu-system-x86 qemu-utils"
+    LV_BASE=canopy-lab-libvirt:${BASE#canopy-lab-base:}-$(sha256sum <<<"$LV_PKGS" | cut -c1-8)
+    if ! docker image inspect "$LV_BASE" >/dev/null 2>&1; then
+        log "building $LV_BASE: $BASE + $LV_PKGS (apt, a few minutes)"
+        mkdir -p "$TMP/lv"
+        printf 'FROM %s\nRUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends %s && rm -rf /var/lib/apt/lists/*\n' \
+            "$BASE" "$LV_PKGS" >"$TMP/lv/Dockerfile"
+        docker build -q -t "$LV_BASE" "$TMP/lv" >/dev/null || die "building $LV_BASE failed"
+    fi
+    BASE=$LV_BASE
 fi
 
 # 3. The lab image: the binary on the base, in a build context holding only the binary.

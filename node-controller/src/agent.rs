@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use canopy_common::{InstanceId, NodeId, VolumeId};
+use canopy_common::{InstanceId, NodeId, SnapshotId, SnapshotRequest, VolumeId};
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::zone_agent_client::ZoneAgentClient;
 use rand::Rng;
@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -54,6 +55,18 @@ const RECONCILE_GAP: Duration = Duration::from_millis(2);
 const RECONCILE_GAP_FACTOR: u32 = 4;
 /// How long `NodeHandle::shutdown` waits for a task before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A snapshot uploaded is taken again if the document still asks for it this much later
+/// (the upload's outcome was lost on its way to the CLC's log).
+const SNAPSHOT_RECHECK: Duration = Duration::from_secs(60);
+/// A snapshot whose upload failed is tried again after this.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
+/// A snapshot of a volume this node does not hold is looked at again after this (the
+/// volume may be being attached here).
+const SNAPSHOT_NOT_HERE: Duration = Duration::from_secs(2);
+
+/// The parts of a snapshot upload, as the client streams them.
+type UploadParts =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = pb::SnapshotUpload> + Send + 'static>>;
 
 /// A running node controller.
 #[derive(Debug)]
@@ -104,6 +117,13 @@ pub async fn start(
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT);
     let channel = config.transport.channel(endpoint, canopy_pki::Role::Zone);
+    // Uploads of snapshots last as long as their bytes take: no overall deadline.
+    let uploads = config.transport.channel(
+        Endpoint::from_shared(config.cc_endpoint.clone())
+            .map_err(|e| NcError::Config(format!("cc_endpoint {:?}: {e}", config.cc_endpoint)))?
+            .connect_timeout(CONNECT_TIMEOUT),
+        canopy_pki::Role::Zone,
+    );
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| NcError::Bind {
@@ -128,6 +148,7 @@ pub async fn start(
         config.node_id.clone(),
         config.stop_timeout,
         hypervisor,
+        ZoneAgentClient::new(uploads),
     ));
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -196,6 +217,8 @@ pub(crate) struct Agent {
     node_id: NodeId,
     stop_timeout: Duration,
     hypervisor: Arc<dyn Hypervisor>,
+    /// Snapshot uploads to the CC (a channel without a call deadline).
+    uploads: ZoneAgentClient<Channel>,
     state: Mutex<AgentState>,
     /// Wakes the reconciler; `notify_one` keeps a permit, so wake-ups during a pass
     /// coalesce into one more pass.
@@ -218,14 +241,22 @@ struct AgentState {
     preparing: BTreeSet<InstanceId>,
     /// Deleted volumes whose bytes this agent has removed (or found absent).
     removed_volumes: BTreeSet<VolumeId>,
+    /// The snapshots of the document this agent is taking or took.
+    snapshots: BTreeMap<SnapshotId, plan::SnapshotTask>,
 }
 
 impl Agent {
-    fn new(node_id: NodeId, stop_timeout: Duration, hypervisor: Arc<dyn Hypervisor>) -> Self {
+    fn new(
+        node_id: NodeId,
+        stop_timeout: Duration,
+        hypervisor: Arc<dyn Hypervisor>,
+        uploads: ZoneAgentClient<Channel>,
+    ) -> Self {
         Agent {
             node_id,
             stop_timeout,
             hypervisor,
+            uploads,
             state: Mutex::new(AgentState::default()),
             reconcile: Notify::new(),
             report: Notify::new(),
@@ -279,6 +310,9 @@ impl Agent {
         state
             .removed_volumes
             .retain(|v| doc.deleted_volumes.contains(v));
+        state
+            .snapshots
+            .retain(|id, _| doc.snapshots.iter().any(|r| &r.snapshot_id == id));
         for (id, spec) in &doc.instances {
             state
                 .memory
@@ -388,7 +422,7 @@ impl Agent {
                 return None;
             }
         };
-        let (plan, remove) = {
+        let (plan, remove, snapshots) = {
             let mut state = self.lock();
             Self::absorb(&mut state, &observed);
             let remove = state.desired.as_ref().map_or_else(Vec::new, |doc| {
@@ -413,9 +447,20 @@ impl Agent {
                 info!(instance = %id, "domain not in the desired state; leaving it alone");
             }
             state.unmanaged = unmanaged;
-            (plan, remove)
+            let snapshots = state.desired.as_ref().map_or_else(Vec::new, |doc| {
+                plan::snapshots_due(doc, &state.snapshots, Instant::now())
+            });
+            for request in &snapshots {
+                state
+                    .snapshots
+                    .insert(request.snapshot_id.clone(), plan::SnapshotTask::InFlight);
+            }
+            (plan, remove, snapshots)
         };
         self.remove_volumes(remove).await;
+        for request in snapshots {
+            self.snapshot_in_background(request);
+        }
 
         let actions = self.defer_unprepared(plan.actions);
         let (observed, attached) = if actions.is_empty() {
@@ -442,6 +487,109 @@ impl Agent {
         plan::next_deadline(state.memory.values())
     }
 
+    /// Takes a snapshot the document asks for, if this node holds the volume: copies the
+    /// volume (the driver) and uploads the copy through the CC, or, when the copy fails,
+    /// uploads the failure (the snapshot ends in `error`). Waits before the snapshot is
+    /// looked at again, then wakes the reconciler.
+    fn snapshot_in_background(self: &Arc<Self>, request: SnapshotRequest) {
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            let snapshot = request.snapshot_id.clone();
+            let volume = request.volume_id.clone();
+            let node = agent.node_id.to_string();
+            let header = move |failure: String, size: u64| pb::SnapshotUploadHeader {
+                snapshot_id: request.snapshot_id.to_string(),
+                volume_id: request.volume_id.to_string(),
+                zone: String::new(),
+                node_id: node.clone(),
+                failure,
+                size,
+            };
+            let copied = agent.hypervisor.snapshot_volume(&volume).await;
+            let wait = match copied {
+                Ok(None) => SNAPSHOT_NOT_HERE,
+                Ok(Some(copy)) => {
+                    info!(%snapshot, %volume, size = copy.size, "volume copied; uploading the snapshot");
+                    let first = pb::SnapshotUpload {
+                        part: Some(pb::snapshot_upload::Part::Header(header(
+                            String::new(),
+                            copy.size,
+                        ))),
+                    };
+                    // A read error ends the stream short; the CLC refuses it by its size.
+                    let chunks = copy
+                        .bytes
+                        .map_while(Result::ok)
+                        .map(|data| pb::SnapshotUpload {
+                            part: Some(pb::snapshot_upload::Part::Chunk(data)),
+                        });
+                    upload(
+                        agent.uploads.clone(),
+                        snapshot.clone(),
+                        Box::pin(tokio_stream::once(first).chain(chunks)),
+                    )
+                    .await
+                }
+                Err(error) => {
+                    warn!(%snapshot, %volume, %error, "copying the volume failed");
+                    let only = pb::SnapshotUpload {
+                        part: Some(pb::snapshot_upload::Part::Header(header(
+                            format!("copying the volume failed: {error}"),
+                            0,
+                        ))),
+                    };
+                    upload(
+                        agent.uploads.clone(),
+                        snapshot.clone(),
+                        Box::pin(tokio_stream::once(only)),
+                    )
+                    .await
+                }
+            };
+            let until = Instant::now() + wait;
+            if let Some(task) = agent.lock().snapshots.get_mut(&snapshot) {
+                *task = plan::SnapshotTask::Wait(until);
+            }
+            tokio::time::sleep_until(until).await;
+            agent.reconcile.notify_one();
+        });
+    }
+}
+
+/// Sends one upload; how long to wait before the snapshot is looked at again.
+fn upload(
+    mut client: ZoneAgentClient<Channel>,
+    snapshot: SnapshotId,
+    mut parts: UploadParts,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + Send>> {
+    // The client wants a stream it can hold across threads: a channel's receiving end,
+    // fed from the copy.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some(part) = parts.next().await {
+            if tx.send(part).await.is_err() {
+                break;
+            }
+        }
+    });
+    Box::pin(async move {
+        match client
+            .upload_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(ack) => {
+                info!(%snapshot, state = %ack.get_ref().state, "snapshot uploaded");
+                SNAPSHOT_RECHECK
+            }
+            Err(status) => {
+                warn!(%snapshot, %status, "uploading the snapshot failed; will retry");
+                SNAPSHOT_RETRY
+            }
+        }
+    })
+}
+
+impl Agent {
     /// Removes deleted volumes' bytes, remembering which are gone so each is removed once.
     async fn remove_volumes(&self, volumes: Vec<VolumeId>) {
         for volume in volumes {

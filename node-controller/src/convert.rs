@@ -108,6 +108,8 @@ pub fn desired_state_from_proto(
             instances,
             deleted_volumes: canopy_proto::convert::volume_ids_from_proto(doc.deleted_volumes)
                 .map_err(invalid)?,
+            snapshots: canopy_proto::convert::snapshot_requests_from_proto(doc.snapshots)
+                .map_err(invalid)?,
         },
     ))
 }
@@ -184,6 +186,11 @@ mod tests {
                 device: "/dev/sdf".into(),
                 size_gib: 4,
                 initialized: true,
+                source: Some(pb::SnapshotRef {
+                    snapshot_id: "snap-0123456789abcdef0".into(),
+                    sha256: "ab".repeat(32),
+                    size: 9,
+                }),
             }],
         }
     }
@@ -207,6 +214,13 @@ mod tests {
         assert_eq!(d.volumes[0].device, "/dev/sdf");
         assert_eq!(d.volumes[0].size_gib, 4);
         assert!(d.volumes[0].initialized);
+        assert_eq!(
+            d.volumes[0]
+                .source
+                .as_ref()
+                .map(|s| (s.snapshot_id.as_str(), s.size)),
+            Some(("snap-0123456789abcdef0", 9))
+        );
         let domain = d.domain_spec();
         assert_eq!(
             domain.kernel_cmdline_extra,
@@ -286,6 +300,7 @@ mod tests {
             generation: 7,
             instances: vec![spec(), spec()],
             deleted_volumes: vec![],
+            snapshots: vec![],
         };
         assert!(matches!(
             desired_state_from_proto(doc),
@@ -296,6 +311,7 @@ mod tests {
             generation: 7,
             instances: vec![],
             deleted_volumes: vec![],
+            snapshots: vec![],
         };
         assert!(matches!(
             desired_state_from_proto(doc),
@@ -306,6 +322,7 @@ mod tests {
             generation: 7,
             instances: vec![spec()],
             deleted_volumes: vec!["vol-0123456789abcdef0".into()],
+            snapshots: vec![],
         };
         let (node, d) = desired_state_from_proto(doc).unwrap();
         assert_eq!(node, None);

@@ -170,6 +170,23 @@ pub struct DomainEvent {
     pub reason: Option<String>,
 }
 
+/// A volume's bytes as they were at one moment, as a standalone image (qcow2 for the
+/// libvirt driver), to upload as a snapshot.
+pub struct VolumeCopy {
+    /// The copy's length in bytes.
+    pub size: u64,
+    /// The bytes, in chunks of at most 1 MiB.
+    pub bytes: std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Vec<u8>, String>> + Send>>,
+}
+
+impl fmt::Debug for VolumeCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VolumeCopy")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A virtualisation driver. Object safe: the agent holds an `Arc<dyn Hypervisor>`.
 ///
 /// Drivers whose calls block (libvirt) run them on `spawn_blocking`; callers may assume
@@ -255,4 +272,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Removes a deleted volume's bytes from the host, if it holds them. Succeeds when
     /// there is nothing to remove.
     async fn delete_volume(&self, volume: &VolumeId) -> Result<(), HypervisorError>;
+
+    /// Copies a volume's bytes as they are now (a snapshot), if the host holds them;
+    /// `None` when it does not (another node of the zone does). The copy of a volume
+    /// attached to a running guest is crash-consistent: what a sudden power loss would have
+    /// left on the disk.
+    async fn snapshot_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Option<VolumeCopy>, HypervisorError>;
 }

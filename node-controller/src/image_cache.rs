@@ -31,7 +31,8 @@ pub type ImageStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, String>> + Send
 /// Where a node gets image bytes it lacks (its cluster controller, in production).
 #[async_trait::async_trait]
 pub trait ImageFetcher: Send + Sync {
-    async fn fetch(&self, image: &ImageRef) -> Result<ImageStream, String>;
+    /// The bytes whose SHA-256 is `sha256` (an image's or a snapshot's).
+    async fn fetch(&self, sha256: &Sha256Digest) -> Result<ImageStream, String>;
 }
 
 /// The suffix of the temporary files downloads are written to.
@@ -390,7 +391,7 @@ impl ImageCache {
             image: id.clone(),
             message,
         };
-        let mut stream = fetcher.fetch(image).await.map_err(fetch_error)?;
+        let mut stream = fetcher.fetch(&image.sha256).await.map_err(fetch_error)?;
         let mut file = tokio::fs::File::create_new(&tmp_path)
             .await
             .map_err(io_error(&writing))?;
@@ -543,13 +544,13 @@ mod tests {
 
     #[async_trait::async_trait]
     impl ImageFetcher for FakeFetcher {
-        async fn fetch(&self, image: &ImageRef) -> Result<ImageStream, String> {
+        async fn fetch(&self, sha256: &Sha256Digest) -> Result<ImageStream, String> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             let bytes = self
                 .images
-                .get(&image.sha256)
-                .ok_or_else(|| format!("no image {}", image.image_id))?;
+                .get(sha256)
+                .ok_or_else(|| format!("no image {sha256}"))?;
             let chunks: Vec<Result<Vec<u8>, String>> =
                 bytes.chunks(3).map(|c| Ok(c.to_vec())).collect();
             Ok(Box::pin(tokio_stream::iter(chunks)))

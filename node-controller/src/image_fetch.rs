@@ -2,7 +2,7 @@
 //! which relays them from a cloud controller replica that holds them.
 
 use async_trait::async_trait;
-use canopy_common::ImageRef;
+use canopy_common::Sha256Digest;
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::zone_agent_client::ZoneAgentClient;
 use tokio_stream::StreamExt;
@@ -29,12 +29,12 @@ impl CcImageFetcher {
 
 #[async_trait]
 impl ImageFetcher for CcImageFetcher {
-    async fn fetch(&self, image: &ImageRef) -> Result<ImageStream, String> {
+    async fn fetch(&self, sha256: &Sha256Digest) -> Result<ImageStream, String> {
         let stream = self
             .client
             .clone()
             .fetch_image(pb::FetchImageRequest {
-                sha256: image.sha256.to_string(),
+                sha256: sha256.to_string(),
             })
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

@@ -39,7 +39,7 @@ pub use config::NcConfig;
 pub use error::{HypervisorError, NcError};
 pub use hypervisor::{
     DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
-    UnknownHypervisorKind,
+    UnknownHypervisorKind, VolumeCopy,
 };
 pub use model::{DesiredInstance, DesiredState, InstanceReport, PutOutcome, StateReason, reason};
 pub use sim::{SimConfig, SimControl, SimHypervisor};

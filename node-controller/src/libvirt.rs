@@ -28,7 +28,7 @@ use virt::error::ErrorNumber;
 use crate::domain_xml::{Accelerator, Boot, DomainDescription};
 use crate::error::HypervisorError;
 use crate::hypervisor::{
-    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
+    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind, VolumeCopy,
 };
 use crate::image_cache::{ImageCache, ImageFetcher};
 
@@ -95,6 +95,34 @@ async fn qemu_img_create(
         )));
     }
     Ok(())
+}
+
+/// Runs `qemu-img` with `args`; its stderr is the error.
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), HypervisorError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| failed(format!("qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "qemu-img {}: {}",
+            args.first()
+                .map(|a| a.to_string_lossy())
+                .unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// A file removed when dropped (a snapshot's copy, once uploaded or abandoned).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn failed(e: impl std::fmt::Display) -> HypervisorError {
@@ -295,10 +323,81 @@ impl LibvirtHypervisor {
         tokio::fs::create_dir_all(&self.config.volumes_dir)
             .await
             .map_err(failed)?;
-        let partial = file.with_extension("qcow2.partial");
-        qemu_img_create(&partial, volume.size_gib, None).await?;
-        tokio::fs::rename(&partial, &file).await.map_err(failed)?;
+        let partial = Scratch(file.with_extension("qcow2.partial"));
+        match &volume.source {
+            None => qemu_img_create(&partial.0, volume.size_gib, None).await?,
+            Some(source) => {
+                // The snapshot's bytes (a standalone image), verified, become a standalone
+                // qcow2 of the volume's size.
+                let fetched = Scratch(file.with_extension("source.partial"));
+                self.fetch_verified(&source.sha256, source.size, &fetched.0)
+                    .await?;
+                qemu_img(&[
+                    "convert".as_ref(),
+                    "-q".as_ref(),
+                    "-O".as_ref(),
+                    "qcow2".as_ref(),
+                    fetched.0.as_os_str(),
+                    partial.0.as_os_str(),
+                ])
+                .await?;
+                qemu_img(&[
+                    "resize".as_ref(),
+                    "-q".as_ref(),
+                    partial.0.as_os_str(),
+                    format!("{}G", volume.size_gib.max(1)).as_ref(),
+                ])
+                .await?;
+            }
+        }
+        tokio::fs::rename(&partial.0, &file).await.map_err(failed)?;
         Ok(file)
+    }
+
+    /// Fetches the bytes of `sha256` into `dest`, checking their size and digest.
+    async fn fetch_verified(
+        &self,
+        sha256: &Sha256Digest,
+        size: u64,
+        dest: &Path,
+    ) -> Result<(), HypervisorError> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+        let mut stream = self.images.fetcher.fetch(sha256).await.map_err(failed)?;
+        let mut out = tokio::fs::File::create(dest).await.map_err(failed)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut got = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(failed)?;
+            got += chunk.len() as u64;
+            if got > size {
+                break;
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(failed)?;
+        }
+        out.sync_all().await.map_err(failed)?;
+        let digest = Sha256Digest::from_bytes(&hasher.finalize().into());
+        if got != size || &digest != sha256 {
+            return Err(failed(format!(
+                "snapshot bytes {sha256} failed verification: expected {size} bytes, got {got}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The running domain that has `volume` attached, if any.
+    async fn running_holder(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Option<InstanceId>, HypervisorError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .find(|d| d.state.is_active() && d.volumes.contains(volume))
+            .map(|d| d.instance_id))
     }
 
     /// The domain's description, creating its root overlay on the machine image. The
@@ -631,6 +730,79 @@ impl Hypervisor for LibvirtHypervisor {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(failed(e)),
         }
+    }
+
+    /// `qemu-img convert` of the volume's file into a standalone qcow2 beside it. A running
+    /// guest that has the volume attached is paused for the copy: pausing drains QEMU's
+    /// in-flight I/O and flushes its qcow2 metadata to the file, so the copy is a
+    /// consistent image of the disk at one instant — crash-consistent for the guest (what
+    /// its filesystem had written; its page cache is not flushed). `-U` (force-share) lets
+    /// qemu-img read a file the paused QEMU holds locked. The pause lasts the copy.
+    async fn snapshot_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Option<VolumeCopy>, HypervisorError> {
+        let file = self.volume_file(volume);
+        if !tokio::fs::try_exists(&file).await.map_err(failed)? {
+            return Ok(None);
+        }
+        let copy = Scratch(self.config.volumes_dir.join(format!(
+            ".snapshot-{}-{:016x}.qcow2",
+            volume.as_str(),
+            rand::random::<u64>()
+        )));
+        let holder = self.running_holder(volume).await?;
+        if let Some(id) = &holder {
+            self.with_domain(id, "pause", |d| d.suspend().map(|_| ()))
+                .await?;
+        }
+        let converted = qemu_img(&[
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-U".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            file.as_os_str(),
+            copy.0.as_os_str(),
+        ])
+        .await;
+        if let Some(id) = &holder {
+            // Resumed whatever the copy's fate.
+            if let Err(e) = self
+                .with_domain(id, "resume", |d| d.resume().map(|_| ()))
+                .await
+            {
+                tracing::warn!(instance = %id, error = %e, "cannot resume the guest after a snapshot copy");
+            }
+        }
+        converted?;
+        let size = tokio::fs::metadata(&copy.0).await.map_err(failed)?.len();
+        let mut reader = tokio::fs::File::open(&copy.0).await.map_err(failed)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            // The copy goes when the upload has read it (or gave up).
+            let _copy = copy;
+            loop {
+                let mut data = vec![0u8; 1 << 20];
+                let chunk = match reader.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        data.truncate(n);
+                        Ok(data)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let broken = chunk.is_err();
+                if tx.send(chunk).await.is_err() || broken {
+                    return;
+                }
+            }
+        });
+        Ok(Some(VolumeCopy {
+            size,
+            bytes: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        }))
     }
 
     async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {

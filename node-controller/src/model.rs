@@ -68,6 +68,8 @@ pub struct DesiredState {
     pub instances: BTreeMap<InstanceId, DesiredInstance>,
     /// Volumes deleted lately, whose bytes the node removes if it holds them.
     pub deleted_volumes: Vec<canopy_common::VolumeId>,
+    /// Snapshots pending in the zone: the node takes those of volumes it holds.
+    pub snapshots: Vec<canopy_common::SnapshotRequest>,
 }
 
 /// Why an instance is in its state, in EC2 terms.

@@ -17,7 +17,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use canopy_common::{InstanceId, InstanceState, PowerState, VolumeAttachment, VolumeId};
+use canopy_common::{
+    InstanceId, InstanceState, PowerState, SnapshotId, SnapshotRequest, VolumeAttachment, VolumeId,
+};
 use tokio::time::Instant;
 
 use crate::hypervisor::{DomainSpec, DomainState};
@@ -274,7 +276,9 @@ pub fn plan_volumes(
 }
 
 /// Deleted volumes whose bytes the node may remove now: none of its domains has them
-/// attached (a detach still under way finishes first), and it has not removed them yet.
+/// attached (a detach still under way finishes first), no pending snapshot still needs
+/// them (a volume deleted right after its snapshot was asked for), and it has not removed
+/// them yet.
 pub fn volumes_to_remove(
     desired: &DesiredState,
     attached: &Attached,
@@ -283,7 +287,41 @@ pub fn volumes_to_remove(
     desired
         .deleted_volumes
         .iter()
-        .filter(|v| !removed.contains(*v) && !attached.values().any(|a| a.contains(v)))
+        .filter(|v| {
+            !removed.contains(*v)
+                && !attached.values().any(|a| a.contains(v))
+                && !desired.snapshots.iter().any(|s| &s.volume_id == *v)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Where this node stands with a snapshot its document asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotTask {
+    /// Being copied or uploaded now.
+    InFlight,
+    /// Not to be tried again before then: uploaded (the document drops the request once the
+    /// CLC commits it; if it still lists it later, the upload was lost and is made again),
+    /// failed to upload, or the volume is not on this node (it may be attached here later).
+    Wait(Instant),
+}
+
+/// The snapshot requests to start now: those of the document not in flight and not
+/// waiting, in the document's order.
+pub fn snapshots_due(
+    desired: &DesiredState,
+    tasks: &BTreeMap<SnapshotId, SnapshotTask>,
+    now: Instant,
+) -> Vec<SnapshotRequest> {
+    desired
+        .snapshots
+        .iter()
+        .filter(|r| match tasks.get(&r.snapshot_id) {
+            None => true,
+            Some(SnapshotTask::InFlight) => false,
+            Some(SnapshotTask::Wait(until)) => *until <= now,
+        })
         .cloned()
         .collect()
 }
@@ -456,11 +494,57 @@ mod tests {
             generation: 1,
             instances: [(spec.instance_id.clone(), spec)].into(),
             deleted_volumes: vec![],
+            snapshots: vec![],
         }
     }
 
     fn observed(state: Option<DomainState>) -> BTreeMap<InstanceId, DomainState> {
         state.map(|s| (id(0), s)).into_iter().collect()
+    }
+
+    fn snap(n: u8, volume: u8) -> SnapshotRequest {
+        SnapshotRequest {
+            snapshot_id: SnapshotId::parse(&format!("snap-0123456789abcdef{n}")).unwrap(),
+            volume_id: volume_ids(volume),
+        }
+    }
+
+    fn volume_ids(n: u8) -> VolumeId {
+        VolumeId::parse(&format!("vol-0123456789abcdef{n}")).unwrap()
+    }
+
+    #[test]
+    fn snapshots_start_once_and_again_only_after_their_wait() {
+        let mut d = doc(spec(PowerState::Running, 0));
+        d.snapshots = vec![snap(0, 0), snap(1, 1), snap(2, 2)];
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(5);
+        let tasks: BTreeMap<SnapshotId, SnapshotTask> = [
+            (snap(0, 0).snapshot_id, SnapshotTask::InFlight),
+            (snap(1, 1).snapshot_id, SnapshotTask::Wait(later)),
+        ]
+        .into();
+        assert_eq!(snapshots_due(&d, &tasks, now), vec![snap(2, 2)]);
+        assert_eq!(
+            snapshots_due(&d, &tasks, later),
+            vec![snap(1, 1), snap(2, 2)]
+        );
+        d.snapshots.clear();
+        assert!(snapshots_due(&d, &tasks, later).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_volume_keeps_its_bytes_until_its_snapshots_are_taken() {
+        let mut d = doc(spec(PowerState::Running, 0));
+        d.deleted_volumes = vec![volume_ids(0), volume_ids(1)];
+        d.snapshots = vec![snap(0, 0)];
+        let none = BTreeSet::new();
+        assert_eq!(
+            volumes_to_remove(&d, &Attached::new(), &none),
+            vec![volume_ids(1)]
+        );
+        d.snapshots.clear();
+        assert_eq!(volumes_to_remove(&d, &Attached::new(), &none).len(), 2);
     }
 
     fn volume(n: u8) -> VolumeAttachment {
@@ -469,6 +553,7 @@ mod tests {
             device: format!("/dev/sd{}", (b'f' + n) as char),
             size_gib: 1,
             initialized: false,
+            source: None,
         }
     }
 

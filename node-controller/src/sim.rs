@@ -11,18 +11,23 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use canopy_common::{InstanceId, Resources, VolumeAttachment, VolumeId};
+use canopy_common::{InstanceId, Resources, Sha256Digest, VolumeAttachment, VolumeId};
 use tokio::sync::broadcast;
 
 use crate::error::HypervisorError;
 use crate::hypervisor::{
-    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind,
+    DomainEvent, DomainInfo, DomainSpec, DomainState, Hypervisor, HypervisorKind, VolumeCopy,
 };
 
 /// The console keeps at most this much (the tail), like a serial log that rotates.
 const CONSOLE_LIMIT: usize = 256 * 1024;
 /// Enough for bursts of lifecycle events; lagging receivers re-read `list` anyway.
 const EVENT_CAPACITY: usize = 1024;
+/// How long a simulated volume copy takes, so a snapshot is seen `pending` for a moment.
+const SNAPSHOT_DELAY: Duration = Duration::from_millis(200);
+/// The size of a simulated volume's copy: a little over one upload chunk, so uploads from
+/// simulated nodes go through the chunking too.
+const SIM_COPY_BYTES: usize = (1 << 20) + 4096;
 
 /// How the simulated host behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +87,13 @@ struct SimState {
     held_prepares: HashSet<InstanceId>,
     /// How many preparations ran, per instance.
     prepares: BTreeMap<InstanceId, u32>,
+    /// The volumes whose (simulated) bytes the host holds: attached here once. Each with
+    /// the digest of the snapshot it was made from, if any, which its copies carry.
+    volumes: BTreeMap<VolumeId, Option<Sha256Digest>>,
+    /// The next volume copy fails with this message.
+    fail_next_snapshot: Option<String>,
+    /// How many volume copies were made.
+    snapshots: u32,
 }
 
 #[derive(Debug)]
@@ -437,6 +449,10 @@ impl Hypervisor for SimHypervisor {
             return Err(invalid(id, domain.state, "attach a volume to"));
         }
         domain.volumes.push(volume.volume_id.clone());
+        state
+            .volumes
+            .entry(volume.volume_id.clone())
+            .or_insert_with(|| volume.source.as_ref().map(|s| s.sha256.clone()));
         Ok(())
     }
 
@@ -457,9 +473,42 @@ impl Hypervisor for SimHypervisor {
         Ok(())
     }
 
-    async fn delete_volume(&self, _volume: &VolumeId) -> Result<(), HypervisorError> {
-        // The simulated host keeps no bytes.
+    async fn delete_volume(&self, volume: &VolumeId) -> Result<(), HypervisorError> {
+        self.inner.lock().volumes.remove(volume);
         Ok(())
+    }
+
+    /// A copy of simulated bytes: a text naming the volume and the snapshot it came from,
+    /// padded to [`SIM_COPY_BYTES`], after [`SNAPSHOT_DELAY`].
+    async fn snapshot_volume(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<Option<VolumeCopy>, HypervisorError> {
+        let source = {
+            let mut state = self.inner.lock();
+            let Some(source) = state.volumes.get(volume).cloned() else {
+                return Ok(None);
+            };
+            if let Some(reason) = state.fail_next_snapshot.take() {
+                return Err(HypervisorError::Failed(reason));
+            }
+            state.snapshots += 1;
+            source
+        };
+        tokio::time::sleep(SNAPSHOT_DELAY).await;
+        let mut bytes = format!(
+            "canopy-sim volume {volume}\nsource {}\n",
+            source.map_or_else(|| "none".to_owned(), |s| s.to_string())
+        )
+        .into_bytes();
+        bytes.resize(SIM_COPY_BYTES, b'.');
+        let size = bytes.len() as u64;
+        let chunks: Vec<Result<Vec<u8>, String>> =
+            bytes.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+        Ok(Some(VolumeCopy {
+            size,
+            bytes: Box::pin(tokio_stream::iter(chunks)),
+        }))
     }
 }
 
@@ -500,6 +549,21 @@ impl SimControl {
     }
 
     /// Makes the next `start` (of any domain) fail with `Failed(reason)`.
+    /// Makes the next volume copy (a snapshot) fail with `reason`.
+    pub fn fail_next_snapshot(&self, reason: impl Into<String>) {
+        self.inner.lock().fail_next_snapshot = Some(reason.into());
+    }
+
+    /// How many volume copies (snapshots) the host made.
+    pub fn snapshots(&self) -> u32 {
+        self.inner.lock().snapshots
+    }
+
+    /// Whether the host holds the volume's bytes.
+    pub fn holds_volume(&self, volume: &VolumeId) -> bool {
+        self.inner.lock().volumes.contains_key(volume)
+    }
+
     pub fn fail_next_start(&self, reason: impl Into<String>) {
         self.inner.lock().fail_next_start = Some(reason.into());
     }

@@ -34,6 +34,8 @@ struct CcState {
     known: HashSet<String>,
     /// Image bytes it relays, by sha256.
     images: std::collections::HashMap<String, Vec<u8>>,
+    /// Snapshot uploads received: the header and the bytes.
+    uploads: Vec<(pb::SnapshotUploadHeader, Vec<u8>)>,
 }
 
 #[derive(Clone, Default)]
@@ -94,6 +96,39 @@ impl ZoneAgent for FakeCc {
             .map(|c| Ok(pb::ImageChunk { data: c.to_vec() }))
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn upload_snapshot(
+        &self,
+        request: Request<tonic::Streaming<pb::SnapshotUpload>>,
+    ) -> Result<Response<pb::SnapshotUploadAck>, Status> {
+        use pb::snapshot_upload::Part;
+        let mut parts = request.into_inner();
+        let Some(pb::SnapshotUpload {
+            part: Some(Part::Header(header)),
+        }) = parts.message().await?
+        else {
+            return Err(Status::invalid_argument("no header"));
+        };
+        let mut bytes = Vec::new();
+        while let Some(part) = parts.message().await? {
+            match part.part {
+                Some(Part::Chunk(data)) => {
+                    assert!(data.len() <= 1 << 20, "chunks of at most 1 MiB");
+                    bytes.extend(data);
+                }
+                _ => return Err(Status::invalid_argument("a second header")),
+            }
+        }
+        let state = if header.failure.is_empty() {
+            "completed"
+        } else {
+            "error"
+        };
+        self.state.lock().unwrap().uploads.push((header, bytes));
+        Ok(Response::new(pb::SnapshotUploadAck {
+            state: state.into(),
+        }))
     }
 }
 
@@ -259,6 +294,7 @@ async fn put(
             generation,
             instances,
             deleted_volumes: vec![],
+            snapshots: vec![],
         })
         .await
         .unwrap()
@@ -518,6 +554,7 @@ async fn volumes_are_attached_reported_detached_and_their_deletion_passed_on() {
         device: "/dev/sdf".into(),
         size_gib: 4,
         initialized: false,
+        source: None,
     }];
     h.put(2, vec![with_volume]).await;
     h.cc.wait_for("the volume reported attached", |s| {
@@ -542,6 +579,90 @@ async fn volumes_are_attached_reported_detached_and_their_deletion_passed_on() {
     })
     .await;
     assert!(h.sim.list().await.unwrap()[0].volumes.is_empty());
+    h.nc.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_by_the_node_holding_the_volume_and_uploaded_once() {
+    let mut h = Harness::start().await;
+    let id = InstanceId::generate();
+    launch(&mut h, 1, &id).await;
+    let vol = "vol-0123456789abcdef0";
+    let mut with_volume = running(&id);
+    with_volume.volumes = vec![pb::VolumeAttachment {
+        volume_id: vol.into(),
+        device: "/dev/sdf".into(),
+        size_gib: 4,
+        initialized: false,
+        source: None,
+    }];
+    h.put(2, vec![with_volume.clone()]).await;
+    h.cc.wait_for("the volume attached", |s| {
+        s.reports
+            .iter()
+            .find(|r| r.instance_id == id.as_str() && r.volumes == [vol])
+            .map(|_| ())
+    })
+    .await;
+    let request = |snapshot: &str, volume: &str| pb::SnapshotRequest {
+        snapshot_id: snapshot.into(),
+        volume_id: volume.into(),
+    };
+    let put_snapshots = async |h: &mut Harness, generation, snapshots| {
+        h.client
+            .put_node_state(pb::NodeDesiredState {
+                node_id: NODE.into(),
+                generation,
+                instances: vec![with_volume.clone()],
+                deleted_volumes: vec![],
+                snapshots,
+            })
+            .await
+            .unwrap();
+    };
+    // One of a volume held here, one of a volume that is not (another node's).
+    put_snapshots(
+        &mut h,
+        3,
+        vec![
+            request("snap-0123456789abcdef0", vol),
+            request("snap-0123456789abcdef1", "vol-0123456789abcdef9"),
+        ],
+    )
+    .await;
+    let (header, bytes) =
+        h.cc.wait_for("the snapshot uploaded", |s| s.uploads.first().cloned())
+            .await;
+    assert_eq!(
+        (header.snapshot_id.as_str(), header.volume_id.as_str()),
+        ("snap-0123456789abcdef0", vol)
+    );
+    assert_eq!(
+        (header.node_id.as_str(), header.failure.as_str()),
+        (NODE, "")
+    );
+    assert_eq!(header.size, bytes.len() as u64);
+    assert!(bytes.len() > 1 << 20, "more than one chunk");
+    assert!(String::from_utf8_lossy(&bytes[..64]).contains(vol));
+    // Re-sent documents do not take it again (it waits for the CLC to drop it).
+    put_snapshots(&mut h, 4, vec![request("snap-0123456789abcdef0", vol)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.cc.state.lock().unwrap().uploads.len(), 1);
+    assert_eq!(h.sim.control().snapshots(), 1);
+
+    // A copy that fails is uploaded as a failure.
+    h.sim.control().fail_next_snapshot("disk on fire");
+    put_snapshots(&mut h, 5, vec![request("snap-0123456789abcdef2", vol)]).await;
+    let (header, bytes) =
+        h.cc.wait_for("the failure uploaded", |s| s.uploads.get(1).cloned())
+            .await;
+    assert_eq!(header.snapshot_id, "snap-0123456789abcdef2");
+    assert!(
+        header.failure.contains("disk on fire"),
+        "{}",
+        header.failure
+    );
+    assert!(bytes.is_empty());
     h.nc.shutdown().await;
 }
 
@@ -582,6 +703,7 @@ async fn malformed_or_misaddressed_documents_are_rejected() {
             generation: 1,
             instances: vec![bad],
             deleted_volumes: vec![],
+            snapshots: vec![],
         })
         .await
         .unwrap_err();
@@ -594,6 +716,7 @@ async fn malformed_or_misaddressed_documents_are_rejected() {
             generation: 1,
             instances: vec![],
             deleted_volumes: vec![],
+            snapshots: vec![],
         })
         .await
         .unwrap_err();

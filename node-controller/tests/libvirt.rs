@@ -68,10 +68,10 @@ impl FileFetcher {
 
 #[async_trait::async_trait]
 impl ImageFetcher for FileFetcher {
-    async fn fetch(&self, image: &ImageRef) -> Result<ImageStream, String> {
+    async fn fetch(&self, sha256: &Sha256Digest) -> Result<ImageStream, String> {
         *self.fetches.lock().unwrap() += 1;
-        let path = self.files.lock().unwrap().get(&image.sha256).cloned();
-        let path = path.ok_or_else(|| format!("no such image {}", image.image_id))?;
+        let path = self.files.lock().unwrap().get(sha256).cloned();
+        let path = path.ok_or_else(|| format!("no such image {sha256}"))?;
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         Ok(Box::pin(tokio_stream::iter(vec![Ok(bytes)])))
     }
@@ -217,6 +217,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         device: device.into(),
         size_gib: 2,
         initialized: false,
+        source: None,
     };
     let listed = async |hv: &LibvirtHypervisor| -> Vec<VolumeId> {
         let all = hv.list().await.unwrap();
@@ -251,6 +252,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     )
     .await;
     assert!(file.exists(), "a detached volume keeps its bytes");
+
     hv.delete_volume(&data.volume_id).await.expect("delete");
     assert!(!file.exists());
     hv.delete_volume(&data.volume_id)

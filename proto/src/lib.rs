@@ -11,8 +11,8 @@ pub mod v1 {
 /// Conversions every tier shares for messages that carry only `canopy-common` types.
 pub mod convert {
     use canopy_common::{
-        BootImages, HttpTokens, ImageId, ImageRef, InstanceMetadata, Sha256Digest,
-        VolumeAttachment, VolumeId,
+        BootImages, HttpTokens, ImageId, ImageRef, InstanceMetadata, Sha256Digest, SnapshotId,
+        SnapshotRef, SnapshotRequest, VolumeAttachment, VolumeId,
     };
 
     use crate::v1 as pb;
@@ -94,6 +94,11 @@ pub mod convert {
                 device: v.device.clone(),
                 size_gib: v.size_gib,
                 initialized: v.initialized,
+                source: v.source.as_ref().map(|s| pb::SnapshotRef {
+                    snapshot_id: s.snapshot_id.to_string(),
+                    sha256: s.sha256.to_string(),
+                    size: s.size,
+                }),
             })
             .collect()
     }
@@ -109,6 +114,42 @@ pub mod convert {
                     device: v.device,
                     size_gib: v.size_gib,
                     initialized: v.initialized,
+                    source: v
+                        .source
+                        .map(|s| {
+                            Ok::<_, String>(SnapshotRef {
+                                snapshot_id: SnapshotId::parse(&s.snapshot_id)
+                                    .map_err(|e| format!("volume source: {e}"))?,
+                                sha256: Sha256Digest::parse(&s.sha256)
+                                    .map_err(|e| format!("volume source: {e}"))?,
+                                size: s.size,
+                            })
+                        })
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn snapshot_requests_to_proto(v: &[SnapshotRequest]) -> Vec<pb::SnapshotRequest> {
+        v.iter()
+            .map(|r| pb::SnapshotRequest {
+                snapshot_id: r.snapshot_id.to_string(),
+                volume_id: r.volume_id.to_string(),
+            })
+            .collect()
+    }
+
+    pub fn snapshot_requests_from_proto(
+        v: Vec<pb::SnapshotRequest>,
+    ) -> Result<Vec<SnapshotRequest>, String> {
+        v.into_iter()
+            .map(|r| {
+                Ok(SnapshotRequest {
+                    snapshot_id: SnapshotId::parse(&r.snapshot_id)
+                        .map_err(|e| format!("snapshots: {e}"))?,
+                    volume_id: VolumeId::parse(&r.volume_id)
+                        .map_err(|e| format!("snapshots: {e}"))?,
                 })
             })
             .collect()

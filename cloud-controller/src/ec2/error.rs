@@ -212,10 +212,18 @@ impl From<StateError> for ApiError {
                     F::InUse => "VolumeInUse",
                     F::IncorrectState => "IncorrectState",
                     F::ZoneMismatch => "InvalidVolume.ZoneMismatch",
-                    F::DeviceInUse => "InvalidParameterValue",
+                    F::DeviceInUse | F::TooSmall => "InvalidParameterValue",
                     F::AttachmentNotFound => "InvalidAttachment.NotFound",
                     // The edge answers a replayed token with the volume it made.
                     F::TokenTaken => "IdempotentParameterMismatch",
+                };
+                Self::new(400, code, message)
+            }
+            StateError::SnapshotRefused { fault, message } => {
+                use crate::state::SnapshotFault as F;
+                let code = match fault {
+                    F::NotFound => "InvalidSnapshot.NotFound",
+                    F::IncorrectState => "IncorrectState",
                 };
                 Self::new(400, code, message)
             }

@@ -10,6 +10,7 @@ mod key_pairs;
 mod paging;
 mod render;
 mod security_groups;
+mod snapshots;
 mod tags;
 mod volumes;
 
@@ -223,6 +224,9 @@ async fn handle_inner(
         "DeleteVolume" => volumes::delete_volume(&ctx).await,
         "AttachVolume" => volumes::attach_volume(&ctx).await,
         "DetachVolume" => volumes::detach_volume(&ctx).await,
+        "CreateSnapshot" => snapshots::create_snapshot(&ctx).await,
+        "DescribeSnapshots" => snapshots::describe_snapshots(&ctx).await,
+        "DeleteSnapshot" => snapshots::delete_snapshot(&ctx).await,
         "CreateKeyPair" => key_pairs::create_key_pair(&ctx).await,
         "ImportKeyPair" => key_pairs::import_key_pair(&ctx).await,
         "DescribeKeyPairs" => key_pairs::describe_key_pairs(&ctx).await,

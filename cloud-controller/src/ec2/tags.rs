@@ -41,6 +41,9 @@ async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError
             ResourceId::KeyPair(k) => key_pairs.push(k),
             ResourceId::ElasticIp(a) => allocations.push(a),
             ResourceId::Volume(v) => volumes.push(v),
+            ResourceId::Snapshot(s) => {
+                super::snapshots::require_snapshot(ctx, s).await?;
+            }
         }
     }
     if !volumes.is_empty() {

@@ -13,7 +13,9 @@ use super::instances::parse_instance_id;
 use super::paging::{self, paginate};
 use super::render::tag_set;
 use super::{ApiError, Ctx, tags};
-use crate::state::{Attachment, Command, StateError, Volume, VolumeFault, VolumeState};
+use crate::state::{
+    Attachment, Command, SnapshotState, StateError, Volume, VolumeFault, VolumeState,
+};
 
 pub fn volume_not_found(id: &str) -> ApiError {
     ApiError::new(
@@ -57,13 +59,26 @@ fn shown_iops(v: &Volume) -> Option<u32> {
 pub async fn create_volume(ctx: &Ctx) -> Result<String, ApiError> {
     let p = &ctx.params;
     let zone_name = p.required("AvailabilityZone")?;
-    if let Some(snapshot) = p.get("SnapshotId").filter(|s| !s.is_empty()) {
-        return Err(ApiError::new(
-            400,
-            "InvalidSnapshot.NotFound",
-            format!("The snapshot '{snapshot}' does not exist."),
-        ));
-    }
+    // A volume from a snapshot: it must be the account's and completed, and the volume at
+    // least as large as the snapshot's volume (its size by default).
+    let snapshot = match p.get("SnapshotId").filter(|s| !s.is_empty()) {
+        Some(raw) => {
+            let id = super::snapshots::parse_snapshot_id(raw)?;
+            let snapshot = super::snapshots::require_snapshot(ctx, &id).await?;
+            if snapshot.state != SnapshotState::Completed {
+                return Err(ApiError::new(
+                    400,
+                    "IncorrectState",
+                    format!(
+                        "Snapshot '{id}' is in state '{}' and cannot be used to create a volume.",
+                        snapshot.state.name()
+                    ),
+                ));
+            }
+            Some(snapshot)
+        }
+        None => None,
+    };
     if p.bool("Encrypted")?.unwrap_or(false) || p.get("KmsKeyId").is_some_and(|k| !k.is_empty()) {
         return Err(ApiError::new(
             400,
@@ -89,13 +104,23 @@ pub async fn create_volume(ctx: &Ctx) -> Result<String, ApiError> {
             "Value ({volume_type}) for parameter volumeType is invalid. Valid types: standard, gp2, gp3, io1, io2, st1, sc1."
         )));
     };
-    let size: u64 = p.int("Size")?.ok_or_else(|| {
-        ApiError::new(
-            400,
-            "MissingParameter",
-            "The request must contain the parameter size or snapshotId",
-        )
-    })?;
+    let size: u64 = match (p.int("Size")?, &snapshot) {
+        (Some(size), Some(snap)) if size < snap.volume_size_gib => {
+            return Err(ApiError::invalid(format!(
+                "Volume of {size}GiB is smaller than snapshot '{}', expect size >= {}GiB",
+                snap.snapshot_id, snap.volume_size_gib
+            )));
+        }
+        (Some(size), _) => size,
+        (None, Some(snap)) => snap.volume_size_gib,
+        (None, None) => {
+            return Err(ApiError::new(
+                400,
+                "MissingParameter",
+                "The request must contain the parameter size or snapshotId",
+            ));
+        }
+    };
     if size < min {
         return Err(ApiError::invalid(format!(
             "Volume of {size}GiB is too small; minimum is {min}GiB."
@@ -172,6 +197,7 @@ pub async fn create_volume(ctx: &Ctx) -> Result<String, ApiError> {
         state: VolumeState::Available,
         created_at: Utc::now(),
         attachment: None,
+        snapshot_id: snapshot.map(|s| s.snapshot_id),
         tags: tags.clone(),
     };
     if let Some(token) = &client_token
@@ -216,7 +242,13 @@ fn render_created(ctx: &Ctx, v: &Volume) -> String {
 fn volume_fields(w: &mut XmlWriter, v: &Volume) {
     w.elem("volumeId", &v.volume_id)
         .elem("size", v.size_gib)
-        .elem("snapshotId", "")
+        .elem(
+            "snapshotId",
+            v.snapshot_id
+                .as_ref()
+                .map(|s| s.as_str())
+                .unwrap_or_default(),
+        )
         .elem("availabilityZone", &v.zone)
         .elem("status", v.state.name())
         .elem("createTime", timestamp(v.created_at))
@@ -256,7 +288,11 @@ impl Filterable for Volume {
             "volume-type" => one(self.volume_type.clone()),
             "create-time" => one(timestamp(self.created_at)),
             "encrypted" | "multi-attach-enabled" | "fast-restored" => one("false".into()),
-            "snapshot-id" => one(String::new()),
+            "snapshot-id" => one(self
+                .snapshot_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()),
             "attachment.instance-id" => opt(a.map(|a| a.instance_id.to_string())),
             "attachment.device" => opt(a.map(|a| a.device.clone())),
             "attachment.status" => opt(a.map(|a| a.status.name().into())),
@@ -296,6 +332,7 @@ pub async fn describe_volumes(ctx: &Ctx) -> Result<String, ApiError> {
         state: VolumeState::Available,
         created_at: Utc::now(),
         attachment: None,
+        snapshot_id: None,
         tags: vec![],
     };
     filters::validate(&filters, &probe)?;
@@ -337,7 +374,7 @@ pub async fn delete_volume(ctx: &Ctx) -> Result<String, ApiError> {
     Ok(w.finish())
 }
 
-async fn require_volume(ctx: &Ctx, id: &VolumeId) -> Result<Volume, ApiError> {
+pub async fn require_volume(ctx: &Ctx, id: &VolumeId) -> Result<Volume, ApiError> {
     ctx.clc
         .store
         .volumes(&ctx.account)

@@ -18,6 +18,7 @@ use super::command::{
 use super::pki;
 use super::query::{fmt_time, load_instances_by_id, require_instances};
 use super::security_groups;
+use super::snapshots;
 use super::types::{Instance, StateReason};
 use super::volumes;
 
@@ -592,6 +593,34 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             attached,
             detached,
         } => volumes::observe(conn, zone, attached, detached).await,
+        Command::CreateSnapshot {
+            account_id,
+            snapshot_id,
+            volume_id,
+            description,
+            at,
+            tags,
+        } => {
+            snapshots::create(
+                conn,
+                account_id,
+                snapshot_id,
+                volume_id,
+                description,
+                *at,
+                tags,
+            )
+            .await
+        }
+        Command::CompleteSnapshot {
+            snapshot_id,
+            outcome,
+            at,
+        } => snapshots::complete(conn, snapshot_id, outcome, *at).await,
+        Command::DeleteSnapshot {
+            account_id,
+            snapshot_id,
+        } => snapshots::delete(conn, account_id, snapshot_id).await,
         Command::CreateKeyPair { key_pair, tags } => {
             let done = sqlx::query(
                 "INSERT INTO key_pairs(key_pair_id, account_id, key_name, key_type, fingerprint, public_key, created_at)
@@ -1044,6 +1073,13 @@ async fn require_resources(
         }
         if let ResourceId::Volume(volume) = id {
             volumes::require(conn, account, volume).await?;
+        }
+        if let ResourceId::Snapshot(snapshot) = id
+            && snapshots::load(conn, account, Some(snapshot))
+                .await?
+                .is_empty()
+        {
+            return Err(snapshots::not_found(snapshot.as_str()));
         }
         if let ResourceId::ElasticIp(allocation) = id
             && !addresses::load(conn, account)

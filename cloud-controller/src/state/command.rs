@@ -1,14 +1,15 @@
 use canopy_common::{
     AccountId, AllocationId, AssociationId, ImageId, InstanceId, InstanceState, KeyPairId, NodeId,
     PowerState, ReservationId, ResourceId, Resources, SecurityGroupId, SecurityGroupRuleId,
-    VolumeId, ZoneName,
+    SnapshotId, VolumeId, ZoneName,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::pki::{JoinTokenRow, RevokeTarget};
 use super::types::{
-    Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag, Volume,
+    Address, Image, KeyPair, RuleSpec, SecurityGroup, SecurityGroupRule, SnapshotOutcome,
+    StateReason, Tag, Volume,
 };
 
 /// Every change of cloud state. Serializable, because a replicated log stores them.
@@ -187,6 +188,27 @@ pub enum Command {
         attached: Vec<(VolumeId, InstanceId)>,
         detached: Vec<(VolumeId, InstanceId)>,
     },
+    /// A snapshot of a volume of the account: `pending` for a node of the volume's zone to
+    /// take, or `completed` at once for a volume no node ever wrote.
+    CreateSnapshot {
+        account_id: AccountId,
+        snapshot_id: SnapshotId,
+        volume_id: VolumeId,
+        description: String,
+        at: DateTime<Utc>,
+        tags: Vec<Tag>,
+    },
+    /// A node's upload of a pending snapshot ended (skipped for a snapshot no longer
+    /// pending).
+    CompleteSnapshot {
+        snapshot_id: SnapshotId,
+        outcome: SnapshotOutcome,
+        at: DateTime<Utc>,
+    },
+    DeleteSnapshot {
+        account_id: AccountId,
+        snapshot_id: SnapshotId,
+    },
     /// A created or imported key pair (its public half only). Refused when the account
     /// has a key pair of that name.
     CreateKeyPair {
@@ -252,10 +274,13 @@ impl Command {
             | Command::DetachVolume { .. }
             | Command::CreateJoinToken { .. }
             | Command::EnrollNode { .. }
-            | Command::RevokeCertificates { .. } => true,
+            | Command::RevokeCertificates { .. }
+            | Command::CreateSnapshot { .. }
+            | Command::DeleteSnapshot { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::ObserveVolumes { .. }
+            | Command::CompleteSnapshot { .. }
             | Command::RegisterZone { .. }
             | Command::PurgeTerminated { .. } => false,
         }
@@ -306,7 +331,10 @@ impl Command {
             | Command::PurgeTerminated { .. }
             | Command::CreateJoinToken { .. }
             | Command::EnrollNode { .. }
-            | Command::RevokeCertificates { .. } => false,
+            | Command::RevokeCertificates { .. }
+            | Command::CreateSnapshot { .. }
+            | Command::CompleteSnapshot { .. }
+            | Command::DeleteSnapshot { .. } => false,
         }
     }
 }

@@ -16,9 +16,20 @@ pub enum VolumeFault {
     DeviceInUse,
     /// `InvalidAttachment.NotFound`: not attached to the instance or device named.
     AttachmentNotFound,
+    /// `InvalidParameterValue`: a volume smaller than the snapshot it is made from.
+    TooSmall,
     /// `IdempotentParameterMismatch`-free replay: the client token names another volume (the
     /// edge answers with that one).
     TokenTaken,
+}
+
+/// Which refusal of a snapshot command, each one of EC2's error codes at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotFault {
+    /// `InvalidSnapshot.NotFound`.
+    NotFound,
+    /// `IncorrectState`: e.g. a volume made from a snapshot that is not completed.
+    IncorrectState,
 }
 
 /// Why a command or query failed. The first group are deterministic rejections of a
@@ -87,6 +98,12 @@ pub enum StateError {
     /// EC2's refusals it is.
     #[error("{message}")]
     VolumeRefused { fault: VolumeFault, message: String },
+    /// A snapshot command refused; `fault` is which of EC2's refusals it is.
+    #[error("{message}")]
+    SnapshotRefused {
+        fault: SnapshotFault,
+        message: String,
+    },
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -147,7 +164,8 @@ impl StateError {
             | StateError::AddressInUse(_)
             | StateError::VolumeRefused { .. }
             | StateError::JoinRefused(_)
-            | StateError::NothingToRevoke(_) => true,
+            | StateError::NothingToRevoke(_)
+            | StateError::SnapshotRefused { .. } => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

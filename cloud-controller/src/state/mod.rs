@@ -13,6 +13,7 @@ mod error;
 mod pki;
 mod query;
 mod security_groups;
+mod snapshots;
 mod store;
 mod types;
 mod volumes;
@@ -23,7 +24,7 @@ pub use command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, NewInstance,
     Observation, Outcome, StateChange,
 };
-pub use error::{StateError, VolumeFault};
+pub use error::{SnapshotFault, StateError, VolumeFault};
 pub use pki::{CertificateRow, JoinTokenRow, RevokeTarget};
 pub use query::{AllocationGroup, InstanceFilter};
 pub use security_groups::MAX_RULES_PER_DIRECTION;
@@ -32,8 +33,8 @@ pub use store::{BootImageError, Catalog, StateDigest, Store};
 pub use types::{
     Account, Address, AttachStatus, Attachment, DEFAULT_SECURITY_GROUP, DesiredSpec, Image,
     Instance, InstanceVolume, KeyPair, MetadataOptions, RESOURCE_TYPE_INSTANCE, Reservation,
-    RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, StateReason, Tag, Volume, VolumeState,
-    Whereabouts, Zone,
+    RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, Snapshot, SnapshotOutcome, SnapshotState,
+    StateReason, Tag, Volume, VolumeState, Whereabouts, Zone,
 };
 
 #[cfg(test)]

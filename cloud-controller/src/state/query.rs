@@ -346,7 +346,16 @@ impl Store {
             tokens_required: bool,
             metadata_disabled: bool,
             public_ip: Option<String>,
-            volumes: Vec<(String, String, u64, i64)>,
+            #[allow(clippy::type_complexity)]
+            volumes: Vec<(
+                String,
+                String,
+                u64,
+                i64,
+                Option<String>,
+                Option<String>,
+                Option<u64>,
+            )>,
         }
         // The images' content comes from the cached catalogue, not from a join per row: a
         // document is read many times a second under load.
@@ -370,7 +379,8 @@ impl Store {
              json(iif(metadata_http_tokens = 'required', 'true', 'false')),
              json(iif(metadata_http_endpoint = 'disabled', 'true', 'false')),
              (SELECT a.public_ip FROM addresses a WHERE a.instance_id = folded.instance_id),
-             json((SELECT json_group_array(json_array(v.volume_id, v.device, v.size_gib, v.initialized))
+             json((SELECT json_group_array(json_array(v.volume_id, v.device, v.size_gib, v.initialized,
+                   v.snapshot_id, v.source_sha256, v.source_size))
                    FROM volumes v WHERE v.instance_id = folded.instance_id
                    AND v.attach_status IN ('attaching', 'attached')))",
             "FROM instances WHERE zone = ? AND state != 'terminated' ORDER BY seq",
@@ -405,12 +415,24 @@ impl Store {
                     volumes: r
                         .volumes
                         .into_iter()
-                        .map(|(id, device, size_gib, initialized)| {
+                        .map(|(id, device, size_gib, initialized, snap, sha, size)| {
+                            let source = match (snap, sha, size) {
+                                (Some(snap), Some(sha), Some(size)) => {
+                                    Some(canopy_common::SnapshotRef {
+                                        snapshot_id: parse(&snap)?,
+                                        sha256: Sha256Digest::parse(&sha)
+                                            .map_err(|e| StateError::Corrupt(e.to_string()))?,
+                                        size,
+                                    })
+                                }
+                                _ => None,
+                            };
                             Ok(canopy_common::VolumeAttachment {
                                 volume_id: parse(&id)?,
                                 device,
                                 size_gib,
                                 initialized: initialized != 0,
+                                source,
                             })
                         })
                         .collect::<Result<_, StateError>>()?,
@@ -533,7 +555,10 @@ impl Store {
             "SELECT sha256 FROM images WHERE sha256 IS NOT NULL AND (state != 'deregistered'
                 OR image_id IN (SELECT image_id FROM instances WHERE state != 'terminated'
                     UNION SELECT kernel_id FROM instances WHERE state != 'terminated'
-                    UNION SELECT ramdisk_id FROM instances WHERE state != 'terminated'))",
+                    UNION SELECT ramdisk_id FROM instances WHERE state != 'terminated'))
+             UNION SELECT sha256 FROM snapshots WHERE sha256 IS NOT NULL
+             UNION SELECT source_sha256 FROM volumes
+                WHERE source_sha256 IS NOT NULL AND initialized = 0 AND state != 'deleted'",
         )
         .fetch_all(self.pool())
         .await?;

@@ -1002,6 +1002,7 @@ async fn volumes_attach_detach_and_delete_as_ec2_and_the_nodes_say() {
         state: VolumeState::Available,
         created_at: t(2),
         attachment: None,
+        snapshot_id: None,
         tags: vec![],
     };
     let v = volume(0, Some("tok")).volume_id;
@@ -1455,4 +1456,244 @@ async fn revoking_a_node_lists_its_serials_and_lets_it_join_again() {
         .await
         .unwrap();
     assert_eq!(f.store.revoked_serials().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn snapshots_wait_for_a_node_complete_once_and_seed_volumes() {
+    use crate::state::{SnapshotFault, SnapshotOutcome, SnapshotState};
+    use canopy_common::{Sha256Digest, SnapshotId, VolumeId};
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let a = f.all().await[0].instance_id.clone();
+    f.observe(&a, InstanceState::Running).await;
+    let volume = |n: u8, size: u64, snapshot: Option<&SnapshotId>| Volume {
+        seq: 0,
+        volume_id: VolumeId::parse(&format!("vol-0123456789abcdef{n}")).unwrap(),
+        account_id: f.account.clone(),
+        zone: f.zone.clone(),
+        size_gib: size,
+        volume_type: "gp2".into(),
+        iops: None,
+        throughput: None,
+        client_token: None,
+        state: VolumeState::Available,
+        created_at: t(2),
+        attachment: None,
+        snapshot_id: snapshot.cloned(),
+        tags: vec![],
+    };
+    let snap = |n: u8| SnapshotId::parse(&format!("snap-0123456789abcdef{n}")).unwrap();
+    let create = |n: u8, v: &VolumeId| Command::CreateSnapshot {
+        account_id: f.account.clone(),
+        snapshot_id: snap(n),
+        volume_id: v.clone(),
+        description: format!("copy {n}"),
+        at: t(10 + i64::from(n)),
+        tags: vec![Tag {
+            key: "n".into(),
+            value: n.to_string(),
+        }],
+    };
+    let state_of = async |id: &SnapshotId| f.store.snapshot_state(id).await.unwrap();
+    let v0 = volume(0, 4, None);
+    f.store
+        .apply(&Command::CreateVolume {
+            volume: v0.clone(),
+            tags: vec![],
+        })
+        .await
+        .unwrap();
+
+    // Never attached: nothing on any node, complete at once with no bytes (all zeros).
+    let g = f.generation().await;
+    f.store.apply(&create(0, &v0.volume_id)).await.unwrap();
+    assert_eq!(state_of(&snap(0)).await, Some(SnapshotState::Completed));
+    assert_eq!(f.generation().await, g, "no node has anything to do");
+    assert!(f.store.pending_snapshots(&f.zone).await.unwrap().is_empty());
+
+    // Attached: pending, in the zone's document, until a node's upload completes it.
+    f.store
+        .apply(&Command::AttachVolume {
+            account_id: f.account.clone(),
+            volume_id: v0.volume_id.clone(),
+            instance_id: a.clone(),
+            device: "/dev/sdf".into(),
+            at: t(5),
+        })
+        .await
+        .unwrap();
+    let g = f.generation().await;
+    f.store.apply(&create(1, &v0.volume_id)).await.unwrap();
+    assert!(f.generation().await > g);
+    assert_eq!(state_of(&snap(1)).await, Some(SnapshotState::Pending));
+    let pending = f.store.pending_snapshots(&f.zone).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (&pending[0].snapshot_id, &pending[0].volume_id),
+        (&snap(1), &v0.volume_id)
+    );
+    // A volume cannot come from a pending snapshot.
+    let refused = f
+        .store
+        .apply(&Command::CreateVolume {
+            volume: volume(1, 4, Some(&snap(1))),
+            tags: vec![],
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(StateError::SnapshotRefused {
+                fault: SnapshotFault::IncorrectState,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let digest = Sha256Digest::from_bytes(&[7u8; 32]);
+    let complete = |outcome: SnapshotOutcome| Command::CompleteSnapshot {
+        snapshot_id: snap(1),
+        outcome,
+        at: t(30),
+    };
+    f.store
+        .apply(&complete(SnapshotOutcome::Completed {
+            sha256: digest.clone(),
+            size: 1234,
+        }))
+        .await
+        .unwrap();
+    // A second upload's outcome (a node that retried) changes nothing.
+    f.store
+        .apply(&complete(SnapshotOutcome::Failed {
+            message: "late".into(),
+        }))
+        .await
+        .unwrap();
+    let shown = f.store.snapshots(&f.account).await.unwrap();
+    let s1 = shown.iter().find(|s| s.snapshot_id == snap(1)).unwrap();
+    assert_eq!(s1.state, SnapshotState::Completed);
+    assert_eq!(s1.completed_at, Some(t(30)));
+    assert_eq!(s1.volume_size_gib, 4);
+    assert_eq!(s1.description, "copy 1");
+    assert_eq!(s1.tags[0].value, "1");
+    assert_eq!(
+        s1.content.as_ref().map(|c| (&c.sha256, c.size)),
+        Some((&digest, 1234))
+    );
+    assert!(f.store.pending_snapshots(&f.zone).await.unwrap().is_empty());
+    assert!(
+        f.store
+            .referenced_image_digests()
+            .await
+            .unwrap()
+            .contains(&digest)
+    );
+
+    // Volumes from it: at least its size; they carry its bytes to the node.
+    let small = f
+        .store
+        .apply(&Command::CreateVolume {
+            volume: volume(2, 2, Some(&snap(1))),
+            tags: vec![],
+        })
+        .await;
+    assert!(
+        matches!(
+            small,
+            Err(StateError::VolumeRefused {
+                fault: VolumeFault::TooSmall,
+                ..
+            })
+        ),
+        "{small:?}"
+    );
+    let v3 = volume(3, 6, Some(&snap(1)));
+    f.store
+        .apply(&Command::CreateVolume {
+            volume: v3.clone(),
+            tags: vec![],
+        })
+        .await
+        .unwrap();
+    let listed = f.store.volumes(&f.account).await.unwrap();
+    let shown3 = listed.iter().find(|v| v.volume_id == v3.volume_id).unwrap();
+    assert_eq!(shown3.snapshot_id, Some(snap(1)));
+    // Its snapshot before any node wrote it is the source's bytes, at once.
+    f.store.apply(&create(4, &v3.volume_id)).await.unwrap();
+    let s4 = f
+        .store
+        .snapshots(&f.account)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.snapshot_id == snap(4))
+        .unwrap();
+    assert_eq!(s4.state, SnapshotState::Completed);
+    assert_eq!(s4.content.map(|c| c.sha256), Some(digest.clone()));
+    // Attached, the node gets the source with the volume.
+    f.store
+        .apply(&Command::DetachVolume {
+            account_id: f.account.clone(),
+            volume_id: v0.volume_id.clone(),
+            instance_id: None,
+            device: None,
+            force: true,
+        })
+        .await
+        .unwrap();
+    f.store
+        .apply(&Command::AttachVolume {
+            account_id: f.account.clone(),
+            volume_id: v3.volume_id.clone(),
+            instance_id: a.clone(),
+            device: "/dev/sdg".into(),
+            at: t(40),
+        })
+        .await
+        .unwrap();
+    let specs = f.store.desired_specs(&f.zone).await.unwrap();
+    let sent = &specs[0].volumes[0];
+    assert_eq!(sent.volume_id, v3.volume_id);
+    assert_eq!(
+        sent.source
+            .as_ref()
+            .map(|s| (&s.snapshot_id, &s.sha256, s.size)),
+        Some((&snap(1), &digest, 1234))
+    );
+
+    // A failed copy ends in error; deleting removes the row, its tags, and the request.
+    f.store.apply(&create(5, &v3.volume_id)).await.unwrap();
+    f.store
+        .apply(&Command::CompleteSnapshot {
+            snapshot_id: snap(5),
+            outcome: SnapshotOutcome::Failed {
+                message: "copying the volume failed".into(),
+            },
+            at: t(50),
+        })
+        .await
+        .unwrap();
+    assert_eq!(state_of(&snap(5)).await, Some(SnapshotState::Error));
+    let delete = |n: u8| Command::DeleteSnapshot {
+        account_id: f.account.clone(),
+        snapshot_id: snap(n),
+    };
+    f.store.apply(&delete(1)).await.unwrap();
+    assert_eq!(state_of(&snap(1)).await, None);
+    assert!(matches!(
+        f.store.apply(&delete(1)).await,
+        Err(StateError::SnapshotRefused {
+            fault: SnapshotFault::NotFound,
+            ..
+        })
+    ));
+    // The volume made from it still needs the bytes until a node wrote it.
+    assert!(
+        f.store
+            .referenced_image_digests()
+            .await
+            .unwrap()
+            .contains(&digest)
+    );
 }

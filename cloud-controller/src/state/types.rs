@@ -315,9 +315,72 @@ pub struct Volume {
     pub state: VolumeState,
     pub created_at: DateTime<Utc>,
     pub attachment: Option<Attachment>,
+    /// The snapshot it was made from.
+    #[serde(default)]
+    pub snapshot_id: Option<canopy_common::SnapshotId>,
     /// Filled by reads; a command creating it carries its tags apart.
     #[serde(default)]
     pub tags: Vec<Tag>,
+}
+
+/// Where a snapshot stands, as EC2 names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    Pending,
+    Completed,
+    Error,
+}
+
+impl SnapshotState {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Completed => "completed",
+            SnapshotState::Error => "error",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(SnapshotState::Pending),
+            "completed" => Some(SnapshotState::Completed),
+            "error" => Some(SnapshotState::Error),
+            _ => None,
+        }
+    }
+}
+
+/// A snapshot of a volume, as reads return it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The row's position in creation order (for paging).
+    pub seq: i64,
+    pub snapshot_id: canopy_common::SnapshotId,
+    pub account_id: AccountId,
+    pub volume_id: canopy_common::VolumeId,
+    /// The volume's zone (internal: whose nodes take it).
+    pub zone: ZoneName,
+    pub volume_size_gib: u64,
+    pub description: String,
+    pub state: SnapshotState,
+    pub status_message: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The bytes, once completed; `None` for a volume no node ever wrote (all zeros).
+    pub content: Option<canopy_common::SnapshotRef>,
+    pub tags: Vec<Tag>,
+}
+
+/// What a node's upload made of a pending snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotOutcome {
+    /// The bytes are in the image store of the replica that took the upload.
+    Completed {
+        sha256: canopy_common::Sha256Digest,
+        size: u64,
+    },
+    /// The node could not copy the volume, or the upload was unusable.
+    Failed { message: String },
 }
 
 /// RunInstances' `MetadataOptions`: how the metadata service treats the instance.

@@ -5,7 +5,9 @@
 //! (`ObserveVolumes`). A deleted volume stays as a `deleted` tombstone for a day, so that the
 //! zone's nodes are told to remove its bytes.
 
-use canopy_common::{AccountId, InstanceId, InstanceState, ResourceId, VolumeId, ZoneName};
+use canopy_common::{
+    AccountId, InstanceId, InstanceState, ResourceId, SnapshotId, VolumeId, ZoneName,
+};
 use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
@@ -38,10 +40,29 @@ pub(super) async fn create(
     volume: &Volume,
     tags: &[Tag],
 ) -> Result<Outcome, StateError> {
+    // A volume from a snapshot starts with the snapshot's bytes, recorded on the row so the
+    // volume does not depend on the snapshot once made.
+    let source = match &volume.snapshot_id {
+        Some(id) => {
+            let snapshot =
+                super::snapshots::source_for_volume(conn, &volume.account_id, id).await?;
+            if volume.size_gib < snapshot.volume_size_gib {
+                return Err(refused(
+                    VolumeFault::TooSmall,
+                    format!(
+                        "Volume of {}GiB is too small; minimum is {}GiB.",
+                        volume.size_gib, snapshot.volume_size_gib
+                    ),
+                ));
+            }
+            snapshot.content
+        }
+        None => None,
+    };
     let done = sqlx::query(
         "INSERT INTO volumes(volume_id, account_id, zone, size_gib, volume_type, iops, throughput,
-            client_token, state, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'available', ?) ON CONFLICT DO NOTHING",
+            client_token, state, created_at, snapshot_id, source_sha256, source_size)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'available', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     )
     .bind(volume.volume_id.as_str())
     .bind(volume.account_id.as_str())
@@ -52,6 +73,9 @@ pub(super) async fn create(
     .bind(volume.throughput)
     .bind(&volume.client_token)
     .bind(fmt_time(volume.created_at))
+    .bind(volume.snapshot_id.as_ref().map(SnapshotId::as_str))
+    .bind(source.as_ref().map(|s| s.sha256.as_str().to_owned()))
+    .bind(source.as_ref().map(|s| s.size as i64))
     .execute(&mut *conn)
     .await?;
     if done.rows_affected() == 0 {
@@ -322,10 +346,12 @@ pub(super) async fn load(
         Option<String>,
         Option<String>,
         bool,
+        Option<String>,
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT rowid, volume_id, zone, size_gib, volume_type, iops, throughput, client_token, state,
-            created_at, instance_id, device, attach_status, attach_time, delete_on_termination
+            created_at, instance_id, device, attach_status, attach_time, delete_on_termination,
+            snapshot_id
          FROM volumes
          WHERE account_id = ? AND state != 'deleted' AND (? IS NULL OR volume_id = ?)
          ORDER BY rowid",
@@ -356,6 +382,7 @@ pub(super) async fn load(
                 status,
                 at,
                 dot,
+                snapshot,
             )| {
                 let attachment = match (inst, dev, status, at) {
                     (Some(i), Some(device), Some(status), Some(at)) => Some(Attachment {
@@ -392,6 +419,10 @@ pub(super) async fn load(
                     },
                     created_at: parse_time(&created)?,
                     attachment,
+                    snapshot_id: snapshot
+                        .map(|s| s.parse())
+                        .transpose()
+                        .map_err(|e: canopy_common::IdError| corrupt(e.to_string()))?,
                 })
             },
         )

@@ -127,6 +127,11 @@ pub enum Rejection {
     JoinRefused(String),
     /// See [`StateError::NothingToRevoke`].
     NothingToRevoke(String),
+    /// See [`StateError::SnapshotRefused`].
+    SnapshotRefused {
+        fault: crate::state::SnapshotFault,
+        message: String,
+    },
     /// See [`StateError::VolumeRefused`].
     VolumeRefused {
         fault: crate::state::VolumeFault,
@@ -176,6 +181,9 @@ impl TryFrom<StateError> for Rejection {
             StateError::AddressInUse(s) => Rejection::AddressInUse(s),
             StateError::JoinRefused(s) => Rejection::JoinRefused(s),
             StateError::NothingToRevoke(s) => Rejection::NothingToRevoke(s),
+            StateError::SnapshotRefused { fault, message } => {
+                Rejection::SnapshotRefused { fault, message }
+            }
             StateError::VolumeRefused { fault, message } => {
                 Rejection::VolumeRefused { fault, message }
             }
@@ -229,6 +237,9 @@ impl From<Rejection> for StateError {
             Rejection::AddressInUse(s) => StateError::AddressInUse(s),
             Rejection::JoinRefused(s) => StateError::JoinRefused(s),
             Rejection::NothingToRevoke(s) => StateError::NothingToRevoke(s),
+            Rejection::SnapshotRefused { fault, message } => {
+                StateError::SnapshotRefused { fault, message }
+            }
             Rejection::VolumeRefused { fault, message } => {
                 StateError::VolumeRefused { fault, message }
             }
