@@ -171,7 +171,10 @@ mod tests {
         )
         .unwrap();
         assert!(opts.libvirt.is_none());
-        assert!(opts.transport.is_none(), "no certificate yet: the CC is not asked");
+        assert!(
+            opts.transport.is_none(),
+            "no certificate yet: the CC is not asked"
+        );
         assert!(summary.contains("node hv-9, hypervisor sim"), "{summary}");
         let (opts, _) = options(
             None,

@@ -16,24 +16,31 @@ aws() { "$AWS" "$@"; }
 wait_state() {
     local want=$1 states
     shift
-    for _ in $(seq 1 60); do
+    for _ in $(seq 1 120); do
         states=$(aws ec2 describe-instances --instance-ids "$@" \
             --query 'Reservations[].Instances[].State.Name' --output text)
         [[ $(tr '\t' '\n' <<<"$states" | sort -u) == "$want" ]] && return 0
         sleep 0.5
     done
-    die "instances not $want after 30s: $states"
+    die "instances not $want after 60s: $states"
 }
 
 zones=$(aws ec2 describe-availability-zones --query 'AvailabilityZones[?State==`available`].ZoneName' --output text)
 log "available zones: $zones"
 [[ $zones == *canopy-1a* && $zones == *canopy-1b* ]] || die "expected canopy-1a and canopy-1b"
-image=$(aws ec2 describe-images --query 'Images[0].ImageId' --output text)
+# With real guests (CANOPY_LAB_HYPERVISOR=libvirt, up.sh registered the test guest): one
+# guest per zone, each booted under QEMU in its node's container; else 4 simulated ones.
+image=$(aws ec2 describe-images --filters Name=name,Values=canopy-test-guest --query 'Images[0].ImageId' --output text)
+count=1
+if [[ $image != ami-* ]]; then
+    image=$(aws ec2 describe-images --query 'Images[0].ImageId' --output text)
+    count=4
+fi
 
 ids=()
 for zone in canopy-1a canopy-1b; do
     # shellcheck disable=SC2207
-    launched=($(aws ec2 run-instances --image-id "$image" --instance-type t2.micro --count 4 \
+    launched=($(aws ec2 run-instances --image-id "$image" --instance-type t2.micro --count "$count" \
         --placement "AvailabilityZone=$zone" --query 'Instances[].InstanceId' --output text))
     log "$zone: launched ${launched[*]}"
     ids+=("${launched[@]}")
@@ -43,6 +50,18 @@ done
 ids+=($(AWS_ENDPOINT_URL_EC2=${AWS_ENDPOINT_URL_EC2%1773}2773 aws ec2 run-instances \
     --image-id "$image" --instance-type t2.nano --query 'Instances[].InstanceId' --output text))
 wait_state running "${ids[@]}"
+if ((count == 1)); then
+    # Real guests: each says on its console that it booted.
+    for iid in "${ids[@]}"; do
+        for _ in $(seq 1 90); do
+            out=$(aws ec2 get-console-output --instance-id "$iid" --query Output --output text 2>/dev/null || true)
+            [[ $out == *"canopy-test-guest: instance $iid is up"* ]] && break
+            sleep 1
+        done
+        [[ $out == *"canopy-test-guest: instance $iid is up"* ]] || die "$iid did not boot: ${out: -400}"
+        log "$iid booted: $(grep -m1 'is up' <<<"$out")"
+    done
+fi
 aws ec2 describe-instances --instance-ids "${ids[@]}" --output text \
     --query 'Reservations[].Instances[].[InstanceId,State.Name,Placement.AvailabilityZone,PrivateIpAddress]' |
     sort -k3 >&2
@@ -55,20 +74,3 @@ aws ec2 terminate-instances --instance-ids "${ids[@]}" >/dev/null
 wait_state terminated "${ids[@]}"
 log "smoke test passed: ${#ids[@]} instances ran in $used and were terminated"
 
-# With real guests (CANOPY_LAB_HYPERVISOR=libvirt): the test guest boots in a node container
-# and says so on its console.
-guest=$(aws ec2 describe-images --filters Name=name,Values=canopy-test-guest --query 'Images[0].ImageId' --output text)
-if [[ $guest == ami-* ]]; then
-    iid=$(aws ec2 run-instances --image-id "$guest" --instance-type t2.micro \
-        --placement AvailabilityZone=canopy-1a --query 'Instances[0].InstanceId' --output text)
-    log "test guest $guest launched as $iid"
-    for _ in $(seq 1 120); do
-        out=$(aws ec2 get-console-output --instance-id "$iid" --query Output --output text 2>/dev/null || true)
-        [[ $out == *"canopy-test-guest: instance $iid is up"* ]] && break
-        sleep 1
-    done
-    [[ $out == *"canopy-test-guest: instance $iid is up"* ]] || die "the test guest did not boot: ${out: -500}"
-    log "the test guest booted on its node: $(grep -m1 'is up' <<<"$out")"
-    aws ec2 terminate-instances --instance-ids "$iid" >/dev/null
-    wait_state terminated "$iid"
-fi

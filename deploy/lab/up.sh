@@ -210,13 +210,19 @@ for n in 2 3; do
 done
 
 # With real guests: the test guest (deploy/guest), built on the host and uploaded through
-# clc-1's admin API once (kernel, initramfs, and the machine image that boots with them).
+# the leader's admin API once (uploads are served by the leader only): the kernel, the
+# initramfs, and the machine image that boots with them.
 if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]] &&
     ! admin_json images | grep -q '"name": *"canopy-test-guest"'; then
     "$ROOT/deploy/guest/build-test-guest.sh" "$ROOT/target/test-guest" >&2
-    docker exec "$CLC1" mkdir -p /tmp/test-guest
-    docker cp "$ROOT/target/test-guest/." "$CLC1:/tmp/test-guest/"
-    upload() { admin_json upload-image "$@" --public | python3 -c 'import json,sys; print(json.load(sys.stdin)["image_id"])'; }
+    leader=$(admin_json cluster | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+    LEADER=$(compose ps -q "clc-$leader")
+    docker exec "$LEADER" mkdir -p /tmp/test-guest
+    docker cp "$ROOT/target/test-guest/." "$LEADER:/tmp/test-guest/"
+    upload() {
+        docker exec "$LEADER" sh -c ". $DATA/canopyrc && exec canopy admin --json upload-image \"\$@\" --public" sh "$@" |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["image_id"])'
+    }
     eki=$(upload /tmp/test-guest/vmlinuz --name canopy-test-guest-kernel)
     eri=$(upload /tmp/test-guest/initrd.gz --name canopy-test-guest-ramdisk)
     emi=$(upload /tmp/test-guest/disk.qcow2 --name canopy-test-guest --kernel-id "$eki" --ramdisk-id "$eri")

@@ -1315,6 +1315,14 @@ fn join_token(id: &str, zone: Option<&str>, expires: i64) -> JoinTokenRow {
     }
 }
 
+/// The refusal of a join, which must be refused.
+async fn join_refusal(store: &Store, join: Command) -> String {
+    match store.apply(&join).await {
+        Err(StateError::JoinRefused(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 fn enroll(token: &str, node: &str, zone: &str, serial: &str, at: i64) -> Command {
     Command::EnrollNode {
         token_id: token.into(),
@@ -1345,45 +1353,21 @@ async fn a_join_token_is_spent_once_within_its_zone_and_time() {
         .await;
     assert!(matches!(dup, Err(StateError::AlreadyExists(_))), "{dup:?}");
 
-    let refused = |r: Result<Outcome, StateError>| match r {
-        Err(StateError::JoinRefused(m)) => m,
-        other => panic!("expected a refusal, got {other:?}"),
-    };
-    let m = refused(
-        f.store
-            .apply(&enroll("cccc", "hv-1", "zone-a", "01", 1))
-            .await,
-    );
+    let m = join_refusal(&f.store, enroll("cccc", "hv-1", "zone-a", "01", 1)).await;
     assert!(m.contains("unknown"), "{m}");
-    let m = refused(
-        f.store
-            .apply(&enroll("bbbb", "hv-1", "zone-b", "01", 1))
-            .await,
-    );
+    let m = join_refusal(&f.store, enroll("bbbb", "hv-1", "zone-b", "01", 1)).await;
     assert!(m.contains("for zone zone-a"), "{m}");
-    let m = refused(
-        f.store
-            .apply(&enroll("aaaa", "hv-1", "zone-b", "01", 100))
-            .await,
-    );
+    let m = join_refusal(&f.store, enroll("aaaa", "hv-1", "zone-b", "01", 100)).await;
     assert!(m.contains("expired"), "{m}");
 
     f.store
         .apply(&enroll("aaaa", "hv-1", "zone-b", "01", 50))
         .await
         .unwrap();
-    let m = refused(
-        f.store
-            .apply(&enroll("aaaa", "hv-2", "zone-b", "02", 51))
-            .await,
-    );
+    let m = join_refusal(&f.store, enroll("aaaa", "hv-2", "zone-b", "02", 51)).await;
     assert!(m.contains("already used"), "{m}");
     // hv-1 holds a live certificate: it cannot join again until that one is revoked.
-    let m = refused(
-        f.store
-            .apply(&enroll("bbbb", "hv-1", "zone-a", "03", 52))
-            .await,
-    );
+    let m = join_refusal(&f.store, enroll("bbbb", "hv-1", "zone-a", "03", 52)).await;
     assert!(m.contains("revoke it"), "{m}");
     // The refused join spent nothing.
     let tokens = f.store.join_tokens().await.unwrap();
