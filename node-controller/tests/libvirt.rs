@@ -253,6 +253,93 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     .await;
     assert!(file.exists(), "a detached volume keeps its bytes");
 
+    // Snapshot round trip: bytes written into the volume, copied, and a new volume made
+    // from the copy (bigger) has them.
+    // Reads share the file a guest's QEMU may hold (`-r -U`: force-share needs read-only).
+    let qemu_io = |file: &Path, command: &str| {
+        let share: &[&str] = if command.starts_with("read") {
+            &["-r", "-U"]
+        } else {
+            &["-n"]
+        };
+        let out = std::process::Command::new("qemu-io")
+            .args(share)
+            .args(["-f", "qcow2", "-c", command])
+            .arg(file)
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "{command}: {text}"
+        );
+    };
+    qemu_io(&file, "write -P 0xab 1M 64k");
+    let snapshot = async |hv: &LibvirtHypervisor, volume: &VolumeId, to: &Path| {
+        use tokio_stream::StreamExt;
+        let mut copy = hv
+            .snapshot_volume(volume)
+            .await
+            .expect("snapshot")
+            .expect("the node holds the volume");
+        let mut bytes = Vec::new();
+        while let Some(chunk) = copy.bytes.next().await {
+            bytes.extend(chunk.expect("chunk"));
+        }
+        assert_eq!(bytes.len() as u64, copy.size);
+        std::fs::write(to, &bytes).unwrap();
+    };
+    let copied = scratch.path().join("snapshot.qcow2");
+    snapshot(&hv, &data.volume_id, &copied).await;
+    assert!(
+        hv.snapshot_volume(&VolumeId::generate())
+            .await
+            .unwrap()
+            .is_none(),
+        "a volume this node does not hold"
+    );
+    let content = fetcher.add(ImageKind::Machine, &copied);
+    let restored = VolumeAttachment {
+        size_gib: 3,
+        source: Some(canopy_common::SnapshotRef {
+            snapshot_id: canopy_common::SnapshotId::generate(),
+            sha256: content.sha256.clone(),
+            size: content.size,
+        }),
+        ..volume("/dev/sdh")
+    };
+    hv.attach_volume(&id, &restored)
+        .await
+        .expect("attach a volume made from the snapshot");
+    let restored_file = scratch
+        .path()
+        .join("volumes")
+        .join(format!("{}.qcow2", restored.volume_id));
+    qemu_io(&restored_file, "read -P 0xab 1M 64k");
+    qemu_io(&restored_file, "read -P 0 0 64k");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&restored_file)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(info["virtual-size"], 3u64 << 30, "{info}");
+    // A snapshot of a volume attached to the running guest pauses it for the copy only.
+    let again = scratch.path().join("snapshot-live.qcow2");
+    snapshot(&hv, &restored.volume_id, &again).await;
+    assert_eq!(hv.state(&id).await.unwrap(), Some(DomainState::Running));
+    qemu_io(&again, "read -P 0xab 1M 64k");
+    hv.detach_volume(&id, &restored.volume_id)
+        .await
+        .expect("detach");
+    wait_until(
+        "the guest lets the restored volume go",
+        Duration::from_secs(60),
+        async || listed(&hv).await.is_empty().then_some(()),
+    )
+    .await;
+    hv.delete_volume(&restored.volume_id).await.expect("delete");
+
     hv.delete_volume(&data.volume_id).await.expect("delete");
     assert!(!file.exists());
     hv.delete_volume(&data.volume_id)
