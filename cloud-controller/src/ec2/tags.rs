@@ -48,34 +48,37 @@ async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError
     }
     if !volumes.is_empty() {
         let owned = ctx.clc.store.volumes(&ctx.account).await?;
-        if let Some(missing) = volumes
-            .iter()
-            .find(|v| !owned.iter().any(|o| &o.volume_id == **v))
-        {
-            return Err(super::volumes::volume_not_found(missing.as_str()));
-        }
+        first_missing(&volumes, owned.iter().map(|o| &o.volume_id)).map_or(Ok(()), |v| {
+            Err(super::volumes::volume_not_found(v.as_str()))
+        })?;
     }
     if !allocations.is_empty() {
         let owned = ctx.clc.store.addresses(&ctx.account).await?;
-        if let Some(missing) = allocations
-            .iter()
-            .find(|a| !owned.iter().any(|o| &o.allocation_id == **a))
-        {
-            return Err(super::addresses::allocation_not_found(missing.as_str()));
-        }
+        first_missing(&allocations, owned.iter().map(|o| &o.allocation_id))
+            .map_or(Ok(()), |a| {
+                Err(super::addresses::allocation_not_found(a.as_str()))
+            })?;
     }
     ctx.require_instances(&instances).await?;
     super::security_groups::resolve_groups(ctx, &groups, &[]).await?;
     if !key_pairs.is_empty() {
         let owned = ctx.clc.store.key_pairs(&ctx.account).await?;
-        if let Some(missing) = key_pairs
-            .iter()
-            .find(|k| !owned.iter().any(|p| &p.key_pair_id == **k))
-        {
-            return Err(super::key_pairs::key_pair_not_found(missing.as_str()));
-        }
+        first_missing(&key_pairs, owned.iter().map(|o| &o.key_pair_id)).map_or(Ok(()), |k| {
+            Err(super::key_pairs::key_pair_not_found(k.as_str()))
+        })?;
     }
     Ok(())
+}
+
+/// The first of `wanted` that is not among the account's `owned` ids.
+fn first_missing<'a, T: PartialEq + 'a>(
+    wanted: &[&'a T],
+    owned: impl Iterator<Item = &'a T> + Clone,
+) -> Option<&'a T> {
+    wanted
+        .iter()
+        .copied()
+        .find(|w| !owned.clone().any(|o| o == *w))
 }
 
 /// The tags of `TagSpecification.N` for a call that creates one resource of `resource_type`
