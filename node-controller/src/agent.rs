@@ -349,8 +349,7 @@ impl Agent {
     /// [`Self::observe_domains`], with the size each domain is defined with.
     async fn observe_domains_sized(
         &self,
-    ) -> Result<(BTreeMap<InstanceId, DomainState>, plan::Attached, plan::Sizes), HypervisorError>
-    {
+    ) -> Result<(plan::States, plan::Attached, plan::Sizes), HypervisorError> {
         let domains = self.hypervisor.list().await?;
         let mut states = BTreeMap::new();
         let mut attached = plan::Attached::new();
@@ -444,8 +443,7 @@ impl Agent {
                     // A domain whose type changed while stopped gets its new size before
                     // the start that follows (a failed resize skips that start).
                     let mut plan = plan::plan(doc, &observed, &state.memory, Instant::now());
-                    let mut actions =
-                        plan::plan_resizes(doc, &observed, &sizes, &state.memory);
+                    let mut actions = plan::plan_resizes(doc, &observed, &sizes, &state.memory);
                     actions.append(&mut plan.actions);
                     plan.actions = actions;
                     // After the lifecycle actions: a domain defined in this pass gets its
@@ -748,7 +746,9 @@ impl Agent {
             Action::Resize {
                 instance_id,
                 resources,
-            } => info!(instance = %instance_id, vcpus = resources.vcpus, memory_mib = resources.memory_mib, "domain resized"),
+            } => {
+                info!(instance = %instance_id, vcpus = resources.vcpus, memory_mib = resources.memory_mib, "domain resized")
+            }
             Action::AttachVolume {
                 instance_id,
                 volume,

@@ -533,7 +533,10 @@ mod tests {
         let xml = "<domain type='kvm'>\n  <name>i-0123456789abcdef0</name>\n  <memoryBacking><source type='memfd'/></memoryBacking>\n  <memory unit='KiB'>1048576</memory>\n  <currentMemory unit='KiB'>1048576</currentMemory>\n  <vcpus><vcpu id='0' enabled='yes'/></vcpus>\n  <vcpu placement='static' current='1'>1</vcpu>\n  <devices>\n    <disk type='file' device='disk'><source file='/var/lib/canopy/i-0123456789abcdef0/root.qcow2'/></disk>\n    <disk type='file' device='disk'><serial>vol0123456789abcdef0</serial></disk>\n  </devices>\n</domain>\n";
         let out = resized_xml(xml, 2, 8192).unwrap();
         assert!(out.contains("<memory unit='MiB'>8192</memory>"), "{out}");
-        assert!(out.contains("<currentMemory unit='MiB'>8192</currentMemory>"), "{out}");
+        assert!(
+            out.contains("<currentMemory unit='MiB'>8192</currentMemory>"),
+            "{out}"
+        );
         assert!(out.contains("<vcpu placement='static'>2</vcpu>"), "{out}");
         assert!(!out.contains("1048576"), "{out}");
         // The look-alike elements and the disks are untouched.
@@ -549,6 +552,9 @@ mod tests {
         assert!(ours.contains("<memory unit='MiB'>2048</memory>"), "{ours}");
         assert!(ours.contains("<vcpu placement='static'>4</vcpu>"), "{ours}");
         assert_eq!(resized_xml(xml, 0, 8192).unwrap_err().field, "vcpus");
-        assert_eq!(resized_xml("<domain/>", 1, 512).unwrap_err().field, "memory");
+        assert_eq!(
+            resized_xml("<domain/>", 1, 512).unwrap_err().field,
+            "memory"
+        );
     }
 }

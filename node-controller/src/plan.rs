@@ -243,6 +243,9 @@ fn plan_instance(
     }
 }
 
+/// Each domain's state, as the hypervisor lists it.
+pub type States = BTreeMap<InstanceId, DomainState>;
+
 /// The size (vCPUs and memory) each domain is defined with, as the hypervisor lists it.
 pub type Sizes = BTreeMap<InstanceId, Resources>;
 
@@ -653,8 +656,17 @@ mod tests {
         assert!(plan_resizes(&d, &observed(Some(ShutOff)), &same, &none).is_empty());
         // Not while the domain runs or is not defined, nor for one that is not to start:
         // a guest that stopped on its own, a latched failure, or a stopped instance.
-        for state in [None, Some(Booting), Some(Running), Some(ShuttingDown), Some(Crashed)] {
-            assert!(plan_resizes(&d, &observed(state), &old, &none).is_empty(), "{state:?}");
+        for state in [
+            None,
+            Some(Booting),
+            Some(Running),
+            Some(ShuttingDown),
+            Some(Crashed),
+        ] {
+            assert!(
+                plan_resizes(&d, &observed(state), &old, &none).is_empty(),
+                "{state:?}"
+            );
         }
         let guest = [(
             id(0),

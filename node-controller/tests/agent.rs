@@ -580,9 +580,8 @@ async fn a_new_type_the_node_has_no_room_for_keeps_the_instance_stopped() {
     let_it_settle().await;
     // Not started, not terminated: stopped with the reason, its domain (and disk) kept
     // at the old size.
-    let last = h
-        .cc
-        .wait_for("a report with a reason", |s| {
+    let last =
+        h.cc.wait_for("a report with a reason", |s| {
             s.reports
                 .iter()
                 .rev()

@@ -360,7 +360,13 @@ async fn a_stopped_instance_changes_type_and_size_in_one_apply() {
         .unwrap();
     let err = f.store.apply(&change).await.unwrap_err();
     assert!(
-        matches!(err, StateError::IncorrectInstanceState { state: InstanceState::Stopping, .. }),
+        matches!(
+            err,
+            StateError::IncorrectInstanceState {
+                state: InstanceState::Stopping,
+                ..
+            }
+        ),
         "{err:?}"
     );
     f.observe(&id, InstanceState::Stopped).await;
@@ -369,7 +375,11 @@ async fn a_stopped_instance_changes_type_and_size_in_one_apply() {
     let inst = &f.all().await[0];
     assert_eq!(
         (inst.instance_type.as_str(), inst.resources, inst.state),
-        ("t2.large", Resources::new(2, 8192, 30), InstanceState::Stopped)
+        (
+            "t2.large",
+            Resources::new(2, 8192, 30),
+            InstanceState::Stopped
+        )
     );
     // The zone's document carries the new size to the node...
     assert_eq!(f.generation().await, g + 1);
@@ -382,7 +392,10 @@ async fn a_stopped_instance_changes_type_and_size_in_one_apply() {
     let allocations = f.store.allocations().await.unwrap();
     assert_eq!(allocations.len(), 1);
     assert_eq!(
-        (allocations[0].node_id.as_ref().map(|n| n.as_str()), allocations[0].resources),
+        (
+            allocations[0].node_id.as_ref().map(|n| n.as_str()),
+            allocations[0].resources
+        ),
         (Some("node-1"), Resources::new(2, 8192, 30))
     );
     // A start after the change starts the instance at its new size.
@@ -443,7 +456,11 @@ async fn a_start_the_node_has_no_room_for_leaves_the_instance_stopped_with_the_r
         inst.state_reason.as_ref().unwrap().code,
         "Server.InsufficientInstanceCapacity"
     );
-    assert!(inst.transition_reason.contains("insufficient capacity"), "{}", inst.transition_reason);
+    assert!(
+        inst.transition_reason.contains("insufficient capacity"),
+        "{}",
+        inst.transition_reason
+    );
 }
 
 #[tokio::test]
