@@ -1076,7 +1076,9 @@ async fn modify(ctx: &Ctx, id: InstanceId, change: InstanceChange) -> Result<Str
 /// the growth, the change is refused with `InsufficientInstanceCapacity` (AWS refuses the
 /// later StartInstances instead) and the instance keeps its type. A start after a change
 /// therefore always fits. The growth is counted in the launch ledger, in the same critical
-/// section as launches, so a launch cannot take the same room before the change commits.
+/// section as launches, so a launch cannot take the same room before the change commits
+/// (as room taken in the zone, until the next read of the committed allocations counts it
+/// on the node itself).
 async fn modify_instance_type(
     ctx: &Ctx,
     id: InstanceId,
