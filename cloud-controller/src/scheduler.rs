@@ -85,6 +85,35 @@ pub fn choose_zone(zones: &[ZoneSnapshot], req: &LaunchRequest) -> Decision {
     }
 }
 
+/// Whether `node` of `zone` has room for an instance there to grow by `growth` (a stopped
+/// instance whose type changes keeps its node: its disk lives there). `zones` is a settled
+/// view. A node the snapshot does not list (its CC or the node itself not heard from yet)
+/// is not refused here: the node's own accounting is the last guard.
+pub fn room_to_grow(
+    zones: &[ZoneSnapshot],
+    zone: &ZoneName,
+    node: &NodeId,
+    growth: &Resources,
+) -> Result<(), String> {
+    let Some(host) = zones
+        .iter()
+        .filter(|z| &z.zone == zone)
+        .flat_map(|z| &z.hosts)
+        .find(|h| &h.key == node)
+    else {
+        return Ok(());
+    };
+    let free = host.free();
+    if free.fits(growth) {
+        Ok(())
+    } else {
+        Err(format!(
+            "node {node} has not enough {}",
+            free.shortfall(growth).join(", ")
+        ))
+    }
+}
+
 /// How many of the request fit in the zone, the zone's free memory after its unplaced
 /// instances, and why placement stopped.
 fn fit_count(z: &ZoneSnapshot, req: &LaunchRequest) -> (u32, u64, String) {
@@ -261,6 +290,33 @@ mod tests {
         assert_eq!(
             reasons,
             vec!["no availability zone is registered".to_string()]
+        );
+    }
+
+    #[test]
+    fn an_instance_grows_only_where_its_node_has_room() {
+        let mut z = zone("z1", true, &[(4, 8192, true), (4, 8192, true)]);
+        z.hosts[0].allocated = Resources::new(2, 6144, 20);
+        let zones = [z];
+        let z1 = ZoneName::parse("z1").unwrap();
+        let n0 = NodeId::parse("n0").unwrap();
+        let n1 = NodeId::parse("n1").unwrap();
+        assert_eq!(
+            room_to_grow(&zones, &z1, &n0, &Resources::new(2, 2048, 10)),
+            Ok(())
+        );
+        // The other node's free room does not help: the disk lives on n0.
+        let err = room_to_grow(&zones, &z1, &n0, &Resources::new(1, 4096, 10)).unwrap_err();
+        assert!(err.contains("n0") && err.contains("memory"), "{err}");
+        assert_eq!(
+            room_to_grow(&zones, &z1, &n1, &Resources::new(1, 4096, 10)),
+            Ok(())
+        );
+        // A node not heard from is left to the node's own accounting.
+        let unknown = NodeId::parse("n9").unwrap();
+        assert_eq!(
+            room_to_grow(&zones, &z1, &unknown, &Resources::new(64, 1 << 30, 10)),
+            Ok(())
         );
     }
 }

@@ -22,6 +22,7 @@ pub const INSTANCE_TYPES: &[InstanceType] = &[
     t("t2.micro", 1, 1024, 8),
     t("t2.small", 1, 2048, 10),
     t("t2.medium", 2, 4096, 20),
+    t("t2.large", 2, 8192, 30),
     t("t3.nano", 2, 512, 8),
     t("t3.micro", 2, 1024, 8),
     t("t3.small", 2, 2048, 10),

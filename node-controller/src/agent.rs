@@ -342,16 +342,26 @@ impl Agent {
     async fn observe_domains(
         &self,
     ) -> Result<(BTreeMap<InstanceId, DomainState>, plan::Attached), HypervisorError> {
+        let (states, attached, _) = self.observe_domains_sized().await?;
+        Ok((states, attached))
+    }
+
+    /// [`Self::observe_domains`], with the size each domain is defined with.
+    async fn observe_domains_sized(
+        &self,
+    ) -> Result<(plan::States, plan::Attached, plan::Sizes), HypervisorError> {
         let domains = self.hypervisor.list().await?;
         let mut states = BTreeMap::new();
         let mut attached = plan::Attached::new();
+        let mut sizes = plan::Sizes::new();
         for d in domains {
             if !d.volumes.is_empty() {
                 attached.insert(d.instance_id.clone(), d.volumes);
             }
+            sizes.insert(d.instance_id.clone(), d.resources);
             states.insert(d.instance_id, d.state);
         }
-        Ok((states, attached))
+        Ok((states, attached, sizes))
     }
 
     /// Feeds the observation into every desired instance's memory.
@@ -415,7 +425,7 @@ impl Agent {
 
     /// One reconcile pass. Returns the earliest stop deadline, when one is pending.
     async fn reconcile_once(self: &Arc<Self>) -> Option<Instant> {
-        let (observed, attached) = match self.observe_domains().await {
+        let (observed, attached, sizes) = match self.observe_domains_sized().await {
             Ok(observed) => observed,
             Err(e) => {
                 warn!(error = %e, "cannot list domains; will retry");
@@ -430,7 +440,12 @@ impl Agent {
             });
             let plan = match &state.desired {
                 Some(doc) => {
+                    // A domain whose type changed while stopped gets its new size before
+                    // the start that follows (a failed resize skips that start).
                     let mut plan = plan::plan(doc, &observed, &state.memory, Instant::now());
+                    let mut actions = plan::plan_resizes(doc, &observed, &sizes, &state.memory);
+                    actions.append(&mut plan.actions);
+                    plan.actions = actions;
                     // After the lifecycle actions: a domain defined in this pass gets its
                     // volumes in the next one, once it is listed.
                     plan.actions
@@ -675,6 +690,7 @@ impl Agent {
                 Action::Destroy(_) => self.hypervisor.destroy(&id).await,
                 Action::Reboot { .. } => self.hypervisor.reboot(&id).await,
                 Action::Undefine(_) => self.hypervisor.undefine(&id).await,
+                Action::Resize { resources, .. } => self.hypervisor.resize(&id, *resources).await,
                 Action::AttachVolume { volume, .. } => {
                     self.hypervisor.attach_volume(&id, volume).await
                 }
@@ -727,6 +743,12 @@ impl Agent {
             }
             Action::Destroy(id) => info!(instance = %id, "domain destroyed"),
             Action::Undefine(id) => info!(instance = %id, "domain undefined"),
+            Action::Resize {
+                instance_id,
+                resources,
+            } => {
+                info!(instance = %instance_id, vcpus = resources.vcpus, memory_mib = resources.memory_mib, "domain resized")
+            }
             Action::AttachVolume {
                 instance_id,
                 volume,
@@ -766,6 +788,28 @@ impl Agent {
                     Failure {
                         reason,
                         terminal: true,
+                    },
+                );
+            }
+            (Action::Resize { .. }, _) => {
+                // The instance keeps its domain and disks, and stays stopped (its start is
+                // skipped) with the reason, until it is stopped and started again.
+                warn!(instance = %id, %error, "resize failed; the instance stays stopped");
+                let reason = match error {
+                    HypervisorError::InsufficientCapacity { .. } => StateReason::new(
+                        reason::INSUFFICIENT_CAPACITY,
+                        "Insufficient capacity on the node for the instance's new type",
+                    ),
+                    other => StateReason::new(
+                        reason::INTERNAL_ERROR,
+                        format!("resizing the domain failed: {other}"),
+                    ),
+                };
+                self.latch_failure(
+                    id,
+                    Failure {
+                        reason,
+                        terminal: false,
                     },
                 );
             }

@@ -238,6 +238,60 @@ pub fn volume_disk_xml(
     ))
 }
 
+/// A domain's (persistent) XML as libvirt gives it back, with other vCPUs and memory and
+/// everything else as it was: its disks (the root overlay, attached volumes), console and
+/// boot. Defining the result under the same name replaces the shut-off domain's
+/// configuration. libvirt writes `<memory unit='KiB'>`, `<currentMemory>` and
+/// `<vcpu placement='static'>` once each, as children of `<domain>`.
+pub fn resized_xml(domain_xml: &str, vcpus: u32, memory_mib: u64) -> Result<String, InvalidDomain> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(invalid(
+            "vcpus",
+            format!("{vcpus} is not within 1..={MAX_VCPUS}"),
+        ));
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(invalid(
+            "memory",
+            format!("{memory_mib} MiB is not within {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB"),
+        ));
+    }
+    let memory = format!("<memory unit='MiB'>{memory_mib}</memory>");
+    let current = format!("<currentMemory unit='MiB'>{memory_mib}</currentMemory>");
+    let vcpu = format!("<vcpu placement='static'>{vcpus}</vcpu>");
+    let xml = replace_element(domain_xml, "memory", &memory)
+        .ok_or_else(|| invalid("memory", "the domain's XML has no <memory> element"))?;
+    let xml = replace_element(&xml, "currentMemory", &current).unwrap_or(xml);
+    replace_element(&xml, "vcpu", &vcpu)
+        .ok_or_else(|| invalid("vcpus", "the domain's XML has no <vcpu> element"))
+}
+
+/// `xml` with its first `<name …>text</name>` element (one holding text only) replaced by
+/// `with`, if it has one.
+fn replace_element(xml: &str, name: &str, with: &str) -> Option<String> {
+    let open = format!("<{name}");
+    let close = format!("</{name}>");
+    let mut from = 0;
+    loop {
+        let start = from + xml[from..].find(&open)?;
+        from = start + open.len();
+        // `<memory` must not match `<memoryBacking`, nor `<vcpu` match `<vcpus>` or the
+        // empty `<vcpu id='0' …/>` elements inside it.
+        if !matches!(xml[from..].chars().next(), Some('>' | ' ')) {
+            continue;
+        }
+        let tag_end = from + xml[from..].find('>')?;
+        if xml[..tag_end].ends_with('/') {
+            continue;
+        }
+        let text_end = tag_end + xml[tag_end..].find('<')?;
+        if xml[text_end..].starts_with(&close) {
+            let end = text_end + close.len();
+            return Some(format!("{}{with}{}", &xml[..start], &xml[end..]));
+        }
+    }
+}
+
 /// The disk serial a volume is attached with.
 pub fn volume_serial(volume: &canopy_common::VolumeId) -> String {
     volume.as_str().replacen('-', "", 1)
@@ -472,5 +526,35 @@ mod tests {
             d.nic.as_mut().unwrap().mac = mac.into();
             assert_eq!(refused(d), "mac", "{mac}");
         }
+    }
+
+    #[test]
+    fn a_resized_definition_keeps_everything_but_its_size() {
+        let xml = "<domain type='kvm'>\n  <name>i-0123456789abcdef0</name>\n  <memoryBacking><source type='memfd'/></memoryBacking>\n  <memory unit='KiB'>1048576</memory>\n  <currentMemory unit='KiB'>1048576</currentMemory>\n  <vcpus><vcpu id='0' enabled='yes'/></vcpus>\n  <vcpu placement='static' current='1'>1</vcpu>\n  <devices>\n    <disk type='file' device='disk'><source file='/var/lib/canopy/i-0123456789abcdef0/root.qcow2'/></disk>\n    <disk type='file' device='disk'><serial>vol0123456789abcdef0</serial></disk>\n  </devices>\n</domain>\n";
+        let out = resized_xml(xml, 2, 8192).unwrap();
+        assert!(out.contains("<memory unit='MiB'>8192</memory>"), "{out}");
+        assert!(
+            out.contains("<currentMemory unit='MiB'>8192</currentMemory>"),
+            "{out}"
+        );
+        assert!(out.contains("<vcpu placement='static'>2</vcpu>"), "{out}");
+        assert!(!out.contains("1048576"), "{out}");
+        // The look-alike elements and the disks are untouched.
+        assert!(out.contains("<memoryBacking><source type='memfd'/></memoryBacking>"));
+        assert!(out.contains("<vcpus><vcpu id='0' enabled='yes'/></vcpus>"));
+        assert!(out.contains("root.qcow2"));
+        assert_eq!(
+            attached_volumes(&out),
+            vec![canopy_common::VolumeId::parse("vol-0123456789abcdef0").unwrap()]
+        );
+        // What Canopy itself writes resizes too.
+        let ours = resized_xml(&kernel_boot().to_xml().unwrap(), 4, 2048).unwrap();
+        assert!(ours.contains("<memory unit='MiB'>2048</memory>"), "{ours}");
+        assert!(ours.contains("<vcpu placement='static'>4</vcpu>"), "{ours}");
+        assert_eq!(resized_xml(xml, 0, 8192).unwrap_err().field, "vcpus");
+        assert_eq!(
+            resized_xml("<domain/>", 1, 512).unwrap_err().field,
+            "memory"
+        );
     }
 }

@@ -227,6 +227,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Defines a (shut off) domain. Fails with `AlreadyExists` or `InsufficientCapacity`.
     async fn define(&self, spec: &DomainSpec) -> Result<(), HypervisorError>;
 
+    /// Gives a shut-off domain other vCPUs and memory (and, for the host's accounting,
+    /// `resources` as a whole), keeping the rest of its definition: its root disk and its
+    /// attached volumes. Fails with `InvalidState` while the domain is active, and with
+    /// `InsufficientCapacity` when the host has no room for the growth.
+    async fn resize(&self, id: &InstanceId, resources: Resources) -> Result<(), HypervisorError>;
+
     /// Powers a shut-off domain on.
     async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError>;
 

@@ -565,6 +565,57 @@ impl Hypervisor for LibvirtHypervisor {
         defined
     }
 
+    async fn resize(&self, id: &InstanceId, resources: Resources) -> Result<(), HypervisorError> {
+        let defined = self.list().await?;
+        let Some(current) = defined.iter().find(|d| &d.instance_id == id) else {
+            return Err(HypervisorError::NotFound(id.clone()));
+        };
+        if current.state != DomainState::ShutOff {
+            return Err(HypervisorError::InvalidState {
+                instance_id: id.clone(),
+                state: current.state,
+                operation: "resize",
+            });
+        }
+        // Only vCPUs and memory are listed (and counted); the disk stays as it is.
+        let used: Resources = defined
+            .iter()
+            .filter(|d| &d.instance_id != id)
+            .map(|d| d.resources)
+            .sum();
+        let available = self.capacity.saturating_sub(&used);
+        let needed = Resources::new(resources.vcpus, resources.memory_mib, 0);
+        if !available.fits(&needed) {
+            return Err(HypervisorError::InsufficientCapacity { needed, available });
+        }
+        let (vcpus, memory_mib) = (resources.vcpus, resources.memory_mib);
+        let id = id.clone();
+        // Redefining a shut-off domain under its name replaces its persistent
+        // configuration; the XML read back keeps its disks (root overlay, volumes).
+        self.with_conn(move |conn| {
+            let d = conn.lookup_domain_by_name(id.as_str()).map_err(|e| {
+                if is(&e, ErrorNumber::NoDomain) {
+                    HypervisorError::NotFound(id.clone())
+                } else {
+                    failed(e)
+                }
+            })?;
+            if d.is_active().map_err(failed)? {
+                return Err(HypervisorError::InvalidState {
+                    instance_id: id.clone(),
+                    state: domain_state(&d).unwrap_or(DomainState::Running),
+                    operation: "resize",
+                });
+            }
+            let xml = d
+                .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+                .map_err(failed)?;
+            let xml = crate::domain_xml::resized_xml(&xml, vcpus, memory_mib).map_err(failed)?;
+            conn.define_domain_xml(&xml).map(|_| ()).map_err(failed)
+        })
+        .await
+    }
+
     async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError> {
         self.with_domain(id, "start", |d| d.create().map(|_| ()))
             .await

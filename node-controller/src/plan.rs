@@ -18,7 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use canopy_common::{
-    InstanceId, InstanceState, PowerState, SnapshotId, SnapshotRequest, VolumeAttachment, VolumeId,
+    InstanceId, InstanceState, PowerState, Resources, SnapshotId, SnapshotRequest,
+    VolumeAttachment, VolumeId,
 };
 use tokio::time::Instant;
 
@@ -85,6 +86,12 @@ pub enum Action {
         reboot_seq: u64,
     },
     Undefine(InstanceId),
+    /// Gives a shut-off domain the spec's vCPUs and memory (its instance type changed while
+    /// stopped), keeping its disks.
+    Resize {
+        instance_id: InstanceId,
+        resources: Resources,
+    },
     /// Attaches a volume (making its bytes on first use).
     AttachVolume {
         instance_id: InstanceId,
@@ -103,6 +110,7 @@ impl Action {
             Action::Define(spec) => &spec.instance_id,
             Action::Start { instance_id, .. }
             | Action::Reboot { instance_id, .. }
+            | Action::Resize { instance_id, .. }
             | Action::AttachVolume { instance_id, .. }
             | Action::DetachVolume { instance_id, .. } => instance_id,
             Action::Shutdown(id) | Action::Destroy(id) | Action::Undefine(id) => id,
@@ -233,6 +241,44 @@ fn plan_instance(
             Some(_) => vec![Action::Destroy(id()), Action::Undefine(id())],
         },
     }
+}
+
+/// Each domain's state, as the hypervisor lists it.
+pub type States = BTreeMap<InstanceId, DomainState>;
+
+/// The size (vCPUs and memory) each domain is defined with, as the hypervisor lists it.
+pub type Sizes = BTreeMap<InstanceId, Resources>;
+
+/// The resizes to apply before the lifecycle actions of [`plan`]: a shut-off domain that
+/// is about to be started (the same condition as `plan`'s start) but is defined with
+/// other vCPUs or memory than its spec asks for, because its instance type changed while
+/// it was stopped. Only then, not as soon as the document changes: the domain's size is
+/// what it boots with, and a resize that fails (no room on the host) must keep the
+/// instance stopped with a reason rather than fail in the background. The disk size is not
+/// compared: a domain's root disk keeps the size it was made with, as EBS root volumes do
+/// when an EC2 instance changes type.
+pub fn plan_resizes(
+    desired: &DesiredState,
+    observed: &BTreeMap<InstanceId, DomainState>,
+    sizes: &Sizes,
+    memory: &BTreeMap<InstanceId, InstanceMemory>,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (id, spec) in &desired.instances {
+        let mem = memory.get(id);
+        let about_to_start = spec.desired == PowerState::Running
+            && observed.get(id) == Some(&DomainState::ShutOff)
+            && !mem.is_some_and(|m| m.guest_stopped || m.failure.is_some());
+        let Some(size) = sizes.get(id) else { continue };
+        let want = spec.resources;
+        if about_to_start && (size.vcpus != want.vcpus || size.memory_mib != want.memory_mib) {
+            actions.push(Action::Resize {
+                instance_id: id.clone(),
+                resources: want,
+            });
+        }
+    }
+    actions
 }
 
 /// The volumes attached to each domain, as the hypervisor lists them.
@@ -587,6 +633,72 @@ mod tests {
         assert!(plan_volumes(&d, &observed(Some(Crashed)), &Attached::new()).is_empty());
         s.desired = PowerState::Terminated;
         assert!(plan_volumes(&doc(s), &observed(Some(Running)), &attached).is_empty());
+    }
+
+    #[test]
+    fn a_shut_off_domain_of_another_size_is_resized_before_it_starts() {
+        let big = Resources::new(2, 8192, 30);
+        let mut s = spec(PowerState::Running, 0);
+        s.resources = big;
+        let d = doc(s.clone());
+        let old: Sizes = [(id(0), Resources::new(1, 1024, 0))].into();
+        let resize = Action::Resize {
+            instance_id: id(0),
+            resources: big,
+        };
+        let none = BTreeMap::new();
+        assert_eq!(
+            plan_resizes(&d, &observed(Some(ShutOff)), &old, &none),
+            vec![resize]
+        );
+        // The disk the driver lists is not compared (libvirt lists none).
+        let same: Sizes = [(id(0), Resources::new(2, 8192, 0))].into();
+        assert!(plan_resizes(&d, &observed(Some(ShutOff)), &same, &none).is_empty());
+        // Not while the domain runs or is not defined, nor for one that is not to start:
+        // a guest that stopped on its own, a latched failure, or a stopped instance.
+        for state in [
+            None,
+            Some(Booting),
+            Some(Running),
+            Some(ShuttingDown),
+            Some(Crashed),
+        ] {
+            assert!(
+                plan_resizes(&d, &observed(state), &old, &none).is_empty(),
+                "{state:?}"
+            );
+        }
+        let guest = [(
+            id(0),
+            InstanceMemory {
+                guest_stopped: true,
+                ..InstanceMemory::default()
+            },
+        )]
+        .into();
+        assert!(plan_resizes(&d, &observed(Some(ShutOff)), &old, &guest).is_empty());
+        let failed = [(
+            id(0),
+            InstanceMemory {
+                failure: Some(Failure {
+                    reason: StateReason::new(reason::INSUFFICIENT_CAPACITY, "no room"),
+                    terminal: false,
+                }),
+                ..InstanceMemory::default()
+            },
+        )]
+        .into();
+        assert!(plan_resizes(&d, &observed(Some(ShutOff)), &old, &failed).is_empty());
+        for desired in [PowerState::Stopped, PowerState::Terminated] {
+            let mut other = s.clone();
+            other.desired = desired;
+            assert!(plan_resizes(&doc(other), &observed(Some(ShutOff)), &old, &none).is_empty());
+        }
+        // The start itself is the lifecycle plan's, after the resize.
+        assert_eq!(
+            plan_one(s, Some(ShutOff), InstanceMemory::default()),
+            vec![start()]
+        );
     }
 
     #[test]

@@ -334,6 +334,26 @@ impl Hypervisor for SimHypervisor {
         Ok(())
     }
 
+    async fn resize(&self, id: &InstanceId, resources: Resources) -> Result<(), HypervisorError> {
+        let mut state = self.inner.lock();
+        let domain = domain_mut(&mut state, id)?;
+        if domain.state != DomainState::ShutOff {
+            return Err(invalid(id, domain.state, "resize"));
+        }
+        let old = domain.spec.resources;
+        let others = state.used.saturating_sub(&old);
+        let available = self.inner.config.capacity.saturating_sub(&others);
+        if !available.fits(&resources) {
+            return Err(HypervisorError::InsufficientCapacity {
+                needed: resources,
+                available,
+            });
+        }
+        state.used = others.saturating_add(&resources);
+        domain_mut(&mut state, id)?.spec.resources = resources;
+        Ok(())
+    }
+
     async fn start(&self, id: &InstanceId) -> Result<(), HypervisorError> {
         let mut state = self.inner.lock();
         let current = domain_mut(&mut state, id)?.state;

@@ -506,6 +506,101 @@ async fn stop_reports_stopping_then_stopped_and_start_again() {
     h.nc.shutdown().await;
 }
 
+/// The instance's size as the hypervisor lists its domain.
+async fn domain_size(sim: &SimHypervisor, id: &InstanceId) -> Resources {
+    sim.list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| &d.instance_id == id)
+        .unwrap()
+        .resources
+}
+
+/// Stops a running instance through the agent, then asks for a start at `resources`, as
+/// the document after ModifyInstanceAttribute `instanceType` and StartInstances does.
+async fn stop_then_start_resized(h: &mut Harness, id: &InstanceId, resources: pb::Resources) {
+    h.put(2, vec![spec(id, pb::PowerState::Stopped, 0)]).await;
+    h.cc.wait_report(id, O::Stopped).await;
+    let mut bigger = running(id);
+    bigger.resources = Some(resources);
+    bigger.instance_type = "t2.large".into();
+    bigger.start_seq = 1;
+    h.put(3, vec![bigger]).await;
+}
+
+#[tokio::test]
+async fn a_stopped_instance_whose_type_changed_starts_at_its_new_size() {
+    let mut h = Harness::start().await;
+    let id = InstanceId::generate();
+    launch(&mut h, 1, &id).await;
+    assert_eq!(domain_size(&h.sim, &id).await, Resources::new(1, 1024, 8));
+
+    stop_then_start_resized(
+        &mut h,
+        &id,
+        pb::Resources {
+            vcpus: 2,
+            memory_mib: 8192,
+            disk_gib: 30,
+        },
+    )
+    .await;
+    h.cc.wait_for("running again", |s| {
+        let last = s
+            .reports
+            .iter()
+            .rev()
+            .find(|r| r.instance_id == id.as_str())?;
+        (last.state == O::Running as i32).then_some(())
+    })
+    .await;
+    // The same domain (its console goes on), booted a second time with the new size.
+    assert_eq!(h.sim.control().boots(&id), 2);
+    assert_eq!(domain_size(&h.sim, &id).await, Resources::new(2, 8192, 30));
+    assert!(h.console(&id).await.contains("reboot: Power down"));
+    h.nc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_type_the_node_has_no_room_for_keeps_the_instance_stopped() {
+    let mut h = Harness::start().await;
+    let id = InstanceId::generate();
+    launch(&mut h, 1, &id).await;
+    stop_then_start_resized(
+        &mut h,
+        &id,
+        pb::Resources {
+            vcpus: 64,
+            memory_mib: 8192,
+            disk_gib: 30,
+        },
+    )
+    .await;
+    let_it_settle().await;
+    // Not started, not terminated: stopped with the reason, its domain (and disk) kept
+    // at the old size.
+    let last =
+        h.cc.wait_for("a report with a reason", |s| {
+            s.reports
+                .iter()
+                .rev()
+                .find(|r| r.instance_id == id.as_str())
+                .filter(|r| r.reason_code == "Server.InsufficientInstanceCapacity")
+                .cloned()
+        })
+        .await;
+    assert_eq!(last.state, O::Stopped as i32);
+    assert!(!h.cc.states(&id).contains(&O::Terminated));
+    assert_eq!(
+        h.domain(&id).await,
+        Some(canopy_node_controller::DomainState::ShutOff)
+    );
+    assert_eq!(h.sim.control().boots(&id), 1);
+    assert_eq!(domain_size(&h.sim, &id).await, Resources::new(1, 1024, 8));
+    h.nc.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_stop_the_guest_ignores_is_forced_after_the_timeout() {
     let sim = Arc::new(SimHypervisor::new(SimConfig {

@@ -385,7 +385,28 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         .expect("attach to the stopped guest");
     assert_eq!(listed(&hv).await, vec![logs.volume_id.clone()]);
 
-    // Start again: a second boot, logged after the first.
+    // Its instance type changed while stopped: redefined with more memory, keeping its
+    // disks (the root overlay and the volume just attached).
+    let size = async |hv: &LibvirtHypervisor| {
+        hv.list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.instance_id == id)
+            .map(|d| d.resources)
+    };
+    assert_eq!(size(&hv).await, Some(Resources::new(1, 256, 0)));
+    hv.resize(&id, Resources::new(1, 384, 1))
+        .await
+        .expect("resize the stopped guest");
+    assert_eq!(size(&hv).await, Some(Resources::new(1, 384, 0)));
+    assert_eq!(listed(&hv).await, vec![logs.volume_id.clone()]);
+    assert!(matches!(
+        hv.resize(&id, Resources::new(1, 1 << 40, 1)).await,
+        Err(HypervisorError::InsufficientCapacity { .. })
+    ));
+
+    // Start again: a second boot, logged after the first, with the new size.
     hv.start(&id).await.expect("start again");
     wait_until(
         "the guest boots again",
@@ -393,6 +414,11 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         async || (console_count(&hv, &id, &boot_line).await == 2).then_some(()),
     )
     .await;
+    assert_eq!(size(&hv).await, Some(Resources::new(1, 384, 0)));
+    assert!(matches!(
+        hv.resize(&id, Resources::new(1, 256, 1)).await,
+        Err(HypervisorError::InvalidState { .. })
+    ));
 
     // Reboot (ACPI): the guest powers off and libvirt starts it again.
     wait_until(

@@ -55,6 +55,50 @@ def test_user_data_changes_only_while_stopped(cloud, launcher):
     assert base64.b64decode(attr(cloud, iid, "userData")["UserData"]["Value"]) == b"second"
 
 
+def instance(cloud, iid):
+    [inst] = cloud.instances(InstanceIds=[iid])
+    return inst
+
+
+def test_instance_type_changes_only_while_stopped_and_the_start_uses_it(cloud, launcher):
+    [iid] = launcher.run_ids(InstanceType="t2.micro")
+    cloud.wait("instance_running", InstanceIds=[iid])
+    err = expect_error(cloud.ec2.modify_instance_attribute, "IncorrectInstanceState", InstanceId=iid,
+                       InstanceType={"Value": "t2.medium"})
+    assert err.response["Error"]["Message"] == f"The instance '{iid}' is not in the 'stopped' state."
+    assert attr(cloud, iid, "instanceType")["InstanceType"] == {"Value": "t2.micro"}
+
+    cloud.ec2.stop_instances(InstanceIds=[iid])
+    cloud.wait("instance_stopped", InstanceIds=[iid])
+    expect_error(cloud.ec2.modify_instance_attribute, "InvalidParameterValue", InstanceId=iid,
+                 InstanceType={"Value": "t9.enormous"})
+    expect_error(cloud.ec2.modify_instance_attribute, "DryRunOperation", status=412, InstanceId=iid,
+                 InstanceType={"Value": "t2.medium"}, DryRun=True)
+    assert attr(cloud, iid, "instanceType")["InstanceType"] == {"Value": "t2.micro"}
+    cloud.ec2.modify_instance_attribute(InstanceId=iid, InstanceType={"Value": "t2.medium"})
+    assert attr(cloud, iid, "instanceType")["InstanceType"] == {"Value": "t2.medium"}
+    # The older Attribute/Value form.
+    raw = cloud.raw({"Action": "ModifyInstanceAttribute", "InstanceId": iid,
+                     "Attribute": "instanceType", "Value": "m1.small"})
+    assert raw.status == 200
+    assert attr(cloud, iid, "instanceType")["InstanceType"] == {"Value": "m1.small"}
+    # The CLI, with the JSON structure its documentation shows.
+    cloud.aws("ec2", "modify-instance-attribute", "--instance-id", iid,
+              "--instance-type", '{"Value": "t2.large"}')
+    assert attr(cloud, iid, "instanceType")["InstanceType"] == {"Value": "t2.large"}
+    inst = instance(cloud, iid)
+    assert (inst["InstanceType"], inst["State"]["Name"]) == ("t2.large", "stopped")
+
+    cloud.ec2.start_instances(InstanceIds=[iid])
+    cloud.wait("instance_running", InstanceIds=[iid])
+    inst = instance(cloud, iid)
+    assert (inst["InstanceType"], inst["State"]["Name"]) == ("t2.large", "running")
+    assert cloud.ec2.describe_instances(
+        Filters=[{"Name": "instance-type", "Values": ["t2.large"]},
+                 {"Name": "instance-id", "Values": [iid]}])["Reservations"]
+    cloud.ec2.terminate_instances(InstanceIds=[iid])
+
+
 def test_modify_refuses_bad_input(cloud, launcher):
     [iid] = launcher.run_ids()
     expect_error(cloud.ec2.modify_instance_attribute, "InvalidInstanceID.NotFound",

@@ -7,7 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use canopy_common::instance_types::DEFAULT_INSTANCE_TYPE;
 use canopy_common::{
-    ImageId, ImageKind, InstanceId, InstanceState, InstanceType, NodeId, ReservationId, ZoneName,
+    ImageId, ImageKind, InstanceId, InstanceState, InstanceType, NodeId, ReservationId, Resources,
+    ZoneName,
 };
 use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 use chrono::Utc;
@@ -27,6 +28,12 @@ use crate::zones::zone_snapshots;
 const MAX_USER_DATA: usize = 16 * 1024;
 /// More instances than this in one call is a typo, not a launch.
 pub(super) const MAX_COUNT_CAP: u32 = 10_000;
+
+/// An instance type of the catalogue, or the error EC2 gives for a name it does not offer.
+fn instance_type(name: &str) -> Result<&'static InstanceType, ApiError> {
+    InstanceType::lookup(name)
+        .ok_or_else(|| ApiError::invalid(format!("Invalid value '{name}' for InstanceType.")))
+}
 
 pub fn parse_instance_id(s: &str) -> Result<InstanceId, ApiError> {
     InstanceId::parse(s).map_err(|_| ApiError::instance_malformed(s))
@@ -88,9 +95,7 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
         .get("InstanceType")
         .filter(|t| !t.is_empty())
         .unwrap_or(DEFAULT_INSTANCE_TYPE);
-    let itype = InstanceType::lookup(type_name).ok_or_else(|| {
-        ApiError::invalid(format!("Invalid value '{type_name}' for InstanceType."))
-    })?;
+    let itype = instance_type(type_name)?;
     let min_count: i64 = p
         .int("MinCount")?
         .ok_or_else(|| ApiError::missing("MinCount"))?;
@@ -1034,6 +1039,7 @@ pub async fn modify_instance_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             };
             InstanceChange::UserData(data)
         }
+        "instanceType" => return modify_instance_type(ctx, id, instance_type(value)?).await,
         other => {
             return Err(ApiError::new(
                 400,
@@ -1058,6 +1064,96 @@ async fn modify(ctx: &Ctx, id: InstanceId, change: InstanceChange) -> Result<Str
             change,
         })
         .await?;
+    let mut w = XmlWriter::response("ModifyInstanceAttribute", &ctx.request_id);
+    w.bool_elem("return", true);
+    Ok(w.finish())
+}
+
+/// ModifyInstanceAttribute `instanceType`, only while the instance is stopped (as on EC2).
+///
+/// A stopped instance keeps its allocation on its node, where its disk lives, so the new
+/// size is taken there now rather than at the next start: when the node has no room for
+/// the growth, the change is refused with `InsufficientInstanceCapacity` (AWS refuses the
+/// later StartInstances instead) and the instance keeps its type. A start after a change
+/// therefore always fits. The growth is counted in the launch ledger, in the same critical
+/// section as launches, so a launch cannot take the same room before the change commits
+/// (as room taken in the zone, until the next read of the committed allocations counts it
+/// on the node itself).
+async fn modify_instance_type(
+    ctx: &Ctx,
+    id: InstanceId,
+    itype: &'static InstanceType,
+) -> Result<String, ApiError> {
+    let not_stopped = |id: &InstanceId| {
+        ApiError::new(
+            400,
+            "IncorrectInstanceState",
+            format!("The instance '{id}' is not in the 'stopped' state."),
+        )
+    };
+    let found = ctx
+        .clc
+        .store
+        .owned_instances(&ctx.account, std::slice::from_ref(&id))
+        .await?;
+    let inst = &found[&id];
+    if inst.state != InstanceState::Stopped {
+        return Err(not_stopped(&id));
+    }
+    ctx.dry_run()?;
+    let growth = itype.resources.saturating_sub(&inst.resources);
+    let ticket = match &inst.node_id {
+        Some(node) if growth != Resources::default() => {
+            crate::zones::await_zones(&ctx.clc).await?;
+            ctx.clc.launches.refresh(&ctx.clc.store).await?;
+            let catalog = ctx.clc.store.catalog().await?;
+            let (refusal, ticket) = ctx.clc.launches.schedule(
+                ctx.clc.zones.version(),
+                &catalog.zones,
+                |allocations| zone_snapshots(&ctx.clc, &catalog.zones, allocations),
+                |zones| match scheduler::room_to_grow(zones, &inst.zone, node, &growth) {
+                    Ok(()) => (None, Some((inst.zone.clone(), growth, 1))),
+                    Err(reason) => (Some(reason), None),
+                },
+            );
+            if let Some(reason) = refusal {
+                tracing::info!(instance = %id, %node, %reason, "type change refused: no room on the node");
+                return Err(ApiError::new(
+                    500,
+                    "InsufficientInstanceCapacity",
+                    format!(
+                        "We currently do not have sufficient {} capacity on the host of instance '{id}': {reason}. Try a smaller instance type.",
+                        itype.name
+                    ),
+                ));
+            }
+            ticket
+        }
+        _ => None,
+    };
+    let out = ctx
+        .clc
+        .submit(Command::ModifyInstance {
+            account_id: ctx.account.clone(),
+            instance_id: id,
+            change: InstanceChange::InstanceType {
+                name: itype.name.to_owned(),
+                resources: itype.resources,
+            },
+        })
+        .await;
+    match out {
+        Ok(_) => {
+            if let Some(ticket) = ticket {
+                ticket.committed();
+            }
+        }
+        // Started between the look above and the commit.
+        Err(crate::state::StateError::IncorrectInstanceState { id, .. }) => {
+            return Err(not_stopped(&id));
+        }
+        Err(e) => return Err(e.into()),
+    }
     let mut w = XmlWriter::response("ModifyInstanceAttribute", &ctx.request_id);
     w.bool_elem("return", true);
     Ok(w.finish())

@@ -22,6 +22,10 @@ use super::snapshots;
 use super::types::{Instance, StateReason};
 use super::volumes;
 
+/// The state-reason code of a node that had no room for an instance (its launch, or the
+/// new size of a stopped instance about to start).
+const NO_ROOM: &str = "Server.InsufficientInstanceCapacity";
+
 /// EC2's limit of tags on one resource.
 pub const MAX_TAGS_PER_RESOURCE: i64 = 50;
 
@@ -501,12 +505,31 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 InstanceChange::SecurityGroups(groups) => {
                     return replace_groups(conn, account_id, inst, groups).await;
                 }
+                InstanceChange::InstanceType { name, resources } => {
+                    if inst.state != InstanceState::Stopped {
+                        return Err(StateError::IncorrectInstanceState {
+                            id: instance_id.clone(),
+                            state: inst.state,
+                        });
+                    }
+                    // The size is the desired document's (the node redefines the domain
+                    // before its next start) and what the allocations count on the node.
+                    sqlx::query(
+                        "UPDATE instances SET instance_type = ?, vcpus = ?, memory_mib = ?, disk_gib = ? WHERE instance_id = ?",
+                    )
+                    .bind(name)
+                    .bind(i64::from(resources.vcpus))
+                    .bind(i64::try_from(resources.memory_mib).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(resources.disk_gib).unwrap_or(i64::MAX))
+                }
             };
             query.bind(instance_id.as_str()).execute(&mut *conn).await?;
-            // Both are part of the zone's desired state (the node's metadata service).
+            // Part of the zone's desired state (the node's metadata service, the domain's size).
             if matches!(
                 change,
-                InstanceChange::UserData(_) | InstanceChange::MetadataOptions(_)
+                InstanceChange::UserData(_)
+                    | InstanceChange::MetadataOptions(_)
+                    | InstanceChange::InstanceType { .. }
             ) {
                 bump_generation(conn, &inst.zone).await?;
             }
@@ -788,9 +811,24 @@ async fn observe(
             changed += usize::from(node_changed || ip_changed);
             continue;
         }
-        let Ok(next) = transition(inst.state, LifecycleEvent::Observed(obs.state)) else {
+        let no_room = obs.reason.as_ref().is_some_and(|r| r.code == NO_ROOM);
+        let next = match transition(inst.state, LifecycleEvent::Observed(obs.state)) {
+            Ok(next) => next,
+            // A node that could not give a stopped instance its new type's size keeps it
+            // stopped (its disk stays on the node) and says why: the start failed. Other
+            // stopped reports may not end a start (they are from before the start reached
+            // the node). This one can be stale only if it repeats an earlier refusal while
+            // a retried start is on its way down (a window of one push); the instance is
+            // then stopped again, with the reason, and never lost.
+            Err(_)
+                if no_room
+                    && inst.state == InstanceState::Pending
+                    && obs.state == InstanceState::Stopped =>
+            {
+                InstanceState::Stopped
+            }
             // A report from before a request reached the node.
-            continue;
+            Err(_) => continue,
         };
         let mut desired = inst.desired;
         // A reason belongs to the episode that began it (who stopped the instance, why a
@@ -817,10 +855,17 @@ async fn observe(
                 code: "Client.InstanceInitiatedShutdown".into(),
                 message: "Client.InstanceInitiatedShutdown: Instance initiated shutdown".into(),
             }));
-            transition_reason = format!(
-                "Instance initiated ({})",
-                at.format("%Y-%m-%d %H:%M:%S GMT")
-            );
+            transition_reason = if no_room {
+                format!(
+                    "Start failed: insufficient capacity on the instance's node ({})",
+                    at.format("%Y-%m-%d %H:%M:%S GMT")
+                )
+            } else {
+                format!(
+                    "Instance initiated ({})",
+                    at.format("%Y-%m-%d %H:%M:%S GMT")
+                )
+            };
         }
         if matches!(
             next,

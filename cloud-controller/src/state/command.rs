@@ -457,6 +457,13 @@ pub enum InstanceChange {
     /// The instance's security groups, replaced (ModifyInstanceAttribute `GroupId.N`): the
     /// account's, at least one; not once the instance is shutting down or terminated.
     SecurityGroups(Vec<SecurityGroupId>),
+    /// Only while the instance is stopped, as on EC2. The resources are the catalogue's for
+    /// the type when the edge accepted the request: the command carries them, so replaying
+    /// the log gives the same rows whatever the catalogue says later.
+    InstanceType {
+        name: String,
+        resources: canopy_common::Resources,
+    },
 }
 
 /// A key pair named the way DeleteKeyPair names it.

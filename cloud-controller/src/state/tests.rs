@@ -332,6 +332,138 @@ async fn stale_observations_are_ignored_and_guest_shutdown_stops_the_instance() 
 }
 
 #[tokio::test]
+async fn a_stopped_instance_changes_type_and_size_in_one_apply() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    f.observe(&id, InstanceState::Running).await;
+    let change = Command::ModifyInstance {
+        account_id: f.account.clone(),
+        instance_id: id.clone(),
+        change: InstanceChange::InstanceType {
+            name: "t2.large".into(),
+            resources: Resources::new(2, 8192, 30),
+        },
+    };
+    // Only while stopped, as on EC2; the refusal writes nothing.
+    let g = f.generation().await;
+    let err = f.store.apply(&change).await.unwrap_err();
+    assert!(
+        matches!(err, StateError::IncorrectInstanceState { id: ref got, state: InstanceState::Running } if got == &id),
+        "{err:?}"
+    );
+    assert_eq!(f.all().await[0].instance_type, "t2.micro");
+    assert_eq!(f.generation().await, g);
+
+    f.request(std::slice::from_ref(&id), InstanceAction::Stop)
+        .await
+        .unwrap();
+    let err = f.store.apply(&change).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::IncorrectInstanceState {
+                state: InstanceState::Stopping,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    f.observe(&id, InstanceState::Stopped).await;
+    let g = f.generation().await;
+    f.store.apply(&change).await.unwrap();
+    let inst = &f.all().await[0];
+    assert_eq!(
+        (inst.instance_type.as_str(), inst.resources, inst.state),
+        (
+            "t2.large",
+            Resources::new(2, 8192, 30),
+            InstanceState::Stopped
+        )
+    );
+    // The zone's document carries the new size to the node...
+    assert_eq!(f.generation().await, g + 1);
+    let spec = &f.store.desired_specs(&f.zone).await.unwrap()[0];
+    assert_eq!(
+        (spec.instance_type.as_str(), spec.resources),
+        ("t2.large", Resources::new(2, 8192, 30))
+    );
+    // ...and the allocations the scheduler counts on the node follow.
+    let allocations = f.store.allocations().await.unwrap();
+    assert_eq!(allocations.len(), 1);
+    assert_eq!(
+        (
+            allocations[0].node_id.as_ref().map(|n| n.as_str()),
+            allocations[0].resources
+        ),
+        (Some("node-1"), Resources::new(2, 8192, 30))
+    );
+    // A start after the change starts the instance at its new size.
+    f.request(std::slice::from_ref(&id), InstanceAction::Start)
+        .await
+        .unwrap();
+    f.observe(&id, InstanceState::Running).await;
+    let inst = &f.all().await[0];
+    assert_eq!(
+        (inst.instance_type.as_str(), inst.state),
+        ("t2.large", InstanceState::Running)
+    );
+}
+
+#[tokio::test]
+async fn a_start_the_node_has_no_room_for_leaves_the_instance_stopped_with_the_reason() {
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let id = f.all().await[0].instance_id.clone();
+    f.observe(&id, InstanceState::Running).await;
+    f.request(std::slice::from_ref(&id), InstanceAction::Stop)
+        .await
+        .unwrap();
+    f.observe(&id, InstanceState::Stopped).await;
+    f.request(std::slice::from_ref(&id), InstanceAction::Start)
+        .await
+        .unwrap();
+    let report = |code: &str| Command::ObserveInstances {
+        zone: f.zone.clone(),
+        observations: vec![Observation {
+            instance_id: id.clone(),
+            node_id: Some(NodeId::parse("node-1").unwrap()),
+            state: InstanceState::Stopped,
+            reason: Some(StateReason {
+                code: code.into(),
+                message: "Insufficient capacity on the node for the instance's new type".into(),
+            }),
+            private_ip: None,
+        }],
+        at: t(20),
+    };
+    // Any other stopped report is from before the start reached the node.
+    f.store
+        .apply(&report("Client.UserInitiatedShutdown"))
+        .await
+        .unwrap();
+    assert_eq!(f.all().await[0].state, InstanceState::Pending);
+    f.store
+        .apply(&report("Server.InsufficientInstanceCapacity"))
+        .await
+        .unwrap();
+    let inst = &f.all().await[0];
+    assert_eq!(
+        (inst.state, inst.desired),
+        (InstanceState::Stopped, PowerState::Stopped)
+    );
+    assert_eq!(
+        inst.state_reason.as_ref().unwrap().code,
+        "Server.InsufficientInstanceCapacity"
+    );
+    assert!(
+        inst.transition_reason.contains("insufficient capacity"),
+        "{}",
+        inst.transition_reason
+    );
+}
+
+#[tokio::test]
 async fn terminated_instances_stay_visible_until_purged() {
     let f = fixture().await;
     f.store
