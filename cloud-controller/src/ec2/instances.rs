@@ -1096,7 +1096,9 @@ async fn modify_instance_type(
         .store
         .owned_instances(&ctx.account, std::slice::from_ref(&id))
         .await?;
-    let inst = &found[&id];
+    let Some(inst) = found.get(&id) else {
+        return Err(crate::state::StateError::InstancesNotFound(vec![id]).into());
+    };
     if inst.state != InstanceState::Stopped {
         return Err(not_stopped(&id));
     }
