@@ -133,6 +133,17 @@ fn is(e: &virt::error::Error, n: ErrorNumber) -> bool {
     matches!(e.code(), Enum::Known(code) if code == n)
 }
 
+/// The instance's domain; `NotFound` when libvirt has none of that name.
+fn lookup(conn: &Connect, id: &InstanceId) -> Result<Domain, HypervisorError> {
+    conn.lookup_domain_by_name(id.as_str()).map_err(|e| {
+        if is(&e, ErrorNumber::NoDomain) {
+            HypervisorError::NotFound(id.clone())
+        } else {
+            failed(e)
+        }
+    })
+}
+
 fn map_state(s: VirState) -> DomainState {
     match s {
         VirState::Running | VirState::Blocked | VirState::Paused | VirState::PMSuspended => {
@@ -242,13 +253,7 @@ impl LibvirtHypervisor {
     ) -> Result<T, HypervisorError> {
         let id = id.clone();
         self.with_conn(move |conn| {
-            let d = conn.lookup_domain_by_name(id.as_str()).map_err(|e| {
-                if is(&e, ErrorNumber::NoDomain) {
-                    HypervisorError::NotFound(id.clone())
-                } else {
-                    failed(e)
-                }
-            })?;
+            let d = lookup(conn, &id)?;
             f(&d).map_err(|e| {
                 if is(&e, ErrorNumber::OperationInvalid) {
                     HypervisorError::InvalidState {
@@ -593,13 +598,7 @@ impl Hypervisor for LibvirtHypervisor {
         // Redefining a shut-off domain under its name replaces its persistent
         // configuration; the XML read back keeps its disks (root overlay, volumes).
         self.with_conn(move |conn| {
-            let d = conn.lookup_domain_by_name(id.as_str()).map_err(|e| {
-                if is(&e, ErrorNumber::NoDomain) {
-                    HypervisorError::NotFound(id.clone())
-                } else {
-                    failed(e)
-                }
-            })?;
+            let d = lookup(conn, &id)?;
             if d.is_active().map_err(failed)? {
                 return Err(HypervisorError::InvalidState {
                     instance_id: id.clone(),
