@@ -73,20 +73,14 @@ pub fn run(cmd: CaCommand) -> Result<String> {
             let ca = files::load_ca(&ca_dir)?
                 .with_context(|| format!("{} holds no CA key (ca.key)", ca_dir.display()))?;
             let identity = Identity::new(Role::parse(&role)?, &name)?;
-            let issued = ca.issue(&identity, &sans)?;
-            TlsFiles {
-                ca_pem: ca.cert_pem().to_owned(),
-                cert_pem: issued.cert_pem,
-                key_pem: issued.key_pem.context("the CA made the key")?,
-            }
-            .write(&out)?;
+            let (tls, serial) = ca.issue_files(&identity, &sans)?;
+            tls.write(&out)?;
             if with_ca_key {
                 let key = std::fs::read_to_string(ca_dir.join(files::CA_KEY))?;
                 write_private(&out.join(files::CA_KEY), &key)?;
             }
             Ok(format!(
-                "issued {identity} (serial {}) into {}\n",
-                issued.serial,
+                "issued {identity} (serial {serial}) into {}\n",
                 out.display()
             ))
         }
@@ -135,13 +129,8 @@ pub fn bootstrap_ca(dir: &Path, replica_id: u64, cloud_name: &str) -> Result<boo
     }
     let ca = CertificateAuthority::create(cloud_name)?;
     files::write_ca(dir, &ca)?;
-    let issued = ca.issue(&Identity::new(Role::Clc, &replica_id.to_string())?, &[])?;
-    TlsFiles {
-        ca_pem: ca.cert_pem().to_owned(),
-        cert_pem: issued.cert_pem,
-        key_pem: issued.key_pem.context("the CA made the key")?,
-    }
-    .write(dir)?;
+    let (tls, _) = ca.issue_files(&Identity::new(Role::Clc, &replica_id.to_string())?, &[])?;
+    tls.write(dir)?;
     tracing::info!(
         dir = %dir.display(),
         fingerprint = %ca.fingerprint(),

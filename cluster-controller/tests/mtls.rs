@@ -22,15 +22,12 @@ const ZONE: &str = "tls-1a";
 const TOKEN_SECRET: &str = "the-secret";
 
 fn transport(ca: &CertificateAuthority, role: Role, name: &str) -> (Transport, String) {
-    let issued = ca.issue(&Identity::new(role, name).unwrap(), &[]).unwrap();
-    let files = TlsFiles {
-        ca_pem: ca.cert_pem().to_owned(),
-        cert_pem: issued.cert_pem,
-        key_pem: issued.key_pem.unwrap(),
-    };
+    let (files, serial) = ca
+        .issue_files(&Identity::new(role, name).unwrap(), &[])
+        .unwrap();
     (
         Transport::tls(&files, Revocations::default()).unwrap(),
-        issued.serial,
+        serial,
     )
 }
 

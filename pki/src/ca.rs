@@ -108,13 +108,29 @@ impl CertificateAuthority {
 
     /// A certificate and a fresh key for `identity`, with extra DNS names or IP addresses.
     pub fn issue(&self, identity: &Identity, sans: &[String]) -> Result<Issued, PkiError> {
-        let key = KeyPair::generate().map_err(rcgen_err)?;
-        let (cert_pem, serial) = self.sign(identity, sans, &key)?;
+        let (files, serial) = self.issue_files(identity, sans)?;
         Ok(Issued {
-            cert_pem,
-            key_pem: Some(key.serialize_pem()),
+            cert_pem: files.cert_pem,
+            key_pem: Some(files.key_pem),
             serial,
         })
+    }
+
+    /// A component's TLS directory contents (this CA, a new certificate and its key) for
+    /// `identity`, and the certificate's serial.
+    pub fn issue_files(
+        &self,
+        identity: &Identity,
+        sans: &[String],
+    ) -> Result<(crate::TlsFiles, String), PkiError> {
+        let key = KeyPair::generate().map_err(rcgen_err)?;
+        let (cert_pem, serial) = self.sign(identity, sans, &key)?;
+        let files = crate::TlsFiles {
+            ca_pem: self.cert_pem.clone(),
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        };
+        Ok((files, serial))
     }
 
     /// A certificate for the key of a PKCS#10 request (its signature proves the requester

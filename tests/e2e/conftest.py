@@ -167,6 +167,17 @@ def expect_error(call, code: str, status: int | None = 400, *args, **kwargs):
     return exc.value
 
 
+def remove_volumes(ec2, volume_ids) -> None:
+    """Test cleanup: force-detaches and deletes each volume, whatever state it is in."""
+    for vid in volume_ids:
+        for call in (lambda: ec2.detach_volume(VolumeId=vid, Force=True),
+                     lambda: ec2.delete_volume(VolumeId=vid)):
+            try:
+                call()
+            except botocore.exceptions.ClientError:
+                pass
+
+
 def eventually(fetch, ok, timeout: float = 15.0, interval: float = 0.3):
     """Calls fetch() until ok(value) holds or timeout passes; returns the last value."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ volume made from it, bytes compared) is in test_libvirt.py."""
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import eventually, expect_error
+from conftest import eventually, expect_error, remove_volumes
 
 ZONE = "canopy-1a"
 
@@ -23,15 +23,7 @@ def made(cloud):
             cloud.ec2.delete_snapshot(SnapshotId=sid)
         except ClientError:
             pass
-    for vid in things["volumes"]:
-        try:
-            cloud.ec2.detach_volume(VolumeId=vid, Force=True)
-        except ClientError:
-            pass
-        try:
-            cloud.ec2.delete_volume(VolumeId=vid)
-        except ClientError:
-            pass
+    remove_volumes(cloud.ec2, things["volumes"])
 
 
 def snapshot(cloud, sid: str) -> dict:

@@ -7,9 +7,8 @@ node-controller/tests/libvirt.rs and test_libvirt.py."""
 import uuid
 
 import pytest
-from botocore.exceptions import ClientError
 
-from conftest import WAIT, eventually, expect_error
+from conftest import WAIT, eventually, expect_error, remove_volumes
 
 ZONE = "canopy-1a"
 OTHER_ZONE = "canopy-1b"
@@ -27,15 +26,7 @@ def volumes(cloud):
         return resp
 
     yield create
-    for vid in made:
-        try:
-            cloud.ec2.detach_volume(VolumeId=vid, Force=True)
-        except ClientError:
-            pass
-        try:
-            cloud.ec2.delete_volume(VolumeId=vid)
-        except ClientError:
-            pass
+    remove_volumes(cloud.ec2, made)
 
 
 def volume(cloud, vid: str) -> dict:

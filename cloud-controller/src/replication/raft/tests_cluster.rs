@@ -30,6 +30,11 @@ struct Cluster {
 impl Cluster {
     /// Three replicas, ids 1..=3, on free loopback ports, initialized as one group.
     async fn start() -> Cluster {
+        Cluster::start_with(|_| canopy_pki::Transport::Plaintext).await
+    }
+
+    /// The same, each replica's gRPC going through `transport(id)`.
+    async fn start_with(transport: impl Fn(u64) -> canopy_pki::Transport) -> Cluster {
         let mut replicas = Vec::new();
         let mut members = BTreeMap::new();
         for id in 1..=3u64 {
@@ -42,7 +47,7 @@ impl Cluster {
                 SqliteLogStore::new(&store),
                 listen,
                 RaftTimers::default(),
-                Default::default(),
+                transport(id),
             )
             .await
             .unwrap();
@@ -469,44 +474,18 @@ async fn concurrent_commands_share_log_entries_and_keep_their_own_results() {
 /// garbage sent here on its own terms).
 #[tokio::test]
 async fn raft_rpcs_admit_only_this_clouds_replicas() {
-    use canopy_pki::{CertificateAuthority, Identity, Role, TlsFiles, Transport};
+    use canopy_pki::{CertificateAuthority, Identity, Role, Transport};
     use canopy_proto::v1::RaftBytes;
     use canopy_proto::v1::raft_transport_client::RaftTransportClient;
 
     let ca = CertificateAuthority::create("raft").unwrap();
     let tls = |ca: &CertificateAuthority, role: Role, name: &str| {
-        let issued = ca.issue(&Identity::new(role, name).unwrap(), &[]).unwrap();
-        let files = TlsFiles {
-            ca_pem: ca.cert_pem().to_owned(),
-            cert_pem: issued.cert_pem,
-            key_pem: issued.key_pem.unwrap(),
-        };
+        let (files, _) = ca
+            .issue_files(&Identity::new(role, name).unwrap(), &[])
+            .unwrap();
         Transport::tls(&files, Default::default()).unwrap()
     };
-    let mut replicas = Vec::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("clc.db")).await.unwrap());
-        let (log, server) = start_replica(
-            id,
-            store.clone(),
-            SqliteLogStore::new(&store),
-            "127.0.0.1:0".parse().unwrap(),
-            RaftTimers::default(),
-            tls(&ca, Role::Clc, &id.to_string()),
-        )
-        .await
-        .unwrap();
-        members.insert(id, server.node());
-        replicas.push(Replica {
-            log,
-            server: Some(server),
-            _dir: dir,
-        });
-    }
-    replicas[0].log.initialize(members).await.unwrap();
-    let cluster = Cluster { replicas };
+    let cluster = Cluster::start_with(|id| tls(&ca, Role::Clc, &id.to_string())).await;
     let leader = cluster.leader().await;
     let w = World::new();
     cluster
