@@ -16,7 +16,7 @@ use super::command::{
     StateChange, launch_image,
 };
 use super::pki;
-use super::query::{fmt_time, load_instances_by_id, require_instances};
+use super::query::{Lifecycle, fmt_time, load_lifecycles, require_instances};
 use super::security_groups;
 use super::snapshots;
 use super::types::{Instance, StateReason};
@@ -387,7 +387,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 update_instance(
                     conn,
                     StateUpdate {
-                        inst,
+                        inst: &Lifecycle::of(inst),
                         state: next,
                         desired,
                         reboot_seq,
@@ -757,8 +757,7 @@ async fn observe(
     at: DateTime<Utc>,
 ) -> Result<Outcome, StateError> {
     let ids: Vec<InstanceId> = observations.iter().map(|o| o.instance_id.clone()).collect();
-    let found: HashMap<InstanceId, Instance> =
-        load_instances_by_id(conn, None, &ids, false).await?;
+    let found: HashMap<InstanceId, Lifecycle> = load_lifecycles(conn, &ids).await?;
     // Each observation is judged against the instance as the command found it; what they
     // change is gathered per instance (a later report of the same instance wins) and
     // written in one statement.
@@ -936,7 +935,7 @@ async fn observe(
 
 /// The columns of a state change, as [`update_instance`] writes them.
 struct StateUpdate<'a> {
-    inst: &'a Instance,
+    inst: &'a Lifecycle,
     state: InstanceState,
     desired: PowerState,
     reboot_seq: u64,

@@ -255,6 +255,117 @@ fn rows_to_instances(
         .collect()
 }
 
+/// What a state change reads and writes of an instance: its lifecycle columns, without
+/// the joins a whole [`Instance`] takes (groups, volumes, address). Applying a node's
+/// report reads one of these per reported instance, on every replica.
+#[derive(Debug, Clone)]
+pub(crate) struct Lifecycle {
+    pub instance_id: InstanceId,
+    pub zone: ZoneName,
+    pub node_id: Option<canopy_common::NodeId>,
+    pub private_ip: Option<std::net::Ipv4Addr>,
+    pub state: InstanceState,
+    pub desired: PowerState,
+    pub reboot_seq: u64,
+    pub start_seq: u64,
+    pub state_reason: Option<StateReason>,
+    pub transition_reason: String,
+    pub state_changed_at: DateTime<Utc>,
+    pub terminated_at: Option<DateTime<Utc>>,
+}
+
+impl Lifecycle {
+    /// The lifecycle columns of an instance already read whole.
+    pub(crate) fn of(inst: &Instance) -> Lifecycle {
+        Lifecycle {
+            instance_id: inst.instance_id.clone(),
+            zone: inst.zone.clone(),
+            node_id: inst.node_id.clone(),
+            private_ip: inst.private_ip,
+            state: inst.state,
+            desired: inst.desired,
+            reboot_seq: inst.reboot_seq,
+            start_seq: inst.start_seq,
+            state_reason: inst.state_reason.clone(),
+            transition_reason: inst.transition_reason.clone(),
+            state_changed_at: inst.state_changed_at,
+            terminated_at: inst.terminated_at,
+        }
+    }
+}
+
+/// The [`Lifecycle`]s of the instances named by `ids` (of any account), keyed by id.
+/// Unknown ids are absent.
+pub(crate) async fn load_lifecycles(
+    conn: &mut SqliteConnection,
+    ids: &[InstanceId],
+) -> Result<HashMap<InstanceId, Lifecycle>, StateError> {
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+        i64,
+        i64,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+        Option<String>,
+    );
+    let ids_json = json_list(ids.iter().map(InstanceId::as_str))?;
+    let rows: Vec<Row> = fetch_folded(
+        conn,
+        "instance_id, zone, node_id, private_ip, state, desired, reboot_seq, start_seq, \
+         state_reason_code, state_reason_message, transition_reason, state_changed_at, terminated_at",
+        "FROM instances WHERE instance_id IN (SELECT value FROM json_each(?))",
+        &[&ids_json],
+    )
+    .await?;
+    rows.into_iter()
+        .map(
+            |(
+                id,
+                zone,
+                node,
+                ip,
+                state,
+                desired,
+                reboot,
+                start,
+                code,
+                message,
+                why,
+                changed,
+                ended,
+            )| {
+                let lifecycle = Lifecycle {
+                    instance_id: parse(&id)?,
+                    zone: parse(&zone)?,
+                    node_id: node.as_deref().map(parse).transpose()?,
+                    private_ip: ip.as_deref().map(parse).transpose()?,
+                    state: InstanceState::from_name(&state)
+                        .ok_or_else(|| StateError::Corrupt(format!("instance state {state:?}")))?,
+                    desired: PowerState::from_name(&desired)
+                        .ok_or_else(|| StateError::Corrupt(format!("desired state {desired:?}")))?,
+                    reboot_seq: u64::try_from(reboot).unwrap_or_default(),
+                    start_seq: u64::try_from(start).unwrap_or_default(),
+                    state_reason: match (code, message) {
+                        (Some(code), Some(message)) => Some(StateReason { code, message }),
+                        _ => None,
+                    },
+                    transition_reason: why,
+                    state_changed_at: parse_time(&changed)?,
+                    terminated_at: ended.as_deref().map(parse_time).transpose()?,
+                };
+                Ok((lifecycle.instance_id.clone(), lifecycle))
+            },
+        )
+        .collect()
+}
+
 /// Instances by id (optionally only the account's), keyed by id. Unknown ids are absent.
 pub(crate) async fn load_instances_by_id(
     conn: &mut SqliteConnection,
