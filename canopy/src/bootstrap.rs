@@ -255,6 +255,9 @@ async fn bootstrap_as_leader(
                 size_bytes: 0,
                 disk_format: None,
                 launch_permissions: vec![],
+                root_snapshot: None,
+                source_instance_id: None,
+                state_reason: None,
             },
         })
         .await?;

@@ -103,6 +103,9 @@ async fn register(clc: &Clc, admin: &AdminCredentials, data_dir: &Path) -> Resul
                 size_bytes: imported.size,
                 disk_format: imported.disk_format.map(str::to_owned),
                 launch_permissions: vec![],
+                root_snapshot: None,
+                source_instance_id: None,
+                state_reason: None,
             },
         })
         .await?;

@@ -47,7 +47,7 @@ pub enum RegistrationError {
 }
 
 /// EC2's rule for AMI names: 3 to 128 characters of letters, digits, spaces and `()[]./-'@_`.
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     (3..=128).contains(&name.len())
         && name
             .chars()
@@ -144,6 +144,9 @@ impl Registration {
                 size_bytes: imported.size,
                 disk_format: imported.disk_format.map(str::to_owned),
                 launch_permissions: vec![],
+                root_snapshot: None,
+                source_instance_id: None,
+                state_reason: None,
             },
         })
         .await?;

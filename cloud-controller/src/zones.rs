@@ -253,6 +253,7 @@ impl ZoneService {
                 sha256: Sha256Digest::parse(&o.sha256)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
                 size: o.size,
+                disk_format: Some(o.disk_format).filter(|f| !f.is_empty()),
             }
         } else {
             SnapshotOutcome::Failed { message: o.failure }
@@ -634,11 +635,12 @@ impl CloudController for ZoneService {
                     imported.size, header.size
                 )));
             }
-            tracing::info!(snapshot = %snapshot_id, volume = %header.volume_id, node = %header.node_id, sha256 = %imported.sha256, size = imported.size, "snapshot bytes stored");
+            tracing::info!(snapshot = %snapshot_id, volume = %header.volume_id, instance = %header.instance_id, node = %header.node_id, sha256 = %imported.sha256, size = imported.size, "snapshot bytes stored");
             outcome.sha256 = imported.sha256.to_string();
             outcome.size = imported.size;
+            outcome.disk_format = imported.disk_format.unwrap_or_default().to_owned();
         } else {
-            tracing::warn!(snapshot = %snapshot_id, volume = %header.volume_id, node = %header.node_id, failure = %header.failure, "a node could not take the snapshot");
+            tracing::warn!(snapshot = %snapshot_id, volume = %header.volume_id, instance = %header.instance_id, node = %header.node_id, failure = %header.failure, "a node could not take the snapshot");
         }
         use pb::forwarded_zone_reply::Reply;
         if let Some(reply) = self

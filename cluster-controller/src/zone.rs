@@ -776,7 +776,7 @@ mod tests {
         d.deleted_volumes = vec![vol(2)];
         let snap = canopy_common::SnapshotRequest {
             snapshot_id: canopy_common::SnapshotId::parse("snap-0123456789abcdef0").unwrap(),
-            volume_id: vol(2),
+            source: canopy_common::SnapshotSource::Volume(vol(2)),
         };
         d.snapshots = vec![snap.clone()];
         let plan = applied(z.apply_desired(d, now));

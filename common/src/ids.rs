@@ -191,6 +191,8 @@ pub enum ResourceId {
     ElasticIp(AllocationId),
     Volume(VolumeId),
     Snapshot(SnapshotId),
+    /// A machine image, kernel or ramdisk (`ami-`, `eki-`, `eri-`, …).
+    Image(ImageId),
 }
 
 impl ResourceId {
@@ -207,6 +209,8 @@ impl ResourceId {
             VolumeId::parse(value).map(ResourceId::Volume)
         } else if value.starts_with(SnapshotId::PREFIX) {
             SnapshotId::parse(value).map(ResourceId::Snapshot)
+        } else if ImageId::PREFIXES.iter().any(|p| value.starts_with(p)) {
+            ImageId::parse(value).map(ResourceId::Image)
         } else {
             Err(IdError {
                 kind: "taggable resource",
@@ -223,6 +227,7 @@ impl ResourceId {
             ResourceId::ElasticIp(id) => id.as_str(),
             ResourceId::Volume(id) => id.as_str(),
             ResourceId::Snapshot(id) => id.as_str(),
+            ResourceId::Image(id) => id.as_str(),
         }
     }
 
@@ -235,6 +240,7 @@ impl ResourceId {
             ResourceId::ElasticIp(_) => "elastic-ip",
             ResourceId::Volume(_) => "volume",
             ResourceId::Snapshot(_) => "snapshot",
+            ResourceId::Image(_) => "image",
         }
     }
 }
@@ -261,6 +267,7 @@ impl From<ResourceId> for String {
             ResourceId::ElasticIp(id) => id.into(),
             ResourceId::Volume(id) => id.into(),
             ResourceId::Snapshot(id) => id.into(),
+            ResourceId::Image(id) => id.into(),
         }
     }
 }
@@ -275,7 +282,7 @@ pub struct ImageId(String);
 impl ImageId {
     pub const PREFIX: &'static str = "ami-";
     pub const KIND: &'static str = "image";
-    const PREFIXES: [&'static str; 6] = ["ami-", "eki-", "eri-", "emi-", "aki-", "ari-"];
+    pub const PREFIXES: [&'static str; 6] = ["ami-", "eki-", "eri-", "emi-", "aki-", "ari-"];
 
     /// A new machine image id (`ami-`).
     pub fn generate() -> Self {
@@ -467,6 +474,13 @@ mod tests {
         let snap = ResourceId::parse("snap-0123456789abcdef0").unwrap();
         assert_eq!(snap.resource_type(), "snapshot");
         assert!(ResourceId::parse("snap-xyz").is_err());
+        let ami = ResourceId::parse("ami-0123456789abcdef0").unwrap();
+        assert_eq!(ami.resource_type(), "image");
+        assert_eq!(
+            ResourceId::parse("eki-0123abcd").unwrap().resource_type(),
+            "image"
+        );
+        assert!(ResourceId::parse("ami-xyz").is_err());
         assert!(ResourceId::parse("igw-0123456789abcdef0").is_err());
         let account = AccountId::parse("123456789012").unwrap();
         assert_eq!(

@@ -24,4 +24,4 @@ pub use lifecycle::{IllegalTransition, InstanceState, LifecycleEvent, PowerState
 pub use metadata::{HttpTokens, InstanceMetadata};
 pub use net::Ipv4Subnet;
 pub use resources::Resources;
-pub use volumes::{SnapshotRef, SnapshotRequest, VolumeAttachment};
+pub use volumes::{SnapshotRef, SnapshotRequest, SnapshotSource, VolumeAttachment};

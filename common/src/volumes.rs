@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Sha256Digest, SnapshotId, VolumeId};
+use crate::{InstanceId, NodeId, Sha256Digest, SnapshotId, VolumeId};
 
 /// A volume an instance should have attached, as the CLC sends it down to the node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -28,13 +28,46 @@ pub struct SnapshotRef {
     pub size: u64,
 }
 
-/// A snapshot the zone's nodes are asked to take: the node that holds the volume's bytes
+/// A snapshot the zone's nodes are asked to take: the node that holds the disk's bytes
 /// copies them and uploads the copy. Listed while the snapshot is `pending`; taking it twice
 /// is harmless (the first upload completes it, later ones are ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SnapshotRequest {
     pub snapshot_id: SnapshotId,
-    pub volume_id: VolumeId,
+    pub source: SnapshotSource,
+}
+
+/// What a snapshot copies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SnapshotSource {
+    /// A volume (CreateSnapshot): which node holds its bytes is not recorded, so every node
+    /// of the zone is asked and the one that has them takes it.
+    Volume(VolumeId),
+    /// A stopped instance's root disk (CreateImage), flattened into one standalone image:
+    /// on the node the instance lives on, which must not start or undefine the domain while
+    /// the request is listed.
+    Root {
+        instance_id: InstanceId,
+        node_id: NodeId,
+    },
+}
+
+impl SnapshotRequest {
+    /// The volume it copies, if it copies one.
+    pub fn volume_id(&self) -> Option<&VolumeId> {
+        match &self.source {
+            SnapshotSource::Volume(v) => Some(v),
+            SnapshotSource::Root { .. } => None,
+        }
+    }
+
+    /// The instance whose root disk it copies, if it copies one.
+    pub fn root_of(&self) -> Option<&InstanceId> {
+        match &self.source {
+            SnapshotSource::Root { instance_id, .. } => Some(instance_id),
+            SnapshotSource::Volume(_) => None,
+        }
+    }
 }
 
 /// The attachment point an EC2 device name stands for, or `None` when the name is not one

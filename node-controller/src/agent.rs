@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use canopy_common::{InstanceId, NodeId, SnapshotId, SnapshotRequest, VolumeId};
+use canopy_common::{InstanceId, NodeId, SnapshotId, SnapshotRequest, SnapshotSource, VolumeId};
 use canopy_proto::v1 as pb;
 use canopy_proto::v1::zone_agent_client::ZoneAgentClient;
 use rand::Rng;
@@ -463,7 +463,7 @@ impl Agent {
             }
             state.unmanaged = unmanaged;
             let snapshots = state.desired.as_ref().map_or_else(Vec::new, |doc| {
-                plan::snapshots_due(doc, &state.snapshots, Instant::now())
+                plan::snapshots_due(doc, &state.snapshots, &self.node_id, Instant::now())
             });
             for request in &snapshots {
                 state
@@ -502,29 +502,59 @@ impl Agent {
         plan::next_deadline(state.memory.values())
     }
 
-    /// Takes a snapshot the document asks for, if this node holds the volume: copies the
-    /// volume (the driver) and uploads the copy through the CC, or, when the copy fails,
-    /// uploads the failure (the snapshot ends in `error`). Waits before the snapshot is
-    /// looked at again, then wakes the reconciler.
+    /// Takes a snapshot the document asks for, if this node holds the disk: copies the
+    /// volume, or the instance's root disk (the driver), and uploads the copy through the
+    /// CC, or, when the copy fails, uploads the failure (the snapshot ends in `error`, an
+    /// image made from it in `failed`). Waits before the snapshot is looked at again, then
+    /// wakes the reconciler.
     fn snapshot_in_background(self: &Arc<Self>, request: SnapshotRequest) {
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             let snapshot = request.snapshot_id.clone();
-            let volume = request.volume_id.clone();
             let node = agent.node_id.to_string();
-            let header = move |failure: String, size: u64| pb::SnapshotUploadHeader {
-                snapshot_id: request.snapshot_id.to_string(),
-                volume_id: request.volume_id.to_string(),
-                zone: String::new(),
-                node_id: node.clone(),
-                failure,
-                size,
+            let (volume, instance) = match &request.source {
+                SnapshotSource::Volume(v) => (v.to_string(), String::new()),
+                SnapshotSource::Root { instance_id, .. } => {
+                    (String::new(), instance_id.to_string())
+                }
             };
-            let copied = agent.hypervisor.snapshot_volume(&volume).await;
+            let disk = match &request.source {
+                SnapshotSource::Volume(v) => format!("volume {v}"),
+                SnapshotSource::Root { instance_id, .. } => {
+                    format!("the root disk of {instance_id}")
+                }
+            };
+            let header = {
+                let (volume, instance) = (volume.clone(), instance.clone());
+                move |failure: String, size: u64| pb::SnapshotUploadHeader {
+                    snapshot_id: request.snapshot_id.to_string(),
+                    volume_id: volume.clone(),
+                    instance_id: instance.clone(),
+                    zone: String::new(),
+                    node_id: node.clone(),
+                    failure,
+                    size,
+                }
+            };
+            let copied = match &request.source {
+                SnapshotSource::Volume(v) => agent.hypervisor.snapshot_volume(v).await,
+                // The request names this node: a domain it does not have was never defined
+                // here (the instance stopped before it first started), so there is nothing
+                // to wait for.
+                SnapshotSource::Root { instance_id, .. } => {
+                    match agent.hypervisor.snapshot_root(instance_id).await {
+                        Ok(None) => Err(HypervisorError::Failed(format!(
+                            "{instance_id} has no disk on node {}: it was stopped before it ever started",
+                            agent.node_id
+                        ))),
+                        other => other,
+                    }
+                }
+            };
             let wait = match copied {
                 Ok(None) => SNAPSHOT_NOT_HERE,
                 Ok(Some(copy)) => {
-                    info!(%snapshot, %volume, size = copy.size, "volume copied; uploading the snapshot");
+                    info!(%snapshot, %disk, size = copy.size, "disk copied; uploading the snapshot");
                     let first = pb::SnapshotUpload {
                         part: Some(pb::snapshot_upload::Part::Header(header(
                             String::new(),
@@ -546,10 +576,10 @@ impl Agent {
                     .await
                 }
                 Err(error) => {
-                    warn!(%snapshot, %volume, %error, "copying the volume failed");
+                    warn!(%snapshot, %disk, %error, "copying the disk failed");
                     let only = pb::SnapshotUpload {
                         part: Some(pb::snapshot_upload::Part::Header(header(
-                            format!("copying the volume failed: {error}"),
+                            format!("copying {disk} failed: {error}"),
                             0,
                         ))),
                     };

@@ -170,8 +170,8 @@ pub struct DomainEvent {
     pub reason: Option<String>,
 }
 
-/// A volume's bytes as they were at one moment, as a standalone image (qcow2 for the
-/// libvirt driver), to upload as a snapshot.
+/// A disk's bytes (a volume's, or an instance's root disk's) as they were at one moment, as
+/// a standalone image (qcow2 for the libvirt driver), to upload as a snapshot.
 pub struct VolumeCopy {
     /// The copy's length in bytes.
     pub size: u64,
@@ -287,4 +287,11 @@ pub trait Hypervisor: Send + Sync + 'static {
         &self,
         volume: &VolumeId,
     ) -> Result<Option<VolumeCopy>, HypervisorError>;
+
+    /// Copies a shut-off domain's root disk (CreateImage) flattened into one standalone
+    /// image: what the guest wrote together with the machine image under it, so the copy
+    /// needs nothing else to boot. `None` when no domain of that instance is defined here.
+    /// Fails with `InvalidState` unless the domain is shut off: a running guest's disk is
+    /// never copied. The agent neither starts nor undefines the domain while it copies.
+    async fn snapshot_root(&self, id: &InstanceId) -> Result<Option<VolumeCopy>, HypervisorError>;
 }

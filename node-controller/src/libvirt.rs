@@ -119,6 +119,41 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), HypervisorError> {
 /// A file removed when dropped (a snapshot's copy, once uploaded or abandoned).
 struct Scratch(PathBuf);
 
+/// How copies of root disks (CreateImage) in `instances_dir` begin; ones a crash left are
+/// removed at connect.
+const ROOT_COPY_PREFIX: &str = ".image-";
+
+/// A finished copy's bytes, read in 1 MiB chunks as the upload takes them; the file goes
+/// when the upload has read it (or gave up).
+async fn streamed(copy: Scratch) -> Result<VolumeCopy, HypervisorError> {
+    let size = tokio::fs::metadata(&copy.0).await.map_err(failed)?.len();
+    let mut reader = tokio::fs::File::open(&copy.0).await.map_err(failed)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let _copy = copy;
+        loop {
+            let mut data = vec![0u8; 1 << 20];
+            let chunk = match reader.read(&mut data).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    data.truncate(n);
+                    Ok(data)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let broken = chunk.is_err();
+            if tx.send(chunk).await.is_err() || broken {
+                return;
+            }
+        }
+    });
+    Ok(VolumeCopy {
+        size,
+        bytes: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    })
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -453,8 +488,9 @@ impl LibvirtHypervisor {
         })
     }
 
-    /// Removes instance directories that no defined domain owns: what a terminate or a
-    /// failed define interrupted by a crash of the agent left behind.
+    /// Removes instance directories that no defined domain owns (what a terminate or a
+    /// failed define interrupted by a crash of the agent left behind) and root disk copies
+    /// whose upload a crash cut short.
     async fn remove_leftovers(&self) -> Result<(), HypervisorError> {
         let defined: HashSet<InstanceId> = self
             .list()
@@ -467,6 +503,11 @@ impl LibvirtHypervisor {
         };
         for dir in dirs.flatten() {
             let name = dir.file_name().to_string_lossy().into_owned();
+            if name.starts_with(ROOT_COPY_PREFIX) {
+                // A root disk's copy whose upload a crash cut short.
+                let _ = tokio::fs::remove_file(dir.path()).await;
+                continue;
+            }
             if let Ok(id) = InstanceId::parse(&name)
                 && !defined.contains(&id)
             {
@@ -826,33 +867,42 @@ impl Hypervisor for LibvirtHypervisor {
             }
         }
         converted?;
-        let size = tokio::fs::metadata(&copy.0).await.map_err(failed)?.len();
-        let mut reader = tokio::fs::File::open(&copy.0).await.map_err(failed)?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, String>>(4);
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            // The copy goes when the upload has read it (or gave up).
-            let _copy = copy;
-            loop {
-                let mut data = vec![0u8; 1 << 20];
-                let chunk = match reader.read(&mut data).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        data.truncate(n);
-                        Ok(data)
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let broken = chunk.is_err();
-                if tx.send(chunk).await.is_err() || broken {
-                    return;
-                }
+        streamed(copy).await.map(Some)
+    }
+
+    /// `qemu-img convert` of the shut-off domain's root overlay into a standalone qcow2
+    /// beside the instance directories: convert reads through the backing chain, so the copy
+    /// is the cached machine image with what the guest wrote over it, and boots without it.
+    /// No `-U`: qemu-img takes the disk's lock, so were a QEMU to hold it after all (a
+    /// domain started behind the agent's back), the copy fails instead of reading a disk
+    /// that is being written. The state is checked first for a clear refusal.
+    async fn snapshot_root(&self, id: &InstanceId) -> Result<Option<VolumeCopy>, HypervisorError> {
+        match self.state(id).await? {
+            None => return Ok(None),
+            Some(DomainState::ShutOff) => {}
+            Some(state) => {
+                return Err(HypervisorError::InvalidState {
+                    instance_id: id.clone(),
+                    state,
+                    operation: "copy the root disk of",
+                });
             }
-        });
-        Ok(Some(VolumeCopy {
-            size,
-            bytes: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        }))
+        }
+        let root = self.instance_dir(id).join("root.qcow2");
+        let copy = Scratch(self.config.instances_dir.join(format!(
+            "{ROOT_COPY_PREFIX}{id}-{:016x}.qcow2",
+            rand::random::<u64>()
+        )));
+        qemu_img(&[
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            root.as_os_str(),
+            copy.0.as_os_str(),
+        ])
+        .await?;
+        streamed(copy).await.map(Some)
     }
 
     async fn console(&self, id: &InstanceId) -> Result<Vec<u8>, HypervisorError> {

@@ -14,12 +14,14 @@
 //!   sees as the instance's desired state leaving `running` (stop) and coming back.
 //! * A failed define or start is not retried while the instance stays desired `running`,
 //!   for the same reason; a first launch that fails is cleaned up and reported terminated.
+//! * While the document asks for a copy of an instance's root disk (CreateImage), its
+//!   domain is neither started nor undefined: the copy is of the disk as it was stopped.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use canopy_common::{
-    InstanceId, InstanceState, PowerState, Resources, SnapshotId, SnapshotRequest,
-    VolumeAttachment, VolumeId,
+    InstanceId, InstanceState, NodeId, PowerState, Resources, SnapshotId, SnapshotRequest,
+    SnapshotSource, VolumeAttachment, VolumeId,
 };
 use tokio::time::Instant;
 
@@ -172,6 +174,7 @@ pub fn plan(
     now: Instant,
 ) -> Plan {
     let mut actions = Vec::new();
+    let copying = roots_being_copied(desired);
     for (id, spec) in &desired.instances {
         let fallback;
         let mem = match memory.get(id) {
@@ -181,7 +184,12 @@ pub fn plan(
                 &fallback
             }
         };
-        actions.extend(plan_instance(spec, observed.get(id).copied(), mem, now));
+        let planned = plan_instance(spec, observed.get(id).copied(), mem, now);
+        if copying.contains(id) {
+            actions.extend(planned.into_iter().filter(keeps_the_disk));
+        } else {
+            actions.extend(planned);
+        }
     }
     let unmanaged = observed
         .keys()
@@ -243,6 +251,31 @@ fn plan_instance(
     }
 }
 
+/// The instances whose root disks a pending CreateImage asks this node to copy: listed
+/// in the document until the CLC has the copy (or its failure).
+pub fn roots_being_copied(desired: &DesiredState) -> BTreeSet<InstanceId> {
+    desired
+        .snapshots
+        .iter()
+        .filter_map(SnapshotRequest::root_of)
+        .filter(|id| desired.instances.contains_key(*id))
+        .cloned()
+        .collect()
+}
+
+/// Whether an action may run while the instance's root disk is being copied (it was
+/// stopped when CreateImage was asked): the disk must stay as it was, so the domain is
+/// neither defined, started nor undefined until the copy is done and the CLC drops the
+/// request. A start asked meanwhile waits (the instance shows `pending`), as does a
+/// terminate (it shows `shutting-down`, and the image still completes); forcing off a
+/// crashed domain, or one found running, is fine (the copy refuses an active domain).
+fn keeps_the_disk(action: &Action) -> bool {
+    !matches!(
+        action,
+        Action::Define(_) | Action::Start { .. } | Action::Undefine(_)
+    )
+}
+
 /// Each domain's state, as the hypervisor lists it.
 pub type States = BTreeMap<InstanceId, DomainState>;
 
@@ -264,9 +297,11 @@ pub fn plan_resizes(
     memory: &BTreeMap<InstanceId, InstanceMemory>,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
+    let copying = roots_being_copied(desired);
     for (id, spec) in &desired.instances {
         let mem = memory.get(id);
         let about_to_start = spec.desired == PowerState::Running
+            && !copying.contains(id)
             && observed.get(id) == Some(&DomainState::ShutOff)
             && !mem.is_some_and(|m| m.guest_stopped || m.failure.is_some());
         let Some(size) = sizes.get(id) else { continue };
@@ -336,7 +371,7 @@ pub fn volumes_to_remove(
         .filter(|v| {
             !removed.contains(*v)
                 && !attached.values().any(|a| a.contains(v))
-                && !desired.snapshots.iter().any(|s| &s.volume_id == *v)
+                && !desired.snapshots.iter().any(|s| s.volume_id() == Some(*v))
         })
         .cloned()
         .collect()
@@ -354,15 +389,20 @@ pub enum SnapshotTask {
 }
 
 /// The snapshot requests to start now: those of the document not in flight and not
-/// waiting, in the document's order.
+/// waiting, in the document's order; of root disks, only those of this node's instances.
 pub fn snapshots_due(
     desired: &DesiredState,
     tasks: &BTreeMap<SnapshotId, SnapshotTask>,
+    node: &NodeId,
     now: Instant,
 ) -> Vec<SnapshotRequest> {
     desired
         .snapshots
         .iter()
+        .filter(|r| match &r.source {
+            SnapshotSource::Volume(_) => true,
+            SnapshotSource::Root { node_id, .. } => node_id == node,
+        })
         .filter(|r| match tasks.get(&r.snapshot_id) {
             None => true,
             Some(SnapshotTask::InFlight) => false,
@@ -551,7 +591,22 @@ mod tests {
     fn snap(n: u8, volume: u8) -> SnapshotRequest {
         SnapshotRequest {
             snapshot_id: SnapshotId::parse(&format!("snap-0123456789abcdef{n}")).unwrap(),
-            volume_id: volume_ids(volume),
+            source: SnapshotSource::Volume(volume_ids(volume)),
+        }
+    }
+
+    fn node(name: &str) -> NodeId {
+        NodeId::parse(name).unwrap()
+    }
+
+    /// A request for a copy of instance `id(i)`'s root disk, on node `on`.
+    fn root(n: u8, i: u8, on: &str) -> SnapshotRequest {
+        SnapshotRequest {
+            snapshot_id: SnapshotId::parse(&format!("snap-0123456789abcde0{n}")).unwrap(),
+            source: SnapshotSource::Root {
+                instance_id: id(i),
+                node_id: node(on),
+            },
         }
     }
 
@@ -570,13 +625,98 @@ mod tests {
             (snap(1, 1).snapshot_id, SnapshotTask::Wait(later)),
         ]
         .into();
-        assert_eq!(snapshots_due(&d, &tasks, now), vec![snap(2, 2)]);
+        let me = node("hv-1");
+        assert_eq!(snapshots_due(&d, &tasks, &me, now), vec![snap(2, 2)]);
         assert_eq!(
-            snapshots_due(&d, &tasks, later),
+            snapshots_due(&d, &tasks, &me, later),
             vec![snap(1, 1), snap(2, 2)]
         );
         d.snapshots.clear();
-        assert!(snapshots_due(&d, &tasks, later).is_empty());
+        assert!(snapshots_due(&d, &tasks, &me, later).is_empty());
+    }
+
+    #[test]
+    fn root_disks_are_copied_by_their_node_only() {
+        let mut d = doc(spec(PowerState::Stopped, 0));
+        d.snapshots = vec![root(0, 0, "hv-1"), root(1, 5, "hv-2"), snap(2, 2)];
+        let none = BTreeMap::new();
+        let now = Instant::now();
+        assert_eq!(
+            snapshots_due(&d, &none, &node("hv-1"), now),
+            vec![root(0, 0, "hv-1"), snap(2, 2)]
+        );
+        assert_eq!(
+            snapshots_due(&d, &none, &node("hv-2"), now),
+            vec![root(1, 5, "hv-2"), snap(2, 2)]
+        );
+        // Only the instances of this document count as being copied here.
+        assert_eq!(roots_being_copied(&d), [id(0)].into());
+    }
+
+    #[test]
+    fn a_domain_whose_root_disk_is_copied_is_neither_defined_started_nor_undefined() {
+        let none = BTreeMap::new();
+        let now = Instant::now();
+        let with_copy = |desired: PowerState| {
+            let mut d = doc(spec(desired, 0));
+            d.snapshots = vec![root(0, 0, "hv-1")];
+            d
+        };
+        // A start asked while the copy runs waits (the instance is reported pending)...
+        for state in [None, Some(ShutOff)] {
+            let d = with_copy(PowerState::Running);
+            assert!(
+                plan(&d, &observed(state), &none, now).actions.is_empty(),
+                "{state:?}"
+            );
+            let r = report(&id(0), d.instances.get(&id(0)), state, None).unwrap();
+            assert_eq!(r.state, InstanceState::Pending);
+        }
+        // ... and so does a terminate (shutting-down), but a crashed or running domain is
+        // still forced off.
+        let d = with_copy(PowerState::Terminated);
+        assert!(
+            plan(&d, &observed(Some(ShutOff)), &none, now)
+                .actions
+                .is_empty()
+        );
+        let r = report(&id(0), d.instances.get(&id(0)), Some(ShutOff), None).unwrap();
+        assert_eq!(r.state, InstanceState::ShuttingDown);
+        assert_eq!(
+            plan(&d, &observed(Some(Running)), &none, now).actions,
+            vec![Action::Destroy(id(0))]
+        );
+        let d = with_copy(PowerState::Running);
+        assert_eq!(
+            plan(&d, &observed(Some(Crashed)), &none, now).actions,
+            vec![Action::Destroy(id(0))]
+        );
+        // No resize before the start that waits.
+        let sizes: Sizes = [(id(0), Resources::new(4, 4096, 0))].into();
+        assert!(plan_resizes(&d, &observed(Some(ShutOff)), &sizes, &none).is_empty());
+        // Once the CLC drops the request, the start and the undefine go ahead.
+        let mut d = with_copy(PowerState::Running);
+        d.snapshots.clear();
+        assert_eq!(
+            plan(&d, &observed(Some(ShutOff)), &none, now).actions,
+            vec![Action::Start {
+                instance_id: id(0),
+                reboot_seq: 0
+            }]
+        );
+        let mut d = with_copy(PowerState::Terminated);
+        d.snapshots.clear();
+        assert_eq!(
+            plan(&d, &observed(Some(ShutOff)), &none, now).actions,
+            vec![Action::Undefine(id(0))]
+        );
+        // A copy of another node's instance holds nothing here.
+        let mut d = doc(spec(PowerState::Running, 0));
+        d.snapshots = vec![root(1, 5, "hv-2")];
+        assert_eq!(
+            plan(&d, &observed(Some(ShutOff)), &none, now).actions.len(),
+            1
+        );
     }
 
     #[test]

@@ -92,8 +92,10 @@ struct SimState {
     volumes: BTreeMap<VolumeId, Option<Sha256Digest>>,
     /// The next volume copy fails with this message.
     fail_next_snapshot: Option<String>,
-    /// How many volume copies were made.
+    /// How many copies (of volumes and of root disks) were made.
     snapshots: u32,
+    /// The instances whose root disks were copied, in order.
+    root_copies: Vec<InstanceId>,
 }
 
 #[derive(Debug)]
@@ -127,8 +129,14 @@ impl SimDomain {
              [    0.000000] Command line: console=ttyS0 root=/dev/vda1 {cmdline}\n\
              [    0.010000] Memory: {mem}MiB available, {vcpus} vCPU(s)\n\
              [    0.520000] virtio_blk virtio1: [vda] {disk} GiB\n\
-             canopy-sim: booting instance {id} from {image}\n",
+             canopy-sim: booting instance {id} from {image}\n\
+             canopy-sim: root disk from {disk_bytes}\n",
             boot = self.boots,
+            disk_bytes = spec
+                .boot
+                .disk
+                .as_ref()
+                .map_or_else(|| "no bytes".to_owned(), |d| d.sha256.to_string()),
             cmdline = spec.kernel_cmdline_extra,
             mem = spec.resources.memory_mib,
             vcpus = spec.resources.vcpus,
@@ -516,19 +524,57 @@ impl Hypervisor for SimHypervisor {
             source
         };
         tokio::time::sleep(SNAPSHOT_DELAY).await;
-        let mut bytes = format!(
+        Ok(Some(sim_copy(format!(
             "canopy-sim volume {volume}\nsource {}\n",
             source.map_or_else(|| "none".to_owned(), |s| s.to_string())
-        )
-        .into_bytes();
-        bytes.resize(SIM_COPY_BYTES, b'.');
-        let size = bytes.len() as u64;
-        let chunks: Vec<Result<Vec<u8>, String>> =
-            bytes.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
-        Ok(Some(VolumeCopy {
-            size,
-            bytes: Box::pin(tokio_stream::iter(chunks)),
-        }))
+        ))))
+    }
+
+    /// A copy of a shut-off domain's simulated root disk: a text naming the instance, the
+    /// image and bytes it was made from and how often it booted (what its guest "wrote"),
+    /// padded to [`SIM_COPY_BYTES`], after [`SNAPSHOT_DELAY`].
+    async fn snapshot_root(&self, id: &InstanceId) -> Result<Option<VolumeCopy>, HypervisorError> {
+        let text = {
+            let mut state = self.inner.lock();
+            let Some(domain) = state.domains.get(id) else {
+                return Ok(None);
+            };
+            if domain.state != DomainState::ShutOff {
+                return Err(invalid(id, domain.state, "copy the root disk of"));
+            }
+            let text = format!(
+                "canopy-sim root disk of {id}\nimage {}\nbase {}\nboots {}\n",
+                domain.spec.image_id,
+                domain
+                    .spec
+                    .boot
+                    .disk
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |d| d.sha256.to_string()),
+                domain.boots
+            );
+            if let Some(reason) = state.fail_next_snapshot.take() {
+                return Err(HypervisorError::Failed(reason));
+            }
+            state.snapshots += 1;
+            state.root_copies.push(id.clone());
+            text
+        };
+        tokio::time::sleep(SNAPSHOT_DELAY).await;
+        Ok(Some(sim_copy(text)))
+    }
+}
+
+/// Simulated disk bytes: `text`, padded to [`SIM_COPY_BYTES`], in 1 MiB chunks.
+fn sim_copy(text: String) -> VolumeCopy {
+    let mut bytes = text.into_bytes();
+    bytes.resize(SIM_COPY_BYTES, b'.');
+    let size = bytes.len() as u64;
+    let chunks: Vec<Result<Vec<u8>, String>> =
+        bytes.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+    VolumeCopy {
+        size,
+        bytes: Box::pin(tokio_stream::iter(chunks)),
     }
 }
 
@@ -568,15 +614,19 @@ impl SimControl {
         }
     }
 
-    /// Makes the next `start` (of any domain) fail with `Failed(reason)`.
-    /// Makes the next volume copy (a snapshot) fail with `reason`.
+    /// Makes the next copy (a snapshot of a volume or of a root disk) fail with `reason`.
     pub fn fail_next_snapshot(&self, reason: impl Into<String>) {
         self.inner.lock().fail_next_snapshot = Some(reason.into());
     }
 
-    /// How many volume copies (snapshots) the host made.
+    /// How many copies (snapshots of volumes and of root disks) the host made.
     pub fn snapshots(&self) -> u32 {
         self.inner.lock().snapshots
+    }
+
+    /// The instances whose root disks the host copied (CreateImage), in order.
+    pub fn root_copies(&self) -> Vec<InstanceId> {
+        self.inner.lock().root_copies.clone()
     }
 
     /// Whether the host holds the volume's bytes.
@@ -584,6 +634,7 @@ impl SimControl {
         self.inner.lock().volumes.contains_key(volume)
     }
 
+    /// Makes the next `start` (of any domain) fail with `Failed(reason)`.
     pub fn fail_next_start(&self, reason: impl Into<String>) {
         self.inner.lock().fail_next_start = Some(reason.into());
     }

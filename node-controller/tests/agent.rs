@@ -702,6 +702,7 @@ async fn snapshots_are_taken_by_the_node_holding_the_volume_and_uploaded_once() 
     let request = |snapshot: &str, volume: &str| pb::SnapshotRequest {
         snapshot_id: snapshot.into(),
         volume_id: volume.into(),
+        ..Default::default()
     };
     let put_snapshots = async |h: &mut Harness, generation, snapshots| {
         h.client
@@ -758,6 +759,172 @@ async fn snapshots_are_taken_by_the_node_holding_the_volume_and_uploaded_once() 
         header.failure
     );
     assert!(bytes.is_empty());
+    h.nc.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stopped_instances_root_disk_is_copied_by_its_node_before_it_starts_or_goes() {
+    use canopy_node_controller::DomainState as D;
+    let mut h = Harness::start().await;
+    let id = InstanceId::generate();
+    launch(&mut h, 1, &id).await;
+    let stopped = spec(&id, pb::PowerState::Stopped, 0);
+    h.put(2, vec![stopped.clone()]).await;
+    h.cc.wait_report(&id, O::Stopped).await;
+    let root = |snapshot: &str, node: &str| pb::SnapshotRequest {
+        snapshot_id: snapshot.into(),
+        instance_id: id.to_string(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    let put_doc = async |h: &mut Harness, generation, instance: pb::InstanceSpec, snapshots| {
+        h.client
+            .put_node_state(pb::NodeDesiredState {
+                node_id: NODE.into(),
+                generation,
+                instances: vec![instance],
+                deleted_volumes: vec![],
+                snapshots,
+            })
+            .await
+            .unwrap();
+    };
+    // Asked of another node: not taken here.
+    put_doc(
+        &mut h,
+        3,
+        stopped.clone(),
+        vec![root("snap-0123456789abcdef9", "node-2")],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.cc.state.lock().unwrap().uploads.is_empty());
+    assert!(h.sim.control().root_copies().is_empty());
+
+    // Asked of this node, together with a start: the copy comes first, and the domain
+    // stays shut off (reported pending) while the document lists the request, even once
+    // the copy is uploaded.
+    let mut start = running(&id);
+    start.start_seq = 1;
+    let request = root("snap-0123456789abcdef0", NODE);
+    put_doc(&mut h, 4, start.clone(), vec![request.clone()]).await;
+    let (header, bytes) =
+        h.cc.wait_for("the root disk uploaded", |s| s.uploads.first().cloned())
+            .await;
+    assert_eq!(
+        (
+            header.snapshot_id.as_str(),
+            header.instance_id.as_str(),
+            header.volume_id.as_str(),
+            header.node_id.as_str(),
+            header.failure.as_str()
+        ),
+        ("snap-0123456789abcdef0", id.as_str(), "", NODE, "")
+    );
+    assert_eq!(header.size, bytes.len() as u64);
+    let text = String::from_utf8_lossy(&bytes[..128]).into_owned();
+    assert!(
+        text.contains(&format!("canopy-sim root disk of {id}")) && text.contains(AMI),
+        "{text}"
+    );
+    assert!(text.contains("boots 1"), "what the guest wrote: {text}");
+    assert_eq!(h.sim.control().root_copies(), vec![id.clone()]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.domain(&id).await, Some(D::ShutOff));
+    h.cc.wait_report(&id, O::Pending).await;
+    assert_eq!(h.console(&id).await.matches("booting instance").count(), 1);
+    // The CLC has it: the request leaves the document and the start goes ahead.
+    put_doc(&mut h, 5, start.clone(), vec![]).await;
+    h.cc.wait_for("the second boot", |s| {
+        s.reports
+            .iter()
+            .filter(|r| r.instance_id == id.as_str() && r.state == O::Running as i32)
+            .nth(1)
+            .cloned()
+    })
+    .await;
+    assert_eq!(h.domain(&id).await, Some(D::Running));
+
+    // A copy asked of a running domain (which the CLC never asks) is refused, not made.
+    put_doc(
+        &mut h,
+        6,
+        start.clone(),
+        vec![root("snap-0123456789abcdef1", NODE)],
+    )
+    .await;
+    let (header, bytes) =
+        h.cc.wait_for("the refusal uploaded", |s| s.uploads.get(1).cloned())
+            .await;
+    assert!(
+        header.failure.contains("while it is running"),
+        "{}",
+        header.failure
+    );
+    assert!(bytes.is_empty());
+
+    // Stopped again and terminated while a copy is asked for: the domain stays (shutting
+    // down) until the copy is uploaded and the request dropped.
+    h.put(7, vec![spec(&id, pb::PowerState::Stopped, 0)]).await;
+    h.cc.wait_for("stopped again", |s| {
+        s.reports
+            .iter()
+            .filter(|r| r.instance_id == id.as_str() && r.state == O::Stopped as i32)
+            .nth(1)
+            .cloned()
+    })
+    .await;
+    let terminated = spec(&id, pb::PowerState::Terminated, 0);
+    h.sim.control().fail_next_snapshot("disk on fire");
+    put_doc(
+        &mut h,
+        8,
+        terminated.clone(),
+        vec![root("snap-0123456789abcdef2", NODE)],
+    )
+    .await;
+    let (header, _) =
+        h.cc.wait_for("the failed copy uploaded", |s| s.uploads.get(2).cloned())
+            .await;
+    assert!(
+        header.failure.contains("disk on fire"),
+        "{}",
+        header.failure
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        h.domain(&id).await,
+        Some(D::ShutOff),
+        "not undefined while listed"
+    );
+    h.cc.wait_report(&id, O::ShuttingDown).await;
+    put_doc(&mut h, 9, terminated, vec![]).await;
+    h.cc.wait_report(&id, O::Terminated).await;
+    assert_eq!(h.domain(&id).await, None);
+
+    // An instance this node never defined has no disk here: the copy fails at once.
+    let never = InstanceId::generate();
+    let never_request = pb::SnapshotRequest {
+        snapshot_id: "snap-0123456789abcdef3".into(),
+        instance_id: never.to_string(),
+        node_id: NODE.into(),
+        ..Default::default()
+    };
+    put_doc(
+        &mut h,
+        10,
+        spec(&never, pb::PowerState::Stopped, 0),
+        vec![never_request],
+    )
+    .await;
+    let (header, _) =
+        h.cc.wait_for("the missing disk reported", |s| s.uploads.get(3).cloned())
+            .await;
+    assert!(
+        header.failure.contains("stopped before it ever started"),
+        "{}",
+        header.failure
+    );
     h.nc.shutdown().await;
 }
 

@@ -1,6 +1,8 @@
 //! The libvirt driver against a real libvirtd (`qemu:///system`) with the test guest
 //! (deploy/guest/build-test-guest.sh): define, boot, console, ACPI shutdown, start again,
-//! reboot, volumes attached to the running and to the shut-off guest, destroy, undefine. Skipped without libvirtd, except under CI (CI=true), where
+//! reboot, volumes attached to the running and to the shut-off guest, snapshots, the
+//! flattened copy of a stopped guest's root disk (CreateImage) booting a second guest,
+//! destroy, undefine. Skipped without libvirtd, except under CI (CI=true), where
 //! .ci/run installs and starts it.
 #![cfg(feature = "libvirt")]
 
@@ -405,6 +407,95 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
         hv.resize(&id, Resources::new(1, 1 << 40, 1)).await,
         Err(HypervisorError::InsufficientCapacity { .. })
     ));
+
+    // CreateImage's copy of the shut-off guest's root disk: bytes written into its overlay
+    // are in the copy, which is one standalone image (no backing file: the machine image
+    // under the overlay is flattened into it) of the root's size, and boots a new guest
+    // whose root starts with those bytes.
+    let root = scratch
+        .path()
+        .join("instances")
+        .join(id.as_str())
+        .join("root.qcow2");
+    qemu_io(&root, "write -P 0xcd 2M 64k");
+    let flattened = scratch.path().join("image.qcow2");
+    {
+        use tokio_stream::StreamExt;
+        let mut copy = hv
+            .snapshot_root(&id)
+            .await
+            .expect("copy the root disk")
+            .expect("the domain is here");
+        let mut bytes = Vec::new();
+        while let Some(chunk) = copy.bytes.next().await {
+            bytes.extend(chunk.expect("chunk"));
+        }
+        assert_eq!(bytes.len() as u64, copy.size);
+        std::fs::write(&flattened, &bytes).unwrap();
+    }
+    assert!(
+        hv.snapshot_root(&InstanceId::generate())
+            .await
+            .unwrap()
+            .is_none(),
+        "an instance this node has no domain for"
+    );
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&flattened)
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert!(info.get("backing-filename").is_none(), "standalone: {info}");
+    assert_eq!(info["virtual-size"], 1u64 << 30, "{info}");
+    qemu_io(&flattened, "read -P 0xcd 2M 64k");
+    qemu_io(&flattened, "read -P 0 0 64k");
+    assert!(
+        std::fs::read_dir(scratch.path().join("instances"))
+            .unwrap()
+            .all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".image-")),
+        "the copy's scratch file is gone once read"
+    );
+    let made = fetcher.add(ImageKind::Machine, &flattened);
+    let child = InstanceId::generate();
+    let mut child_spec = DomainSpec::new(
+        child.clone(),
+        Resources::new(1, 256, 1),
+        made.image_id.clone(),
+        Vec::new(),
+    );
+    child_spec.boot.disk = Some(made.clone());
+    child_spec.boot.kernel = Some(eki.clone());
+    child_spec.boot.ramdisk = Some(eri.clone());
+    hv.define(&child_spec)
+        .await
+        .expect("define from the made image");
+    let child_root = scratch
+        .path()
+        .join("instances")
+        .join(child.as_str())
+        .join("root.qcow2");
+    qemu_io(&child_root, "read -P 0xcd 2M 64k");
+    hv.start(&child).await.expect("start the child");
+    let child_line = format!("instance {child} {BOOT_LINE}");
+    wait_until(
+        "the guest from the made image boots",
+        Duration::from_secs(90),
+        async || (console_count(&hv, &child, &child_line).await == 1).then_some(()),
+    )
+    .await;
+    // A running guest's root disk is never copied.
+    assert!(matches!(
+        hv.snapshot_root(&child).await,
+        Err(HypervisorError::InvalidState { .. })
+    ));
+    hv.destroy(&child).await.expect("destroy the child");
+    hv.undefine(&child).await.expect("undefine the child");
 
     // Start again: a second boot, logged after the first, with the new size.
     hv.start(&id).await.expect("start again");

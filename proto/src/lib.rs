@@ -11,8 +11,9 @@ pub mod v1 {
 /// Conversions every tier shares for messages that carry only `canopy-common` types.
 pub mod convert {
     use canopy_common::{
-        BootImages, HttpTokens, ImageId, ImageRef, InstanceMetadata, Sha256Digest, SnapshotId,
-        SnapshotRef, SnapshotRequest, VolumeAttachment, VolumeId,
+        BootImages, HttpTokens, ImageId, ImageRef, InstanceId, InstanceMetadata, NodeId,
+        Sha256Digest, SnapshotId, SnapshotRef, SnapshotRequest, SnapshotSource, VolumeAttachment,
+        VolumeId,
     };
 
     use crate::v1 as pb;
@@ -133,9 +134,22 @@ pub mod convert {
 
     pub fn snapshot_requests_to_proto(v: &[SnapshotRequest]) -> Vec<pb::SnapshotRequest> {
         v.iter()
-            .map(|r| pb::SnapshotRequest {
-                snapshot_id: r.snapshot_id.to_string(),
-                volume_id: r.volume_id.to_string(),
+            .map(|r| {
+                let mut out = pb::SnapshotRequest {
+                    snapshot_id: r.snapshot_id.to_string(),
+                    ..Default::default()
+                };
+                match &r.source {
+                    SnapshotSource::Volume(v) => out.volume_id = v.to_string(),
+                    SnapshotSource::Root {
+                        instance_id,
+                        node_id,
+                    } => {
+                        out.instance_id = instance_id.to_string();
+                        out.node_id = node_id.to_string();
+                    }
+                }
+                out
             })
             .collect()
     }
@@ -145,11 +159,18 @@ pub mod convert {
     ) -> Result<Vec<SnapshotRequest>, String> {
         v.into_iter()
             .map(|r| {
+                let bad = |e: canopy_common::IdError| format!("snapshots: {e}");
+                let source = if r.instance_id.is_empty() {
+                    SnapshotSource::Volume(VolumeId::parse(&r.volume_id).map_err(bad)?)
+                } else {
+                    SnapshotSource::Root {
+                        instance_id: InstanceId::parse(&r.instance_id).map_err(bad)?,
+                        node_id: NodeId::parse(&r.node_id).map_err(bad)?,
+                    }
+                };
                 Ok(SnapshotRequest {
-                    snapshot_id: SnapshotId::parse(&r.snapshot_id)
-                        .map_err(|e| format!("snapshots: {e}"))?,
-                    volume_id: VolumeId::parse(&r.volume_id)
-                        .map_err(|e| format!("snapshots: {e}"))?,
+                    snapshot_id: SnapshotId::parse(&r.snapshot_id).map_err(bad)?,
+                    source,
                 })
             })
             .collect()
@@ -171,6 +192,47 @@ pub mod convert {
         spec.image = boot.disk.as_ref().map(image_ref_to_proto);
         spec.kernel = boot.kernel.as_ref().map(image_ref_to_proto);
         spec.ramdisk = boot.ramdisk.as_ref().map(image_ref_to_proto);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn snapshot_requests_of_volumes_and_of_roots_travel_intact() {
+            let requests = vec![
+                SnapshotRequest {
+                    snapshot_id: SnapshotId::parse("snap-0123456789abcdef0").unwrap(),
+                    source: SnapshotSource::Volume(
+                        VolumeId::parse("vol-0123456789abcdef0").unwrap(),
+                    ),
+                },
+                SnapshotRequest {
+                    snapshot_id: SnapshotId::parse("snap-0123456789abcdef1").unwrap(),
+                    source: SnapshotSource::Root {
+                        instance_id: InstanceId::parse("i-0123456789abcdef0").unwrap(),
+                        node_id: NodeId::parse("hv-1").unwrap(),
+                    },
+                },
+            ];
+            let wire = snapshot_requests_to_proto(&requests);
+            assert_eq!(
+                (wire[0].volume_id.as_str(), wire[0].instance_id.as_str()),
+                ("vol-0123456789abcdef0", "")
+            );
+            assert_eq!(
+                (
+                    wire[1].volume_id.as_str(),
+                    wire[1].instance_id.as_str(),
+                    wire[1].node_id.as_str()
+                ),
+                ("", "i-0123456789abcdef0", "hv-1")
+            );
+            assert_eq!(snapshot_requests_from_proto(wire.clone()), Ok(requests));
+            let mut bad = wire;
+            bad[1].node_id = "no/such node".into();
+            assert!(snapshot_requests_from_proto(bad).is_err());
+        }
     }
 }
 

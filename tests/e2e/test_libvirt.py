@@ -3,7 +3,8 @@ separate processes, libvirtd with QEMU under them, the test guest
 (deploy/guest/build-test-guest.sh) registered through EC2 RegisterImage, and the AWS CLI and
 boto3 driving its whole life: boot line in the console, stop (domain shut off), start (boots
 again), reboot, a guest killed behind Canopy's back, an NC killed and restarted (its guests
-neither restarted nor lost), terminate (no domain, no disk left).
+neither restarted nor lost), terminate (no domain, no disk left); and CreateImage of a
+stopped guest, whose image boots a second guest with the first one's bytes.
 
 Software emulation (`--accelerator qemu`) keeps the run the same on every host. Skipped
 without libvirtd or a libvirt-enabled canopy, except under CI (CI=true), where .ci/run
@@ -269,6 +270,64 @@ def test_registered_images_boot_real_guests_through_their_whole_life(real):
     assert a not in names and b not in names
     for iid in (a, b):
         assert not (real["state"] / "instances" / iid).exists()
+
+
+def qemu_io(path: Path, command: str) -> None:
+    """qemu-io on a qcow2 file; reads share a file a QEMU may hold (`-r -U`)."""
+    share = ["-r", "-U"] if command.startswith("read") else ["-n"]
+    out = subprocess.run(["qemu-io", *share, "-f", "qcow2", "-c", command, str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "fail" not in out.stdout, f"{command}: {out.stdout}{out.stderr}"
+
+
+def test_an_image_of_a_stopped_guest_boots_with_its_disk(real):
+    """CreateImage on a real node: the stopped guest's root overlay and the machine image
+    under it are flattened by qemu-img on the node, uploaded through the CC into the CLC's
+    image store, and a guest launched from the new image boots with the first one's bytes
+    on its root disk."""
+    ec2 = real["ec2"]
+    eki = register(ec2, "img-kernel", GUEST_DIR / "vmlinuz")
+    eri = register(ec2, "img-ramdisk", GUEST_DIR / "initrd.gz")
+    emi = register(ec2, "img-disk", GUEST_DIR / "disk.qcow2", KernelId=eki, RamdiskId=eri)
+    a = ec2.run_instances(ImageId=emi, InstanceType="t2.micro", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    real["launched"].append(a)
+    ec2.get_waiter("instance_running").wait(InstanceIds=[a], WaiterConfig=WAIT)
+    wait_boots(real, a, 1)
+    with pytest.raises(ec2.exceptions.ClientError) as e:
+        ec2.create_image(InstanceId=a, Name="while-running")
+    assert error_code(e.value) == "IncorrectInstanceState"
+    ec2.stop_instances(InstanceIds=[a])
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[a], WaiterConfig=WAIT)
+    # What the guest's filesystem would have written before it stopped.
+    qemu_io(real["state"] / "instances" / a / "root.qcow2", "write -P 0xcd 2M 64k")
+
+    ami = aws(real, "ec2", "create-image", "--instance-id", a, "--name", "from-a")["ImageId"]
+    (img,) = ec2.describe_images(ImageIds=[ami])["Images"]
+    assert img["State"] in ("pending", "available"), img
+    ec2.get_waiter("image_available").wait(ImageIds=[ami], WaiterConfig=WAIT)
+    (img,) = ec2.describe_images(ImageIds=[ami])["Images"]
+    assert (img["State"], img["KernelId"], img["RamdiskId"], img["RootDeviceType"]) == ("available", eki, eri, "ebs")
+    sid = img["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    (snap,) = ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"]
+    assert snap["State"] == "completed" and snap["FullSnapshotSizeInBytes"] > 0
+
+    b = aws(real, "ec2", "run-instances", "--image-id", ami, "--instance-type", "t2.micro",
+            "--count", "1")["Instances"][0]["InstanceId"]
+    real["launched"].append(b)
+    ec2.get_waiter("instance_running").wait(InstanceIds=[b], WaiterConfig=WAIT)
+    wait_boots(real, b, 1)
+    assert instance(ec2, b)["KernelId"] == eki
+    # Its root disk (an overlay on the new image's bytes) starts with what a had written.
+    qemu_io(real["state"] / "instances" / b / "root.qcow2", "read -P 0xcd 2M 64k")
+
+    # The source goes; the instance made from its image runs on.
+    ec2.terminate_instances(InstanceIds=[a])
+    ec2.get_waiter("instance_terminated").wait(InstanceIds=[a], WaiterConfig=WAIT)
+    assert virsh("domstate", b) == "running"
+    ec2.terminate_instances(InstanceIds=[b])
+    ec2.get_waiter("instance_terminated").wait(InstanceIds=[b], WaiterConfig=WAIT)
+    ec2.deregister_image(ImageId=ami)
+    ec2.delete_snapshot(SnapshotId=sid)
 
 
 def test_the_all_in_one_cloud_with_libvirt_boots_its_test_guest():

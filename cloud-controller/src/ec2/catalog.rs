@@ -6,27 +6,85 @@ use canopy_ec2_wire::xml::{XmlWriter, timestamp};
 
 use super::filters::{self, Filterable};
 use super::paging::{self, paginate};
+use super::render::tag_set;
 use super::{ApiError, Ctx};
 use crate::image_registry::Registration;
-use crate::state::{Command, Image, LaunchPermission, Zone};
+use crate::state::{Command, Image, LaunchPermission, ROOT_DEVICE_NAME, RootSnapshot, Tag, Zone};
 
-impl Filterable for Image {
+/// An image as DescribeImages shows it: with the caller's tags on it.
+struct Listed<'a> {
+    image: &'a Image,
+    tags: &'a [Tag],
+}
+
+/// EC2's `rootDeviceType`: `ebs` for an image whose root is a snapshot (CreateImage),
+/// `instance-store` for a registered one.
+fn root_device_type(i: &Image) -> &'static str {
+    if i.root_snapshot.is_some() {
+        "ebs"
+    } else {
+        "instance-store"
+    }
+}
+
+/// EC2's `blockDeviceMapping` of an image: its root snapshot, if it has one.
+pub(super) fn block_device_mappings(w: &mut XmlWriter, name: &str, i: &Image) {
+    w.list(name, i.root_snapshot.as_ref(), |w, root| {
+        w.elem("deviceName", ROOT_DEVICE_NAME).nested("ebs", |w| {
+            w.elem("snapshotId", &root.snapshot_id)
+                .elem("volumeSize", root.volume_size_gib)
+                .bool_elem("deleteOnTermination", true)
+                .elem("volumeType", "gp2")
+                .bool_elem("encrypted", false);
+        });
+    });
+}
+
+impl Filterable for Listed<'_> {
     fn filter_values(&self, name: &str) -> Option<Vec<String>> {
+        if let Some(values) = filters::tag_values(self.tags, name) {
+            return Some(values);
+        }
+        let i = self.image;
         let one = |s: String| Some(vec![s]);
+        let root = |f: &dyn Fn(&RootSnapshot) -> String| {
+            Some(i.root_snapshot.iter().map(f).collect::<Vec<_>>())
+        };
         match name {
-            "image-id" => one(self.image_id.to_string()),
-            "name" => one(self.name.clone()),
-            "description" => one(self.description.clone()),
-            "state" => one(self.state.clone()),
-            "architecture" => one(self.architecture.clone()),
-            "owner-id" => one(self.owner_id.to_string()),
-            "is-public" => one(self.is_public.to_string()),
-            "image-type" => one(self.kind.name().into()),
-            "kernel-id" => Some(self.kernel_id.iter().map(|i| i.to_string()).collect()),
-            "ramdisk-id" => Some(self.ramdisk_id.iter().map(|i| i.to_string()).collect()),
-            "root-device-type" => one("instance-store".into()),
+            "image-id" => one(i.image_id.to_string()),
+            "name" => one(i.name.clone()),
+            "description" => one(i.description.clone()),
+            "state" => one(i.state.clone()),
+            "architecture" => one(i.architecture.clone()),
+            "owner-id" => one(i.owner_id.to_string()),
+            "is-public" => one(i.is_public.to_string()),
+            "image-type" => one(i.kind.name().into()),
+            "kernel-id" => Some(i.kernel_id.iter().map(|i| i.to_string()).collect()),
+            "ramdisk-id" => Some(i.ramdisk_id.iter().map(|i| i.to_string()).collect()),
+            "root-device-type" => one(root_device_type(i).into()),
+            "root-device-name" => one(ROOT_DEVICE_NAME.into()),
             "virtualization-type" => one("hvm".into()),
-            "manifest-location" => one(self.location.clone()),
+            "hypervisor" => one("xen".into()),
+            "manifest-location" => one(i.location.clone()),
+            "creation-date" => one(timestamp(i.created_at)),
+            "source-instance-id" => Some(
+                i.source_instance_id
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+            "state-reason-code" => Some(i.state_reason.iter().map(|r| r.code.clone()).collect()),
+            "state-reason-message" => {
+                Some(i.state_reason.iter().map(|r| r.message.clone()).collect())
+            }
+            "block-device-mapping.device-name" => root(&|_| ROOT_DEVICE_NAME.into()),
+            "block-device-mapping.snapshot-id" => root(&|r| r.snapshot_id.to_string()),
+            "block-device-mapping.volume-size" => root(&|r| r.volume_size_gib.to_string()),
+            "block-device-mapping.volume-type" => root(&|_| "gp2".into()),
+            "block-device-mapping.delete-on-termination" => root(&|_| "true".into()),
+            "block-device-mapping.encrypted" => root(&|_| "false".into()),
+            // Canopy's images are Linux/UNIX without product codes.
+            "platform" | "product-code" | "product-code.type" => Some(vec![]),
             _ => None,
         }
     }
@@ -60,7 +118,13 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .filter(|i| i.state != "deregistered")
         .collect();
     if let Some(first) = visible.first() {
-        filters::validate(&filters, first)?;
+        filters::validate(
+            &filters,
+            &Listed {
+                image: first,
+                tags: &[],
+            },
+        )?;
     }
     let missing: Vec<String> = ids
         .iter()
@@ -94,10 +158,16 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
                     account => i.launch_permissions.iter().any(|a| a.as_str() == account),
                 })
         })
-        .filter(|i| filters::matches(*i, &filters))
+        .collect();
+    let names: Vec<&str> = images.iter().map(|i| i.image_id.as_str()).collect();
+    let mut tags = ctx.clc.store.tags_of(&ctx.account, &names).await?;
+    let listed: Vec<(&Image, Vec<Tag>)> = images
+        .into_iter()
+        .map(|i| (i, tags.remove(i.image_id.as_str()).unwrap_or_default()))
+        .filter(|(image, tags)| filters::matches(&Listed { image, tags }, &filters))
         .collect();
     let mut w = XmlWriter::response("DescribeImages", &ctx.request_id);
-    w.list("imagesSet", images, |w, i| {
+    w.list("imagesSet", &listed, |w, (i, tags)| {
         w.elem("imageId", &i.image_id)
             .elem("imageLocation", &i.location)
             .elem("imageState", &i.state)
@@ -110,12 +180,21 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
             .opt_elem("ramdiskId", i.ramdisk_id.as_ref())
             .elem("name", &i.name)
             .elem("description", &i.description)
-            .elem("rootDeviceType", "instance-store")
-            .elem("rootDeviceName", "/dev/sda1")
-            .list("blockDeviceMapping", std::iter::empty::<()>(), |_, _| {})
-            .elem("virtualizationType", "hvm")
+            .elem("rootDeviceType", root_device_type(i))
+            .elem("rootDeviceName", ROOT_DEVICE_NAME);
+        block_device_mappings(w, "blockDeviceMapping", i);
+        w.elem("virtualizationType", "hvm")
             .elem("hypervisor", "xen")
-            .list("tagSet", std::iter::empty::<()>(), |_, _| {});
+            .opt_elem("sourceInstanceId", i.source_instance_id.as_ref())
+            .elem("platformDetails", "Linux/UNIX")
+            .elem("usageOperation", "RunInstances");
+        if let Some(reason) = &i.state_reason {
+            w.nested("stateReason", |w| {
+                w.elem("code", &reason.code)
+                    .elem("message", &reason.message);
+            });
+        }
+        tag_set(w, tags);
     });
     Ok(w.finish())
 }
@@ -343,9 +422,10 @@ pub async fn describe_image_attribute(ctx: &Ctx) -> Result<String, ApiError> {
             image.ramdisk_id.as_ref().map(ToString::to_string),
         ),
         "bootMode" => value(&mut w, "bootMode", Some("legacy-bios".into())),
-        "productCodes" | "blockDeviceMapping" => {
+        "productCodes" => {
             w.list(&attribute, std::iter::empty::<()>(), |_, _| {});
         }
+        "blockDeviceMapping" => block_device_mappings(&mut w, "blockDeviceMapping", &image),
         "sriovNetSupport"
         | "tpmSupport"
         | "uefiData"

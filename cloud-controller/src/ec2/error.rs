@@ -224,6 +224,15 @@ impl From<StateError> for ApiError {
                 let code = match fault {
                     F::NotFound => "InvalidSnapshot.NotFound",
                     F::IncorrectState => "IncorrectState",
+                    F::InUse => "InvalidSnapshot.InUse",
+                };
+                Self::new(400, code, message)
+            }
+            StateError::ImageRefused { fault, message } => {
+                use crate::state::ImageFault as F;
+                let code = match fault {
+                    F::DuplicateName => "InvalidAMIName.Duplicate",
+                    F::InstanceNotStopped => "IncorrectInstanceState",
                 };
                 Self::new(400, code, message)
             }

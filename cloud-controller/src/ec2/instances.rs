@@ -213,6 +213,25 @@ pub async fn run_instances(ctx: &Ctx) -> Result<String, ApiError> {
             image.kind
         )));
     }
+    // An image made from an instance holds that instance's whole root disk: a smaller root
+    // (the type's disk) would cut it off.
+    if let Some(root) = &image.root_snapshot
+        && itype.resources.disk_gib < root.volume_size_gib
+    {
+        return Err(ApiError::new(
+            400,
+            "InvalidBlockDeviceMapping",
+            format!(
+                "Volume of size {}GB is smaller than snapshot '{}', expect size >= {}GB (instance type {} has a {} GiB root disk; choose a type with at least {} GiB)",
+                itype.resources.disk_gib,
+                root.snapshot_id,
+                root.volume_size_gib,
+                itype.name,
+                itype.resources.disk_gib,
+                root.volume_size_gib
+            ),
+        ));
+    }
     // The kernel and ramdisk: RunInstances' own, else the image's.
     let boot_image = |param: &str, kind: ImageKind, default: &Option<ImageId>| {
         let id = match p.get(param).filter(|v| !v.is_empty()) {

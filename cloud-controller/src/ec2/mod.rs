@@ -3,6 +3,7 @@
 
 mod addresses;
 mod catalog;
+mod create_image;
 mod error;
 mod filters;
 mod instances;
@@ -207,6 +208,7 @@ async fn handle_inner(
         "DescribeImages" => catalog::describe_images(&ctx).await,
         "RegisterImage" => catalog::register_image(&ctx).await,
         "DeregisterImage" => catalog::deregister_image(&ctx).await,
+        "CreateImage" => create_image::create_image(&ctx).await,
         "ModifyImageAttribute" => catalog::modify_image_attribute(&ctx).await,
         "DescribeImageAttribute" => catalog::describe_image_attribute(&ctx).await,
         "ResetImageAttribute" => catalog::reset_image_attribute(&ctx).await,

@@ -201,6 +201,7 @@ pub async fn describe_snapshots(ctx: &Ctx) -> Result<String, ApiError> {
         started_at: Utc::now(),
         completed_at: None,
         content: None,
+        instance_id: None,
         tags: vec![],
     };
     filters::validate(

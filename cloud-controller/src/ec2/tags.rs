@@ -1,5 +1,5 @@
-//! CreateTags, DeleteTags, DescribeTags (instances and key pairs), and the
-//! TagSpecifications of create calls.
+//! CreateTags, DeleteTags, DescribeTags (instances, key pairs, security groups, Elastic IPs,
+//! volumes, snapshots and images), and the TagSpecifications of create calls.
 
 use canopy_common::ResourceId;
 use canopy_ec2_wire::params::Params;
@@ -43,6 +43,19 @@ async fn require_resources(ctx: &Ctx, ids: &[ResourceId]) -> Result<(), ApiError
             ResourceId::Volume(v) => volumes.push(v),
             ResourceId::Snapshot(s) => {
                 super::snapshots::require_snapshot(ctx, s).await?;
+            }
+            ResourceId::Image(image) => {
+                // Only its owner tags an image.
+                let catalog = ctx.clc.store.catalog().await?;
+                if !catalog.images.iter().any(|i| {
+                    &i.image_id == image && i.owner_id == ctx.account && i.state != "deregistered"
+                }) {
+                    return Err(ApiError::new(
+                        400,
+                        "InvalidAMIID.NotFound",
+                        format!("The image id '[{image}]' does not exist"),
+                    ));
+                }
             }
         }
     }

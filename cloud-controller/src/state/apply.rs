@@ -15,6 +15,7 @@ use super::command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, Observation, Outcome,
     StateChange, launch_image,
 };
+use super::images;
 use super::pki;
 use super::query::{Lifecycle, fmt_time, load_lifecycles, require_instances};
 use super::security_groups;
@@ -131,6 +132,11 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             if done.rows_affected() == 0 {
                 return Err(StateError::ImageNotFound(image_id.to_string()));
             }
+            // Gone from DescribeImages, so from DescribeTags too.
+            sqlx::query("DELETE FROM tags WHERE resource_id = ?")
+                .bind(image_id.as_str())
+                .execute(&mut *conn)
+                .await?;
             Ok(Outcome::Done)
         }
         Command::ModifyImage {
@@ -640,6 +646,33 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             outcome,
             at,
         } => snapshots::complete(conn, snapshot_id, outcome, *at).await,
+        Command::CreateImage {
+            account_id,
+            image_id,
+            snapshot_id,
+            instance_id,
+            name,
+            description,
+            at,
+            image_tags,
+            snapshot_tags,
+        } => {
+            images::create(
+                conn,
+                images::NewImage {
+                    account: account_id,
+                    image_id,
+                    snapshot_id,
+                    instance_id,
+                    name,
+                    description,
+                    at: *at,
+                    image_tags,
+                    snapshot_tags,
+                },
+            )
+            .await
+        }
         Command::DeleteSnapshot {
             account_id,
             snapshot_id,
@@ -1124,6 +1157,19 @@ async fn require_resources(
                 .is_empty()
         {
             return Err(snapshots::not_found(snapshot.as_str()));
+        }
+        if let ResourceId::Image(image) = id {
+            // Only the owner tags an image (others may see a shared or public one).
+            let owned: Option<(i64,)> = sqlx::query_as(
+                "SELECT 1 FROM images WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
+            )
+            .bind(image.as_str())
+            .bind(account.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if owned.is_none() {
+                return Err(StateError::ImageNotFound(image.to_string()));
+            }
         }
         if let ResourceId::ElasticIp(allocation) = id
             && !addresses::load(conn, account)

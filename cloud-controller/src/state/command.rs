@@ -198,8 +198,24 @@ pub enum Command {
         at: DateTime<Utc>,
         tags: Vec<Tag>,
     },
+    /// CreateImage: a machine image of a stopped instance of the account, whose root is a
+    /// snapshot of the instance's root disk (`pending` for the instance's node to take;
+    /// the image follows it, `available` or `failed`). Refused unless the instance is
+    /// stopped, or when the account has an image of that name. An instance no node ever
+    /// reported on has no disk of its own yet: both complete at once with its image's bytes.
+    CreateImage {
+        account_id: AccountId,
+        image_id: ImageId,
+        snapshot_id: SnapshotId,
+        instance_id: InstanceId,
+        name: String,
+        description: String,
+        at: DateTime<Utc>,
+        image_tags: Vec<Tag>,
+        snapshot_tags: Vec<Tag>,
+    },
     /// A node's upload of a pending snapshot ended (skipped for a snapshot no longer
-    /// pending).
+    /// pending). An image whose root it is follows it.
     CompleteSnapshot {
         snapshot_id: SnapshotId,
         outcome: SnapshotOutcome,
@@ -276,7 +292,8 @@ impl Command {
             | Command::EnrollNode { .. }
             | Command::RevokeCertificates { .. }
             | Command::CreateSnapshot { .. }
-            | Command::DeleteSnapshot { .. } => true,
+            | Command::DeleteSnapshot { .. }
+            | Command::CreateImage { .. } => true,
             // Stale or unknown reports are skipped one by one, never refused.
             Command::ObserveInstances { .. }
             | Command::ObserveVolumes { .. }
@@ -301,9 +318,12 @@ impl Command {
     pub fn changes_catalog(&self) -> bool {
         match self {
             Command::Batch(commands) => commands.iter().any(Command::changes_catalog),
+            // A completed snapshot may be a made image's root: the image becomes available.
             Command::RegisterImage { .. }
             | Command::DeregisterImage { .. }
             | Command::ModifyImage { .. }
+            | Command::CreateImage { .. }
+            | Command::CompleteSnapshot { .. }
             | Command::RegisterZone { .. } => true,
             Command::CreateAccount { .. }
             | Command::AddAccessKey { .. }
@@ -333,7 +353,6 @@ impl Command {
             | Command::EnrollNode { .. }
             | Command::RevokeCertificates { .. }
             | Command::CreateSnapshot { .. }
-            | Command::CompleteSnapshot { .. }
             | Command::DeleteSnapshot { .. } => false,
         }
     }

@@ -30,6 +30,17 @@ pub enum SnapshotFault {
     NotFound,
     /// `IncorrectState`: e.g. a volume made from a snapshot that is not completed.
     IncorrectState,
+    /// `InvalidSnapshot.InUse`: an image's root (its block device mapping) names it.
+    InUse,
+}
+
+/// Which refusal of CreateImage, each one of EC2's error codes at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFault {
+    /// `InvalidAMIName.Duplicate`: the account has an image of that name.
+    DuplicateName,
+    /// `IncorrectInstanceState`: the instance is not stopped.
+    InstanceNotStopped,
 }
 
 /// Why a command or query failed. The first group are deterministic rejections of a
@@ -104,6 +115,9 @@ pub enum StateError {
         fault: SnapshotFault,
         message: String,
     },
+    /// CreateImage refused; `fault` is which of EC2's refusals it is.
+    #[error("{message}")]
+    ImageRefused { fault: ImageFault, message: String },
     #[error("the key pair '{0}' already exists")]
     KeyPairDuplicate(String),
     /// A key pair name or id.
@@ -165,7 +179,8 @@ impl StateError {
             | StateError::VolumeRefused { .. }
             | StateError::JoinRefused(_)
             | StateError::NothingToRevoke(_)
-            | StateError::SnapshotRefused { .. } => true,
+            | StateError::SnapshotRefused { .. }
+            | StateError::ImageRefused { .. } => true,
             StateError::NotLeader { .. }
             | StateError::Unavailable(_)
             | StateError::Db(_)

@@ -10,6 +10,7 @@ mod apply;
 mod bulk;
 mod command;
 mod error;
+mod images;
 mod pki;
 mod query;
 mod security_groups;
@@ -24,7 +25,7 @@ pub use command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, NewInstance,
     Observation, Outcome, StateChange,
 };
-pub use error::{SnapshotFault, StateError, VolumeFault};
+pub use error::{ImageFault, SnapshotFault, StateError, VolumeFault};
 pub use pki::{CertificateRow, JoinTokenRow, RevokeTarget};
 pub use query::{AllocationGroup, InstanceFilter};
 pub use security_groups::MAX_RULES_PER_DIRECTION;
@@ -32,9 +33,10 @@ pub(crate) use store::count_applied;
 pub use store::{BootImageError, Catalog, StateDigest, Store};
 pub use types::{
     Account, Address, AttachStatus, Attachment, DEFAULT_SECURITY_GROUP, DesiredSpec, Image,
-    Instance, InstanceVolume, KeyPair, MetadataOptions, RESOURCE_TYPE_INSTANCE, Reservation,
-    RulePeer, RuleSpec, SecurityGroup, SecurityGroupRule, Snapshot, SnapshotOutcome, SnapshotState,
-    StateReason, Tag, Volume, VolumeState, Whereabouts, Zone,
+    Instance, InstanceVolume, KeyPair, MetadataOptions, NO_VOLUME, RESOURCE_TYPE_INSTANCE,
+    ROOT_DEVICE_NAME, Reservation, RootSnapshot, RulePeer, RuleSpec, SecurityGroup,
+    SecurityGroupRule, Snapshot, SnapshotOutcome, SnapshotState, StateReason, Tag, Volume,
+    VolumeState, Whereabouts, Zone,
 };
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use sqlx::SqliteConnection;
 
 use super::types::{
-    Account, DesiredSpec, Image, Instance, KeyPair, StateReason, Tag, Whereabouts, Zone,
+    Account, DesiredSpec, Image, Instance, KeyPair, RootSnapshot, StateReason, Tag, Whereabouts,
+    Zone,
 };
 use super::{StateError, Store};
 use crate::key_material::KeyType;
@@ -698,6 +699,11 @@ impl Store {
             i64,
             Option<String>,
             Vec<String>,
+            Option<String>,
+            Option<u64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
         );
         let mut conn = self.pool().acquire().await?;
         let rows: Vec<ImageRow> = fetch_folded(
@@ -705,7 +711,9 @@ impl Store {
             "image_id, owner_id, name, description, location, architecture, json(iif(is_public, 'true', 'false')),
              state, created_at, image_type, kernel_id, ramdisk_id, sha256, size_bytes, disk_format,
              json((SELECT json_group_array(p.account_id ORDER BY p.account_id)
-                   FROM image_launch_permissions p WHERE p.image_id = folded.image_id))",
+                   FROM image_launch_permissions p WHERE p.image_id = folded.image_id)),
+             root_snapshot_id, root_volume_gib, source_instance_id, state_reason_code,
+             state_reason_message",
             "FROM images ORDER BY created_at, image_id",
             &[],
         )
@@ -729,6 +737,11 @@ impl Store {
                     size,
                     disk_format,
                     shared,
+                    root_snapshot,
+                    root_gib,
+                    source_instance,
+                    reason_code,
+                    reason_message,
                 )| {
                     Ok(Image {
                         image_id: parse(&id)?,
@@ -757,6 +770,20 @@ impl Store {
                             .map(|a| AccountId::parse(a))
                             .collect::<Result<_, _>>()
                             .map_err(|e| StateError::Corrupt(e.to_string()))?,
+                        root_snapshot: root_snapshot
+                            .as_deref()
+                            .map(|s| {
+                                Ok::<_, StateError>(RootSnapshot {
+                                    snapshot_id: parse(s)?,
+                                    volume_size_gib: root_gib.unwrap_or_default(),
+                                })
+                            })
+                            .transpose()?,
+                        source_instance_id: source_instance.as_deref().map(parse).transpose()?,
+                        state_reason: reason_code.map(|code| StateReason {
+                            code,
+                            message: reason_message.unwrap_or_default(),
+                        }),
                     })
                 },
             )
@@ -815,6 +842,18 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    /// The account's tags of the resources named, by resource id (what the account itself
+    /// set: another account sees none of an image its owner shared with it, as on EC2).
+    pub async fn tags_of(
+        &self,
+        account: &AccountId,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Vec<Tag>>, StateError> {
+        let ids = json_list(ids.iter().copied())?;
+        let mut conn = self.pool().acquire().await?;
+        tags_for(&mut conn, Some(account), Some(&ids)).await
     }
 
     /// (resource id, resource type, key, value) of an account's tags: by resource type,

@@ -4,9 +4,11 @@
 //! the copy; the upload completes it (`completed`, with the bytes' digest) or fails it
 //! (`error`). A volume no node ever wrote has no bytes anywhere: its snapshot completes at
 //! once, with the bytes it was made from (its own source snapshot's) or none (all zeros).
+//! A snapshot of an instance's root disk (CreateImage, `images.rs`) is taken by the node
+//! the instance lives on, and its image follows it.
 
 use canopy_common::{AccountId, ResourceId, Sha256Digest, SnapshotId, SnapshotRef, ZoneName};
-use canopy_common::{SnapshotRequest, VolumeId};
+use canopy_common::{SnapshotRequest, SnapshotSource, VolumeId};
 use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
@@ -14,7 +16,7 @@ use super::command::Outcome;
 use super::error::SnapshotFault;
 use super::query::{fmt_time, json_list, parse_time, tags_for};
 use super::types::{Snapshot, SnapshotOutcome, SnapshotState, Tag};
-use super::{StateError, apply, volumes};
+use super::{StateError, apply, images, volumes};
 
 fn refused(fault: SnapshotFault, message: impl Into<String>) -> StateError {
     StateError::SnapshotRefused {
@@ -122,7 +124,7 @@ pub(super) async fn complete(
         return Ok(Outcome::Done);
     };
     match outcome {
-        SnapshotOutcome::Completed { sha256, size } => {
+        SnapshotOutcome::Completed { sha256, size, .. } => {
             sqlx::query(
                 "UPDATE snapshots SET state = 'completed', completed_at = ?, sha256 = ?,
                     size_bytes = ?
@@ -145,6 +147,7 @@ pub(super) async fn complete(
             .await?;
         }
     }
+    images::root_completed(conn, snapshot_id, outcome).await?;
     // The request leaves the zone's document.
     apply::bump_generation(conn, &zone.parse().map_err(corrupt)?).await?;
     Ok(Outcome::Done)
@@ -161,6 +164,12 @@ pub(super) async fn delete(
         .await?
         .pop()
         .ok_or_else(|| not_found(snapshot_id.as_str()))?;
+    if let Some(image) = images::using_snapshot(conn, snapshot_id).await? {
+        return Err(refused(
+            SnapshotFault::InUse,
+            format!("The snapshot {snapshot_id} is currently in use by {image}"),
+        ));
+    }
     // Plain `?` in order: see the note in `bulk` on numbered parameters.
     sqlx::query(
         "DELETE FROM tags WHERE resource_id = ?;
@@ -217,10 +226,11 @@ pub(super) async fn load(
         Option<String>,
         Option<String>,
         Option<i64>,
+        Option<String>,
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT rowid, snapshot_id, volume_id, zone, volume_size_gib, description, state,
-            status_message, started_at, completed_at, sha256, size_bytes
+            status_message, started_at, completed_at, sha256, size_bytes, instance_id
          FROM snapshots WHERE account_id = ? AND (? IS NULL OR snapshot_id = ?)
          ORDER BY rowid",
     )
@@ -246,6 +256,7 @@ pub(super) async fn load(
                 done,
                 sha,
                 bytes,
+                instance,
             )| {
                 let snapshot_id: SnapshotId = id.parse().map_err(corrupt)?;
                 let content = match (sha, bytes) {
@@ -271,6 +282,11 @@ pub(super) async fn load(
                     started_at: parse_time(&started)?,
                     completed_at: done.as_deref().map(parse_time).transpose()?,
                     content,
+                    instance_id: instance
+                        .as_deref()
+                        .map(str::parse)
+                        .transpose()
+                        .map_err(corrupt)?,
                 })
             },
         )
@@ -305,18 +321,25 @@ impl super::Store {
         &self,
         zone: &ZoneName,
     ) -> Result<Vec<SnapshotRequest>, StateError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT snapshot_id, volume_id FROM snapshots
+        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT snapshot_id, volume_id, instance_id, node_id FROM snapshots
              WHERE zone = ? AND state = 'pending' ORDER BY snapshot_id",
         )
         .bind(zone.as_str())
         .fetch_all(self.pool())
         .await?;
         rows.into_iter()
-            .map(|(s, v)| {
+            .map(|(s, v, instance, node)| {
+                let source = match (instance, node) {
+                    (Some(i), Some(n)) => SnapshotSource::Root {
+                        instance_id: i.parse().map_err(corrupt)?,
+                        node_id: n.parse().map_err(corrupt)?,
+                    },
+                    _ => SnapshotSource::Volume(v.parse().map_err(corrupt)?),
+                };
                 Ok(SnapshotRequest {
                     snapshot_id: s.parse().map_err(corrupt)?,
-                    volume_id: v.parse().map_err(corrupt)?,
+                    source,
                 })
             })
             .collect()

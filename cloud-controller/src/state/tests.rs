@@ -56,6 +56,9 @@ async fn fixture() -> Fixture {
                 size_bytes: 0,
                 disk_format: None,
                 launch_permissions: vec![],
+                root_snapshot: None,
+                source_instance_id: None,
+                state_reason: None,
             },
         })
         .await
@@ -106,6 +109,17 @@ impl Fixture {
             }],
             at: t(1),
         }
+    }
+
+    /// A launch of one instance of `image`.
+    fn launch_of(&self, image: &ImageId) -> Command {
+        let mut launch = self.launch(None, "h", 1);
+        if let Command::LaunchInstances { instances, .. } = &mut launch {
+            for i in instances {
+                i.image_id = image.clone();
+            }
+        }
+        launch
     }
 
     async fn all(&self) -> Vec<Instance> {
@@ -842,6 +856,9 @@ async fn images_with_content_reach_the_zone_document_and_outlive_deregistration(
             size_bytes: u64::from(byte) * 1000,
             disk_format: (kind == ImageKind::Machine).then(|| "qcow2".into()),
             launch_permissions: vec![],
+            root_snapshot: None,
+            source_instance_id: None,
+            state_reason: None,
         };
     let eki = image(ImageKind::Kernel, 1, None, None);
     let eri = image(ImageKind::Ramdisk, 2, None, None);
@@ -1645,8 +1662,8 @@ async fn snapshots_wait_for_a_node_complete_once_and_seed_volumes() {
     let pending = f.store.pending_snapshots(&f.zone).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(
-        (&pending[0].snapshot_id, &pending[0].volume_id),
-        (&snap(1), &v0.volume_id)
+        (&pending[0].snapshot_id, pending[0].volume_id()),
+        (&snap(1), Some(&v0.volume_id))
     );
     // A volume cannot come from a pending snapshot.
     let refused = f
@@ -1676,6 +1693,7 @@ async fn snapshots_wait_for_a_node_complete_once_and_seed_volumes() {
         .apply(&complete(SnapshotOutcome::Completed {
             sha256: digest.clone(),
             size: 1234,
+            disk_format: None,
         }))
         .await
         .unwrap();
@@ -1811,5 +1829,407 @@ async fn snapshots_wait_for_a_node_complete_once_and_seed_volumes() {
             .await
             .unwrap()
             .contains(&digest)
+    );
+}
+
+#[tokio::test]
+async fn create_image_of_a_stopped_instance_follows_its_root_snapshot() {
+    use crate::state::{ImageFault, SnapshotFault, SnapshotOutcome, SnapshotState};
+    use canopy_common::{Sha256Digest, SnapshotId, SnapshotSource};
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let a = f.all().await[0].instance_id.clone();
+    f.observe(&a, InstanceState::Running).await;
+    let snap = |n: u8| SnapshotId::parse(&format!("snap-0123456789abcdef{n}")).unwrap();
+    let ami = |n: u8| ImageId::parse(&format!("ami-0123456789abcdef{n}")).unwrap();
+    let tag = |k: &str| Tag {
+        key: k.into(),
+        value: "v".into(),
+    };
+    let create = |n: u8, instance: &InstanceId, name: &str| Command::CreateImage {
+        account_id: f.account.clone(),
+        image_id: ami(n),
+        snapshot_id: snap(n),
+        instance_id: instance.clone(),
+        name: name.into(),
+        description: format!("image {n}"),
+        at: t(20 + i64::from(n)),
+        image_tags: vec![tag("image-tag")],
+        snapshot_tags: vec![tag("snapshot-tag")],
+    };
+    let image = async |id: &ImageId| {
+        f.store
+            .images()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|i| &i.image_id == id)
+    };
+    let snapshot = async |id: &SnapshotId| {
+        f.store
+            .snapshots(&f.account)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| &s.snapshot_id == id)
+    };
+
+    // A running instance is refused, and nothing is written.
+    let running = f.store.apply(&create(0, &a, "web")).await;
+    assert!(
+        matches!(
+            running,
+            Err(StateError::ImageRefused {
+                fault: ImageFault::InstanceNotStopped,
+                ref message
+            }) if message.contains("running") && message.contains("Stop it first")
+        ),
+        "{running:?}"
+    );
+    assert!(image(&ami(0)).await.is_none());
+    assert!(snapshot(&snap(0)).await.is_none());
+    let unknown = f
+        .store
+        .apply(&create(0, &InstanceId::generate(), "web"))
+        .await;
+    assert!(matches!(unknown, Err(StateError::InstancesNotFound(_))));
+
+    f.request(std::slice::from_ref(&a), InstanceAction::Stop)
+        .await
+        .unwrap();
+    f.observe(&a, InstanceState::Stopped).await;
+    let g = f.generation().await;
+    f.store.apply(&create(0, &a, "web")).await.unwrap();
+    assert!(f.generation().await > g, "the node learns of the request");
+    let made = image(&ami(0)).await.unwrap();
+    assert_eq!(made.state, "pending");
+    assert_eq!(made.owner_id, f.account);
+    assert!(!made.is_public);
+    assert_eq!(made.location, format!("{}/web", f.account));
+    assert_eq!(made.architecture, "x86_64");
+    assert_eq!(made.kind, canopy_common::ImageKind::Machine);
+    assert_eq!(made.sha256, None);
+    assert_eq!(made.source_instance_id, Some(a.clone()));
+    assert_eq!(
+        made.root_snapshot,
+        Some(RootSnapshot {
+            snapshot_id: snap(0),
+            volume_size_gib: 8
+        })
+    );
+    let root = snapshot(&snap(0)).await.unwrap();
+    assert_eq!(root.state, SnapshotState::Pending);
+    assert_eq!(root.volume_id.as_str(), NO_VOLUME);
+    assert_eq!(root.volume_size_gib, 8);
+    assert_eq!(root.instance_id, Some(a.clone()));
+    assert_eq!(
+        root.description,
+        format!("Created by CreateImage({a}) for {}", ami(0))
+    );
+    assert_eq!(root.tags, vec![tag("snapshot-tag")]);
+    let tags = f
+        .store
+        .tags_of(&f.account, &[ami(0).as_str()])
+        .await
+        .unwrap();
+    assert_eq!(tags[ami(0).as_str()], vec![tag("image-tag")]);
+    assert_eq!(
+        f.store.pending_snapshots(&f.zone).await.unwrap(),
+        vec![canopy_common::SnapshotRequest {
+            snapshot_id: snap(0),
+            source: SnapshotSource::Root {
+                instance_id: a.clone(),
+                node_id: NodeId::parse("node-1").unwrap(),
+            },
+        }]
+    );
+    // Not launchable yet; the cached catalogue sees it pending.
+    let catalog = f.store.catalog().await.unwrap();
+    assert_eq!(
+        catalog.visible_image(&ami(0), &f.account).unwrap().state,
+        "pending"
+    );
+    let early = f.store.apply(&f.launch_of(&ami(0))).await;
+    assert!(
+        matches!(early, Err(StateError::ImageNotFound(_))),
+        "{early:?}"
+    );
+
+    // A name the account uses is refused, for made and registered images alike.
+    for name in ["web", "img"] {
+        let dup = f.store.apply(&create(1, &a, name)).await;
+        assert!(
+            matches!(
+                dup,
+                Err(StateError::ImageRefused {
+                    fault: ImageFault::DuplicateName,
+                    ..
+                })
+            ),
+            "{name}: {dup:?}"
+        );
+    }
+    // The image's root cannot be deleted from under it.
+    let in_use = f
+        .store
+        .apply(&Command::DeleteSnapshot {
+            account_id: f.account.clone(),
+            snapshot_id: snap(0),
+        })
+        .await;
+    assert!(
+        matches!(
+            in_use,
+            Err(StateError::SnapshotRefused {
+                fault: SnapshotFault::InUse,
+                ref message
+            }) if message.contains(ami(0).as_str())
+        ),
+        "{in_use:?}"
+    );
+
+    // The node's upload completes the snapshot and the image with the same bytes; the
+    // request leaves the document. A retried upload changes nothing.
+    let digest = Sha256Digest::from_bytes(&[9u8; 32]);
+    let complete = |n: u8, outcome: SnapshotOutcome| Command::CompleteSnapshot {
+        snapshot_id: snap(n),
+        outcome,
+        at: t(40),
+    };
+    let g = f.generation().await;
+    f.store
+        .apply(&complete(
+            0,
+            SnapshotOutcome::Completed {
+                sha256: digest.clone(),
+                size: 4096,
+                disk_format: Some("qcow2".into()),
+            },
+        ))
+        .await
+        .unwrap();
+    f.store
+        .apply(&complete(
+            0,
+            SnapshotOutcome::Failed {
+                message: "late".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(f.generation().await > g);
+    assert!(f.store.pending_snapshots(&f.zone).await.unwrap().is_empty());
+    let made = image(&ami(0)).await.unwrap();
+    assert_eq!(made.state, "available");
+    assert_eq!(made.sha256, Some(digest.clone()));
+    assert_eq!(made.size_bytes, 4096);
+    assert_eq!(made.disk_format.as_deref(), Some("qcow2"));
+    assert_eq!(made.state_reason, None);
+    assert_eq!(
+        snapshot(&snap(0)).await.unwrap().state,
+        SnapshotState::Completed
+    );
+    let catalog = f.store.catalog().await.unwrap();
+    assert_eq!(
+        catalog.visible_image(&ami(0), &f.account).unwrap().state,
+        "available"
+    );
+    // Launches from it get its bytes.
+    f.store.apply(&f.launch_of(&ami(0))).await.unwrap();
+    let specs = f.store.desired_specs(&f.zone).await.unwrap();
+    let launched = specs.iter().find(|s| s.image_id == ami(0)).unwrap();
+    assert_eq!(
+        launched.boot.disk.as_ref().map(|d| (&d.sha256, d.size)),
+        Some((&digest, 4096))
+    );
+    assert!(
+        f.store
+            .referenced_image_digests()
+            .await
+            .unwrap()
+            .contains(&digest)
+    );
+
+    // A copy the node could not make fails the image, with the node's reason.
+    f.store.apply(&create(1, &a, "web-2")).await.unwrap();
+    f.store
+        .apply(&complete(
+            1,
+            SnapshotOutcome::Failed {
+                message: "copying the root disk failed: disk on fire".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let failed = image(&ami(1)).await.unwrap();
+    assert_eq!(failed.state, "failed");
+    let reason = failed.state_reason.unwrap();
+    assert_eq!(reason.code, "Server.InternalError");
+    assert!(
+        reason.message.contains("disk on fire"),
+        "{}",
+        reason.message
+    );
+    assert_eq!(
+        snapshot(&snap(1)).await.unwrap().state,
+        SnapshotState::Error
+    );
+
+    // Deregistered while pending: the image stays deregistered when the copy arrives, and
+    // its snapshot, no longer in use, may be deleted (which drops the request).
+    f.store.apply(&create(2, &a, "web-3")).await.unwrap();
+    f.store
+        .apply(&Command::DeregisterImage {
+            image_id: ami(2),
+            account_id: f.account.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        f.store
+            .tags_of(&f.account, &[ami(2).as_str()])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a deregistered image's tags go with it"
+    );
+    f.store
+        .apply(&Command::DeleteSnapshot {
+            account_id: f.account.clone(),
+            snapshot_id: snap(2),
+        })
+        .await
+        .unwrap();
+    assert!(f.store.pending_snapshots(&f.zone).await.unwrap().is_empty());
+    f.store
+        .apply(&complete(
+            2,
+            SnapshotOutcome::Completed {
+                sha256: digest.clone(),
+                size: 1,
+                disk_format: None,
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(image(&ami(2)).await.unwrap().state, "deregistered");
+    // Its name is free again.
+    f.store.apply(&create(3, &a, "web-3")).await.unwrap();
+
+    // Terminated: refused like running.
+    f.request(std::slice::from_ref(&a), InstanceAction::Terminate)
+        .await
+        .unwrap();
+    f.observe(&a, InstanceState::Terminated).await;
+    let gone = f.store.apply(&create(4, &a, "web-4")).await;
+    assert!(
+        matches!(
+            gone,
+            Err(StateError::ImageRefused {
+                fault: ImageFault::InstanceNotStopped,
+                ..
+            })
+        ),
+        "{gone:?}"
+    );
+}
+
+#[tokio::test]
+async fn create_image_of_an_instance_no_node_ever_ran_completes_at_once() {
+    use crate::state::SnapshotState;
+    use canopy_common::SnapshotId;
+    let f = fixture().await;
+    f.store.apply(&f.launch(None, "h", 1)).await.unwrap();
+    let a = f.all().await[0].instance_id.clone();
+    // Stopped before any node reported on it: no node id, no disk anywhere.
+    f.request(std::slice::from_ref(&a), InstanceAction::Stop)
+        .await
+        .unwrap();
+    f.store
+        .apply(&Command::ObserveInstances {
+            zone: f.zone.clone(),
+            observations: vec![Observation {
+                instance_id: a.clone(),
+                node_id: None,
+                state: InstanceState::Stopped,
+                reason: None,
+                private_ip: None,
+            }],
+            at: t(10),
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.all().await[0].node_id, None);
+    let g = f.generation().await;
+    let ami = ImageId::generate();
+    let snap = SnapshotId::generate();
+    f.store
+        .apply(&Command::CreateImage {
+            account_id: f.account.clone(),
+            image_id: ami.clone(),
+            snapshot_id: snap.clone(),
+            instance_id: a.clone(),
+            name: "never-ran".into(),
+            description: String::new(),
+            at: t(20),
+            image_tags: vec![],
+            snapshot_tags: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.generation().await, g, "no node has anything to do");
+    let made = f
+        .store
+        .images()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.image_id == ami)
+        .unwrap();
+    // The image it was launched from has no content: neither has the copy.
+    assert_eq!((made.state.as_str(), made.sha256), ("available", None));
+    let root = f.store.snapshots(&f.account).await.unwrap();
+    assert_eq!(root[0].state, SnapshotState::Completed);
+    assert!(f.store.pending_snapshots(&f.zone).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn only_the_owner_tags_an_image() {
+    let f = fixture().await;
+    let other = AccountId::parse("210987654321").unwrap();
+    f.store
+        .apply(&Command::CreateAccount {
+            account_id: other.clone(),
+            name: "other".into(),
+            is_admin: false,
+            access_key_id: "AKIDOTHER".into(),
+            secret_access_key: "secret".into(),
+            at: t(0),
+        })
+        .await
+        .unwrap();
+    let tag = |account: &AccountId| Command::CreateTags {
+        account_id: account.clone(),
+        resource_ids: vec![ResourceId::Image(f.image.clone())],
+        tags: vec![Tag {
+            key: "team".into(),
+            value: "os".into(),
+        }],
+    };
+    // The fixture's image is public: others see it, but may not tag it.
+    assert!(matches!(
+        f.store.apply(&tag(&other)).await,
+        Err(StateError::ImageNotFound(_))
+    ));
+    f.store.apply(&tag(&f.account)).await.unwrap();
+    let rows = f.store.tags(&f.account).await.unwrap();
+    assert_eq!(
+        rows,
+        vec![(
+            f.image.to_string(),
+            "image".to_owned(),
+            "team".to_owned(),
+            "os".to_owned()
+        )]
     );
 }

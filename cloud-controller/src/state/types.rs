@@ -27,7 +27,8 @@ pub struct Image {
     pub location: String,
     pub architecture: String,
     pub is_public: bool,
-    /// EC2's `imageState`: `available`, or `deregistered` (kept while instances need it).
+    /// EC2's `imageState`: `available`; `pending` or `failed` for one CreateImage is
+    /// making; `deregistered` (kept while instances need it).
     pub state: String,
     pub created_at: DateTime<Utc>,
     /// Machine, kernel or ramdisk. Images logged before issue 4 are machine images.
@@ -51,7 +52,27 @@ pub struct Image {
     /// state, never carried by a command.
     #[serde(default)]
     pub launch_permissions: Vec<AccountId>,
+    /// The snapshot of the root disk of an image made by CreateImage (its block device
+    /// mapping, as an EBS-backed AMI has); `None` for registered images.
+    #[serde(default)]
+    pub root_snapshot: Option<RootSnapshot>,
+    /// The instance CreateImage made it from.
+    #[serde(default)]
+    pub source_instance_id: Option<InstanceId>,
+    /// Why a made image `failed`.
+    #[serde(default)]
+    pub state_reason: Option<StateReason>,
 }
+
+/// The root disk of an image made from an instance: a snapshot of it and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSnapshot {
+    pub snapshot_id: canopy_common::SnapshotId,
+    pub volume_size_gib: u64,
+}
+
+/// The device an image's root disk is, as EC2 names it for every Canopy image.
+pub const ROOT_DEVICE_NAME: &str = "/dev/sda1";
 
 impl Image {
     /// Whether `account` may see and launch it: its own, a public one, or one its owner
@@ -368,8 +389,15 @@ pub struct Snapshot {
     pub completed_at: Option<DateTime<Utc>>,
     /// The bytes, once completed; `None` for a volume no node ever wrote (all zeros).
     pub content: Option<canopy_common::SnapshotRef>,
+    /// The instance whose root disk it copies (CreateImage); its `volume_id` is then
+    /// [`NO_VOLUME`].
+    pub instance_id: Option<InstanceId>,
     pub tags: Vec<Tag>,
 }
+
+/// The volume id a snapshot that does not come from one of the account's volumes shows,
+/// as AWS shows it.
+pub const NO_VOLUME: &str = "vol-ffffffff";
 
 /// What a node's upload made of a pending snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,6 +406,10 @@ pub enum SnapshotOutcome {
     Completed {
         sha256: canopy_common::Sha256Digest,
         size: u64,
+        /// `qcow2` or `raw`, read from the bytes; an image made from the snapshot records
+        /// it. `None` in outcomes logged before CreateImage.
+        #[serde(default)]
+        disk_format: Option<String>,
     },
     /// The node could not copy the volume, or the upload was unusable.
     Failed { message: String },

@@ -103,6 +103,9 @@ impl World {
                     size_bytes: 0,
                     disk_format: None,
                     launch_permissions: vec![],
+                    root_snapshot: None,
+                    source_instance_id: None,
+                    state_reason: None,
                 },
             },
             Command::RegisterZone {

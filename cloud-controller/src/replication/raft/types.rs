@@ -137,6 +137,11 @@ pub enum Rejection {
         fault: crate::state::VolumeFault,
         message: String,
     },
+    /// See [`StateError::ImageRefused`].
+    ImageRefused {
+        fault: crate::state::ImageFault,
+        message: String,
+    },
     /// See [`StateError::OperationNotPermitted`].
     OperationNotPermitted {
         /// The protected instance.
@@ -186,6 +191,9 @@ impl TryFrom<StateError> for Rejection {
             }
             StateError::VolumeRefused { fault, message } => {
                 Rejection::VolumeRefused { fault, message }
+            }
+            StateError::ImageRefused { fault, message } => {
+                Rejection::ImageRefused { fault, message }
             }
             StateError::OperationNotPermitted {
                 id,
@@ -242,6 +250,9 @@ impl From<Rejection> for StateError {
             }
             Rejection::VolumeRefused { fault, message } => {
                 StateError::VolumeRefused { fault, message }
+            }
+            Rejection::ImageRefused { fault, message } => {
+                StateError::ImageRefused { fault, message }
             }
             Rejection::OperationNotPermitted {
                 id,
