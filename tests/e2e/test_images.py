@@ -154,3 +154,36 @@ def test_images_register_from_https_urls_with_the_servers_certificate_checked(ne
         cloud.ec2.register_image(Name=f"untrusted-{tag}", ImageLocation=f"{base}/vmlinuz")
     assert error_code(e.value) == "InvalidParameterValue"
     assert "certificate" in str(e.value).lower(), str(e.value)
+
+
+def test_describe_images_pages_with_max_results_and_next_token(cloud, tmp_path):
+    """DescribeImages pages as EC2 does (MaxResults 5-1000, not with ImageId.N): boto3's
+    paginator and the CLI's --page-size see every image exactly once, in creation order."""
+    from conftest import expect_error
+
+    tag = uuid.uuid4().hex[:8]
+    fake_qcow2(tmp_path / "disk.qcow2")
+    made = [cloud.ec2.register_image(Name=f"page-{tag}-{n}", ImageLocation=str(tmp_path / "disk.qcow2"))["ImageId"]
+            for n in range(7)]
+    mine = [{"Name": "name", "Values": [f"page-{tag}-*"]}]
+    try:
+        pages = list(cloud.ec2.get_paginator("describe_images").paginate(
+            Owners=["self"], Filters=mine, PaginationConfig={"PageSize": 5}))
+        assert [len(p["Images"]) for p in pages] == [5, 2]
+        assert "NextToken" in pages[0] and "NextToken" not in pages[1]
+        assert [i["ImageId"] for p in pages for i in p["Images"]] == made
+
+        whole = cloud.ec2.describe_images(Owners=["self"], Filters=mine)
+        assert [i["ImageId"] for i in whole["Images"]] == made and "NextToken" not in whole
+
+        expect_error(cloud.ec2.describe_images, "InvalidParameterCombination", ImageIds=[made[0]], MaxResults=5)
+        expect_error(cloud.ec2.describe_images, "InvalidParameterValue", MaxResults=4)
+        expect_error(cloud.ec2.describe_images, "InvalidParameterValue", MaxResults=1001)
+        expect_error(cloud.ec2.describe_images, "InvalidParameterValue", MaxResults=5, NextToken="not-a-token")
+
+        cli = cloud.aws("ec2", "describe-images", "--owners", "self", "--page-size", "5",
+                        "--filters", f"Name=name,Values=page-{tag}-*")["Images"]
+        assert [i["ImageId"] for i in cli] == made
+    finally:
+        for image in made:
+            cloud.ec2.deregister_image(ImageId=image)

@@ -105,6 +105,12 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if !ids.is_empty() && p.get("MaxResults").is_some() {
+        return Err(ApiError::combination(
+            "The parameter imagesSet cannot be used with the parameter maxResults",
+        ));
+    }
+    let page = paging::parse_page(p, 5, 1000)?;
     let owners = p.list("Owner")?;
     let executable_by = p.list("ExecutableBy")?;
     let filters = filters::parse_filters(p)?;
@@ -166,6 +172,9 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         .map(|i| (i, tags.remove(i.image_id.as_str()).unwrap_or_default()))
         .filter(|(image, tags)| filters::matches(&Listed { image, tags }, &filters))
         .collect();
+    let keyed = paging_keys(listed);
+    let (listed, next) = paginate(keyed, page, |(key, _)| *key);
+    let listed: Vec<(&Image, Vec<Tag>)> = listed.into_iter().map(|(_, l)| l).collect();
     let mut w = XmlWriter::response("DescribeImages", &ctx.request_id);
     w.list("imagesSet", &listed, |w, (i, tags)| {
         w.elem("imageId", &i.image_id)
@@ -196,7 +205,28 @@ pub async fn describe_images(ctx: &Ctx) -> Result<String, ApiError> {
         }
         tag_set(w, tags);
     });
+    w.opt_elem("nextToken", next);
     Ok(w.finish())
+}
+
+/// Each image's `NextToken` key, for images in creation order (as the store lists them):
+/// its creation time in milliseconds times 1,000 plus its rank among the images created in
+/// the same millisecond. Keys do not move as images are added (later) or go, so paging
+/// neither repeats nor skips one (unless images made in the same millisecond go between
+/// two pages).
+fn paging_keys<T>(listed: Vec<(&Image, T)>) -> Vec<(i64, (&Image, T))> {
+    let mut keyed = Vec::with_capacity(listed.len());
+    let mut previous: Option<(i64, i64)> = None;
+    for item in listed {
+        let ms = item.0.created_at.timestamp_millis();
+        let rank = match previous {
+            Some((at, rank)) if at == ms => (rank + 1).min(999),
+            _ => 0,
+        };
+        previous = Some((ms, rank));
+        keyed.push((ms.saturating_mul(1000) + rank, item));
+    }
+    keyed
 }
 
 /// An image id parameter: malformed ids get EC2's `InvalidAMIID.Malformed`.
