@@ -10,9 +10,13 @@ nor disturbs the instances the node is running.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 import time
+import urllib.request
+import uuid
 from collections import Counter, defaultdict
 
 import pytest
@@ -420,11 +424,6 @@ def test_uploaded_image_bytes_reach_every_replica(ha, tmp_path):
     """An image uploaded through the leader's admin API ends up, byte for byte, in every
     replica's image store (DATA_DIR/images/<sha256>): losing the replica that received it
     no longer loses it."""
-    import hashlib
-    import json
-    import urllib.request
-    import uuid
-
     leader = ha.leader()
     data = b"QFI\xfb" + uuid.uuid4().bytes * (3 << 16)  # a "qcow2" of 3 MiB, several chunks
     req = urllib.request.Request(

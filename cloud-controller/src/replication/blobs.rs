@@ -23,6 +23,8 @@ use crate::replication::raft::RaftLog;
 
 /// How often a pass runs when nothing is committed in between.
 const EVERY: Duration = Duration::from_secs(2);
+/// The longest a digest no peer could give waits before it is asked for again.
+const MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// A peer that sends nothing for this long has failed the fetch.
 const STALL: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -139,6 +141,15 @@ pub struct Pass {
 
 /// One pass: every referenced digest the store lacks, fetched from the peers.
 pub async fn pass(peers: &BlobPeers, images: &ImageStore) -> Pass {
+    pass_except(peers, images, |_| false).await
+}
+
+/// A [`pass`] that leaves out the digests `later` names (those still backing off).
+async fn pass_except(
+    peers: &BlobPeers,
+    images: &ImageStore,
+    later: impl Fn(&Sha256Digest) -> bool,
+) -> Pass {
     let mut done = Pass::default();
     let referenced = match peers.replica.store().referenced_image_digests().await {
         Ok(r) => r,
@@ -149,7 +160,7 @@ pub async fn pass(peers: &BlobPeers, images: &ImageStore) -> Pass {
     };
     let mut missing: Vec<Sha256Digest> = referenced
         .into_iter()
-        .filter(|d| !images.contains(d))
+        .filter(|d| !images.contains(d) && !later(d))
         .collect();
     missing.sort();
     done.missing = missing.len();
@@ -172,14 +183,28 @@ pub async fn run(
 ) {
     let mut metrics = peers.replica.raft().metrics();
     let mut raft_stopped = false;
+    // Digests no peer could give, and when to ask again: a copy that keeps failing (no peer
+    // has it yet, or the only one has bad bytes) is retried less and less often, up to
+    // [`MAX_BACKOFF`], rather than streamed again every pass.
+    let mut backoff: HashMap<Sha256Digest, (u32, tokio::time::Instant)> = HashMap::new();
     loop {
         let applied = metrics.borrow_and_update().last_applied;
-        let done = pass(&peers, &images).await;
-        if !done.failed.is_empty() {
-            tracing::debug!(
-                failed = done.failed.len(),
-                "image bytes still missing; retrying"
-            );
+        let now = tokio::time::Instant::now();
+        let done = pass_except(&peers, &images, |d| {
+            backoff.get(d).is_some_and(|(_, at)| *at > now)
+        })
+        .await;
+        for digest in &done.fetched {
+            backoff.remove(digest);
+        }
+        // Forgotten: digests now held (an import brought them), and those whose retry is
+        // long past without an attempt (no longer referenced).
+        backoff.retain(|d, (_, at)| !images.contains(d) && *at + MAX_BACKOFF > now);
+        for digest in done.failed {
+            let failures = backoff.get(&digest).map_or(0, |(n, _)| *n) + 1;
+            let wait = EVERY.saturating_mul(1 << failures.min(8)).min(MAX_BACKOFF);
+            tracing::debug!(sha256 = %digest, failures, ?wait, "image bytes still missing; will retry");
+            backoff.insert(digest, (failures, now + wait));
         }
         let tick = tokio::time::sleep(EVERY);
         tokio::pin!(tick);
