@@ -59,7 +59,9 @@ pub struct Clc {
     /// What the zone scheduler counts as taken, including launches still committing.
     pub launches: crate::launches::LaunchLedger,
     /// Image bytes this replica holds (`DATA_DIR/images`).
-    pub images: crate::images::ImageStore,
+    pub images: Arc<crate::images::ImageStore>,
+    /// The other replicas' image stores: what this one copies, and relays to CCs.
+    pub blob_peers: Arc<crate::replication::blobs::BlobPeers>,
     /// When this replica last became the leader (`None` while it is not).
     leader_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -70,11 +72,18 @@ impl Clc {
         store: Arc<Store>,
         replica: RaftLog,
     ) -> Result<Arc<Clc>, StateError> {
-        let images = crate::images::ImageStore::open(config.data_dir.join("images"));
+        let images = Arc::new(crate::images::ImageStore::open(
+            config.data_dir.join("images"),
+        ));
         let transport = config.transport.clone();
+        let blob_peers = Arc::new(crate::replication::blobs::BlobPeers::new(
+            replica.clone(),
+            transport.clone(),
+        ));
 
         let clc = Arc::new(Clc {
             images,
+            blob_peers,
             config,
             store,
             replica,
@@ -275,6 +284,7 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     let raft_addr = raft_server.local_addr();
     let clc = Clc::new(config, store, replica).await?;
     raft_server.serve_forwarded(Arc::new(crate::forward::ForwardServer::new(clc.clone())));
+    raft_server.serve_blobs(clc.images.clone());
     let (shutdown, rx) = watch::channel(false);
     let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
         l.local_addr()
@@ -321,6 +331,11 @@ pub async fn start(config: ClcConfig) -> Result<ClcHandle, StartError> {
     tasks.push(tokio::spawn(follow_raft(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_reconciler(clc.clone(), rx.clone())));
     tasks.push(tokio::spawn(zones::run_purger(clc.clone(), rx.clone())));
+    tasks.push(tokio::spawn(crate::replication::blobs::run(
+        clc.blob_peers.clone(),
+        clc.images.clone(),
+        rx.clone(),
+    )));
     tasks.push(tokio::spawn(follow_revocations(clc.clone(), rx.clone())));
     tracing::info!(%ec2_addr, %admin_addr, %grpc_addr, %raft_addr, replica = clc.replica.id(), region = %clc.config.region, "cloud controller started");
     Ok(ClcHandle {

@@ -1,6 +1,8 @@
 //! The CLC's image store: image bytes kept content-addressed (SHA-256) under
 //! `DATA_DIR/images/`, imported from a file the CLC can read or an http URL, and streamed to
-//! nodes (through their CC) by digest.
+//! nodes (through their CC) by digest. Replicas copy each other's bytes
+//! ([`crate::replication::blobs`]), received through [`ImageStore::import_expected`] and
+//! served through [`ImageStore::chunks`].
 //!
 //! What kind an image is comes from its first bytes, since EC2's RegisterImage has no
 //! parameter for it ([`sniff`]): a Linux boot header or an ELF file is a kernel, a cpio
@@ -11,8 +13,18 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use canopy_common::{ImageKind, Sha256Digest};
+use canopy_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+
+/// Image bytes as a gRPC stream of chunks (`CloudController.FetchImage`,
+/// `RaftTransport.FetchBlob`).
+pub type ImageChunks = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, tonic::Status>> + Send>,
+>;
+
+/// The size of the chunks [`ImageStore::chunks`] sends.
+const CHUNK: usize = 1 << 20;
 
 /// The largest image the store takes (64 GiB).
 pub const MAX_IMAGE_BYTES: u64 = 64 << 30;
@@ -144,7 +156,7 @@ impl ImageStore {
             }
             sink.write(&buf[..n]).await?;
         }
-        sink.finish(self).await
+        sink.finish(self, None).await
     }
 
     /// Imports bytes as they arrive (an upload's body).
@@ -161,7 +173,68 @@ impl ImageStore {
                 .map_err(|e| ImageStoreError::Location(format!("the upload broke off: {e}")))?;
             sink.write(chunk.as_ref()).await?;
         }
-        sink.finish(self).await
+        sink.finish(self, None).await
+    }
+
+    /// Imports bytes that must hash to `expected` (another replica's copy): the same
+    /// temporary file, hashing and fsync as an import, and nothing kept unless the SHA-256
+    /// of what arrived (and so its size) is the one asked for.
+    pub async fn import_expected<S, B, E>(
+        &self,
+        expected: &Sha256Digest,
+        mut body: S,
+    ) -> Result<Imported, ImageStoreError>
+    where
+        S: tokio_stream::Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        use tokio_stream::StreamExt;
+        let mut sink = self.sink().await?;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ImageStoreError::Location(format!("the copy broke off: {e}")))?;
+            sink.write(chunk.as_ref()).await?;
+        }
+        sink.finish(self, Some(expected)).await
+    }
+
+    /// The bytes of `sha256` in 1 MiB chunks, for a gRPC answer: NOT_FOUND when this replica
+    /// holds none, INVALID_ARGUMENT when `sha256` is not a digest.
+    pub async fn chunks(&self, sha256: &str) -> Result<ImageChunks, tonic::Status> {
+        use tokio::io::AsyncReadExt;
+        let digest = Sha256Digest::parse(sha256)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut file = match tokio::fs::File::open(self.path(&digest)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(tonic::Status::not_found(format!(
+                    "this replica holds no image bytes {digest}"
+                )));
+            }
+            Err(e) => return Err(tonic::Status::internal(format!("image {digest}: {e}"))),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ImageChunk, tonic::Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut data = vec![0u8; CHUNK];
+                let chunk = match file.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        data.truncate(n);
+                        Ok(pb::ImageChunk { data })
+                    }
+                    Err(e) => Err(tonic::Status::internal(format!(
+                        "reading image {digest}: {e}"
+                    ))),
+                };
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn import_url(&self, url: &str) -> Result<Imported, ImageStoreError> {
@@ -187,7 +260,7 @@ impl ImageStore {
         while let Some(chunk) = response.chunk().await.map_err(failed)? {
             sink.write(&chunk).await?;
         }
-        sink.finish(self).await
+        sink.finish(self, None).await
     }
 
     async fn sink(&self) -> Result<Sink, ImageStoreError> {
@@ -206,6 +279,7 @@ impl ImageStore {
             hasher: Sha256::new(),
             head: Vec::new(),
             size: 0,
+            kept: false,
         })
     }
 
@@ -242,14 +316,16 @@ impl ImageStore {
     }
 }
 
-/// An import under way: a temporary file, hashed as it is written. Dropped unfinished, it
-/// removes the file.
+/// An import under way: a temporary file, hashed as it is written. Dropped before it is
+/// renamed into place (unfinished, or refused), it removes the file.
 struct Sink {
     tmp: PathBuf,
     file: Option<tokio::fs::File>,
     hasher: Sha256,
     head: Vec<u8>,
     size: u64,
+    /// Renamed into place: nothing to remove.
+    kept: bool,
 }
 
 impl Sink {
@@ -272,7 +348,13 @@ impl Sink {
             .map_err(io(format!("write {}", self.tmp.display())))
     }
 
-    async fn finish(mut self, store: &ImageStore) -> Result<Imported, ImageStoreError> {
+    /// Makes the file the store's copy of its digest; with `expected`, only if that is its
+    /// digest (otherwise the file goes, as when the sink is dropped).
+    async fn finish(
+        mut self,
+        store: &ImageStore,
+        expected: Option<&Sha256Digest>,
+    ) -> Result<Imported, ImageStoreError> {
         if self.size == 0 {
             return Err(ImageStoreError::Location("the image is empty".into()));
         }
@@ -282,10 +364,18 @@ impl Sink {
         drop(file);
         let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
         let sha256 = Sha256Digest::from_bytes(&digest);
+        if let Some(expected) = expected
+            && *expected != sha256
+        {
+            return Err(ImageStoreError::Location(format!(
+                "the bytes received hash to {sha256}, not {expected}"
+            )));
+        }
         let target = store.path(&sha256);
         tokio::fs::rename(&self.tmp, &target)
             .await
             .map_err(io(format!("rename into {}", target.display())))?;
+        self.kept = true;
         if let Ok(dir) = tokio::fs::File::open(&store.dir).await {
             let _ = dir.sync_all().await;
         }
@@ -301,7 +391,7 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.kept {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -385,5 +475,57 @@ mod tests {
             vec![a.sha256.clone()]
         );
         assert!(!store.contains(&a.sha256));
+    }
+
+    #[tokio::test]
+    async fn a_copy_is_kept_only_under_its_own_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path().join("images"));
+        let bytes = b"\x7fELF a kernel".to_vec();
+        let want: [u8; 32] = Sha256::digest(&bytes).into();
+        let want = Sha256Digest::from_bytes(&want);
+        let body = |chunks: Vec<&'static [u8]>| {
+            tokio_stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>))
+        };
+
+        // Bytes that hash to something else: refused, and nothing left behind.
+        let other: [u8; 32] = Sha256::digest(b"other").into();
+        let other = Sha256Digest::from_bytes(&other);
+        let err = store
+            .import_expected(&other, body(vec![b"\x7fELF a ", b"kernel"]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("hash to"), "{err}");
+        assert!(!store.contains(&other));
+        assert!(!store.contains(&want));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("images"))
+                .unwrap()
+                .count(),
+            0
+        );
+
+        let copied = store
+            .import_expected(&want, body(vec![b"\x7fELF a ", b"kernel"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (copied.sha256.clone(), copied.size),
+            (want.clone(), bytes.len() as u64)
+        );
+        assert_eq!(std::fs::read(store.path(&want)).unwrap(), bytes);
+
+        // Served back in chunks, byte for byte; an absent digest is NOT_FOUND.
+        use tokio_stream::StreamExt;
+        let mut served = Vec::new();
+        let mut chunks = store.chunks(want.as_str()).await.unwrap();
+        while let Some(chunk) = chunks.next().await {
+            served.extend(chunk.unwrap().data);
+        }
+        assert_eq!(served, bytes);
+        let absent = store.chunks(other.as_str()).await.err().unwrap();
+        assert_eq!(absent.code(), tonic::Code::NotFound);
+        let bad = store.chunks("nope").await.err().unwrap();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     }
 }

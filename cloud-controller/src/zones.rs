@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::clc::Clc;
+use crate::images::ImageChunks;
 use crate::scheduler::ZoneSnapshot;
 use crate::state::{
     AllocationGroup, Command, DesiredSpec, Observation, SnapshotOutcome, SnapshotState, StateError,
@@ -375,9 +376,6 @@ fn leader_only(clc: &Clc) -> Result<(), Status> {
     )))
 }
 
-type ImageChunks =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
-
 fn parse_zone(s: &str) -> Result<ZoneName, Status> {
     ZoneName::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -726,46 +724,26 @@ impl CloudController for ZoneService {
 
     type FetchImageStream = ImageChunks;
 
-    /// Image bytes this replica holds, in 1 MiB chunks. NOT_FOUND when it holds none for
-    /// the digest (the CC asks the next replica).
+    /// Image bytes in 1 MiB chunks: this replica's copy, or, while it has none yet (its copy
+    /// from a peer still to come), a peer's, relayed. NOT_FOUND when no replica it reaches
+    /// holds them (the CC asks the next replica).
     async fn fetch_image(
         &self,
         req: Request<pb::FetchImageRequest>,
     ) -> Result<Response<ImageChunks>, Status> {
-        use tokio::io::AsyncReadExt;
+        let status = match self.clc.images.chunks(&req.get_ref().sha256).await {
+            Ok(chunks) => return Ok(Response::new(chunks)),
+            Err(status) => status,
+        };
+        if status.code() != tonic::Code::NotFound {
+            return Err(status);
+        }
         let digest = canopy_common::Sha256Digest::parse(&req.get_ref().sha256)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let path = self.clc.images.path(&digest);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Status::not_found(format!(
-                    "this replica holds no image bytes {digest}"
-                )));
-            }
-            Err(e) => return Err(Status::internal(format!("image {digest}: {e}"))),
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ImageChunk, Status>>(4);
-        tokio::spawn(async move {
-            loop {
-                let mut data = vec![0u8; 1 << 20];
-                let chunk = match file.read(&mut data).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        data.truncate(n);
-                        Ok(pb::ImageChunk { data })
-                    }
-                    Err(e) => Err(Status::internal(format!("reading image {digest}: {e}"))),
-                };
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        match self.clc.blob_peers.open(&digest).await {
+            Some(chunks) => Ok(Response::new(chunks)),
+            None => Err(status),
+        }
     }
 }
 

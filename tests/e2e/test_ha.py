@@ -10,9 +10,13 @@ nor disturbs the instances the node is running.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import threading
 import time
+import urllib.request
+import uuid
 from collections import Counter, defaultdict
 
 import pytest
@@ -414,3 +418,27 @@ def test_a_large_answer_comes_through_a_follower(ha):
     answer = raw.describe_instances()
     assert sum(len(r["Instances"]) for r in answer["Reservations"]) == 3000
     assert "NextToken" not in answer and sizes and sizes[0] > 4 << 20, sizes
+
+
+def test_uploaded_image_bytes_reach_every_replica(ha, tmp_path):
+    """An image uploaded through the leader's admin API ends up, byte for byte, in every
+    replica's image store (DATA_DIR/images/<sha256>): losing the replica that received it
+    no longer loses it."""
+    leader = ha.leader()
+    data = b"QFI\xfb" + uuid.uuid4().bytes * (3 << 16)  # a "qcow2" of 3 MiB, several chunks
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{leader.admin_port}/v1/images?name=replicated-{uuid.uuid4().hex[:8]}",
+        data=data, method="POST",
+        headers={"Authorization": "Bearer " + leader.rc["CANOPY_ADMIN_TOKEN"]})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        image = json.load(resp)
+    digest = hashlib.sha256(data).hexdigest()
+    assert image["sha256"] == digest
+
+    paths = [r.data / "images" / digest for r in ha.replicas]
+    deadline = time.monotonic() + 30
+    while not all(p.is_file() for p in paths):
+        assert time.monotonic() < deadline, f"missing after 30 s: {[str(p) for p in paths if not p.is_file()]}"
+        time.sleep(0.2)
+    for p in paths:
+        assert p.read_bytes() == data, p

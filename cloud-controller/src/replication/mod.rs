@@ -5,6 +5,7 @@
 //! command is committed by a quorum and applied by the local state machine, so nothing
 //! above this module changes.
 
+pub mod blobs;
 pub mod raft;
 
 use std::sync::Arc;

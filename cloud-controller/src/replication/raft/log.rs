@@ -13,7 +13,9 @@ use openraft::{BasicNode, Config, Raft, RaftMetrics, SnapshotPolicy};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::network::{ForwardHandler, ForwardSlot, GrpcNetworkFactory, RaftTransportService};
+use super::network::{
+    BlobSlot, ForwardHandler, ForwardSlot, GrpcNetworkFactory, RaftTransportService,
+};
 use super::types::{LogId, RaftNodeId, RaftResponse, TypeConfig};
 use super::{SqliteLogStore, SqliteStateMachine};
 use crate::replication::CommandLog;
@@ -603,12 +605,19 @@ pub struct RaftServerHandle {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     forward: ForwardSlot,
+    blobs: BlobSlot,
 }
 
 impl RaftServerHandle {
     /// Starts serving requests other replicas forward to this one. Only the first call counts.
     pub fn serve_forwarded(&self, handler: Arc<dyn ForwardHandler>) {
         let _ = self.forward.set(handler);
+    }
+
+    /// Starts serving this replica's image bytes to its peers (`FetchBlob`). Only the first
+    /// call counts.
+    pub fn serve_blobs(&self, images: Arc<crate::images::ImageStore>) {
+        let _ = self.blobs.set(images);
     }
 
     /// Where the endpoint listens (the real port when started on port 0).
@@ -665,13 +674,17 @@ pub async fn start_replica(
 
     let (stop, stopped) = oneshot::channel::<()>();
     let forward = ForwardSlot::default();
-    let service =
-        RaftTransportServer::new(RaftTransportService::new(raft.clone(), forward.clone()))
-            .max_decoding_message_size(super::network::MAX_MESSAGE)
-            // Forwarded answers (the same service) may be larger than Raft's messages.
-            .max_encoding_message_size(
-                super::network::MAX_MESSAGE.max(crate::forward::MAX_RESPONSE_BODY + (1 << 20)),
-            );
+    let blobs = BlobSlot::default();
+    let service = RaftTransportServer::new(RaftTransportService::new(
+        raft.clone(),
+        forward.clone(),
+        blobs.clone(),
+    ))
+    .max_decoding_message_size(super::network::MAX_MESSAGE)
+    // Forwarded answers (the same service) may be larger than Raft's messages.
+    .max_encoding_message_size(
+        super::network::MAX_MESSAGE.max(crate::forward::MAX_RESPONSE_BODY + (1 << 20)),
+    );
     // Only other replicas may call: Raft RPCs and the requests they forward.
     let service = tonic::service::interceptor::InterceptedService::new(
         service,
@@ -708,6 +721,7 @@ pub async fn start_replica(
             stop: Some(stop),
             task,
             forward,
+            blobs,
         },
     ))
 }

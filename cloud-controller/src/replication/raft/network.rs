@@ -14,7 +14,8 @@ use std::time::Duration;
 use canopy_proto::v1::raft_transport_client::RaftTransportClient;
 use canopy_proto::v1::raft_transport_server::RaftTransport;
 use canopy_proto::v1::{
-    ForwardedRequest, ForwardedResponse, ForwardedZoneCall, ForwardedZoneReply, RaftBytes,
+    FetchImageRequest, ForwardedRequest, ForwardedResponse, ForwardedZoneCall, ForwardedZoneReply,
+    RaftBytes,
 };
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -239,6 +240,10 @@ pub trait ForwardHandler: Send + Sync + 'static {
 /// Raft, which they use). Until then forwarded requests are refused as `Unavailable`.
 pub type ForwardSlot = Arc<OnceLock<Arc<dyn ForwardHandler>>>;
 
+/// Where the image store goes once the replica's context opens it. Until then `FetchBlob` is
+/// refused as `Unavailable` (the asking replica tries another).
+pub type BlobSlot = Arc<OnceLock<Arc<crate::images::ImageStore>>>;
+
 /// The server side: a `RaftTransport` gRPC service handing each request to the local
 /// [`Raft`]. Its answer, success or `RaftError`, is encoded into the reply; a request that does
 /// not decode is `InvalidArgument`.
@@ -246,11 +251,16 @@ pub type ForwardSlot = Arc<OnceLock<Arc<dyn ForwardHandler>>>;
 pub struct RaftTransportService {
     raft: Raft<TypeConfig>,
     forward: ForwardSlot,
+    blobs: BlobSlot,
 }
 
 impl RaftTransportService {
-    pub fn new(raft: Raft<TypeConfig>, forward: ForwardSlot) -> Self {
-        Self { raft, forward }
+    pub fn new(raft: Raft<TypeConfig>, forward: ForwardSlot, blobs: BlobSlot) -> Self {
+        Self {
+            raft,
+            forward,
+            blobs,
+        }
     }
 }
 
@@ -312,6 +322,22 @@ impl RaftTransport for RaftTransportService {
         };
         Ok(tonic::Response::new(
             handler.forward_zone(request.into_inner()).await?,
+        ))
+    }
+
+    type FetchBlobStream = crate::images::ImageChunks;
+
+    /// Only from this replica's own store, never relayed: a replica that lacks the bytes
+    /// says NOT_FOUND and the asking one tries the next peer.
+    async fn fetch_blob(
+        &self,
+        request: tonic::Request<FetchImageRequest>,
+    ) -> Result<tonic::Response<Self::FetchBlobStream>, tonic::Status> {
+        let Some(images) = self.blobs.get() else {
+            return Err(tonic::Status::unavailable("this replica is still starting"));
+        };
+        Ok(tonic::Response::new(
+            images.chunks(&request.get_ref().sha256).await?,
         ))
     }
 }

@@ -529,3 +529,109 @@ async fn raft_rpcs_admit_only_this_clouds_replicas() {
         "a replica of this cloud reaches Raft: {replica:?}"
     );
 }
+
+/// Image bytes that one replica received reach the others once a committed image references
+/// them; bytes that do not hash to their digest are not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_copies_the_image_bytes_its_state_references() {
+    use crate::images::ImageStore;
+    use crate::replication::blobs::{self, BlobPeers};
+    use canopy_common::{ImageId, Sha256Digest};
+    use sha2::Digest;
+
+    let cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut stores = Vec::new();
+    let mut peers = Vec::new();
+    for r in &cluster.replicas {
+        let images = Arc::new(ImageStore::open(r._dir.path().join("images")));
+        r.server.as_ref().unwrap().serve_blobs(images.clone());
+        let p = Arc::new(BlobPeers::new(
+            r.log.clone(),
+            canopy_pki::Transport::Plaintext,
+        ));
+        stores.push(images);
+        peers.push(p);
+    }
+    // Replicas 2 and 3 run the copier; replica 1, where the bytes are, gets one pass later.
+    for id in [2usize, 3] {
+        tokio::spawn(blobs::run(
+            peers[id - 1].clone(),
+            stores[id - 1].clone(),
+            stopped.clone(),
+        ));
+    }
+
+    // A few MiB, so that the copy takes several chunks.
+    let bytes: Vec<u8> = (0..(3 << 20) + 12345u32).map(|i| (i % 251) as u8).collect();
+    let good = stores[0]
+        .import_stream(tokio_stream::iter(
+            bytes
+                .chunks(100_000)
+                .map(|c| Ok::<_, std::io::Error>(c.to_vec())),
+        ))
+        .await
+        .unwrap()
+        .sha256;
+    // Replica 1 holds, under the digest of other bytes, bytes that do not match it (a
+    // corrupted copy): no one may keep them.
+    let claimed: [u8; 32] = sha2::Sha256::digest(b"the real bytes").into();
+    let corrupt = Sha256Digest::from_bytes(&claimed);
+    std::fs::write(stores[0].path(&corrupt), b"not the real bytes").unwrap();
+
+    let w = World::new();
+    let log = &cluster.replica(leader).log;
+    for command in w.setup() {
+        log.submit(command).await.unwrap();
+    }
+    for (digest, name) in [(&good, "good"), (&corrupt, "corrupt")] {
+        let Command::RegisterImage { mut image } = w.setup().remove(1) else {
+            unreachable!("setup's second command registers an image")
+        };
+        image.image_id = ImageId::generate();
+        image.name = name.into();
+        image.sha256 = Some(digest.clone());
+        log.submit(Command::RegisterImage { image }).await.unwrap();
+    }
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !stores[1..].iter().all(|s| s.contains(&good)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the image bytes did not reach every replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for s in &stores[1..] {
+        assert_eq!(std::fs::read(s.path(&good)).unwrap(), bytes);
+        // A fresh copy is as young as a fresh import: the purger's age guard keeps it even
+        // before the state that references it is seen.
+        let purger_age = Duration::from_secs(600);
+        assert!(
+            s.remove_unreferenced(&Default::default(), purger_age)
+                .is_empty()
+        );
+    }
+
+    // A pass on a replica that lacks the corrupt digest tries every peer and keeps nothing:
+    // replica 1's bytes do not hash to it, and the others do not have it.
+    let done = blobs::pass(&peers[1], &stores[1]).await;
+    assert_eq!(done.missing, 1);
+    assert_eq!(done.failed, vec![corrupt.clone()]);
+    for s in &stores[1..] {
+        assert!(!s.contains(&corrupt));
+        // Nothing left of the refused copies either.
+        let names: Vec<String> = std::fs::read_dir(s.path(&good).parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![good.to_string()]);
+    }
+    // Replica 1 has both: nothing to do.
+    let done = blobs::pass(&peers[0], &stores[0]).await;
+    assert_eq!(done, blobs::Pass::default());
+
+    let _ = stop.send(true);
+    cluster.shutdown().await;
+}
