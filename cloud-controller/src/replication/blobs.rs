@@ -174,8 +174,8 @@ async fn pass_except(
     done
 }
 
-/// Runs a [`pass`] every [`EVERY`], and as soon as this replica applies new commands (an
-/// import's image row, a snapshot's digest), until `shutdown`.
+/// Runs a [`pass`] every [`EVERY`], and as soon as this replica applies a command that
+/// changes the catalogue (an import's image row, a snapshot's digest), until `shutdown`.
 pub async fn run(
     peers: Arc<BlobPeers>,
     images: Arc<ImageStore>,
@@ -188,7 +188,11 @@ pub async fn run(
     // [`MAX_BACKOFF`], rather than streamed again every pass.
     let mut backoff: HashMap<Sha256Digest, (u32, tokio::time::Instant)> = HashMap::new();
     loop {
-        let applied = metrics.borrow_and_update().last_applied;
+        // Only commands that change the catalogue (images, snapshots) bring new digests:
+        // other applies (launches, reports) must not cost a pass, whose query reads every
+        // live instance.
+        metrics.borrow_and_update();
+        let epoch = peers.replica.store().catalog_epoch();
         let now = tokio::time::Instant::now();
         let done = pass_except(&peers, &images, |d| {
             backoff.get(d).is_some_and(|(_, at)| *at > now)
@@ -215,7 +219,7 @@ pub async fn run(
                 changed = metrics.changed(), if !raft_stopped => {
                     // A stopped Raft leaves the periodic passes only.
                     raft_stopped = changed.is_err();
-                    if !raft_stopped && metrics.borrow().last_applied != applied {
+                    if !raft_stopped && peers.replica.store().catalog_epoch() != epoch {
                         break;
                     }
                 }

@@ -184,8 +184,6 @@ impl Store {
         Ok(catalog)
     }
 
-    /// Called after committing anything that may change the [`Catalog`] (a command for
-    /// which [`Command::changes_catalog`] holds, or an installed snapshot).
     /// A committed command may have left attachments waiting for a node's word.
     pub(crate) fn volumes_touched(&self) {
         self.volume_epoch
@@ -211,10 +209,18 @@ impl Store {
             .store(epoch, std::sync::atomic::Ordering::Release);
     }
 
+    /// Called after committing anything that may change the [`Catalog`] (a command for
+    /// which [`Command::changes_catalog`] holds, or an installed snapshot).
     pub(crate) fn catalog_changed(&self) {
         let mut cache = self.lock_catalog();
         cache.epoch += 1;
         cache.current = None;
+    }
+
+    /// Moves whenever the [`Catalog`] may have changed (images, snapshots, zones): what
+    /// watchers of the images' bytes compare to know whether to look again.
+    pub fn catalog_epoch(&self) -> u64 {
+        self.lock_catalog().epoch
     }
 
     fn lock_catalog(&self) -> std::sync::MutexGuard<'_, CatalogCache> {
