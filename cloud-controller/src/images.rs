@@ -160,20 +160,13 @@ impl ImageStore {
     }
 
     /// Imports bytes as they arrive (an upload's body).
-    pub async fn import_stream<S, B, E>(&self, mut body: S) -> Result<Imported, ImageStoreError>
+    pub async fn import_stream<S, B, E>(&self, body: S) -> Result<Imported, ImageStoreError>
     where
         S: tokio_stream::Stream<Item = Result<B, E>> + Unpin,
         B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
-        use tokio_stream::StreamExt;
-        let mut sink = self.sink().await?;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk
-                .map_err(|e| ImageStoreError::Location(format!("the upload broke off: {e}")))?;
-            sink.write(chunk.as_ref()).await?;
-        }
-        sink.finish(self, None).await
+        self.import_chunks(body, None, "the upload").await
     }
 
     /// Imports bytes that must hash to `expected` (another replica's copy): the same
@@ -182,7 +175,23 @@ impl ImageStore {
     pub async fn import_expected<S, B, E>(
         &self,
         expected: &Sha256Digest,
+        body: S,
+    ) -> Result<Imported, ImageStoreError>
+    where
+        S: tokio_stream::Stream<Item = Result<B, E>> + Unpin,
+        B: AsRef<[u8]>,
+        E: std::fmt::Display,
+    {
+        self.import_chunks(body, Some(expected), "the copy").await
+    }
+
+    /// Writes a stream of chunks through a sink; `what` names the stream in the error when
+    /// it breaks off.
+    async fn import_chunks<S, B, E>(
+        &self,
         mut body: S,
+        expected: Option<&Sha256Digest>,
+        what: &str,
     ) -> Result<Imported, ImageStoreError>
     where
         S: tokio_stream::Stream<Item = Result<B, E>> + Unpin,
@@ -193,10 +202,10 @@ impl ImageStore {
         let mut sink = self.sink().await?;
         while let Some(chunk) = body.next().await {
             let chunk =
-                chunk.map_err(|e| ImageStoreError::Location(format!("the copy broke off: {e}")))?;
+                chunk.map_err(|e| ImageStoreError::Location(format!("{what} broke off: {e}")))?;
             sink.write(chunk.as_ref()).await?;
         }
-        sink.finish(self, Some(expected)).await
+        sink.finish(self, expected).await
     }
 
     /// The bytes of `sha256` in 1 MiB chunks, for a gRPC answer: NOT_FOUND when this replica
