@@ -27,13 +27,7 @@ pub(super) async fn allocate(
         return Err(StateError::AddressTaken(address.public_ip.to_string()));
     }
     let id = canopy_common::ResourceId::ElasticIp(address.allocation_id.clone());
-    for tag in tags {
-        super::apply::insert_tag(conn, &id, address.account_id.as_str(), &tag.key, &tag.value)
-            .await?;
-    }
-    if !tags.is_empty() {
-        super::apply::check_tag_limit(conn, id.as_str()).await?;
-    }
+    super::apply::tag_resource(conn, &id, address.account_id.as_str(), tags).await?;
     Ok(Outcome::Done)
 }
 

@@ -20,7 +20,7 @@ use super::pki;
 use super::query::{Lifecycle, fmt_time, load_lifecycles, require_instances};
 use super::security_groups;
 use super::snapshots;
-use super::types::{Instance, StateReason};
+use super::types::{Instance, StateReason, Tag};
 use super::volumes;
 
 /// The state-reason code of a node that had no room for an instance (its launch, or the
@@ -147,16 +147,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
             reset,
             description,
         } => {
-            let owned: Option<(i64,)> = sqlx::query_as(
-                "SELECT 1 FROM images WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
-            )
-            .bind(image_id.as_str())
-            .bind(account_id.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-            if owned.is_none() {
-                return Err(StateError::ImageNotFound(image_id.to_string()));
-            }
+            images::require_owned(conn, account_id, image_id).await?;
             let accounts = |list: &[LaunchPermission]| {
                 let ids: Vec<&str> = list
                     .iter()
@@ -310,13 +301,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                     .await?;
                 }
                 let resource = ResourceId::Instance(inst.instance_id.clone());
-                for tag in tags {
-                    insert_tag(conn, &resource, account_id.as_str(), &tag.key, &tag.value).await?;
-                }
-                // A new instance has no other tags: the limit can only be passed by these.
-                if !tags.is_empty() {
-                    check_tag_limit(conn, inst.instance_id.as_str()).await?;
-                }
+                tag_resource(conn, &resource, account_id.as_str(), tags).await?;
                 zones.insert(inst.zone.clone());
             }
             for zone in &zones {
@@ -439,10 +424,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
         } => {
             require_resources(conn, account_id, resource_ids).await?;
             for id in resource_ids {
-                for tag in tags {
-                    insert_tag(conn, id, account_id.as_str(), &tag.key, &tag.value).await?;
-                }
-                check_tag_limit(conn, id.as_str()).await?;
+                tag_resource(conn, id, account_id.as_str(), tags).await?;
             }
             Ok(Outcome::Done)
         }
@@ -695,19 +677,7 @@ pub async fn apply(conn: &mut SqliteConnection, command: &Command) -> Result<Out
                 return Err(StateError::KeyPairDuplicate(key_pair.key_name.clone()));
             }
             let id = ResourceId::KeyPair(key_pair.key_pair_id.clone());
-            for tag in tags {
-                insert_tag(
-                    conn,
-                    &id,
-                    key_pair.account_id.as_str(),
-                    &tag.key,
-                    &tag.value,
-                )
-                .await?;
-            }
-            if !tags.is_empty() {
-                check_tag_limit(conn, id.as_str()).await?;
-            }
+            tag_resource(conn, &id, key_pair.account_id.as_str(), tags).await?;
             Ok(Outcome::Done)
         }
         Command::DeleteKeyPair { account_id, key } => {
@@ -1080,7 +1050,24 @@ pub(super) async fn bump_generation(
     Ok(())
 }
 
-pub(super) async fn insert_tag(
+/// Tags `resource` with `tags` (a key it has already takes the new value), then refuses
+/// the command if that leaves it over EC2's limit of tags per resource.
+pub(super) async fn tag_resource(
+    conn: &mut SqliteConnection,
+    resource: &ResourceId,
+    account_id: &str,
+    tags: &[Tag],
+) -> Result<(), StateError> {
+    for tag in tags {
+        insert_tag(conn, resource, account_id, &tag.key, &tag.value).await?;
+    }
+    if !tags.is_empty() {
+        check_tag_limit(conn, resource.as_str()).await?;
+    }
+    Ok(())
+}
+
+async fn insert_tag(
     conn: &mut SqliteConnection,
     resource: &ResourceId,
     account_id: &str,
@@ -1159,17 +1146,7 @@ async fn require_resources(
             return Err(snapshots::not_found(snapshot.as_str()));
         }
         if let ResourceId::Image(image) = id {
-            // Only the owner tags an image (others may see a shared or public one).
-            let owned: Option<(i64,)> = sqlx::query_as(
-                "SELECT 1 FROM images WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
-            )
-            .bind(image.as_str())
-            .bind(account.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-            if owned.is_none() {
-                return Err(StateError::ImageNotFound(image.to_string()));
-            }
+            images::require_owned(conn, account, image).await?;
         }
         if let ResourceId::ElasticIp(allocation) = id
             && !addresses::load(conn, account)
@@ -1195,10 +1172,7 @@ async fn require_resources(
 }
 
 /// Refuses the command (which then writes nothing) when a resource ends up over the limit.
-pub(super) async fn check_tag_limit(
-    conn: &mut SqliteConnection,
-    resource_id: &str,
-) -> Result<(), StateError> {
+async fn check_tag_limit(conn: &mut SqliteConnection, resource_id: &str) -> Result<(), StateError> {
     let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tags WHERE resource_id = ?")
         .bind(resource_id)
         .fetch_one(&mut *conn)

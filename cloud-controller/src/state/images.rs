@@ -162,12 +162,7 @@ pub(super) async fn create(
             new.snapshot_tags,
         ),
     ] {
-        for tag in tags {
-            apply::insert_tag(conn, &resource, account.as_str(), &tag.key, &tag.value).await?;
-        }
-        if !tags.is_empty() {
-            apply::check_tag_limit(conn, resource.as_str()).await?;
-        }
+        apply::tag_resource(conn, &resource, account.as_str(), tags).await?;
     }
     if inst.node_id.is_some() {
         // The instance's node learns of the request with the zone's next document.
@@ -216,6 +211,26 @@ pub(super) async fn root_completed(
         }
     }
     Ok(())
+}
+
+/// Refuses (as not found) unless `account` owns the image `image_id` and it is not
+/// deregistered: only the owner modifies or tags an image, though others may see it.
+pub(super) async fn require_owned(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    image_id: &ImageId,
+) -> Result<(), StateError> {
+    let owned: Option<(i64,)> = sqlx::query_as(
+        "SELECT 1 FROM images WHERE image_id = ? AND owner_id = ? AND state != 'deregistered'",
+    )
+    .bind(image_id.as_str())
+    .bind(account.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match owned {
+        Some(_) => Ok(()),
+        None => Err(StateError::ImageNotFound(image_id.to_string())),
+    }
 }
 
 /// The image (not deregistered) whose root `snapshot_id` is, if any: such a snapshot

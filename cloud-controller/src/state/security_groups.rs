@@ -6,7 +6,7 @@ use canopy_common::{AccountId, ResourceId, SecurityGroupId, SecurityGroupRuleId}
 use sqlx::SqliteConnection;
 
 use super::StateError;
-use super::apply::{check_tag_limit, insert_tag};
+use super::apply::tag_resource;
 use super::command::Outcome;
 use super::query::{fmt_time, json_list, parse_time, tags_for};
 use super::types::{
@@ -68,12 +68,7 @@ pub(super) async fn create(
     }
     insert_rules(conn, &group.account_id, &group.rules).await?;
     let id = ResourceId::SecurityGroup(group.group_id.clone());
-    for tag in tags {
-        insert_tag(conn, &id, group.account_id.as_str(), &tag.key, &tag.value).await?;
-    }
-    if !tags.is_empty() {
-        check_tag_limit(conn, id.as_str()).await?;
-    }
+    tag_resource(conn, &id, group.account_id.as_str(), tags).await?;
     Ok(Outcome::Done)
 }
 

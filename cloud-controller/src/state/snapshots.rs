@@ -94,12 +94,7 @@ pub(super) async fn create(
         return Err(StateError::AlreadyExists(format!("snapshot {snapshot_id}")));
     }
     let id = ResourceId::Snapshot(snapshot_id.clone());
-    for tag in tags {
-        apply::insert_tag(conn, &id, account.as_str(), &tag.key, &tag.value).await?;
-    }
-    if !tags.is_empty() {
-        apply::check_tag_limit(conn, id.as_str()).await?;
-    }
+    apply::tag_resource(conn, &id, account.as_str(), tags).await?;
     if on_a_node {
         // The zone's nodes learn of the request with the next document.
         apply::bump_generation(conn, &volume.zone).await?;

@@ -85,12 +85,7 @@ pub(super) async fn create(
         ));
     }
     let id = ResourceId::Volume(volume.volume_id.clone());
-    for tag in tags {
-        apply::insert_tag(conn, &id, volume.account_id.as_str(), &tag.key, &tag.value).await?;
-    }
-    if !tags.is_empty() {
-        apply::check_tag_limit(conn, id.as_str()).await?;
-    }
+    apply::tag_resource(conn, &id, volume.account_id.as_str(), tags).await?;
     Ok(Outcome::Done)
 }
 
