@@ -46,7 +46,7 @@ for _ in $(seq 1 200); do [[ -f $WORK/clc1/canopyrc ]] && break; sleep 0.1; done
 set -a; . "$WORK/clc1/canopyrc"; set +a
 # Wait for the zone and its node.
 for _ in $(seq 1 100); do
-    "$BIN" admin nodes 2>/dev/null | grep -q hv-1 && break; sleep 0.2
+    "$BIN" admin nodes 2>/dev/null | grep hv-1 >/dev/null && break; sleep 0.2
 done
 also=()
 if [[ ${TARGET:-} == leader ]]; then

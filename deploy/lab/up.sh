@@ -32,12 +32,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Whether the binary links libvirt (was built with the libvirt driver). ldd's output is read
+# whole: `ldd | grep -q` under pipefail fails whenever grep exits before ldd has written its
+# last line (ldd dies of SIGPIPE), which on a busy machine is a few runs in a hundred.
+links_libvirt() {
+    local libs
+    libs=$(ldd "$1" 2>/dev/null) || return 1
+    [[ $libs == *libvirt.so* ]]
+}
+
 # The Debian packages the base needs beyond minbase. ca-certificates: the CLC checks https
 # image locations (RegisterImage) against the system's CA certificates. libvirt0 when the
 # binary was built with the libvirt driver.
 base_packages() {
     echo ca-certificates
-    if ldd "$BIN" | grep -q 'libvirt\.so'; then echo libvirt0; fi
+    if links_libvirt "$BIN"; then echo libvirt0; fi
 }
 
 # canopy-lab-base:SUITE-HASH, debootstrapped and imported once; the tag changes with the recipe.
@@ -106,7 +115,7 @@ fi
 case $CANOPY_LAB_HYPERVISOR in
 sim) ;;
 libvirt)
-    ldd "$BIN" | grep -q 'libvirt\.so' ||
+    links_libvirt "$BIN" ||
         die "CANOPY_LAB_HYPERVISOR=libvirt needs a canopy built with --features libvirt ($BIN is not)"
     ;;
 *) die "CANOPY_LAB_HYPERVISOR=$CANOPY_LAB_HYPERVISOR: sim or libvirt" ;;
@@ -213,7 +222,7 @@ done
 # the leader's admin API once (uploads are served by the leader only): the kernel, the
 # initramfs, and the machine image that boots with them.
 if [[ $CANOPY_LAB_HYPERVISOR == libvirt ]] &&
-    ! admin_json images | grep -q '"name": *"canopy-test-guest"'; then
+    ! grep -q '"name": *"canopy-test-guest"' <<<"$(admin_json images)"; then
     "$ROOT/deploy/guest/build-test-guest.sh" "$ROOT/target/test-guest" >&2
     leader=$(admin_json cluster | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
     LEADER=$(compose ps -q "clc-$leader")

@@ -200,7 +200,8 @@ if ! version=$("$BIN" --version 2>&1); then
     warn "$BIN does not run here: $version"
     version="(not run)"
 fi
-if [[ $HYPERVISOR != sim ]] && ! { ldd "$BIN" 2>/dev/null | grep -q 'libvirt\.so'; }; then
+# ldd's output read whole: `ldd | grep -q` under pipefail fails when ldd dies of SIGPIPE.
+if [[ $HYPERVISOR != sim && $(ldd "$BIN" 2>/dev/null) != *libvirt.so* ]]; then
     warn "$BIN has no libvirt driver (built without --features libvirt): this node cannot run guests; rebuild it, or use --hypervisor sim"
 fi
 bin_changed=0
@@ -208,7 +209,7 @@ put "$BIN" "$BIN_PATH" 0755 && bin_changed=1
 say "binary: $version"
 
 # --- 3. the configuration --------------------------------------------------------------
-config_value() { sed -nE "s/^$1 *= *\"(.*)\"/\1/p" "$DEST$CONFIG" | head -1; }
+config_value() { sed -nE "/^$1 *= *\"/{s/^$1 *= *\"(.*)\"/\1/p;q}" "$DEST$CONFIG"; }
 fresh_default=0
 if [[ -f $DEST$CONFIG ]]; then
     say "$CONFIG: exists, kept as it is"

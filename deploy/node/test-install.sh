@@ -11,9 +11,10 @@
 #   deploy/node/test-install.sh [CANOPY_BINARY]     (default $CANOPY_BIN, else target/release/canopy)
 #
 # Needs Docker and root (nothing is pulled from a registry). The container is the lab's base
-# image (canopy-lab-base:*, deploy/lab/up.sh builds it) when there is one, else a minimal
-# debootstrapped bookworm imported as canopy-node-test-base:bookworm (the first time only,
-# about a minute). The packages come from the Debian mirror. Env: CANOPY_NODE_TEST_IMAGE
+# image (canopy-lab-base:*, deploy/lab/up.sh builds it) when the binary runs in one, else a
+# minimal debootstrapped bookworm (with libvirt0 when the binary links it) imported as
+# canopy-node-test-base:bookworm[-libvirt0] (the first time only, about a minute). The
+# packages come from the Debian mirror. Env: CANOPY_NODE_TEST_IMAGE
 # (the image to use), CANOPY_LAB_MIRROR (default http://deb.debian.org/debian).
 set -euo pipefail
 
@@ -28,15 +29,26 @@ BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 command -v docker >/dev/null || die "docker is missing"
 started=$(date +%s)
 
-image=${CANOPY_NODE_TEST_IMAGE:-$(docker images --format '{{.Repository}}:{{.Tag}}' canopy-lab-base | head -1)}
+# The binary runs in the container before install.sh puts the packages in (the cloud
+# controller, the join token), so the image must hold the libraries it links: a lab base in
+# which it runs, else our own base with libvirt0 when it links libvirt.
+runs_in() { docker run --rm -v "$BIN:/bin-in/canopy:ro" "$1" /bin-in/canopy --version >/dev/null 2>&1; }
+image=${CANOPY_NODE_TEST_IMAGE:-}
 if [[ -z $image ]]; then
-    image=canopy-node-test-base:bookworm
+    for candidate in $(docker images --format '{{.Repository}}:{{.Tag}}' canopy-lab-base); do
+        if runs_in "$candidate"; then image=$candidate && break; fi
+    done
+fi
+if [[ -z $image ]]; then
+    pkgs=
+    [[ $(ldd "$BIN" 2>/dev/null) != *libvirt.so* ]] || pkgs=libvirt0
+    image=canopy-node-test-base:bookworm${pkgs:+-$pkgs}
     if ! docker image inspect "$image" >/dev/null 2>&1; then
         command -v debootstrap >/dev/null || die "no base image and no debootstrap to build one"
-        log "building $image: debootstrap --variant=minbase bookworm from $MIRROR"
+        log "building $image: debootstrap --variant=minbase bookworm ${pkgs:+(+ $pkgs) }from $MIRROR"
         tree=$(mktemp -d "${TMPDIR:-/var/tmp}/canopy-node-test.XXXXXX")
         trap 'rm -rf --one-file-system "$tree"' EXIT
-        debootstrap --variant=minbase bookworm "$tree" "$MIRROR" >"$tree.log" 2>&1 ||
+        debootstrap --variant=minbase ${pkgs:+--include=$pkgs} bookworm "$tree" "$MIRROR" >"$tree.log" 2>&1 ||
             { tail -20 "$tree.log" >&2; die "debootstrap failed"; }
         rm -f "$tree.log"
         rm -rf "$tree"/var/cache/apt/archives/*.deb "$tree"/var/lib/apt/lists/*
@@ -44,6 +56,7 @@ if [[ -z $image ]]; then
             --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
             - "$image" >/dev/null
     fi
+    runs_in "$image" || die "$BIN does not run in $image"
 fi
 log "container from $image; binary $BIN ($("$BIN" --version))"
 
@@ -156,7 +169,7 @@ for _ in $(seq 50); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; don
 check "doctor: the CC answers the node's certificate" has /tmp/doctor2.log '^OK +cluster controller +https://127.0.0.1:8775 answered'
 check "doctor: the clock agrees with the CC's" has /tmp/doctor2.log '^OK +clock vs CC'
 check "doctor: the clock's sync is said (unknown without systemd)" has /tmp/doctor2.log '^(OK|WARN|FAIL) +clock sync'
-if [ -S /run/libvirt/libvirt-sock ] && ldd /usr/local/bin/canopy | grep -q libvirt; then
+if [ -S /run/libvirt/libvirt-sock ] && ldd /usr/local/bin/canopy | grep libvirt >/dev/null; then
     check "doctor: libvirtd answers" has /tmp/doctor2.log '^OK +libvirt +libvirtd answers'
 else
     echo "(libvirtd did not start in this container, or the binary has no libvirt driver: libvirt stays unchecked)"
