@@ -916,7 +916,7 @@ async fn observe(
                 state_changed_at = coalesce(j.value ->> '$[2][6]', state_changed_at),
                 terminated_at = iif(j.value ->> '$[2]' IS NULL, terminated_at, j.value ->> '$[2][7]'),
                 private_ip = coalesce(j.value ->> '$[3]', private_ip)
-             FROM json_each(?) j
+             FROM jsonb_each(?) j
              WHERE instances.instance_id = j.value ->> '$[0]';
              UPDATE zones SET generation = generation + 1 WHERE ? AND zone = ?;",
         )

@@ -106,14 +106,14 @@ async fn apply_launches(
     );
     let found: Vec<CheckRow> = sqlx::query_as(
         "SELECT 'token', r.account_id, r.client_token, r.reservation_id, r.request_hash
-             FROM json_each(?1) j JOIN reservations r
+             FROM jsonb_each(?1) j JOIN reservations r
                ON r.account_id = j.value ->> 0 AND r.client_token = j.value ->> 1
              UNION ALL
              SELECT 'image', image_id, NULL, NULL, NULL FROM images
              WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))
              UNION ALL
              SELECT 'group', g.account_id, g.group_id, NULL, NULL
-             FROM json_each(?3) j JOIN security_groups g
+             FROM jsonb_each(?3) j JOIN security_groups g
                ON g.account_id = j.value ->> 0 AND g.group_id = j.value ->> 1",
     )
     .bind(serde_json::to_string(&asked_tokens).map_err(corrupt)?)
@@ -211,50 +211,46 @@ async fn apply_launches(
                 (reservation_id.to_string(), request_hash.clone()),
             );
         }
-        reservations.push(serde_json::json!([
+        reservations.push(ReservationRow(
             reservation_id.as_str(),
             account_id.as_str(),
-            client_token,
+            client_token.as_deref(),
             request_hash,
-            at,
-        ]));
+            at.clone(),
+        ));
         let mut zones = HashSet::new();
         for inst in instances {
-            instance_rows.push(serde_json::json!([
+            instance_rows.push(InstanceRow(
                 inst.instance_id.as_str(),
                 reservation_id.as_str(),
                 account_id.as_str(),
                 inst.launch_index,
                 inst.image_id.as_str(),
-                inst.instance_type,
+                &inst.instance_type,
                 inst.resources.vcpus,
                 inst.resources.memory_mib,
                 inst.resources.disk_gib,
                 inst.zone.as_str(),
-                inst.key_name,
+                inst.key_name.as_deref(),
                 inst.user_data.as_ref().map(hex::encode),
-                client_token,
-                at,
+                client_token.as_deref(),
+                at.clone(),
                 inst.kernel_id.as_ref().map(|i| i.as_str()),
                 inst.ramdisk_id.as_ref().map(|i| i.as_str()),
-                inst.public_key,
+                inst.public_key.as_deref(),
                 inst.metadata_options.http_tokens(),
                 inst.metadata_options.http_endpoint(),
-            ]));
+            ));
             for (position, (group, _)) in inst.security_groups.iter().enumerate() {
-                group_rows.push(serde_json::json!([
-                    inst.instance_id.as_str(),
-                    group.as_str(),
-                    position,
-                ]));
+                group_rows.push((inst.instance_id.as_str(), group.as_str(), position));
             }
             for tag in tags {
-                tag_rows.push(serde_json::json!([
+                tag_rows.push((
                     inst.instance_id.as_str(),
                     account_id.as_str(),
-                    tag.key,
-                    tag.value,
-                ]));
+                    tag.key.as_str(),
+                    tag.value.as_str(),
+                ));
             }
             if zones.insert(inst.zone.as_str()) {
                 *bumps.entry(inst.zone.as_str()).or_default() += 1;
@@ -276,7 +272,7 @@ async fn apply_launches(
     sqlx::query(
         "INSERT INTO reservations(reservation_id, account_id, client_token, request_hash, created_at)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
-         FROM json_each(?) ORDER BY key;
+         FROM jsonb_each(?) ORDER BY key;
          INSERT INTO instances(instance_id, reservation_id, account_id, launch_index, image_id, instance_type,
             vcpus, memory_mib, disk_gib, zone, key_name, user_data, client_token, state, desired,
             launch_time, state_changed_at, kernel_id, ramdisk_id, public_key,
@@ -285,27 +281,57 @@ async fn apply_launches(
             value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, unhex(value ->> 11),
             value ->> 12, 'pending', 'running', value ->> 13, value ->> 13, value ->> 14, value ->> 15,
             value ->> 16, value ->> 17, value ->> 18
-         FROM json_each(?) ORDER BY key;
+         FROM jsonb_each(?) ORDER BY key;
          INSERT INTO tags(resource_id, resource_type, account_id, key, value)
          SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3
-         FROM json_each(?) WHERE true ORDER BY key
+         FROM jsonb_each(?) WHERE true ORDER BY key
          ON CONFLICT(resource_id, key) DO UPDATE SET value = excluded.value;
          INSERT INTO instance_security_groups(instance_id, group_id, position)
-         SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) WHERE true ORDER BY key
+         SELECT value ->> 0, value ->> 1, value ->> 2 FROM jsonb_each(?) WHERE true ORDER BY key
          ON CONFLICT DO NOTHING;
          UPDATE zones SET generation = generation + (j.value ->> 1)
-         FROM json_each(?) j WHERE zones.zone = j.value ->> 0;",
+         FROM jsonb_each(?) j WHERE zones.zone = j.value ->> 0;",
     )
-    .bind(serde_json::Value::Array(reservations).to_string())
-    .bind(serde_json::Value::Array(instance_rows).to_string())
+    .bind(serde_json::to_string(&reservations).map_err(corrupt)?)
+    .bind(serde_json::to_string(&instance_rows).map_err(corrupt)?)
     .bind(RESOURCE_TYPE_INSTANCE)
-    .bind(serde_json::Value::Array(tag_rows).to_string())
-    .bind(serde_json::Value::Array(group_rows).to_string())
+    .bind(serde_json::to_string(&tag_rows).map_err(corrupt)?)
+    .bind(serde_json::to_string(&group_rows).map_err(corrupt)?)
     .bind(serde_json::to_string(&bumps).map_err(corrupt)?)
     .execute(&mut *conn)
     .await?;
     Ok(results)
 }
+
+/// A reservation's row as the launch insert reads it (`value ->> N`). The rows are tuple
+/// structs, which serialize as JSON arrays straight into the bound text (no
+/// `serde_json::Value` per row).
+#[derive(serde::Serialize)]
+struct ReservationRow<'a>(&'a str, &'a str, Option<&'a str>, &'a str, String);
+
+/// A new instance's row, in the order of the launch insert's `value ->> N`.
+#[derive(serde::Serialize)]
+struct InstanceRow<'a>(
+    &'a str,
+    &'a str,
+    &'a str,
+    u32,
+    &'a str,
+    &'a str,
+    u32,
+    u64,
+    u64,
+    &'a str,
+    Option<&'a str>,
+    Option<String>,
+    Option<&'a str>,
+    String,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'static str,
+    &'static str,
+);
 
 /// The fields of a `LaunchInstances`, borrowed.
 struct Launch<'a> {

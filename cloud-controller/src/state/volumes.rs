@@ -246,11 +246,11 @@ pub(super) async fn observe(
     let sql = format!(
         "UPDATE volumes SET attach_status = 'attached', initialized = 1
          WHERE zone = ? AND attach_status = 'attaching' AND EXISTS (
-             SELECT 1 FROM json_each(?) j
+             SELECT 1 FROM jsonb_each(?) j
              WHERE j.value ->> 0 = volumes.volume_id AND j.value ->> 1 = volumes.instance_id);
          {CLEAR_ATTACHMENT}
          WHERE zone = ? AND attach_status = 'detaching' AND EXISTS (
-             SELECT 1 FROM json_each(?) j
+             SELECT 1 FROM jsonb_each(?) j
              WHERE j.value ->> 0 = volumes.volume_id AND j.value ->> 1 = volumes.instance_id);"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -91,13 +91,15 @@ impl SqliteStateMachine {
             }
             let response = match entry.payload {
                 EntryPayload::Blank => RaftResponse::NoCommand,
-                EntryPayload::Normal(Command::Batch(commands)) => {
-                    RaftResponse::Batch(apply_commands(&mut tx, &commands).await?)
-                }
-                EntryPayload::Normal(command) => {
-                    let one = std::slice::from_ref(&command);
-                    apply_commands(&mut tx, one).await?.remove(0)
-                }
+                EntryPayload::Normal(command) => match command.command() {
+                    Command::Batch(commands) => {
+                        RaftResponse::Batch(apply_commands(&mut tx, commands).await?)
+                    }
+                    command => {
+                        let one = std::slice::from_ref(command);
+                        apply_commands(&mut tx, one).await?.remove(0)
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     RaftResponse::NoCommand

@@ -55,7 +55,7 @@ fn log_id(term: u64, index: u64) -> LogId {
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: log_id(1, index),
-        payload: EntryPayload::Normal(command),
+        payload: EntryPayload::Normal(command.into()),
     }
 }
 

@@ -495,7 +495,7 @@ impl Cluster {
                 continue;
             };
             attempts += 1;
-            let write = self.raft(leader).client_write(command.clone());
+            let write = self.raft(leader).client_write(command.clone().into());
             match tokio::time::timeout(Duration::from_secs(3), write).await {
                 Ok(Ok(response)) => return (response.data, attempts),
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) | Err(_) => {
@@ -563,7 +563,7 @@ fn summary(all: &[RaftMetrics<RaftNodeId, BasicNode>]) -> String {
 /// Starts writing `command` on `raft` without waiting for the answer.
 fn write_in_background(raft: &Raft<TypeConfig>, command: Command) -> JoinHandle<WriteResult> {
     let raft = raft.clone();
-    tokio::spawn(async move { raft.client_write(command).await })
+    tokio::spawn(async move { raft.client_write(command.into()).await })
 }
 
 /// Waits for a background write's answer.
@@ -877,8 +877,13 @@ async fn with_no_majority_anywhere_nothing_commits_until_healed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for id in IDS.into_iter().filter(|&id| id != old) {
-        match tokio::time::timeout(WAIT, cluster.raft(id).client_write(register_zone("zone-x")))
-            .await
+        match tokio::time::timeout(
+            WAIT,
+            cluster
+                .raft(id)
+                .client_write(register_zone("zone-x").into()),
+        )
+        .await
         {
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
             other => panic!("replica {id} without a majority took a write: {other:?}"),

@@ -2,19 +2,23 @@
 
 // `declare_raft_types!` names `Cursor` unqualified for the default `SnapshotData`.
 use std::io::Cursor;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 
 use canopy_common::{InstanceId, InstanceState};
 use openraft::BasicNode;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use crate::state::{Command, Outcome, StateError};
 
 openraft::declare_raft_types!(
-    /// The cloud controller's Raft types: the log carries [`Command`]s, applying one yields a
-    /// [`RaftResponse`], replicas are numbered by `u64` and addressed by a [`BasicNode`].
-    /// Snapshots are whole SQLite files held in memory (`Cursor<Vec<u8>>`): the state is small.
+    /// The cloud controller's Raft types: the log carries [`Command`]s (as [`LogCommand`]s),
+    /// applying one yields a [`RaftResponse`], replicas are numbered by `u64` and addressed by
+    /// a [`BasicNode`]. Snapshots are whole SQLite files held in memory (`Cursor<Vec<u8>>`):
+    /// the state is small.
     pub TypeConfig:
-        D = Command,
+        D = LogCommand,
         R = RaftResponse,
         NodeId = u64,
         Node = BasicNode,
@@ -35,6 +39,85 @@ pub type SnapshotMeta = openraft::SnapshotMeta<RaftNodeId, BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 /// The storage error openraft expects from the log store and the state machine.
 pub type StorageError = openraft::StorageError<RaftNodeId>;
+
+/// The payload of a log entry: a [`Command`], shared and JSON-encoded at most once.
+///
+/// openraft clones an entry for every follower's replication stream and the log store keeps
+/// the recent ones in memory, and each copy is serialized: into the log on every replica and
+/// into each follower's AppendEntries on the leader. Shared, a clone is a reference count;
+/// the first serialization keeps its JSON text and the later ones copy it. An entry read
+/// back (a follower's AppendEntries, the log on disk) keeps the text it was read from, so a
+/// follower appends to its log the bytes it received. The text is serde_json's: every
+/// encoding of entries (the log, the Raft RPCs) is JSON.
+#[derive(Clone)]
+pub struct LogCommand {
+    command: Arc<Command>,
+    json: Arc<OnceLock<Box<RawValue>>>,
+}
+
+impl LogCommand {
+    /// The command, shared.
+    pub fn command(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl From<Command> for LogCommand {
+    fn from(command: Command) -> Self {
+        LogCommand {
+            command: Arc::new(command),
+            json: Arc::default(),
+        }
+    }
+}
+
+impl Deref for LogCommand {
+    type Target = Command;
+
+    fn deref(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl std::fmt::Debug for LogCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.command.fmt(f)
+    }
+}
+
+impl PartialEq for LogCommand {
+    fn eq(&self, other: &Self) -> bool {
+        self.command == other.command
+    }
+}
+
+impl Eq for LogCommand {}
+
+impl Serialize for LogCommand {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let json = match self.json.get() {
+            Some(json) => json,
+            None => {
+                let json = serde_json::value::to_raw_value(&*self.command)
+                    .map_err(serde::ser::Error::custom)?;
+                // Another clone may have encoded it meanwhile: the same text either way.
+                self.json.get_or_init(|| json)
+            }
+        };
+        json.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogCommand {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let json = Box::<RawValue>::deserialize(deserializer)?;
+        let command = serde_json::from_str(json.get()).map_err(serde::de::Error::custom)?;
+        Ok(LogCommand {
+            command: Arc::new(command),
+            json: Arc::new(OnceLock::from(json)),
+        })
+    }
+}
 
 /// What applying one committed entry produced. Every replica computes the same value; the
 /// leader hands it back to the caller of `submit`.
