@@ -142,10 +142,13 @@ class Replica:
         self._root = root
         self._proc_options = proc_options
 
-    def configure(self, members: str) -> None:
+    def configure(self, members: str | None) -> None:
+        """Its command line: one of the initial `members`, or (None) a joiner (`--join`)
+        that waits to be added by the group."""
+        group = ["--members", members] if members is not None else ["--join"]
         self.proc = Proc(f"clc{self.id}", [
             self._binary, "clc", "--data-dir", str(self.data), "--replica-id", str(self.id),
-            "--raft-listen", f"127.0.0.1:{self.raft}", "--members", members,
+            "--raft-listen", f"127.0.0.1:{self.raft}", *group,
             "--ec2-listen", f"127.0.0.1:{self.ec2_port}", "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--grpc-listen", f"127.0.0.1:{self.grpc}", "--tls-dir", self.tls_dir,
         ], self._root, **self._proc_options)
@@ -170,10 +173,13 @@ class Replica:
     def running(self) -> bool:
         return self.proc.running
 
-    def admin(self, path: str, timeout: float = 5.0):
-        """GET on this replica's admin API with its own token; JSON, or raises."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
-                                     headers={"Authorization": "Bearer " + self.rc["CANOPY_ADMIN_TOKEN"]})
+    def admin(self, path: str, timeout: float = 5.0, *, method: str = "GET", body=None):
+        """A call to this replica's admin API with its own token (`body` sent as JSON);
+        the JSON answer, or raises."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": "Bearer " + self.rc["CANOPY_ADMIN_TOKEN"],
+                                              "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.load(resp)
 

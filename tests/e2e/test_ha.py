@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -420,25 +421,69 @@ def test_a_large_answer_comes_through_a_follower(ha):
     assert "NextToken" not in answer and sizes and sizes[0] > 4 << 20, sizes
 
 
+def upload_image(replica, data: bytes) -> dict:
+    """Uploads `data` as a new image through `replica`'s admin API (the leader's: uploads
+    are served by the leader only); the image as the API describes it."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{replica.admin_port}/v1/images?name=replicated-{uuid.uuid4().hex[:8]}",
+        data=data, method="POST",
+        headers={"Authorization": "Bearer " + replica.rc["CANOPY_ADMIN_TOKEN"]})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        image = json.load(resp)
+    assert image["sha256"] == hashlib.sha256(data).hexdigest()
+    return image
+
+
+def wait_image_file(replicas, digest: str, data: bytes, timeout: float = 30) -> None:
+    """Until every replica's image store holds `data` under its digest."""
+    paths = [r.data / "images" / digest for r in replicas]
+    deadline = time.monotonic() + timeout
+    while not all(p.is_file() for p in paths):
+        assert time.monotonic() < deadline, \
+            f"missing after {timeout:.0f} s: {[str(p) for p in paths if not p.is_file()]}"
+        time.sleep(0.2)
+    for p in paths:
+        assert p.read_bytes() == data, p
+
+
 def test_uploaded_image_bytes_reach_every_replica(ha, tmp_path):
     """An image uploaded through the leader's admin API ends up, byte for byte, in every
     replica's image store (DATA_DIR/images/<sha256>): losing the replica that received it
     no longer loses it."""
-    leader = ha.leader()
     data = b"QFI\xfb" + uuid.uuid4().bytes * (3 << 16)  # a "qcow2" of 3 MiB, several chunks
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{leader.admin_port}/v1/images?name=replicated-{uuid.uuid4().hex[:8]}",
-        data=data, method="POST",
-        headers={"Authorization": "Bearer " + leader.rc["CANOPY_ADMIN_TOKEN"]})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        image = json.load(resp)
-    digest = hashlib.sha256(data).hexdigest()
-    assert image["sha256"] == digest
+    image = upload_image(ha.leader(), data)
+    wait_image_file(ha.replicas, image["sha256"], data)
 
-    paths = [r.data / "images" / digest for r in ha.replicas]
-    deadline = time.monotonic() + 30
-    while not all(p.is_file() for p in paths):
-        assert time.monotonic() < deadline, f"missing after 30 s: {[str(p) for p in paths if not p.is_file()]}"
-        time.sleep(0.2)
-    for p in paths:
-        assert p.read_bytes() == data, p
+
+def test_an_image_outlives_the_disk_of_the_replica_that_received_it(ha):
+    """The replica an image was uploaded to loses its disk for good (SIGKILL, data directory
+    deleted): the survivors still launch from the image, and the replica that replaces it
+    (the same id, empty, added back as operations.md §4(b) says) gets the image's bytes from
+    them, byte for byte, while it catches up."""
+    importer = ha.leader()
+    data = b"QFI\xfb" + uuid.uuid4().bytes * (1 << 16)
+    image = upload_image(importer, data)
+    wait_image_file(ha.replicas, image["sha256"], data)
+
+    importer.kill()
+    shutil.rmtree(importer.data)
+    survivors = [r for r in ha.replicas if r is not importer]
+    leader = ha.leader(among=survivors)
+    leader.admin(f"/v1/cluster/members/{importer.id}", method="DELETE", timeout=30)
+    ec2 = leader.client()
+    [launched] = ec2.run_instances(ImageId=image["image_id"], InstanceType="t2.nano", MinCount=1, MaxCount=1,
+                                   ClientToken=f"outlives-{uuid.uuid4().hex[:8]}")["Instances"]
+    wait_all_running(ec2, [launched["InstanceId"]])
+
+    # The replacement: same id and address, empty directory, started as a joiner and added
+    # back (as a voter once it has caught up).
+    importer.configure(None)
+    importer.start()
+    view = leader.admin("/v1/cluster/members", method="POST", timeout=90,
+                        body={"id": importer.id, "address": f"http://127.0.0.1:{importer.raft}"})
+    assert any(m["id"] == importer.id and m["voter"] for m in view["members"]), view
+    ha.wait_rc(importer)
+    wait_image_file([importer], image["sha256"], data)
+    # It serves the cloud as any replica does: the instance launched while it was gone.
+    found = importer.client().describe_instances(InstanceIds=[launched["InstanceId"]])
+    assert found["Reservations"][0]["Instances"][0]["ImageId"] == image["image_id"]
