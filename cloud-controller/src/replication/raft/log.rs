@@ -136,9 +136,9 @@ const MAX_IN_FLIGHT: usize = 1;
 
 /// How long the batcher waits for more commands before appending an entry, when the previous
 /// entry carried more than one (there is concurrent load). With 64 clients the entries grow
-/// from about 34 to about 60 commands and the launches acknowledged from about 4,200 to
-/// 4,700-4,900/s, at a lower median latency; with 8 clients 850 -> 1,070/s; a lone client never
-/// waits (docs/performance.md, 2026-12-01).
+/// from about 34 to about 50 commands and the launches acknowledged from about 4,200 to
+/// 4,600-5,000/s, at a lower median latency; with 8 clients 850 -> 1,100/s; a lone client
+/// never waits (docs/performance.md, 2026-12-01).
 const COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Group commit: takes whatever commands are queued (up to [`MAX_BATCH`]) and appends them as
