@@ -9,7 +9,7 @@
 //! table and the zones' generation updates. Every rejection is decided in memory before
 //! anything is written, so a rejected launch writes nothing, as it would alone.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use sqlx::SqliteConnection;
 
@@ -78,14 +78,15 @@ async fn apply_launches(
 ) -> Result<Vec<Result<Outcome, StateError>>, StateError> {
     // The two reads every launch's checks need, for the whole run at once.
     let mut asked_tokens = Vec::new();
-    let mut asked_images = Vec::new();
-    let mut asked_groups = Vec::new();
+    // A run is mostly launches of the same image into the same default group: ask for each once.
+    let mut asked_images = BTreeSet::new();
+    let mut asked_groups = BTreeSet::new();
     for command in launches {
         let launch = launch_fields(command)?;
         if let Some(token) = launch.client_token {
             asked_tokens.push((launch.account_id.as_str(), token.as_str()));
         }
-        asked_images.push(launch_image(launch.instances));
+        asked_images.insert(launch_image(launch.instances));
         if let Some(first) = launch.instances.first() {
             asked_groups.extend(
                 first
