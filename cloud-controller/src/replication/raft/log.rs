@@ -126,55 +126,82 @@ type Pending = (Command, oneshot::Sender<Result<Outcome, StateError>>);
 
 /// The most commands one log entry carries.
 const MAX_BATCH: usize = 512;
-/// Log entries in flight at once. While one is, new commands queue up and leave together as
-/// the next. One: on two cores shared by three replicas every entry's fixed cost (an append
-/// and an fsync on each replica, an apply and its commit on each, the RPCs) is paid in CPU,
-/// so fewer, larger entries acknowledge more launches, and sooner: with 64 clients 3,990 to
-/// 4,210/s against 3,620/s with three in flight, with 8 clients 900/s against 780/s, with
-/// one client the same (docs/performance.md, 2026-12-01).
-const MAX_IN_FLIGHT: usize = 1;
 
-/// How long the batcher waits for more commands before appending an entry, when the previous
-/// entry carried more than one (there is concurrent load). With 64 clients the entries grow
-/// from about 34 to about 50 commands and the launches acknowledged from about 4,200 to
-/// 4,600-5,000/s, at a lower median latency; with 8 clients 850 -> 1,100/s; a lone client
-/// never waits (docs/performance.md, 2026-12-01).
-const COMMIT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest the batcher gathers commands for the next entry, counted from the moment the
+/// previous entry was answered.
+const MAX_GATHER: Duration = Duration::from_millis(5);
+/// While gathering, the longest wait for the next command before the entry leaves with what
+/// it has.
+const GATHER_GAP: Duration = Duration::from_millis(1);
 
-/// Group commit: takes whatever commands are queued (up to [`MAX_BATCH`]) and appends them as
-/// one log entry, so a burst of concurrent submissions costs one append and one fsync on each
-/// replica instead of one per command. A lone command goes as itself, at once; under load
-/// the batcher lingers [`COMMIT_LINGER`] for the next commands first.
+/// How many commands the next entry should gather before it leaves: the previous entry's
+/// clients were just answered and, under concurrent load, send their next commands at once,
+/// so the entry waits for as many as the previous one carried plus those that queued while
+/// it was in flight. A lone client (the previous entry carried one command), or a previous
+/// entry answered longer ago than [`MAX_GATHER`], gathers nothing: the command goes at once.
+fn gather_target(last: usize, waiting: usize, since_answered: Duration) -> usize {
+    if last > 1 && since_answered < MAX_GATHER {
+        (waiting + last).min(MAX_BATCH)
+    } else {
+        1
+    }
+}
+
+/// Group commit with one log entry in flight: while it is, new commands queue up, and leave
+/// together as the next entry, so a burst of concurrent submissions costs one append and one
+/// fsync on each replica instead of one per command. Before the next entry leaves, the
+/// batcher gathers up to [`gather_target`] commands, for at most [`MAX_GATHER`] after the
+/// previous entry was answered and [`GATHER_GAP`] between two commands.
+///
+/// One entry in flight, and gathering: on two cores shared by three replicas every entry's
+/// fixed cost (an append and an fsync on each replica, an apply and its commit on each, the
+/// RPCs) is paid in CPU and in latency, so fewer, larger entries acknowledge more launches,
+/// and sooner. Measured (docs/performance.md, 2026-12-02, a slow machine of the kind):
+/// against the fixed 1 ms linger it replaces, 64 clients 1,800 -> 1,970/s (median of 6
+/// interleaved runs), 8 clients 550 -> 620/s, one client the same; a fixed 5 ms linger
+/// helped 64 clients as much but cost 8 clients a quarter; two or three entries in flight
+/// were slower than one.
 async fn run_batcher(
     id: RaftNodeId,
     raft: Raft<TypeConfig>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    // Commands in the previous entry.
+    // Commands in the previous entry, and when it was answered.
     let mut last = 0usize;
-    while let Some(first) = queue.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+    let mut answered = Instant::now();
+    loop {
+        // What queued while the previous entry was in flight.
+        let waiting = queue.len();
+        let Some(first) = queue.recv().await else {
             return;
         };
-        if last > 1 {
-            // Under concurrent load: let the clients answered by the previous entry send
-            // their next commands, and take them along.
-            tokio::time::sleep(COMMIT_LINGER).await;
-        }
+        let gather = gather_target(last, waiting, answered.elapsed());
+        let deadline = tokio::time::Instant::from_std(answered + MAX_GATHER);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        drain(&mut queue, &mut batch);
+        while batch.len() < gather {
+            let until = deadline.min(tokio::time::Instant::now() + GATHER_GAP);
+            match tokio::time::timeout_at(until, queue.recv()).await {
+                Ok(Some(next)) => {
+                    batch.push(next);
+                    drain(&mut queue, &mut batch);
+                }
+                Ok(None) | Err(_) => break,
             }
         }
         last = batch.len();
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            write_batch(id, &raft, batch).await;
-            drop(slot);
-        });
+        write_batch(id, &raft, batch).await;
+        answered = Instant::now();
+    }
+}
+
+/// Moves whatever is queued into `batch`, up to [`MAX_BATCH`].
+fn drain(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Pending>, batch: &mut Vec<Pending>) {
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
     }
 }
 
@@ -745,4 +772,29 @@ pub async fn start_replica(
             blobs,
         },
     ))
+}
+
+#[cfg(test)]
+mod batcher_tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_client_never_waits() {
+        assert_eq!(gather_target(0, 0, Duration::ZERO), 1);
+        assert_eq!(gather_target(1, 0, Duration::ZERO), 1);
+        assert_eq!(gather_target(1, 5, Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn under_load_the_next_entry_waits_for_the_answered_clients_and_the_queued_ones() {
+        assert_eq!(gather_target(8, 0, Duration::from_micros(200)), 8);
+        assert_eq!(gather_target(32, 32, Duration::from_millis(1)), 64);
+        assert_eq!(gather_target(400, 300, Duration::ZERO), MAX_BATCH);
+    }
+
+    #[test]
+    fn an_entry_answered_long_ago_says_nothing_of_the_load_now() {
+        assert_eq!(gather_target(32, 0, MAX_GATHER), 1);
+        assert_eq!(gather_target(32, 4, Duration::from_secs(3)), 1);
+    }
 }
