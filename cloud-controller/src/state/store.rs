@@ -84,14 +84,19 @@ struct CatalogCache {
 }
 
 impl Store {
-    /// Opens (creating if needed) `path` and runs pending migrations. Writes are fsynced
-    /// (WAL with synchronous=FULL): an acknowledged change survives a crash.
+    /// Opens (creating if needed) `path` and runs pending migrations, for a replica's state
+    /// machine: commits are atomic but not fsynced (WAL with synchronous=NORMAL). The Raft
+    /// log is what makes a change durable (it is fsynced before the change is committed, see
+    /// `SqliteLogStore::open`); after a crash of the machine the state may lack its last
+    /// commits, and the replica applies them again from the log, as etcd's backend does.
+    /// The log behind a snapshot is purged only once the snapshot's commit is fsynced (see
+    /// [`Store::sync_commits`]), so it can always be applied again.
     pub async fn open(path: &Path) -> Result<Store, StateError> {
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(10))
             // Reads of pages SQLite's own cache lacks go through a memory map instead of a
@@ -136,6 +141,22 @@ impl Store {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Whether commits on `conn` fsync the WAL (`PRAGMA synchronous`, per connection). A
+    /// commit that fsyncs it makes every earlier commit durable too (the WAL is one file,
+    /// written in order), so a snapshot commits with `true` and sets it back to `false`.
+    pub async fn sync_commits(
+        conn: &mut sqlx::SqliteConnection,
+        sync: bool,
+    ) -> Result<(), sqlx::Error> {
+        let pragma = if sync {
+            "PRAGMA synchronous = FULL"
+        } else {
+            "PRAGMA synchronous = NORMAL"
+        };
+        sqlx::query(pragma).execute(conn).await?;
+        Ok(())
     }
 
     /// Applies one command in one transaction, and records it as the last applied index.

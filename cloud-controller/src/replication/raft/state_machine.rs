@@ -139,7 +139,10 @@ impl SqliteStateMachine {
         tokio::fs::write(&file.path, data).await?;
         let mut conn = self.store.pool().acquire().await?;
         attach(&mut conn, &file).await?;
+        // Durable on its own: openraft purges the log the snapshot covers.
+        Store::sync_commits(&mut conn, true).await?;
         let result = copy_in(&mut conn, meta, data).await;
+        Store::sync_commits(&mut conn, false).await?;
         detach(&mut conn).await;
         self.store.catalog_changed();
         self.store.volumes_touched();
@@ -271,8 +274,14 @@ impl SqliteSnapshotBuilder {
             last_membership,
             snapshot_id,
         };
+        // Once built, openraft purges the log before the snapshot (but the last
+        // `max_in_snapshot_log_to_keep` entries): the state that log held must survive a
+        // crash first. A commit that fsyncs the WAL makes every earlier commit durable too.
         let mut conn = self.pool.acquire().await?;
-        save_current(&mut conn, &meta, &data, Replace::IfNotOlder).await?;
+        Store::sync_commits(&mut conn, true).await?;
+        let saved = save_current(&mut conn, &meta, &data, Replace::IfNotOlder).await;
+        Store::sync_commits(&mut conn, false).await?;
+        saved?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

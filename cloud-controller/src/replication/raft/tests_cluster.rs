@@ -175,6 +175,86 @@ async fn three_replicas_elect_a_leader_and_apply_the_same_commands() {
     cluster.shutdown().await;
 }
 
+/// The state database commits without an fsync (`Store::open`), so a crash of the machine
+/// may take its last commits; the log keeps them (it is fsynced) and the replica applies them
+/// again when it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_lost_its_last_commits_applies_them_again_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clc.db");
+    let older = dir.path().join("older.db");
+    let start = || async {
+        let store = Arc::new(Store::open(&state).await.unwrap());
+        let log_store = SqliteLogStore::open(&dir.path().join("raft-log.db"))
+            .await
+            .unwrap();
+        start_replica(
+            1,
+            store,
+            log_store,
+            "127.0.0.1:0".parse().unwrap(),
+            RaftTimers::default(),
+            canopy_pki::Transport::Plaintext,
+        )
+        .await
+        .unwrap()
+    };
+    let w = World::new();
+    let (log, server) = start().await;
+    log.initialize(BTreeMap::from([(1, server.node())]))
+        .await
+        .unwrap();
+    log.raft()
+        .wait(Some(WAIT))
+        .current_leader(1, "elected")
+        .await
+        .unwrap();
+    for command in w.setup() {
+        log.submit(command).await.unwrap();
+    }
+    log.submit(w.launch(2, 1)).await.unwrap();
+    // The database as a crash could leave it: without the commits that follow.
+    sqlx::query("VACUUM INTO ?")
+        .bind(older.to_str().unwrap())
+        .execute(log.store().pool())
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        log.submit(w.launch(n, 0)).await.unwrap();
+    }
+    let expected = state_of(log.store()).await;
+    let index = log.metrics().last_log_index;
+    log.shutdown().await;
+    server.shutdown().await;
+    log.store().pool().close().await;
+    drop(log);
+
+    for suffix in ["-wal", "-shm"] {
+        let mut file = state.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+    std::fs::rename(&older, &state).unwrap();
+    let (log, server) = start().await;
+    assert_eq!(
+        log.store()
+            .instances(&InstanceFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the state starts as it was after the first launch"
+    );
+    log.raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(index, "re-applied")
+        .await
+        .unwrap();
+    assert_eq!(state_of(log.store()).await, expected);
+    log.shutdown().await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_refuses_commands_and_names_the_leader() {
     let cluster = Cluster::start().await;
