@@ -17,6 +17,14 @@ use crate::state::{Command, InstanceAction, InstanceFilter, StateError, Store};
 
 const WAIT: Duration = Duration::from_secs(15);
 
+async fn instance_count(store: &Store) -> usize {
+    store
+        .instances(&InstanceFilter::default())
+        .await
+        .unwrap()
+        .len()
+}
+
 struct Replica {
     log: RaftLog,
     server: Option<RaftServerHandle>,
@@ -145,14 +153,7 @@ async fn three_replicas_elect_a_leader_and_apply_the_same_commands() {
 
     let index = cluster.converge(leader).await;
     let expected = state_of(log.store()).await;
-    assert_eq!(
-        log.store()
-            .instances(&InstanceFilter::default())
-            .await
-            .unwrap()
-            .len(),
-        6
-    );
+    assert_eq!(instance_count(log.store()).await, 6);
     for r in &cluster.replicas {
         let metrics = r.log.metrics();
         assert_eq!(
@@ -237,11 +238,7 @@ async fn a_state_that_lost_its_last_commits_applies_them_again_from_the_log() {
     std::fs::rename(&older, &state).unwrap();
     let (log, server) = start().await;
     assert_eq!(
-        log.store()
-            .instances(&InstanceFilter::default())
-            .await
-            .unwrap()
-            .len(),
+        instance_count(log.store()).await,
         2,
         "the state starts as it was after the first launch"
     );
@@ -322,14 +319,7 @@ async fn when_the_leader_stops_the_others_elect_a_new_one_and_accept_writes() {
         assert_eq!(state_of(r.log.store()).await, after);
     }
     assert_eq!(log.store().zones().await.unwrap().len(), 2);
-    assert_eq!(
-        log.store()
-            .instances(&InstanceFilter::default())
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(instance_count(log.store()).await, 3);
     // The stopped leader kept everything committed before it stopped.
     assert_eq!(state_of(cluster.replica(old).log.store()).await, before);
     cluster.shutdown().await;
@@ -370,14 +360,7 @@ async fn a_rejection_through_raft_is_the_same_as_through_the_local_log() {
     // Rejections wrote nothing on any replica.
     cluster.converge(leader).await;
     for r in &cluster.replicas {
-        assert!(
-            r.log
-                .store()
-                .instances(&InstanceFilter::default())
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert_eq!(instance_count(r.log.store()).await, 0);
     }
     cluster.shutdown().await;
 }
