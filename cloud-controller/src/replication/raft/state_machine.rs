@@ -138,14 +138,20 @@ impl SqliteStateMachine {
         let file = TempDb::new(self.store.pool()).await?;
         tokio::fs::write(&file.path, data).await?;
         let mut conn = self.store.pool().acquire().await?;
-        attach(&mut conn, &file).await?;
-        // Durable on its own: openraft purges the log the snapshot covers.
+        // Durable on its own: openraft purges the log the snapshot covers. Set outside the
+        // attach, so a failure here cannot leave the scratch file attached to the pool.
         Store::sync_commits(&mut conn, true).await?;
-        let result = copy_in(&mut conn, meta, data).await;
-        Store::sync_commits(&mut conn, false).await?;
-        detach(&mut conn).await;
+        let result = match attach(&mut conn, &file).await {
+            Ok(()) => {
+                let copied = copy_in(&mut conn, meta, data).await;
+                detach(&mut conn).await;
+                copied
+            }
+            Err(e) => Err(e),
+        };
         self.store.catalog_changed();
         self.store.volumes_touched();
+        Store::sync_commits(&mut conn, false).await?;
         result
     }
 
