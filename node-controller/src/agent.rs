@@ -366,10 +366,22 @@ impl Agent {
 
     /// Feeds the observation into every desired instance's memory.
     fn absorb(state: &mut AgentState, observed: &BTreeMap<InstanceId, DomainState>) {
-        let Some(doc) = &state.desired else { return };
-        for (id, spec) in &doc.instances {
-            if let Some(memory) = state.memory.get_mut(id) {
-                plan::observe(memory, spec, observed.get(id).copied());
+        let AgentState {
+            desired: Some(doc),
+            memory,
+            ..
+        } = state
+        else {
+            return;
+        };
+        let (mut specs, mut seen) = (
+            plan::Beside::new(&doc.instances),
+            plan::Beside::new(observed),
+        );
+        for (id, memory) in memory.iter_mut() {
+            let (spec, found) = (specs.get(id), seen.get(id).copied());
+            if let Some(spec) = spec {
+                plan::observe(memory, spec, found);
             }
         }
     }
@@ -910,9 +922,11 @@ impl Agent {
                 continue;
             }
             let current = self.lock().reports.clone();
+            let mut was = plan::Beside::new(&sent);
             let batch: Vec<&InstanceReport> = current
-                .values()
-                .filter(|r| everything || sent.get(&r.instance_id) != Some(*r))
+                .iter()
+                .filter(|(id, r)| everything || was.get(id) != Some(*r))
+                .map(|(_, r)| r)
                 .collect();
             if batch.is_empty() {
                 continue;
@@ -930,7 +944,8 @@ impl Agent {
                     for r in batch {
                         sent.insert(r.instance_id.clone(), r.clone());
                     }
-                    sent.retain(|id, _| current.contains_key(id));
+                    let mut still = plan::Beside::new(&current);
+                    sent.retain(|id, _| still.get(id).is_some());
                 }
                 // The next full report carries them again.
                 Err(status) => warn!(%status, "sending reports failed"),

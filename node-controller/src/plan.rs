@@ -17,7 +17,9 @@
 //! * While the document asks for a copy of an instance's root disk (CreateImage), its
 //!   domain is neither started nor undefined: the copy is of the disk as it was stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, btree_map};
+use std::iter::Peekable;
 
 use canopy_common::{
     InstanceId, InstanceState, NodeId, PowerState, Resources, SnapshotId, SnapshotRequest,
@@ -175,6 +177,7 @@ pub fn plan(
 ) -> Plan {
     let mut actions = Vec::new();
     let copying = roots_being_copied(desired);
+    let (mut memory, mut observed_at) = (Beside::new(memory), Beside::new(observed));
     for (id, spec) in &desired.instances {
         let fallback;
         let mem = match memory.get(id) {
@@ -184,16 +187,17 @@ pub fn plan(
                 &fallback
             }
         };
-        let planned = plan_instance(spec, observed.get(id).copied(), mem, now);
+        let planned = plan_instance(spec, observed_at.get(id).copied(), mem, now);
         if copying.contains(id) {
             actions.extend(planned.into_iter().filter(keeps_the_disk));
         } else {
             actions.extend(planned);
         }
     }
+    let mut desired_at = Beside::new(&desired.instances);
     let unmanaged = observed
         .keys()
-        .filter(|id| !desired.instances.contains_key(*id))
+        .filter(|id| desired_at.get(id).is_none())
         .cloned()
         .collect();
     Plan { actions, unmanaged }
@@ -298,13 +302,16 @@ pub fn plan_resizes(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let copying = roots_being_copied(desired);
+    let (mut memory, mut observed) = (Beside::new(memory), Beside::new(observed));
+    let mut sizes = Beside::new(sizes);
     for (id, spec) in &desired.instances {
-        let mem = memory.get(id);
+        // Every lookup advances its cursor, whatever the outcome.
+        let (mem, seen, size) = (memory.get(id), observed.get(id), sizes.get(id));
         let about_to_start = spec.desired == PowerState::Running
+            && seen == Some(&DomainState::ShutOff)
             && !copying.contains(id)
-            && observed.get(id) == Some(&DomainState::ShutOff)
             && !mem.is_some_and(|m| m.guest_stopped || m.failure.is_some());
-        let Some(size) = sizes.get(id) else { continue };
+        let Some(size) = size else { continue };
         let want = spec.resources;
         if about_to_start && (size.vcpus != want.vcpus || size.memory_mib != want.memory_mib) {
             actions.push(Action::Resize {
@@ -329,13 +336,15 @@ pub fn plan_volumes(
     attached: &Attached,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
+    let (mut observed, mut attached) = (Beside::new(observed), Beside::new(attached));
     for (id, spec) in &desired.instances {
+        let (seen, has) = (observed.get(id), attached.get(id));
         if spec.desired == PowerState::Terminated
-            || matches!(observed.get(id), None | Some(DomainState::Crashed))
+            || matches!(seen, None | Some(DomainState::Crashed))
         {
             continue;
         }
-        let has = attached.get(id).map(Vec::as_slice).unwrap_or_default();
+        let has = has.map(Vec::as_slice).unwrap_or_default();
         for volume in &spec.volumes {
             if !has.contains(&volume.volume_id) {
                 actions.push(Action::AttachVolume {
@@ -521,18 +530,66 @@ pub fn reports(
     observed: &BTreeMap<InstanceId, DomainState>,
     memory: &BTreeMap<InstanceId, InstanceMemory>,
 ) -> BTreeMap<InstanceId, InstanceReport> {
-    let mut ids: Vec<&InstanceId> = observed.keys().collect();
-    if let Some(doc) = desired {
-        ids.extend(doc.instances.keys());
+    static NONE: BTreeMap<InstanceId, DesiredInstance> = BTreeMap::new();
+    let specs = desired.map_or(&NONE, |d| &d.instances);
+    // Both key sets are sorted: merge them rather than collect, sort and look each id up.
+    let mut ids = observed.keys().peekable();
+    let mut doc_ids = specs.keys().peekable();
+    let (mut specs, mut seen, mut memory) = (
+        Beside::new(specs),
+        Beside::new(observed),
+        Beside::new(memory),
+    );
+    let mut out = BTreeMap::new();
+    loop {
+        let id = match (ids.peek(), doc_ids.peek()) {
+            (None, None) => break,
+            (Some(a), Some(b)) if a == b => {
+                doc_ids.next();
+                ids.next()
+            }
+            (Some(a), Some(b)) if a < b => ids.next(),
+            (Some(_), None) => ids.next(),
+            _ => doc_ids.next(),
+        };
+        let Some(id) = id else { break };
+        let (spec, state, mem) = (specs.get(id), seen.get(id).copied(), memory.get(id));
+        if let Some(r) = report(id, spec, state, mem) {
+            out.insert(id.clone(), r);
+        }
     }
-    ids.sort();
-    ids.dedup();
-    ids.into_iter()
-        .filter_map(|id| {
-            let spec = desired.and_then(|d| d.instances.get(id));
-            report(id, spec, observed.get(id).copied(), memory.get(id)).map(|r| (id.clone(), r))
-        })
-        .collect()
+    out
+}
+
+/// A cursor over a sorted map for keys asked in ascending order: each lookup costs a step
+/// or two instead of a search from the root, so walking one map beside others is linear.
+/// The reconcile pass walks every instance of the node through several maps keyed by
+/// instance id, whose time-ordered ids share long prefixes: searches were most of its cost.
+pub(crate) struct Beside<'a, K, V> {
+    rest: Peekable<btree_map::Iter<'a, K, V>>,
+}
+
+impl<'a, K: Ord, V> Beside<'a, K, V> {
+    pub(crate) fn new(map: &'a BTreeMap<K, V>) -> Self {
+        Self {
+            rest: map.iter().peekable(),
+        }
+    }
+
+    /// The value of `key`. Keys must be asked in ascending order, each at most once: a
+    /// key not above the last one asked is not found.
+    pub(crate) fn get(&mut self, key: &K) -> Option<&'a V> {
+        while let Some((k, _)) = self.rest.peek() {
+            match (*k).cmp(key) {
+                Ordering::Less => {
+                    self.rest.next();
+                }
+                Ordering::Equal => return self.rest.next().map(|(_, v)| v),
+                Ordering::Greater => return None,
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -573,6 +630,131 @@ mod tests {
             boot: Default::default(),
             volumes: vec![],
         }
+    }
+
+    /// The reconcile pass walks its sorted maps side by side instead of looking each
+    /// instance up; on a node where the desired, observed, remembered and sized instances
+    /// overlap in every combination, the walks give exactly what the lookups give.
+    #[test]
+    fn walks_over_sorted_maps_agree_with_lookups_per_instance() {
+        let many = |n: u32| {
+            InstanceId::parse(&format!("i-{:017x}", 0x1_9000_0000_u64 + u64::from(n) * 7)).unwrap()
+        };
+        let wants = [
+            None,
+            Some(PowerState::Running),
+            Some(PowerState::Stopped),
+            Some(PowerState::Terminated),
+        ];
+        let mut desired = doc(spec(PowerState::Running, 0));
+        desired.instances.clear();
+        let (mut observed, mut memory, mut sizes) = (States::new(), BTreeMap::new(), Sizes::new());
+        let mut n = 0;
+        for want in wants {
+            for seen in STATES {
+                for remembered in [false, true] {
+                    n += 1;
+                    let id = many(n);
+                    if let Some(want) = want {
+                        let mut s = spec(want, u64::from(n % 3));
+                        s.instance_id = id.clone();
+                        desired.instances.insert(id.clone(), s);
+                    }
+                    if let Some(seen) = seen {
+                        observed.insert(id.clone(), seen);
+                        sizes.insert(id.clone(), Resources::new(1 + n % 2, 1024, 8));
+                    }
+                    if remembered {
+                        let memo = InstanceMemory {
+                            applied_reboot_seq: 1,
+                            guest_stopped: n % 4 == 0,
+                            ..InstanceMemory::default()
+                        };
+                        memory.insert(id, memo);
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+
+        let ids: BTreeSet<&InstanceId> = desired.instances.keys().chain(observed.keys()).collect();
+        let expected: BTreeMap<InstanceId, InstanceReport> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let r = report(
+                    id,
+                    desired.instances.get(id),
+                    observed.get(id).copied(),
+                    memory.get(id),
+                );
+                r.map(|r| (id.clone(), r))
+            })
+            .collect();
+        assert_eq!(
+            expected.len(),
+            4 * 2 * 6 - 2,
+            "every id but the two neither desired nor seen"
+        );
+        assert_eq!(reports(Some(&desired), &observed, &memory), expected);
+
+        let planned = plan(&desired, &observed, &memory, now);
+        let actions: Vec<Action> = desired
+            .instances
+            .iter()
+            .flat_map(|(id, spec)| {
+                let fresh = InstanceMemory::first_seen(spec);
+                plan_instance(
+                    spec,
+                    observed.get(id).copied(),
+                    memory.get(id).unwrap_or(&fresh),
+                    now,
+                )
+            })
+            .collect();
+        assert!(actions.len() > 10);
+        assert_eq!(planned.actions, actions);
+        let unmanaged: Vec<InstanceId> = observed
+            .keys()
+            .filter(|id| !desired.instances.contains_key(*id))
+            .cloned()
+            .collect();
+        assert_eq!(unmanaged.len(), 2 * 5);
+        assert_eq!(planned.unmanaged, unmanaged);
+
+        let resizes: Vec<Action> = desired
+            .instances
+            .iter()
+            .filter(|(id, spec)| {
+                spec.desired == PowerState::Running
+                    && observed.get(*id) == Some(&ShutOff)
+                    && !memory
+                        .get(*id)
+                        .is_some_and(|m| m.guest_stopped || m.failure.is_some())
+                    && sizes
+                        .get(*id)
+                        .is_some_and(|s| s.vcpus != spec.resources.vcpus)
+            })
+            .map(|(id, spec)| Action::Resize {
+                instance_id: id.clone(),
+                resources: spec.resources,
+            })
+            .collect();
+        assert!(!resizes.is_empty());
+        assert_eq!(plan_resizes(&desired, &observed, &sizes, &memory), resizes);
+    }
+
+    #[test]
+    fn a_cursor_finds_keys_asked_in_order_and_skips_the_rest() {
+        let map: BTreeMap<u32, &str> = [(2, "two"), (4, "four"), (6, "six")].into();
+        let mut at = Beside::new(&map);
+        assert_eq!(at.get(&1), None);
+        assert_eq!(at.get(&2), Some(&"two"));
+        assert_eq!(at.get(&5), None);
+        assert_eq!(at.get(&6), Some(&"six"));
+        assert_eq!(at.get(&7), None);
+        let mut again = Beside::new(&map);
+        assert_eq!(again.get(&4), Some(&"four"));
+        assert_eq!(again.get(&4), None, "each key is found once");
     }
 
     fn doc(spec: DesiredInstance) -> DesiredState {
