@@ -51,8 +51,10 @@ const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The shortest pause between two reconcile passes.
 const RECONCILE_GAP: Duration = Duration::from_millis(2);
 /// The pause after a pass is at least this many times the pass's own duration, so passes
-/// take at most a fifth of a core however many instances the node holds.
-const RECONCILE_GAP_FACTOR: u32 = 4;
+/// take at most a ninth of a core however many instances the node holds (the same bound as
+/// the CLC's pushes): the agent shares its host with the guests. A pass is linear in the
+/// node's instances (`plan::Beside`).
+const RECONCILE_GAP_FACTOR: u32 = 8;
 /// How long `NodeHandle::shutdown` waits for a task before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A snapshot uploaded is taken again if the document still asks for it this much later
