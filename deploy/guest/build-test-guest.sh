@@ -10,7 +10,7 @@
 #                      running until an ACPI power-off (the power button), when it powers
 #                      the machine off
 # OUT_DIR/disk.qcow2   an empty 64 MiB disk (the EMI the two boot with)
-# OUT_DIR/VERSION      the package versions it was built from
+# OUT_DIR/VERSION      the package versions it was built from, and the init's revision
 #
 # It needs apt-get (Debian's package lists: run `apt-get update` once as root if they are
 # missing), dpkg-deb, gzip and qemu-img. An OUT_DIR that already holds a build is kept;
@@ -22,9 +22,14 @@ if [[ ${1:-} == --force ]]; then force=1; shift; fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT=${1:-$ROOT/target/test-guest}
 
+# Raised whenever the initramfs's init changes, so that a build made by an earlier one is
+# made again rather than kept.
+INIT_REVISION=2
+
 die() { printf 'build-test-guest: %s\n' "$*" >&2; exit 1; }
 
-if [[ $force == 0 && -s $OUT/vmlinuz && -s $OUT/initrd.gz && -s $OUT/disk.qcow2 && -s $OUT/VERSION ]]; then
+if [[ $force == 0 && -s $OUT/vmlinuz && -s $OUT/initrd.gz && -s $OUT/disk.qcow2 && -s $OUT/VERSION ]] &&
+    grep -qx "init revision $INIT_REVISION" "$OUT/VERSION"; then
     echo "build-test-guest: $OUT already holds $(tr '\n' ' ' <"$OUT/VERSION")"
     exit 0
 fi
@@ -70,7 +75,9 @@ id=$(sed -n 's/.*canopy\.instance_id=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "canopy-test-guest: instance ${id:-unknown} is up"
 # An ACPI power-off arrives as a key press on a "Power Button" input device (the button
 # module registers it, perhaps a moment after insmod): the first event read from one powers
-# the machine off.
+# the machine off. The device delivers only to readers that have it open, so the guest says
+# it waits once the device is open: a press after that line is never lost (one sent before
+# the reader opened it was, and the test host's reboot then waited for nothing).
 watching=0
 tries=0
 while [ $watching = 0 ] && [ $tries -lt 50 ]; do
@@ -78,7 +85,9 @@ while [ $watching = 0 ] && [ $tries -lt 50 ]; do
         [ -e "$ev/device/name" ] && grep -q "Power Button" "$ev/device/name" || continue
         node=/dev/input/${ev##*/}
         ( while [ ! -e "$node" ]; do sleep 0.1; done
-          dd if="$node" bs=24 count=1 >/dev/null 2>&1 &&
+          exec 3<"$node"
+          echo "canopy-test-guest: instance ${id:-unknown} waits for an ACPI power-off"
+          dd bs=24 count=1 <&3 >/dev/null 2>&1 &&
               echo "canopy-test-guest: instance ${id:-unknown} powering off" &&
               poweroff -f ) &
         watching=1
@@ -86,11 +95,8 @@ while [ $watching = 0 ] && [ $tries -lt 50 ]; do
     tries=$((tries + 1))
     [ $watching = 1 ] || sleep 0.1
 done
-if [ $watching = 1 ]; then
-    echo "canopy-test-guest: instance ${id:-unknown} waits for an ACPI power-off"
-else
+[ $watching = 1 ] ||
     echo "canopy-test-guest: no power button found; ACPI power-off will not work"
-fi
 while :; do sleep 3600; done
 INIT
 chmod 755 "$root/init"
@@ -103,5 +109,6 @@ rm -f "$OUT/disk.qcow2"
 qemu-img create -q -f qcow2 "$OUT/disk.qcow2" 64M
 mv "$OUT/initrd.gz.tmp" "$OUT/initrd.gz"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
-dpkg-deb -W --showformat='${Package} ${Version}\n' "$kernel_pkg"_*.deb busybox-static_*.deb >"$OUT/VERSION"
+{ dpkg-deb -W --showformat='${Package} ${Version}\n' "$kernel_pkg"_*.deb busybox-static_*.deb
+  echo "init revision $INIT_REVISION"; } >"$OUT/VERSION"
 echo "build-test-guest: built $OUT from $(tr '\n' ' ' <"$OUT/VERSION")"

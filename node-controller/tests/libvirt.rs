@@ -99,6 +99,26 @@ async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -
     }
 }
 
+/// Destroys and undefines the test's domains when the test ends, passed or failed: a failed
+/// run must not leave a guest holding the host's vCPUs (later tests on the host would find
+/// no room). Declared after the scratch directory, so it runs before that goes.
+struct Domains(Vec<InstanceId>);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for id in &self.0 {
+            for verb in ["destroy", "undefine"] {
+                // Absent (the test removed it) or not running: nothing to do.
+                let _ = std::process::Command::new("virsh")
+                    .args(["-c", "qemu:///system", verb, id.as_str()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 async fn console_count(hv: &LibvirtHypervisor, id: &InstanceId, line: &str) -> usize {
     let console = hv.console(id).await.expect("console");
     String::from_utf8_lossy(&console).matches(line).count()
@@ -112,6 +132,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     }
     let guest = guest();
     let scratch = tempfile::tempdir_in(repo().join("target")).unwrap();
+    let mut domains = Domains(Vec::new());
     let fetcher = Arc::new(FileFetcher::default());
     let emi = fetcher.add(ImageKind::Machine, &guest.join("disk.qcow2"));
     let eki = fetcher.add(ImageKind::Kernel, &guest.join("vmlinuz"));
@@ -174,6 +195,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     );
 
     let id = InstanceId::generate();
+    domains.0.push(id.clone());
     let mut spec = DomainSpec::new(
         id.clone(),
         Resources::new(1, 256, 1),
@@ -463,6 +485,7 @@ async fn a_guest_boots_stops_starts_reboots_and_goes_away() {
     );
     let made = fetcher.add(ImageKind::Machine, &flattened);
     let child = InstanceId::generate();
+    domains.0.push(child.clone());
     let mut child_spec = DomainSpec::new(
         child.clone(),
         Resources::new(1, 256, 1),
