@@ -305,13 +305,14 @@ pub fn plan_resizes(
     let (mut memory, mut observed) = (Beside::new(memory), Beside::new(observed));
     let mut sizes = Beside::new(sizes);
     for (id, spec) in &desired.instances {
-        // Every lookup advances its cursor, whatever the outcome.
-        let (mem, seen, size) = (memory.get(id), observed.get(id), sizes.get(id));
+        // A cursor not asked about an id just skips it on the next lookup.
         let about_to_start = spec.desired == PowerState::Running
-            && seen == Some(&DomainState::ShutOff)
+            && observed.get(id) == Some(&DomainState::ShutOff)
             && !copying.contains(id)
-            && !mem.is_some_and(|m| m.guest_stopped || m.failure.is_some());
-        let Some(size) = size else { continue };
+            && !memory
+                .get(id)
+                .is_some_and(|m| m.guest_stopped || m.failure.is_some());
+        let Some(size) = sizes.get(id) else { continue };
         let want = spec.resources;
         if about_to_start && (size.vcpus != want.vcpus || size.memory_mib != want.memory_mib) {
             actions.push(Action::Resize {
@@ -338,13 +339,12 @@ pub fn plan_volumes(
     let mut actions = Vec::new();
     let (mut observed, mut attached) = (Beside::new(observed), Beside::new(attached));
     for (id, spec) in &desired.instances {
-        let (seen, has) = (observed.get(id), attached.get(id));
         if spec.desired == PowerState::Terminated
-            || matches!(seen, None | Some(DomainState::Crashed))
+            || matches!(observed.get(id), None | Some(DomainState::Crashed))
         {
             continue;
         }
-        let has = has.map(Vec::as_slice).unwrap_or_default();
+        let has = attached.get(id).map(Vec::as_slice).unwrap_or_default();
         for volume in &spec.volumes {
             if !has.contains(&volume.volume_id) {
                 actions.push(Action::AttachVolume {
@@ -532,29 +532,30 @@ pub fn reports(
 ) -> BTreeMap<InstanceId, InstanceReport> {
     static NONE: BTreeMap<InstanceId, DesiredInstance> = BTreeMap::new();
     let specs = desired.map_or(&NONE, |d| &d.instances);
-    // Both key sets are sorted: merge them rather than collect, sort and look each id up.
-    let mut ids = observed.keys().peekable();
-    let mut doc_ids = specs.keys().peekable();
-    let (mut specs, mut seen, mut memory) = (
-        Beside::new(specs),
-        Beside::new(observed),
-        Beside::new(memory),
-    );
+    // Both maps are sorted: merge them rather than collect the ids, sort them and look
+    // each one up; the merge yields each id with its spec and its state.
+    let (mut seen, mut specs) = (observed.iter().peekable(), specs.iter().peekable());
+    let mut memory = Beside::new(memory);
     let mut out = BTreeMap::new();
     loop {
-        let id = match (ids.peek(), doc_ids.peek()) {
+        let order = match (seen.peek(), specs.peek()) {
             (None, None) => break,
-            (Some(a), Some(b)) if a == b => {
-                doc_ids.next();
-                ids.next()
-            }
-            (Some(a), Some(b)) if a < b => ids.next(),
-            (Some(_), None) => ids.next(),
-            _ => doc_ids.next(),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
         };
-        let Some(id) = id else { break };
-        let (spec, state, mem) = (specs.get(id), seen.get(id).copied(), memory.get(id));
-        if let Some(r) = report(id, spec, state, mem) {
+        // Each arm takes an entry that was just peeked, so none yields `None`.
+        let Some((id, state, spec)) = (match order {
+            Ordering::Less => seen.next().map(|(id, state)| (id, Some(*state), None)),
+            Ordering::Greater => specs.next().map(|(id, spec)| (id, None, Some(spec))),
+            Ordering::Equal => seen
+                .next()
+                .zip(specs.next())
+                .map(|((id, state), (_, spec))| (id, Some(*state), Some(spec))),
+        }) else {
+            break;
+        };
+        if let Some(r) = report(id, spec, state, memory.get(id)) {
             out.insert(id.clone(), r);
         }
     }
@@ -675,25 +676,30 @@ mod tests {
                 }
             }
         }
+        // Past every other id, a domain the document does not name: one map runs out first.
+        observed.insert(many(n + 1), Running);
         let now = Instant::now();
 
-        let ids: BTreeSet<&InstanceId> = desired.instances.keys().chain(observed.keys()).collect();
-        let expected: BTreeMap<InstanceId, InstanceReport> = ids
-            .into_iter()
-            .filter_map(|id| {
-                let r = report(
-                    id,
-                    desired.instances.get(id),
-                    observed.get(id).copied(),
-                    memory.get(id),
-                );
-                r.map(|r| (id.clone(), r))
-            })
-            .collect();
+        let lookups = |desired: &DesiredState, observed: &States| -> BTreeMap<_, _> {
+            let ids: BTreeSet<&InstanceId> =
+                desired.instances.keys().chain(observed.keys()).collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let r = report(
+                        id,
+                        desired.instances.get(id),
+                        observed.get(id).copied(),
+                        memory.get(id),
+                    );
+                    r.map(|r| (id.clone(), r))
+                })
+                .collect()
+        };
+        let expected = lookups(&desired, &observed);
         assert_eq!(
             expected.len(),
-            4 * 2 * 6 - 2,
-            "every id but the two neither desired nor seen"
+            4 * 2 * 6 - 2 + 1,
+            "every id but the two neither desired nor seen, and the last domain"
         );
         assert_eq!(reports(Some(&desired), &observed, &memory), expected);
 
@@ -718,7 +724,7 @@ mod tests {
             .filter(|id| !desired.instances.contains_key(*id))
             .cloned()
             .collect();
-        assert_eq!(unmanaged.len(), 2 * 5);
+        assert_eq!(unmanaged.len(), 2 * 5 + 1);
         assert_eq!(planned.unmanaged, unmanaged);
 
         let resizes: Vec<Action> = desired
@@ -741,6 +747,16 @@ mod tests {
             .collect();
         assert!(!resizes.is_empty());
         assert_eq!(plan_resizes(&desired, &observed, &sizes, &memory), resizes);
+
+        // The other map running out first: past every other id, an instance the host does
+        // not have yet.
+        observed.remove(&many(n + 1));
+        let mut last = spec(PowerState::Running, 0);
+        last.instance_id = many(n + 2);
+        desired.instances.insert(last.instance_id.clone(), last);
+        let expected = lookups(&desired, &observed);
+        assert_eq!(expected.len(), 4 * 2 * 6 - 2 + 1);
+        assert_eq!(reports(Some(&desired), &observed, &memory), expected);
     }
 
     #[test]
