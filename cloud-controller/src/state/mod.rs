@@ -29,7 +29,7 @@ pub use error::{ImageFault, SnapshotFault, StateError, VolumeFault};
 pub use pki::{CertificateRow, JoinTokenRow, RevokeTarget};
 pub use query::{AllocationGroup, InstanceFilter};
 pub use security_groups::MAX_RULES_PER_DIRECTION;
-pub(crate) use store::count_applied;
+pub(crate) use store::count_applied_and_commit;
 pub use store::{BootImageError, Catalog, StateDigest, Store};
 pub use types::{
     Account, Address, AttachStatus, Attachment, DEFAULT_SECURITY_GROUP, DesiredSpec, Image,

@@ -262,6 +262,17 @@ impl Store {
     }
 }
 
+/// The statements of [`count_applied`]; a macro so that [`count_applied_and_commit`] can
+/// append its `COMMIT` at compile time.
+macro_rules! count_applied_sql {
+    () => {
+        "INSERT INTO meta(key, value) SELECT 'last_applied', CAST(? AS TEXT) WHERE ? > 0
+         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + excluded.value AS TEXT);
+         INSERT INTO meta(key, value) SELECT ?, ? WHERE ? IS NOT NULL
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value;"
+    };
+}
+
 /// Counts `commands` more applied commands in `meta.last_applied`, in the caller's
 /// transaction, so that the single-replica path and the Raft state machine keep the same
 /// count; and sets one more `meta` row (`also`: key, value) in the same call.
@@ -270,21 +281,42 @@ pub(crate) async fn count_applied(
     commands: i64,
     also: Option<(&str, String)>,
 ) -> Result<(), sqlx::Error> {
-    let (key, value) = also.unzip();
-    sqlx::query(
-        "INSERT INTO meta(key, value) SELECT 'last_applied', CAST(? AS TEXT) WHERE ? > 0
-         ON CONFLICT(key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + excluded.value AS TEXT);
-         INSERT INTO meta(key, value) SELECT ?, ? WHERE ? IS NOT NULL
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
+    count_applied_then(conn, count_applied_sql!(), commands, also).await
+}
+
+/// [`count_applied`], then `COMMIT`, in one call: for a transaction begun by hand with a
+/// `BEGIN` statement (not sqlx's `Transaction`, which knows nothing of this `COMMIT`).
+/// Failing, it may leave the transaction open: the caller rolls back.
+pub(crate) async fn count_applied_and_commit(
+    conn: &mut sqlx::SqliteConnection,
+    commands: i64,
+    also: Option<(&str, String)>,
+) -> Result<(), sqlx::Error> {
+    count_applied_then(
+        conn,
+        concat!(count_applied_sql!(), " COMMIT;"),
+        commands,
+        also,
     )
-    // Plain `?` in order: see the note in `state::bulk` on numbered parameters.
-    .bind(commands)
-    .bind(commands)
-    .bind(key)
-    .bind(value)
-    .bind(key)
-    .execute(&mut *conn)
-    .await?;
+    .await
+}
+
+async fn count_applied_then(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &'static str,
+    commands: i64,
+    also: Option<(&str, String)>,
+) -> Result<(), sqlx::Error> {
+    let (key, value) = also.unzip();
+    sqlx::query(sql)
+        // Plain `?` in order: see the note in `state::bulk` on numbered parameters.
+        .bind(commands)
+        .bind(commands)
+        .bind(key)
+        .bind(value)
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, StorageIOError};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::types::{
     Entry, LogId, RaftResponse, Rejection, Snapshot, SnapshotMeta, StorageError, StoredMembership,
@@ -73,52 +74,20 @@ impl SqliteStateMachine {
         if entries.peek().is_none() {
             return Ok(Vec::new());
         }
-        // IMMEDIATE: `apply` reads before it writes, and a deferred transaction whose read
-        // snapshot went stale (the log store committed meanwhile) would fail at its first
-        // write instead of waiting for the lock.
         let started = std::time::Instant::now();
-        let mut tx = self.store.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = ApplyTx::begin(self.store.pool()).await?;
         let locked_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut responses = Vec::new();
-        let mut last_applied = None;
-        let mut membership = None;
-        let mut catalog_changed = false;
-        let mut volumes_touched = false;
-        for entry in entries {
-            if let EntryPayload::Normal(command) = &entry.payload {
-                catalog_changed |= command.changes_catalog();
-                volumes_touched |= command.may_await_nodes_on_volumes();
-            }
-            let response = match entry.payload {
-                EntryPayload::Blank => RaftResponse::NoCommand,
-                EntryPayload::Normal(command) => match command.command() {
-                    Command::Batch(commands) => {
-                        RaftResponse::Batch(apply_commands(&mut tx, commands).await?)
-                    }
-                    command => {
-                        let one = std::slice::from_ref(command);
-                        apply_commands(&mut tx, one).await?.remove(0)
-                    }
-                },
-                EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
-                    RaftResponse::NoCommand
+        let (responses, catalog_changed, volumes_touched) =
+            match apply_entries(&mut tx.conn, entries).await {
+                Ok(done) => {
+                    tx.open = false;
+                    done
+                }
+                Err(e) => {
+                    tx.rollback().await;
+                    return Err(e);
                 }
             };
-            last_applied = Some(entry.log_id);
-            responses.push(response);
-        }
-        // The same count `Store::apply` keeps, so `Store::last_applied` means "commands
-        // applied" on either path and both paths leave identical rows; one call a batch,
-        // with the last applied log id.
-        let applied = count_commands(&responses);
-        let last_applied_json = serde_json::to_string(&last_applied)?;
-        crate::state::count_applied(&mut tx, applied, Some((LAST_APPLIED, last_applied_json)))
-            .await?;
-        if let Some(membership) = membership {
-            write_json(&mut tx, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
-        }
-        tx.commit().await?;
         if catalog_changed {
             self.store.catalog_changed();
         }
@@ -168,6 +137,94 @@ impl SqliteStateMachine {
             None => Ok(None),
         }
     }
+}
+
+/// A batch's write transaction, begun and ended with statements of its own rather than
+/// sqlx's `Transaction`, so that the statement counting the applied commands also carries
+/// the `COMMIT`: every sqlx statement is a round trip to the connection's thread, and a
+/// separate `COMMIT` would add one to every entry's apply on every replica (on the leader,
+/// on the path of every acknowledged write). While `open`, dropping it — a failure whose
+/// rollback failed too, or the apply cancelled — closes the connection instead of handing
+/// it back to the pool inside the transaction; SQLite then rolls the transaction back.
+struct ApplyTx {
+    conn: PoolConnection<Sqlite>,
+    open: bool,
+}
+
+impl ApplyTx {
+    /// `BEGIN IMMEDIATE`: the apply reads before it writes, and a deferred transaction
+    /// whose read snapshot went stale (another writer committed meanwhile) would fail at its
+    /// first write instead of waiting (busy_timeout) for the lock.
+    async fn begin(pool: &SqlitePool) -> Result<Self, RaftStoreError> {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+        Ok(Self { conn, open: true })
+    }
+
+    /// Rolls back now, so the next writer finds the lock free.
+    async fn rollback(mut self) {
+        match sqlx::query("ROLLBACK").execute(&mut *self.conn).await {
+            Ok(_) => self.open = false,
+            Err(e) => tracing::warn!(error = %e, "rolling back a failed apply"),
+        }
+    }
+}
+
+impl Drop for ApplyTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Applies `entries` in the transaction `conn` has open, and commits it with the last
+/// statement. What it returns: the responses, and whether the catalogue changed and volumes
+/// were touched. Failing, it leaves the transaction for the caller to roll back.
+async fn apply_entries(
+    conn: &mut SqliteConnection,
+    entries: impl Iterator<Item = Entry>,
+) -> Result<(Vec<RaftResponse>, bool, bool), RaftStoreError> {
+    let mut responses = Vec::new();
+    let mut last_applied = None;
+    let mut membership = None;
+    let mut catalog_changed = false;
+    let mut volumes_touched = false;
+    for entry in entries {
+        if let EntryPayload::Normal(command) = &entry.payload {
+            catalog_changed |= command.changes_catalog();
+            volumes_touched |= command.may_await_nodes_on_volumes();
+        }
+        let response = match entry.payload {
+            EntryPayload::Blank => RaftResponse::NoCommand,
+            EntryPayload::Normal(command) => match command.command() {
+                Command::Batch(commands) => {
+                    RaftResponse::Batch(apply_commands(conn, commands).await?)
+                }
+                command => {
+                    let one = std::slice::from_ref(command);
+                    apply_commands(conn, one).await?.remove(0)
+                }
+            },
+            EntryPayload::Membership(m) => {
+                membership = Some(StoredMembership::new(Some(entry.log_id), m));
+                RaftResponse::NoCommand
+            }
+        };
+        last_applied = Some(entry.log_id);
+        responses.push(response);
+    }
+    if let Some(membership) = membership {
+        write_json(conn, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
+    }
+    // The same count `Store::apply` keeps, so `Store::last_applied` means "commands
+    // applied" on either path and both paths leave identical rows; one call a batch, with
+    // the last applied log id, and the commit.
+    let applied = count_commands(&responses);
+    let last_applied_json = serde_json::to_string(&last_applied)?;
+    crate::state::count_applied_and_commit(conn, applied, Some((LAST_APPLIED, last_applied_json)))
+        .await?;
+    Ok((responses, catalog_changed, volumes_touched))
 }
 
 /// How many commands were applied (not rejected) in these responses.

@@ -254,6 +254,52 @@ async fn a_rejected_command_advances_last_applied_and_writes_nothing_else() {
 }
 
 #[tokio::test]
+async fn a_batch_that_fails_writes_nothing_and_the_next_batch_applies() {
+    let (_dir, store) = temp_store().await;
+    let mut sm = SqliteStateMachine::new(store.clone());
+    let w = World::new();
+    apply_all(&mut sm, 1, w.setup()).await;
+    let first = w.launch(1, 0);
+    apply_all(&mut sm, 4, vec![first.clone()]).await;
+    let before = dump_state(&store).await;
+    let counter = store.last_applied().await.unwrap();
+
+    // Entry 5 applies; entry 6 reuses entry 4's reservation id (another client token), which
+    // no check refuses and the reservations table's key fails: the whole batch goes.
+    let second = w.launch(2, 0);
+    let mut clash = w.launch(3, 0);
+    if let (
+        Command::LaunchInstances { reservation_id, .. },
+        Command::LaunchInstances {
+            reservation_id: taken,
+            ..
+        },
+    ) = (&mut clash, &first)
+    {
+        *reservation_id = taken.clone();
+    }
+    let failed = sm.apply([entry(5, second.clone()), entry(6, clash)]).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(dump_state(&store).await, before);
+    assert_eq!(store.last_applied().await.unwrap(), counter);
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 4)));
+
+    // Nothing holds the write lock or an open transaction: the next batch applies (on a
+    // connection left inside the failed transaction, its BEGIN would fail; on another, it
+    // would wait out the busy timeout and fail).
+    let responses = apply_all(&mut sm, 5, vec![second]).await;
+    assert!(matches!(
+        responses[0],
+        RaftResponse::Applied(crate::state::Outcome::Launched {
+            replayed: false,
+            ..
+        })
+    ));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 5)));
+    assert_eq!(store.last_applied().await.unwrap(), counter + 1);
+}
+
+#[tokio::test]
 async fn blank_and_membership_entries_answer_no_command() {
     let (_dir, store) = temp_store().await;
     let mut sm = SqliteStateMachine::new(store);
@@ -568,15 +614,20 @@ async fn the_log_survives_reopening_the_database() {
     let store = Store::open(&path).await.unwrap();
     let mut log = SqliteLogStore::new(&store);
     let w = World::new();
+    // A few entries (one statement), then more than one statement holds (one transaction).
     let entries: Vec<Entry> = w
         .setup()
         .into_iter()
+        .chain((0..150).map(|n| w.launch(1 + n % 3, 0)))
         .zip(1..)
         .map(|(c, i)| entry(i, c))
         .collect();
-    openraft::storage::RaftLogStorageExt::blocking_append(&mut log, entries.clone())
-        .await
-        .unwrap();
+    let (few, many) = entries.split_at(3);
+    for part in [few, many] {
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut log, part.to_vec())
+            .await
+            .unwrap();
+    }
     store.close().await;
 
     let store = Store::open(&path).await.unwrap();
