@@ -19,12 +19,32 @@ use super::command::{Command, Outcome, launch_image};
 use super::query::fmt_time;
 use super::types::RESOURCE_TYPE_INSTANCE;
 
-/// Applies `commands` in order inside the caller's transaction: one result per command,
-/// where an `Err` is always a deterministic rejection (the command wrote nothing). A failure
-/// of the store itself is the outer error, and the caller must abandon the transaction.
+/// The caller's transaction, as [`apply_each`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tx {
+    /// Already begun.
+    Open,
+    /// To be begun (`BEGIN IMMEDIATE`) by the first statement: a launch run's check read
+    /// carries it, saving the round trip of a statement of its own.
+    BeginImmediate,
+}
+
+/// Begins the transaction now if it is still to be begun.
+pub async fn begin_if_pending(conn: &mut SqliteConnection, tx: Tx) -> Result<(), sqlx::Error> {
+    if tx == Tx::BeginImmediate {
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Applies `commands` in order inside the caller's transaction (begun first when `tx` says
+/// so, even for no commands): one result per command, where an `Err` is always a
+/// deterministic rejection (the command wrote nothing). A failure of the store itself is the
+/// outer error, and the caller must abandon the transaction (which may or may not have begun).
 pub async fn apply_each(
     conn: &mut SqliteConnection,
     commands: &[Command],
+    mut tx: Tx,
 ) -> Result<Vec<Result<Outcome, StateError>>, StateError> {
     let mut results = Vec::with_capacity(commands.len());
     let mut rest = commands;
@@ -34,13 +54,16 @@ pub async fn apply_each(
             .take_while(|c| matches!(c, Command::LaunchInstances { .. }))
             .count();
         if run > 0 {
-            results.extend(apply_launches(conn, &rest[..run]).await?);
+            results.extend(apply_launches(conn, &rest[..run], tx).await?);
             rest = &rest[run..];
         } else {
+            begin_if_pending(conn, tx).await?;
             results.push(apply_alone(conn, first).await?);
             rest = &rest[1..];
         }
+        tx = Tx::Open;
     }
+    begin_if_pending(conn, tx).await?;
     Ok(results)
 }
 
@@ -71,10 +94,28 @@ async fn apply_alone(
     Ok(result)
 }
 
+/// The read a run of launches starts with (see [`apply_launches`]); a macro so that the
+/// variant beginning the transaction is spelled once.
+macro_rules! launch_checks_sql {
+    () => {
+        "SELECT 'token', r.account_id, r.client_token, r.reservation_id, r.request_hash
+             FROM jsonb_each(?1) j JOIN reservations r
+               ON r.account_id = j.value ->> 0 AND r.client_token = j.value ->> 1
+             UNION ALL
+             SELECT 'image', image_id, NULL, NULL, NULL FROM images
+             WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))
+             UNION ALL
+             SELECT 'group', g.account_id, g.group_id, NULL, NULL
+             FROM jsonb_each(?3) j JOIN security_groups g
+               ON g.account_id = j.value ->> 0 AND g.group_id = j.value ->> 1"
+    };
+}
+
 /// A run of `LaunchInstances`, decided in order exactly as [`apply`] decides each one.
 async fn apply_launches(
     conn: &mut SqliteConnection,
     launches: &[Command],
+    tx: Tx,
 ) -> Result<Vec<Result<Outcome, StateError>>, StateError> {
     // The two reads every launch's checks need, for the whole run at once.
     let mut asked_tokens = Vec::new();
@@ -105,18 +146,10 @@ async fn apply_launches(
         Option<String>,
         Option<String>,
     );
-    let found: Vec<CheckRow> = sqlx::query_as(
-        "SELECT 'token', r.account_id, r.client_token, r.reservation_id, r.request_hash
-             FROM jsonb_each(?1) j JOIN reservations r
-               ON r.account_id = j.value ->> 0 AND r.client_token = j.value ->> 1
-             UNION ALL
-             SELECT 'image', image_id, NULL, NULL, NULL FROM images
-             WHERE state = 'available' AND image_id IN (SELECT value FROM json_each(?2))
-             UNION ALL
-             SELECT 'group', g.account_id, g.group_id, NULL, NULL
-             FROM jsonb_each(?3) j JOIN security_groups g
-               ON g.account_id = j.value ->> 0 AND g.group_id = j.value ->> 1",
-    )
+    let found: Vec<CheckRow> = sqlx::query_as(match tx {
+        Tx::Open => launch_checks_sql!(),
+        Tx::BeginImmediate => concat!("BEGIN IMMEDIATE; ", launch_checks_sql!()),
+    })
     .bind(serde_json::to_string(&asked_tokens).map_err(corrupt)?)
     .bind(serde_json::to_string(&asked_images).map_err(corrupt)?)
     .bind(serde_json::to_string(&asked_groups).map_err(corrupt)?)

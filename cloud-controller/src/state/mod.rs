@@ -20,7 +20,7 @@ mod types;
 mod volumes;
 
 pub use apply::{MAX_TAGS_PER_RESOURCE, apply};
-pub use bulk::apply_each;
+pub use bulk::{Tx, apply_each, begin_if_pending};
 pub use command::{
     Command, InstanceAction, InstanceChange, KeyPairRef, LaunchPermission, NewInstance,
     Observation, Outcome, StateChange,

@@ -16,7 +16,7 @@ use super::types::{
     TypeConfig,
 };
 use super::{KvTable, RaftStoreError, read_json, write_json};
-use crate::state::{Command, Store, apply_each};
+use crate::state::{Command, Store, Tx, apply_each};
 
 /// `meta` keys of the state machine's progress. They live in the state's own table, so they
 /// are written in the same transaction as the rows they account for, and travel in snapshots.
@@ -75,8 +75,7 @@ impl SqliteStateMachine {
             return Ok(Vec::new());
         }
         let started = std::time::Instant::now();
-        let mut tx = ApplyTx::begin(self.store.pool()).await?;
-        let locked_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut tx = ApplyTx::acquire(self.store.pool()).await?;
         let (responses, catalog_changed, volumes_touched) =
             match apply_entries(&mut tx.conn, entries).await {
                 Ok(done) => {
@@ -96,7 +95,6 @@ impl SqliteStateMachine {
         }
         tracing::trace!(
             entries = responses.len(),
-            locked_ms,
             took_ms = started.elapsed().as_secs_f64() * 1e3,
             "applied"
         );
@@ -140,32 +138,36 @@ impl SqliteStateMachine {
 }
 
 /// A batch's write transaction, begun and ended with statements of its own rather than
-/// sqlx's `Transaction`, so that the statement counting the applied commands also carries
-/// the `COMMIT`: every sqlx statement is a round trip to the connection's thread, and a
-/// separate `COMMIT` would add one to every entry's apply on every replica (on the leader,
-/// on the path of every acknowledged write). While `open`, dropping it — a failure whose
-/// rollback failed too, or the apply cancelled — closes the connection instead of handing
-/// it back to the pool inside the transaction; SQLite then rolls the transaction back.
+/// sqlx's `Transaction`, so that other statements carry them: the first statement also
+/// begins it (`BEGIN IMMEDIATE`; a launch run's read does, see `state::Tx`) and the one
+/// counting the applied commands also commits it. Every sqlx statement is a round trip to
+/// the connection's thread, and a `BEGIN` or `COMMIT` of its own would add one to every
+/// entry's apply on every replica (on the leader, on the path of every acknowledged write).
+/// While `open` (from the moment a `BEGIN` may have been sent), dropping it — a failure whose
+/// rollback failed too, or the apply cancelled — closes the connection instead of handing it
+/// back to the pool inside the transaction; SQLite then rolls the transaction back.
 struct ApplyTx {
     conn: PoolConnection<Sqlite>,
     open: bool,
 }
 
 impl ApplyTx {
+    /// A connection for the batch; its first statement begins the transaction.
+    ///
     /// `BEGIN IMMEDIATE`: the apply reads before it writes, and a deferred transaction
     /// whose read snapshot went stale (another writer committed meanwhile) would fail at its
     /// first write instead of waiting (busy_timeout) for the lock.
-    async fn begin(pool: &SqlitePool) -> Result<Self, RaftStoreError> {
-        let mut conn = pool.acquire().await?;
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    async fn acquire(pool: &SqlitePool) -> Result<Self, RaftStoreError> {
+        let conn = pool.acquire().await?;
         Ok(Self { conn, open: true })
     }
 
-    /// Rolls back now, so the next writer finds the lock free.
+    /// Rolls back now, so the next writer finds the lock free. When that fails (no
+    /// transaction had begun, or the connection is broken), the connection is closed.
     async fn rollback(mut self) {
         match sqlx::query("ROLLBACK").execute(&mut *self.conn).await {
             Ok(_) => self.open = false,
-            Err(e) => tracing::warn!(error = %e, "rolling back a failed apply"),
+            Err(e) => tracing::debug!(error = %e, "rolling back a failed apply"),
         }
     }
 }
@@ -190,6 +192,7 @@ async fn apply_entries(
     let mut membership = None;
     let mut catalog_changed = false;
     let mut volumes_touched = false;
+    let mut tx = Tx::BeginImmediate;
     for entry in entries {
         if let EntryPayload::Normal(command) = &entry.payload {
             catalog_changed |= command.changes_catalog();
@@ -197,15 +200,20 @@ async fn apply_entries(
         }
         let response = match entry.payload {
             EntryPayload::Blank => RaftResponse::NoCommand,
-            EntryPayload::Normal(command) => match command.command() {
-                Command::Batch(commands) => {
-                    RaftResponse::Batch(apply_commands(conn, commands).await?)
-                }
-                command => {
-                    let one = std::slice::from_ref(command);
-                    apply_commands(conn, one).await?.remove(0)
-                }
-            },
+            EntryPayload::Normal(command) => {
+                let response = match command.command() {
+                    Command::Batch(commands) => {
+                        RaftResponse::Batch(apply_commands(conn, commands, tx).await?)
+                    }
+                    command => {
+                        let one = std::slice::from_ref(command);
+                        apply_commands(conn, one, tx).await?.remove(0)
+                    }
+                };
+                // `apply_each` began it, whatever the commands.
+                tx = Tx::Open;
+                response
+            }
             EntryPayload::Membership(m) => {
                 membership = Some(StoredMembership::new(Some(entry.log_id), m));
                 RaftResponse::NoCommand
@@ -214,6 +222,8 @@ async fn apply_entries(
         last_applied = Some(entry.log_id);
         responses.push(response);
     }
+    // Only blank and membership entries: nothing has begun the transaction yet.
+    crate::state::begin_if_pending(conn, tx).await?;
     if let Some(membership) = membership {
         write_json(conn, KvTable::Meta, LAST_MEMBERSHIP, &membership).await?;
     }
@@ -245,8 +255,9 @@ fn count_commands(responses: &[RaftResponse]) -> i64 {
 async fn apply_commands(
     conn: &mut SqliteConnection,
     commands: &[Command],
+    tx: Tx,
 ) -> Result<Vec<RaftResponse>, RaftStoreError> {
-    let results = apply_each(conn, commands)
+    let results = apply_each(conn, commands, tx)
         .await
         .map_err(RaftStoreError::Apply)?;
     results
