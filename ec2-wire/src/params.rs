@@ -6,7 +6,6 @@
 //! numeric index, never by the text of the key (`.10` after `.9`).
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::str::FromStr;
 
 /// A parameter that is missing or does not parse.
@@ -54,9 +53,15 @@ impl ParamError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Params {
     entries: Vec<(String, String)>,
-    // Index into `entries`, so that parsing stays linear however many parameters a request has.
-    index: HashMap<String, usize>,
+    /// Where each key is in `entries`, once there are more than [`LINEAR_MAX`] of them, so that
+    /// parsing stays linear however many parameters a request has (`InstanceId.1` …
+    /// `InstanceId.1000`). Most requests carry a handful, found faster by a scan than by
+    /// hashing, and without a second copy of every key.
+    index: Option<HashMap<String, usize>>,
 }
+
+/// The most keys looked up by a scan of [`Params`]' entries.
+const LINEAR_MAX: usize = 16;
 
 impl Params {
     /// Decodes an `application/x-www-form-urlencoded` body or a raw query string (without `?`).
@@ -66,26 +71,54 @@ impl Params {
     /// refused where it is used.
     pub fn parse(urlencoded: &[u8]) -> Params {
         let mut params = Params::default();
-        for (key, value) in form_urlencoded::parse(urlencoded) {
-            params.insert(key.into_owned(), value.into_owned());
-        }
+        params.extend_urlencoded(urlencoded);
         params
+    }
+
+    /// Adds the parameters of another encoded string, as [`insert`](Self::insert) does each:
+    /// a `POST` body after the query string.
+    pub fn extend_urlencoded(&mut self, urlencoded: &[u8]) {
+        for (key, value) in form_urlencoded::parse(urlencoded) {
+            self.insert(key.into_owned(), value.into_owned());
+        }
     }
 
     /// Sets `key` to `value`, replacing an earlier value but keeping the key's position.
     pub fn insert(&mut self, key: String, value: String) {
-        match self.index.entry(key) {
-            Entry::Occupied(slot) => self.entries[*slot.get()].1 = value,
-            Entry::Vacant(slot) => {
-                self.entries.push((slot.key().clone(), value));
-                slot.insert(self.entries.len() - 1);
+        if let Some(at) = self.position(&key) {
+            self.entries[at].1 = value;
+            return;
+        }
+        let at = self.entries.len();
+        match &mut self.index {
+            Some(index) => {
+                index.insert(key.clone(), at);
             }
+            None if at == LINEAR_MAX => {
+                let mut index: HashMap<String, usize> = self
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect();
+                index.insert(key.clone(), at);
+                self.index = Some(index);
+            }
+            None => {}
+        }
+        self.entries.push((key, value));
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.entries.iter().position(|(k, _)| k == key),
         }
     }
 
     /// The value of `name`, if present (possibly empty).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.index.get(name).map(|&i| self.entries[i].1.as_str())
+        self.position(name).map(|i| self.entries[i].1.as_str())
     }
 
     /// The value of `name`; absent or empty is [`ParamError::Missing`], as EC2 treats both.
@@ -286,6 +319,38 @@ mod tests {
         assert_eq!(params.get("A"), Some("3"));
         assert_eq!(params.keys().collect::<Vec<_>>(), ["A", "B"]);
         assert_eq!(params.iter().collect::<Vec<_>>(), [("A", "3"), ("B", "2")]);
+    }
+
+    #[test]
+    fn many_keys_are_found_and_replaced_on_both_sides_of_the_index() {
+        // Keys 1..=40 in order, then every one again: the second value replaces the first in
+        // place, whether the key came before the index was built or after.
+        let count = 2 * LINEAR_MAX + 8;
+        let first: Vec<String> = (1..=count).map(|i| format!("K.{i}=a{i}")).collect();
+        let again: Vec<String> = (1..=count).rev().map(|i| format!("K.{i}=b{i}")).collect();
+        for boundary in [LINEAR_MAX - 1, LINEAR_MAX, LINEAR_MAX + 1, count] {
+            // The query string holds the first `boundary` keys, the body the rest and the repeats.
+            let mut params = p(&first[..boundary].join("&"));
+            params.extend_urlencoded(first[boundary..].join("&").as_bytes());
+            for i in 1..=count {
+                assert_eq!(
+                    params.get(&format!("K.{i}")),
+                    Some(format!("a{i}").as_str())
+                );
+            }
+            params.extend_urlencoded(again.join("&").as_bytes());
+            assert_eq!(params.len(), count, "boundary {boundary}");
+            let expected: Vec<String> = (1..=count).map(|i| format!("b{i}")).collect();
+            assert_eq!(params.list("K").unwrap(), expected, "boundary {boundary}");
+            let keys: Vec<String> = (1..=count).map(|i| format!("K.{i}")).collect();
+            assert_eq!(
+                params.keys().collect::<Vec<_>>(),
+                keys,
+                "boundary {boundary}"
+            );
+            assert_eq!(params.get("K.0"), None);
+            assert_eq!(params.get(&format!("K.{}", count + 1)), None);
+        }
     }
 
     #[test]

@@ -20,7 +20,26 @@ const XML_DECL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
 pub struct XmlWriter {
     buf: String,
     root: String,
-    open: Vec<String>,
+    /// The names of the open elements, innermost last, one after another; `open` holds where
+    /// each begins. Two buffers rather than a `String` per element: a response opens dozens.
+    names: String,
+    open: Vec<usize>,
+}
+
+/// Room reserved for a response up front: one instance's `<item>` is about 2 KiB, and growing
+/// the buffer from small copies it every time it doubles.
+const INITIAL_CAPACITY: usize = 4096;
+
+/// A [`std::fmt::Write`] that escapes what is written into it (see [`escape`]), so that text
+/// is formatted straight into the response. Escaping works character by character, so
+/// escaping each piece a formatter writes gives the same as escaping their concatenation.
+struct Escaped<'a>(&'a mut String);
+
+impl std::fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.push_str(&escape(s));
+        Ok(())
+    }
 }
 
 impl XmlWriter {
@@ -35,12 +54,13 @@ impl XmlWriter {
             .filter(char::is_ascii_alphanumeric)
             .chain("Response".chars())
             .collect();
-        let mut buf = String::with_capacity(512);
+        let mut buf = String::with_capacity(INITIAL_CAPACITY);
         buf.push_str(XML_DECL);
         let _ = write!(buf, "<{root} xmlns=\"{XMLNS}\">");
         let mut writer = XmlWriter {
             buf,
             root,
+            names: String::new(),
             open: Vec::new(),
         };
         writer.elem("requestId", request_id);
@@ -50,10 +70,9 @@ impl XmlWriter {
     /// `<name>text</name>`, with `text` escaped.
     pub fn elem(&mut self, name: &str, text: impl Display) -> &mut Self {
         debug_assert!(is_name(name), "invalid XML element name {name:?}");
-        // Formatting into a scratch string first lets plain `&str` and numbers share one path;
-        // responses are small enough that the copy does not matter.
-        let text = text.to_string();
-        let _ = write!(self.buf, "<{name}>{}</{name}>", escape(&text));
+        self.open_tag(name);
+        self.text(text);
+        self.close_tag(name);
         self
     }
 
@@ -74,16 +93,28 @@ impl XmlWriter {
     /// Escaped character data inside the current element, e.g. the text of a string-list
     /// `<item>` written by [`XmlWriter::list`].
     pub fn text(&mut self, text: impl Display) -> &mut Self {
-        let s = text.to_string();
-        self.buf.push_str(&escape(&s));
+        let _ = write!(Escaped(&mut self.buf), "{text}");
         self
+    }
+
+    fn open_tag(&mut self, name: &str) {
+        self.buf.push('<');
+        self.buf.push_str(name);
+        self.buf.push('>');
+    }
+
+    fn close_tag(&mut self, name: &str) {
+        self.buf.push_str("</");
+        self.buf.push_str(name);
+        self.buf.push('>');
     }
 
     /// Opens `<name>`; close it with [`end`](Self::end).
     pub fn start(&mut self, name: &str) -> &mut Self {
         debug_assert!(is_name(name), "invalid XML element name {name:?}");
-        let _ = write!(self.buf, "<{name}>");
-        self.open.push(name.to_owned());
+        self.open_tag(name);
+        self.open.push(self.names.len());
+        self.names.push_str(name);
         self
     }
 
@@ -91,8 +122,11 @@ impl XmlWriter {
     /// (a bug in the caller, but one that must not take the server down).
     pub fn end(&mut self) -> &mut Self {
         debug_assert!(!self.open.is_empty(), "XmlWriter::end without start");
-        if let Some(name) = self.open.pop() {
-            let _ = write!(self.buf, "</{name}>");
+        if let Some(at) = self.open.pop() {
+            self.buf.push_str("</");
+            self.buf.push_str(&self.names[at..]);
+            self.buf.push('>');
+            self.names.truncate(at);
         }
         self
     }
@@ -120,7 +154,9 @@ impl XmlWriter {
         debug_assert!(is_name(name), "invalid XML element name {name:?}");
         let mut items = items.into_iter().peekable();
         if items.peek().is_none() {
-            let _ = write!(self.buf, "<{name}/>");
+            self.buf.push('<');
+            self.buf.push_str(name);
+            self.buf.push_str("/>");
             return self;
         }
         self.nested(name, |w| {
@@ -135,7 +171,9 @@ impl XmlWriter {
         while !self.open.is_empty() {
             self.end();
         }
-        let _ = write!(self.buf, "</{}>", self.root);
+        self.buf.push_str("</");
+        self.buf.push_str(&self.root);
+        self.buf.push('>');
         self.buf
     }
 }
@@ -301,6 +339,29 @@ mod tests {
                 item("i-1"),
                 item("i-2")
             )
+        );
+    }
+
+    #[test]
+    fn text_written_in_pieces_is_escaped_as_a_whole() {
+        // A Display that hands the formatter several pieces, specials at their edges.
+        struct Pieces;
+        impl Display for Pieces {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a<")?;
+                f.write_str("&b\u{1}")?;
+                let (n, cr) = (7, "\r");
+                write!(f, "{n}'{cr}")
+            }
+        }
+        let mut w = XmlWriter::response("A", "id");
+        w.elem("x", Pieces).start("y").text(Pieces).end();
+        let xml = w.finish();
+        assert!(
+            xml.ends_with(
+                "<x>a&lt;&amp;b7&apos;&#13;</x><y>a&lt;&amp;b7&apos;&#13;</y></AResponse>"
+            ),
+            "{xml}"
         );
     }
 

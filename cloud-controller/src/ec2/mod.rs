@@ -144,9 +144,7 @@ async fn handle_inner(
     let query = uri.query().unwrap_or("");
     let mut params = Params::parse(query.as_bytes());
     if *method == Method::POST {
-        for (k, v) in Params::parse(body).iter() {
-            params.insert(k.to_owned(), v.to_owned());
-        }
+        params.extend_urlencoded(body);
     } else if *method != Method::GET {
         return Err(ApiError::new(
             405,
