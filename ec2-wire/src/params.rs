@@ -90,21 +90,12 @@ impl Params {
             return;
         }
         let at = self.entries.len();
-        match &mut self.index {
-            Some(index) => {
-                index.insert(key.clone(), at);
-            }
-            None if at == LINEAR_MAX => {
-                let mut index: HashMap<String, usize> = self
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (k, _))| (k.clone(), i))
-                    .collect();
-                index.insert(key.clone(), at);
-                self.index = Some(index);
-            }
-            None => {}
+        if self.index.is_none() && at == LINEAR_MAX {
+            let keys = self.entries.iter().enumerate();
+            self.index = Some(keys.map(|(i, (k, _))| (k.clone(), i)).collect());
+        }
+        if let Some(index) = &mut self.index {
+            index.insert(key.clone(), at);
         }
         self.entries.push((key, value));
     }

@@ -70,9 +70,9 @@ impl XmlWriter {
     /// `<name>text</name>`, with `text` escaped.
     pub fn elem(&mut self, name: &str, text: impl Display) -> &mut Self {
         debug_assert!(is_name(name), "invalid XML element name {name:?}");
-        self.open_tag(name);
+        open_tag(&mut self.buf, name);
         self.text(text);
-        self.close_tag(name);
+        close_tag(&mut self.buf, name);
         self
     }
 
@@ -97,22 +97,10 @@ impl XmlWriter {
         self
     }
 
-    fn open_tag(&mut self, name: &str) {
-        self.buf.push('<');
-        self.buf.push_str(name);
-        self.buf.push('>');
-    }
-
-    fn close_tag(&mut self, name: &str) {
-        self.buf.push_str("</");
-        self.buf.push_str(name);
-        self.buf.push('>');
-    }
-
     /// Opens `<name>`; close it with [`end`](Self::end).
     pub fn start(&mut self, name: &str) -> &mut Self {
         debug_assert!(is_name(name), "invalid XML element name {name:?}");
-        self.open_tag(name);
+        open_tag(&mut self.buf, name);
         self.open.push(self.names.len());
         self.names.push_str(name);
         self
@@ -123,9 +111,7 @@ impl XmlWriter {
     pub fn end(&mut self) -> &mut Self {
         debug_assert!(!self.open.is_empty(), "XmlWriter::end without start");
         if let Some(at) = self.open.pop() {
-            self.buf.push_str("</");
-            self.buf.push_str(&self.names[at..]);
-            self.buf.push('>');
+            close_tag(&mut self.buf, &self.names[at..]);
             self.names.truncate(at);
         }
         self
@@ -171,9 +157,7 @@ impl XmlWriter {
         while !self.open.is_empty() {
             self.end();
         }
-        self.buf.push_str("</");
-        self.buf.push_str(&self.root);
-        self.buf.push('>');
+        close_tag(&mut self.buf, &self.root);
         self.buf
     }
 }
@@ -191,6 +175,18 @@ pub fn error_response(code: &str, message: &str, request_id: &str) -> String {
         escape(message),
         escape(request_id)
     )
+}
+
+fn open_tag(buf: &mut String, name: &str) {
+    buf.push('<');
+    buf.push_str(name);
+    buf.push('>');
+}
+
+fn close_tag(buf: &mut String, name: &str) {
+    buf.push_str("</");
+    buf.push_str(name);
+    buf.push('>');
 }
 
 /// Escapes text for XML element content or attribute values.
