@@ -59,17 +59,21 @@ impl ClcLink {
         }
     }
 
-    /// Calls every endpoint at once; the answers, in the order of the endpoints. Once one
-    /// has answered, the others get [`STRAGGLER_GRACE`]; those still silent then count as
+    /// Calls the endpoints numbered in `targets` at once; the answers, one per endpoint in
+    /// the order of the endpoints (endpoints not called count as failed). Once one has
+    /// answered, the others get [`STRAGGLER_GRACE`]; those still silent then count as
     /// failed (their calls are dropped).
-    async fn call_every<T, F, Fut>(&self, f: F) -> Vec<Result<T, tonic::Status>>
+    async fn call_every<T, F, Fut>(&self, targets: &[usize], f: F) -> Vec<Result<T, tonic::Status>>
     where
         T: Send + 'static,
         F: Fn(CloudControllerClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
     {
         let mut calls = tokio::task::JoinSet::new();
-        for (i, client) in self.every.iter().enumerate() {
+        for &i in targets {
+            let Some(client) = self.every.get(i) else {
+                continue;
+            };
             let call = f(client.clone());
             calls.spawn(async move { (i, call.await.map(tonic::Response::into_inner)) });
         }
@@ -94,6 +98,11 @@ impl ClcLink {
             }
         }
         answers
+    }
+
+    /// How many endpoints there are.
+    fn len(&self) -> usize {
+        self.every.len()
     }
 
     /// Sends the next calls to endpoint `i` (the replica that says it leads).
@@ -171,13 +180,26 @@ pub(crate) async fn uplink_loop(
         let mut resync =
             tokio::time::interval_at(tokio::time::Instant::now() + timing.resync, timing.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every: Vec<usize> = (0..link.len()).collect();
+        let mut retry = Retry::default();
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {
-                    if !send_heartbeat(&shared, &mut link, &zone, &advertise).await {
+                    let round = send_heartbeat(&shared, &mut link, &zone, &advertise, &every).await;
+                    if !round.known {
                         tracing::info!("the cloud controller does not know this zone; registering again");
                         break;
                     }
+                    retry.after_round(&every, round.missed, timing.heartbeat);
+                }
+                _ = tokio::time::sleep_until(retry.at), if !retry.missed.is_empty() => {
+                    let targets = std::mem::take(&mut retry.missed);
+                    let round = send_heartbeat(&shared, &mut link, &zone, &advertise, &targets).await;
+                    if !round.known {
+                        tracing::info!("the cloud controller does not know this zone; registering again");
+                        break;
+                    }
+                    retry.after_round(&targets, round.missed, timing.heartbeat);
                 }
                 _ = resync.tick() => {
                     let all = shared.state().all_reports();
@@ -230,11 +252,74 @@ async fn register(
     }
 }
 
-/// Sends one heartbeat to every CLC replica, so that whichever leads (or leads next) has
-/// a fresh view of the zone; false when one answered that it does not know the zone (only
-/// the leader answers that). A failed call counts as known: the CLC may just be restarting,
-/// and the next heartbeat tells.
-async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, advertise: &str) -> bool {
+/// The replicas a heartbeat missed, and when they are tried again.
+///
+/// Heartbeats go to every replica so that whichever leads next already knows the zone's
+/// nodes and can schedule at once. A replica that just restarted knows nothing until one
+/// reaches it: waiting for the next round would make it, if elected meanwhile, hold every
+/// launch for up to a heartbeat interval. So the replicas a round missed are tried again
+/// alone, soon, and then less and less often, at most once a heartbeat interval (a replica
+/// that stays away costs no more than it did in the rounds).
+struct Retry {
+    missed: Vec<usize>,
+    at: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// The first retry of a missed replica comes this soon after the round that missed it.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            missed: Vec::new(),
+            at: tokio::time::Instant::now(),
+            backoff: FIRST_RETRY,
+        }
+    }
+}
+
+impl Retry {
+    /// Takes note of a round sent to `targets` that missed `missed`.
+    fn after_round(&mut self, targets: &[usize], missed: Vec<usize>, interval: Duration) {
+        // Replicas a retry is already waiting for, which this round did not try, stay.
+        self.missed.retain(|i| !targets.contains(i));
+        let fresh = self.missed.is_empty();
+        for i in missed {
+            if !self.missed.contains(&i) {
+                self.missed.push(i);
+            }
+        }
+        if self.missed.is_empty() {
+            self.backoff = FIRST_RETRY;
+            return;
+        }
+        if fresh {
+            self.at = tokio::time::Instant::now() + self.backoff.min(interval);
+            self.backoff = (self.backoff * 2).min(interval);
+        }
+    }
+}
+
+/// What a heartbeat round found.
+struct Round {
+    /// False when a replica answered that it does not know the zone (only the leader
+    /// answers that).
+    known: bool,
+    /// The replicas that did not answer.
+    missed: Vec<usize>,
+}
+
+/// Sends one heartbeat to each CLC replica numbered in `targets`, so that whichever leads
+/// (or leads next) has a fresh view of the zone. A failed call counts as known: the CLC may
+/// just be restarting, and the next heartbeat tells.
+async fn send_heartbeat(
+    shared: &Shared,
+    link: &mut ClcLink,
+    zone: &str,
+    advertise: &str,
+    targets: &[usize],
+) -> Round {
     let request = {
         let state = shared.state();
         pb::ZoneHeartbeatRequest {
@@ -249,16 +334,24 @@ async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, adverti
         }
     };
     let answers = link
-        .call_every(|mut c| {
+        .call_every(targets, |mut c| {
             let r = request.clone();
             async move { c.zone_heartbeat(r).await }
         })
         .await;
-    if answers.iter().all(Result::is_err) {
+    let missed: Vec<usize> = targets
+        .iter()
+        .copied()
+        .filter(|&i| answers.get(i).is_none_or(Result::is_err))
+        .collect();
+    if missed.len() == link.len() {
         if let Some(Err(status)) = answers.into_iter().next() {
             tracing::warn!(%status, "zone heartbeat failed on every cloud controller replica");
         }
-        return true;
+        return Round {
+            known: true,
+            missed,
+        };
     }
     if let Some(leader) = answers
         .iter()
@@ -269,7 +362,10 @@ async fn send_heartbeat(shared: &Shared, link: &mut ClcLink, zone: &str, adverti
             shared.revoke(answer.revoked_serials.iter().cloned());
         }
     }
-    answers.iter().all(|a| a.as_ref().map_or(true, |r| r.known))
+    Round {
+        known: answers.iter().all(|a| a.as_ref().map_or(true, |r| r.known)),
+        missed,
+    }
 }
 
 async fn send_reports(link: &mut ClcLink, zone: &str, reports: Vec<InstanceReport>) {

@@ -622,6 +622,44 @@ async fn reports_go_to_the_replica_that_says_it_leads() {
 }
 
 #[tokio::test]
+async fn a_replica_that_comes_back_hears_from_the_zone_before_the_next_round() {
+    // Rounds are far apart here; a replica that was down for one must not wait for the
+    // next (were it elected meanwhile, it would hold every launch until then).
+    let up = FakeClc::default();
+    up.leader.store(true, Ordering::SeqCst);
+    let up_srv = serve_clc(up.clone()).await;
+    let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let back_addr = probe.local_addr().expect("addr");
+    drop(probe);
+    let mut cfg = config(&up_srv.endpoint());
+    cfg.clc_endpoints.push(format!("http://{back_addr}"));
+    cfg.heartbeat_interval = Duration::from_secs(60);
+    let cc = start(cfg).await.expect("start");
+    eventually("the first round reaches the replica that is up", || {
+        !up.log().heartbeats.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let back = FakeClc::default();
+    let _back_srv = serve_clc_on(
+        back.clone(),
+        TcpListener::bind(back_addr).await.expect("rebind"),
+    )
+    .await;
+    eventually("the replica that came back hears a heartbeat", || {
+        !back.log().heartbeats.is_empty()
+    })
+    .await;
+    // Only the replica that missed a round was tried again.
+    assert_eq!(
+        up.log().heartbeats.len(),
+        1,
+        "the replica that was up got one round"
+    );
+    cc.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_replica_that_never_answers_does_not_hold_up_reports() {
     // A "replica" cut off by a partition: it accepts connections and never answers.
     let black_hole = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -56,7 +56,9 @@ class Proc:
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start #{self.starts}: {' '.join(self.args)}\n".encode())
             log.flush()
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("CANOPY_", "AWS_"))}
+            # The caller's credentials and settings stay out; its log filter (CANOPY_LOG) goes in.
+            env = {k: v for k, v in os.environ.items()
+                   if k == "CANOPY_LOG" or not k.startswith(("CANOPY_", "AWS_"))}
             env["NO_COLOR"] = "1"
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=self.new_session,
