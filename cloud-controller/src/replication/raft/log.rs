@@ -175,6 +175,7 @@ async fn run_batcher(
         let Some(first) = queue.recv().await else {
             return;
         };
+        let first_after = answered.elapsed();
         let gather = gather_target(last, waiting, answered.elapsed());
         let deadline = tokio::time::Instant::from_std(answered + MAX_GATHER);
         let mut batch = vec![first];
@@ -190,6 +191,13 @@ async fn run_batcher(
             }
         }
         last = batch.len();
+        tracing::trace!(
+            size = last,
+            waiting,
+            first_ms = first_after.as_secs_f64() * 1e3,
+            gathered_ms = answered.elapsed().as_secs_f64() * 1e3,
+            "batch gathered"
+        );
         write_batch(id, &raft, batch).await;
         answered = Instant::now();
     }
