@@ -127,11 +127,11 @@ type Pending = (Command, oneshot::Sender<Result<Outcome, StateError>>);
 /// The most commands one log entry carries.
 const MAX_BATCH: usize = 512;
 
-/// The longest the batcher gathers commands for the next entry, counted from the moment the
-/// previous entry was answered.
+/// The longest the batcher waits for the answered clients' first command (counted from the
+/// answer), and then gathers their commands (counted from the first of them).
 const MAX_GATHER: Duration = Duration::from_millis(5);
-/// While gathering, the longest wait for the next command before the entry leaves with what
-/// it has.
+/// Once the answered clients' commands arrive, the longest wait for the next one before the
+/// entry leaves with what it has.
 const GATHER_GAP: Duration = Duration::from_millis(1);
 
 /// How many commands the next entry should gather before it leaves: the previous entry's
@@ -147,11 +147,26 @@ fn gather_target(last: usize, waiting: usize, since_answered: Duration) -> usize
     }
 }
 
+/// Until when the batcher waits for the next command of an entry it gathers. Commands that
+/// queued while the previous entry was in flight are there at once, but the clients that
+/// entry answered send their next ones only after a round trip (their answer, their next
+/// request, its checks), which on two busy cores takes milliseconds. So until the first of
+/// those (`fresh_since`) arrives, the wait lasts up to [`MAX_GATHER`] after the answer; from
+/// then on, [`GATHER_GAP`] between two commands and [`MAX_GATHER`] after the first. (A gap
+/// counted from the answer sent the one command that had queued on its own, and the whole
+/// cohort an entry later: a commit for one launch every other entry.)
+fn gather_until(answered: Instant, fresh_since: Option<Instant>, now: Instant) -> Instant {
+    match fresh_since {
+        None => answered + MAX_GATHER,
+        Some(since) => (since + MAX_GATHER).min(now + GATHER_GAP),
+    }
+}
+
 /// Group commit with one log entry in flight: while it is, new commands queue up, and leave
 /// together as the next entry, so a burst of concurrent submissions costs one append and one
 /// fsync on each replica instead of one per command. Before the next entry leaves, the
-/// batcher gathers up to [`gather_target`] commands, for at most [`MAX_GATHER`] after the
-/// previous entry was answered and [`GATHER_GAP`] between two commands.
+/// batcher gathers up to [`gather_target`] commands, waiting for each as long as
+/// [`gather_until`] says.
 ///
 /// One entry in flight, and gathering: on two cores shared by three replicas every entry's
 /// fixed cost (an append and an fsync on each replica, an apply and its commit on each, the
@@ -177,15 +192,19 @@ async fn run_batcher(
         };
         let first_after = answered.elapsed();
         let gather = gather_target(last, waiting, answered.elapsed());
-        let deadline = tokio::time::Instant::from_std(answered + MAX_GATHER);
         let mut batch = vec![first];
         drain(&mut queue, &mut batch);
+        // More than had queued: the answered clients' commands have begun to arrive.
+        let mut fresh_since = (batch.len() > waiting).then(Instant::now);
         while batch.len() < gather {
-            let until = deadline.min(tokio::time::Instant::now() + GATHER_GAP);
-            match tokio::time::timeout_at(until, queue.recv()).await {
+            let until = gather_until(answered, fresh_since, Instant::now());
+            match tokio::time::timeout_at(until.into(), queue.recv()).await {
                 Ok(Some(next)) => {
                     batch.push(next);
                     drain(&mut queue, &mut batch);
+                    if fresh_since.is_none() && batch.len() > waiting {
+                        fresh_since = Some(Instant::now());
+                    }
                 }
                 Ok(None) | Err(_) => break,
             }
@@ -798,6 +817,29 @@ mod batcher_tests {
         assert_eq!(gather_target(8, 0, Duration::from_micros(200)), 8);
         assert_eq!(gather_target(32, 32, Duration::from_millis(1)), 64);
         assert_eq!(gather_target(400, 300, Duration::ZERO), MAX_BATCH);
+    }
+
+    #[test]
+    fn the_answered_clients_get_a_round_trip_before_the_gap_counts() {
+        let answered = Instant::now();
+        let ms = Duration::from_millis;
+        // Only queued commands so far: wait for the answered clients up to the bound, even
+        // though more than a gap has passed since the answer.
+        assert_eq!(
+            gather_until(answered, None, answered + ms(3)),
+            answered + MAX_GATHER
+        );
+        // Theirs began 4 ms after the answer: a gap between two, the bound counted from the
+        // first of them.
+        let first = answered + ms(4);
+        assert_eq!(
+            gather_until(answered, Some(first), first + ms(1)),
+            first + ms(1) + GATHER_GAP
+        );
+        assert_eq!(
+            gather_until(answered, Some(first), first + Duration::from_micros(4_500)),
+            first + MAX_GATHER
+        );
     }
 
     #[test]
