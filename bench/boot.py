@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,20 +33,9 @@ GUEST = REPO / "target" / "test-guest"
 POLL = 0.05
 TIMEOUT = 120.0
 URI = "qemu:///system"
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port free now and not handed out before by this process."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+# The port picker is the end-to-end tests' (it never hands out a port twice).
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from conftest import free_port  # noqa: E402
 
 
 def virsh(*args: str, check: bool = True) -> str:

@@ -183,27 +183,17 @@ pub(crate) async fn uplink_loop(
         let every: Vec<usize> = (0..link.len()).collect();
         let mut retry = Retry::default();
         loop {
-            tokio::select! {
-                _ = heartbeat.tick() => {
-                    let round = send_heartbeat(&shared, &mut link, &zone, &advertise, &every).await;
-                    if !round.known {
-                        tracing::info!("the cloud controller does not know this zone; registering again");
-                        break;
-                    }
-                    retry.after_round(&every, round.missed, timing.heartbeat);
-                }
+            // A round to every replica, or a retry of those the last round missed (a round
+            // to every replica covers them too).
+            let targets = tokio::select! {
+                _ = heartbeat.tick() => every.clone(),
                 _ = tokio::time::sleep_until(retry.at), if !retry.missed.is_empty() => {
-                    let targets = std::mem::take(&mut retry.missed);
-                    let round = send_heartbeat(&shared, &mut link, &zone, &advertise, &targets).await;
-                    if !round.known {
-                        tracing::info!("the cloud controller does not know this zone; registering again");
-                        break;
-                    }
-                    retry.after_round(&targets, round.missed, timing.heartbeat);
+                    std::mem::take(&mut retry.missed)
                 }
                 _ = resync.tick() => {
                     let all = shared.state().all_reports();
                     send_reports(&mut link, &zone, all).await;
+                    continue;
                 }
                 Some(mut batch) = reports.recv() => {
                     // Whatever queued up meanwhile goes in the same call.
@@ -211,8 +201,15 @@ pub(crate) async fn uplink_loop(
                         batch.extend(more);
                     }
                     send_reports(&mut link, &zone, batch).await;
+                    continue;
                 }
+            };
+            let round = send_heartbeat(&shared, &mut link, &zone, &advertise, &targets).await;
+            if !round.known {
+                tracing::info!("the cloud controller does not know this zone; registering again");
+                break;
             }
+            retry.after_round(round.missed, timing.heartbeat);
         }
     }
 }
@@ -280,24 +277,16 @@ impl Default for Retry {
 }
 
 impl Retry {
-    /// Takes note of a round sent to `targets` that missed `missed`.
-    fn after_round(&mut self, targets: &[usize], missed: Vec<usize>, interval: Duration) {
-        // Replicas a retry is already waiting for, which this round did not try, stay.
-        self.missed.retain(|i| !targets.contains(i));
-        let fresh = self.missed.is_empty();
-        for i in missed {
-            if !self.missed.contains(&i) {
-                self.missed.push(i);
-            }
-        }
+    /// Takes note of a round that missed `missed`. Every round tries every replica a retry
+    /// was waiting for, so what it missed is all that is left to retry.
+    fn after_round(&mut self, missed: Vec<usize>, interval: Duration) {
+        self.missed = missed;
         if self.missed.is_empty() {
             self.backoff = FIRST_RETRY;
             return;
         }
-        if fresh {
-            self.at = tokio::time::Instant::now() + self.backoff.min(interval);
-            self.backoff = (self.backoff * 2).min(interval);
-        }
+        self.at = tokio::time::Instant::now() + self.backoff.min(interval);
+        self.backoff = (self.backoff * 2).min(interval);
     }
 }
 

@@ -191,7 +191,7 @@ async fn run_batcher(
             return;
         };
         let first_after = answered.elapsed();
-        let gather = gather_target(last, waiting, answered.elapsed());
+        let gather = gather_target(last, waiting, first_after);
         let mut batch = vec![first];
         drain(&mut queue, &mut batch);
         // More than had queued: the answered clients' commands have begun to arrive.
